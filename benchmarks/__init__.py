@@ -1,0 +1,1 @@
+"""sealtorch benchmarks: `python -m benchmarks` (or `make bench`) runs them all."""

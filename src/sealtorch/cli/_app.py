@@ -1,0 +1,173 @@
+"""Root command group, lazy subcommand loading, logging setup and error → exit code mapping."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+from typing import Any
+
+import click
+
+from sealtorch import __version__
+from sealtorch.cli._logging import configure_logging
+from sealtorch.errors import Error, KeyReleaseError, PolicyDenied
+
+# name -> "module:attribute"; modules are imported only when the command runs or shows help.
+_COMMANDS: dict[str, str] = {
+    "demo": "sealtorch.cli.demo:demo",
+    "keygen": "sealtorch.cli.owner:keygen",
+    "encrypt": "sealtorch.cli.owner:encrypt",
+    "inspect": "sealtorch.cli.owner:inspect_cmd",
+    "decrypt": "sealtorch.cli.owner:decrypt",
+    "rewrap": "sealtorch.cli.owner:rewrap",
+    "attest": "sealtorch.cli.attest:attest",
+    "keyserver": "sealtorch.cli.keyserver:keyserver",
+    "admin": "sealtorch.cli.admin:admin",
+    "keycache": "sealtorch.cli.keycache:keycache",
+    "serve": "sealtorch.cli.serve:serve",
+}
+
+# Order in `sealtorch --help`: the model owner's daily commands first.
+_SECTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("Model owner", ("keygen", "encrypt", "inspect", "decrypt", "rewrap")),
+    ("Services", ("keyserver", "admin", "keycache", "serve")),
+    ("Attestation", ("attest",)),
+    ("Try it", ("demo",)),
+)
+
+
+class _LazyGroup(click.Group):
+    """A group whose subcommands are imported on first use."""
+
+    def __init__(self, *args: Any, lazy: dict[str, str], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._lazy = lazy
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self._available(ctx)})
+
+    def _available(self, ctx: click.Context) -> list[str]:
+        del ctx
+        return [name for name in self._lazy if self._module_exists(name)]
+
+    def _module_exists(self, name: str) -> bool:
+        module = self._lazy[name].partition(":")[0]
+        return importlib.util.find_spec(module) is not None
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in self._lazy and self._module_exists(cmd_name):
+            module_name, _, attr = self._lazy[cmd_name].partition(":")
+            command = getattr(importlib.import_module(module_name), attr)
+            if not isinstance(command, click.Command):  # pragma: no cover - programming error
+                raise TypeError(f"{self._lazy[cmd_name]} is not a click command")
+            return command
+        return super().get_command(ctx, cmd_name)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        available = set(self.list_commands(ctx))
+        shown: set[str] = set()
+        for title, names in _SECTIONS:
+            rows = []
+            for name in names:
+                if name not in available:
+                    continue
+                command = self.get_command(ctx, name)
+                if command is None or command.hidden:
+                    continue
+                rows.append((name, command.get_short_help_str(limit=formatter.width - 20)))
+                shown.add(name)
+            if rows:
+                with formatter.section(title):
+                    formatter.write_dl(rows)
+        rest = sorted(available - shown)
+        if rest:
+            with formatter.section("Other commands"):
+                formatter.write_dl(
+                    [
+                        (name, cmd.get_short_help_str())
+                        for name in rest
+                        if (cmd := self.get_command(ctx, name)) is not None
+                    ]
+                )
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except Error as exc:
+            _report(exc)
+            ctx.exit(exc.exit_code)
+
+
+def _report(exc: Error) -> None:
+    message = str(exc)
+    click.secho(f"error: {message}", fg="red", err=True)
+    reasons: tuple[str, ...] = ()
+    if isinstance(exc, PolicyDenied | KeyReleaseError):
+        reasons = exc.reasons
+    if reasons:
+        click.secho("reasons: " + ", ".join(reasons), fg="red", err=True)
+    cause = exc.__cause__
+    if cause is not None and logging.getLogger("sealtorch").isEnabledFor(logging.DEBUG):
+        click.echo(f"caused by: {type(cause).__name__}: {cause}", err=True)
+
+
+_EPILOG = """\b
+Start here:
+  sealtorch demo                          the whole system on this machine, in one command
+  sealtorch keygen -o model.key           a new 256-bit model key (mode 0600)
+  sealtorch encrypt model.safetensors -o model.sealed --model-id resnet50 \\
+      --key-file model.key --arch torchvision:resnet50
+  sealtorch inspect model.sealed          what a sealed file reveals (only key-lookup fields)
+
+\b
+Run `sealtorch COMMAND --help` for the details of each command.
+Docs: docs/format.md, docs/protocol.md, docs/policy.md, docs/deployment.md.
+"""
+
+
+@click.group(
+    cls=_LazyGroup,
+    lazy=_COMMANDS,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+    epilog=_EPILOG,
+)
+@click.version_option(__version__, "-V", "--version", prog_name="sealtorch")
+@click.option(
+    "-v",
+    "--verbose",
+    count=True,
+    help="More log output (-v: info, -vv: debug).",
+)
+@click.option(
+    "-q", "--quiet", is_flag=True, help="Only errors; no progress bars or informational output."
+)
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    envvar="SEALTORCH_LOG_FORMAT",
+    help="Log line format; json writes one structured record per line (for log shippers).",
+)
+@click.pass_context
+def cli(ctx: click.Context, verbose: int, quiet: bool, log_format: str) -> None:
+    """sealtorch: deploy PyTorch models that can be used but not seen.
+
+    The model owner seals a model (`encrypt`); a key server releases its key only to an enclave
+    that proves, by remote attestation, what code it runs; the enclave decrypts the model in
+    memory and serves predictions.
+    """
+    level = logging.ERROR if quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)]
+    configure_logging(level=level, json_format=log_format == "json")
+    ctx.ensure_object(dict)
+    ctx.obj["quiet"] = quiet
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point (``sealtorch``)."""
+    try:
+        cli.main(args=argv, prog_name="sealtorch")
+    except KeyboardInterrupt:
+        click.secho("interrupted", fg="yellow", err=True)
+        sys.exit(130)

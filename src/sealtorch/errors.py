@@ -1,0 +1,146 @@
+"""The exception tree for everything public in sealtorch.
+
+Every error sealtorch raises on purpose derives from :class:`Error`, and its message says what
+went wrong and what to do about it. Third-party exceptions are wrapped (``raise ... from exc``).
+
+Two deliberate asymmetries:
+
+* Authentication failures are uninformative. Every way a sealed file can fail to authenticate
+  (a flipped bit, truncation, reordered or spliced chunks, an edited header field, a wrong key)
+  raises the same :class:`IntegrityError` with the same message, so the error is no oracle.
+* Policy denials are informative. :class:`PolicyDenied` carries stable reason codes (see
+  ``docs/policy.md``) so that operators can see exactly which rule refused a release.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+__all__ = [
+    "AttestationError",
+    "AuditError",
+    "CollateralError",
+    "ConfigError",
+    "Error",
+    "EvidenceError",
+    "FormatError",
+    "IntegrityError",
+    "KeyAccessError",
+    "KeyReleaseError",
+    "PayloadError",
+    "PolicyDenied",
+    "PolicyError",
+    "ProtocolError",
+    "StorageError",
+    "UnsafePickleError",
+]
+
+
+class Error(Exception):
+    """Base class of every error sealtorch raises on purpose."""
+
+    #: Process exit code the CLI uses for this kind of error.
+    exit_code: int = 1
+
+
+class ConfigError(Error):
+    """A setting, option, file path or configuration document is missing or invalid."""
+
+    exit_code = 2
+
+
+class FormatError(Error):
+    """The input is not a sealed file this version understands (bad magic, unknown version).
+
+    Raised before any cryptography runs, so its message may be specific. Anything that fails
+    *after* the preamble is an :class:`IntegrityError`.
+    """
+
+
+INTEGRITY_MESSAGE = (
+    "sealed file failed authentication: it is damaged, truncated or was modified, "
+    "or the key is not the one it was sealed with"
+)
+
+
+class IntegrityError(Error):
+    """A sealed file failed authentication.
+
+    Deliberately uninformative: every cause (tampering, truncation, reordering, splicing, an
+    edited header, a wrong key) gives this same error and message, and nothing is returned or
+    written.
+    """
+
+    def __init__(self, message: str = INTEGRITY_MESSAGE) -> None:
+        super().__init__(message)
+
+
+class PayloadError(Error):
+    """A model payload cannot be read, built or written (unknown architecture, bad tensors...)."""
+
+
+class UnsafePickleError(PayloadError):
+    """A ``.pt``/``.pth`` file needs full unpickling, which could run arbitrary code.
+
+    sealtorch only reads pickles with ``torch.load(weights_only=True)``. Convert the model to a
+    plain ``state_dict`` of tensors (or to safetensors) on a trusted machine first.
+    """
+
+
+class KeyAccessError(Error):
+    """A model key could not be obtained (missing or unreadable key file, unknown key version)."""
+
+
+class AttestationError(Error):
+    """Attestation evidence could not be produced or verified."""
+
+
+class EvidenceError(AttestationError):
+    """Evidence is malformed, its signature chain does not verify, or the device refused."""
+
+
+class CollateralError(AttestationError):
+    """Verification collateral (CRLs, TCB info, QE identity) is missing, invalid or stale."""
+
+    def __init__(self, message: str, *, stale: bool = False) -> None:
+        super().__init__(message)
+        self.stale = stale
+
+
+class PolicyError(ConfigError):
+    """A release policy document is invalid (schema violation, unknown field, bad value)."""
+
+
+class PolicyDenied(AttestationError):
+    """Verified evidence does not satisfy a release policy.
+
+    ``reasons`` holds every failing rule as a stable reason code (e.g. ``measurement_mismatch``,
+    ``debug_enclave``, ``tcb_out_of_date``); see ``docs/policy.md`` for the full list.
+    """
+
+    def __init__(self, reasons: Iterable[str], message: str) -> None:
+        self.reasons: tuple[str, ...] = tuple(reasons)
+        super().__init__(message)
+
+
+class KeyReleaseError(Error):
+    """A key server or key cache refused to release keys, or could not be reached."""
+
+    def __init__(
+        self, message: str, *, reasons: Sequence[str] = (), status_code: int | None = None
+    ) -> None:
+        super().__init__(message)
+        self.reasons: tuple[str, ...] = tuple(reasons)
+        self.status_code = status_code
+
+
+class ProtocolError(Error):
+    """A peer sent a message that does not follow the sealtorch key release protocol."""
+
+
+class StorageError(Error):
+    """The key store (SQLite or PostgreSQL) or the master key provider failed."""
+
+
+class AuditError(StorageError):
+    """The audit log could not be written, or its hash chain does not verify."""
