@@ -1,0 +1,5 @@
+"""`python -m sealtorch` is the `sealtorch` command."""
+
+from sealtorch.cli import main
+
+main()
