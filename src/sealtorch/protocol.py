@@ -88,6 +88,8 @@ def b64decode(text: str) -> bytes:
 def _decode_b64(value: Any) -> bytes:
     if isinstance(value, bytes):
         return value
+    if not isinstance(value, str):
+        raise ValueError("must be a base64url string")  # pydantic reports ValueError only
     return b64decode(value)
 
 
