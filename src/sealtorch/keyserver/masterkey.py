@@ -1,0 +1,718 @@
+"""Master key providers: the root of the key hierarchy.
+
+Every model data key (DEK) version is stored in the database only *wrapped* by the master key:
+``blob = master.wrap(dek, aad=wrap_aad(model_id, version))``. The AAD binds the wrapped key to
+its model and version, so a blob copied into another row (another model, another version) fails
+to unwrap with :class:`~sealtorch.errors.IntegrityError` instead of releasing the wrong key.
+
+Two providers implement :class:`MasterKey`:
+
+* :class:`FileMasterKey` — a 256-bit secret in a mode-0600 file (development and single-machine
+  setups). The wrapping key is HKDF-SHA256 of the secret; wrapping is AES-256-GCM with a random
+  nonce. A file that other users can read is *refused*: it is the key to every model.
+* :class:`Pkcs11MasterKey` — an AES-256 key inside a PKCS#11 token (an HSM; SoftHSM2 in tests),
+  found by label, created ``CKA_SENSITIVE=TRUE, CKA_EXTRACTABLE=FALSE``; wrapping is
+  ``CKM_AES_GCM`` *inside the token* with the AAD, so the master key never exists in this
+  process. The user PIN comes from the configuration or the ``SEALTORCH_PKCS11_PIN`` environment
+  variable and is never logged or shown.
+
+Blob format (both providers): one format byte (``0x01`` file, ``0x02`` PKCS#11), the 12-byte
+GCM nonce, the 32-byte wrapped key and the 16-byte tag (61 bytes). The format byte is part of
+the authenticated data.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import logging
+import os
+import secrets
+import stat
+import struct
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NoReturn, Protocol, TypeVar, runtime_checkable
+
+from sealtorch._crypto.dekwrap import NONCE_SIZE, TAG_SIZE, GcmKey, hkdf_sha256
+from sealtorch.errors import ConfigError, IntegrityError, StorageError
+from sealtorch.keys import KEY_SIZE, DataKey
+
+__all__ = [
+    "MASTER_KEY_FILE_PREFIX",
+    "PIN_ENV",
+    "UNWRAP_FAILED_MESSAGE",
+    "FileMasterKey",
+    "FileMasterKeyConfig",
+    "MasterKey",
+    "MasterKeyConfig",
+    "Pkcs11MasterKey",
+    "Pkcs11MasterKeyConfig",
+    "open_master_key",
+    "wrap_aad",
+]
+
+_log = logging.getLogger(__name__)
+
+MASTER_KEY_FILE_PREFIX = "sealtorch-master-key-v1:"
+#: Environment variable holding the PKCS#11 user PIN (default name).
+PIN_ENV = "SEALTORCH_PKCS11_PIN"
+#: The PKCS#11 module most Debian/Ubuntu SoftHSM2 installs provide.
+SOFTHSM2_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
+
+UNWRAP_FAILED_MESSAGE = (
+    "a wrapped data key failed authentication: it was modified, belongs to another model or key "
+    "version, or was wrapped by another master key"
+)
+
+_FORMAT_FILE = 0x01
+_FORMAT_PKCS11 = 0x02
+_BLOB_SIZE = 1 + NONCE_SIZE + KEY_SIZE + TAG_SIZE
+_AAD_TAG = b"sealtorch/v1/dek-wrap\x00"
+
+
+def wrap_aad(model_id: str, key_version: int) -> bytes:
+    """The associated data that binds a wrapped data key to its model and key version."""
+    if not model_id or not isinstance(model_id, str):
+        raise ValueError("model_id must be a non-empty string")
+    if isinstance(key_version, bool) or not 1 <= key_version < 1 << 32:
+        raise ValueError("key versions are integers from 1 to 2**32-1")
+    raw = model_id.encode("utf-8")
+    if len(raw) > 0xFFFF:
+        raise ValueError("model_id is too long")
+    return _AAD_TAG + struct.pack(">H", len(raw)) + raw + struct.pack(">I", key_version)
+
+
+@runtime_checkable
+class MasterKey(Protocol):
+    """Wraps and unwraps data keys. Implementations are thread-safe."""
+
+    @property
+    def key_id(self) -> str:
+        """A stable, non-secret identifier of this master key (stored next to each blob)."""
+        ...
+
+    def wrap(self, dek: DataKey | bytes, aad: bytes) -> bytes:
+        """Encrypt a 32-byte data key, binding ``aad`` (use :func:`wrap_aad`)."""
+        ...
+
+    def unwrap(self, blob: bytes, aad: bytes) -> DataKey:
+        """Decrypt a blob from :meth:`wrap`; :class:`~sealtorch.errors.IntegrityError` if it
+        was modified, the AAD differs, or another master key wrapped it."""
+        ...
+
+    def close(self) -> None:
+        """Release resources (PKCS#11 session). The object is unusable afterwards."""
+        ...
+
+
+def _dek_bytes(dek: DataKey | bytes) -> bytes:
+    material = dek.material if isinstance(dek, DataKey) else bytes(dek)
+    if len(material) != KEY_SIZE:
+        raise ValueError(f"a data key is {KEY_SIZE} bytes")
+    return material
+
+
+def _split_blob(blob: bytes, expected_format: int) -> tuple[bytes, bytes]:
+    """(nonce, ciphertext||tag) of a well-formed blob, else the uninformative IntegrityError."""
+    blob = bytes(blob)
+    if len(blob) != _BLOB_SIZE or blob[0] != expected_format:
+        raise IntegrityError(UNWRAP_FAILED_MESSAGE)
+    return blob[1 : 1 + NONCE_SIZE], blob[1 + NONCE_SIZE :]
+
+
+def _full_aad(format_byte: int, aad: bytes) -> bytes:
+    return bytes([format_byte]) + bytes(aad)
+
+
+# --- file master key ------------------------------------------------------------------------------
+
+
+class FileMasterKey:
+    """A master key read from a mode-0600 file (development / single machine).
+
+    Create one with :meth:`create` (``sealtorch keyserver init`` does); load it with
+    :meth:`load`, which refuses a file that group or others can read.
+    """
+
+    __slots__ = ("_gcm", "_key_id", "path")
+
+    def __init__(self, secret: bytes, *, path: Path | None = None) -> None:
+        if len(secret) != KEY_SIZE:
+            raise ConfigError(f"a master key is exactly {KEY_SIZE} bytes")
+        self._gcm = GcmKey.derive(secret, info=b"sealtorch/v1/master-key/dek-wrap")
+        key_id = hkdf_sha256(secret, info=b"sealtorch/v1/master-key/id", length=8).hex()
+        self._key_id = f"file:{key_id}"
+        self.path = path
+
+    @classmethod
+    def create(cls, path: str | os.PathLike[str]) -> FileMasterKey:
+        """Write a new random master key to ``path`` (mode 0600). Never overwrites."""
+        target = Path(path)
+        secret = secrets.token_bytes(KEY_SIZE)
+        text = MASTER_KEY_FILE_PREFIX + base64.urlsafe_b64encode(secret).decode().rstrip("=")
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+        try:
+            fd = os.open(target, flags, 0o600)
+        except FileExistsError as exc:
+            raise ConfigError(
+                f"{target} already exists; a master key file is never overwritten "
+                "(every wrapped data key depends on it)"
+            ) from exc
+        except OSError as exc:
+            raise ConfigError(f"cannot create master key file {target}: {exc.strerror}") from exc
+        with os.fdopen(fd, "w", encoding="ascii") as handle:
+            handle.write(text + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        return cls(secret, path=target)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> FileMasterKey:
+        """Read a master key file; refuses one that other users can read."""
+        source = Path(path)
+        try:
+            if not stat.S_ISREG(source.stat().st_mode):  # a FIFO would block open()
+                raise ConfigError(f"master key {source} is not a regular file")
+            with open(source, encoding="ascii") as handle:
+                info = os.fstat(handle.fileno())
+                text = handle.read(4096)
+        except FileNotFoundError as exc:
+            raise ConfigError(
+                f"master key file {source} does not exist; "
+                "create a key server data directory with `sealtorch keyserver init DIR`"
+            ) from exc
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{source} is not a sealtorch master key file") from exc
+        except OSError as exc:
+            raise ConfigError(f"cannot read master key file {source}: {exc.strerror}") from exc
+        if not stat.S_ISREG(info.st_mode):
+            raise ConfigError(f"master key {source} is not a regular file")
+        if stat.S_IMODE(info.st_mode) & 0o077:
+            raise ConfigError(
+                f"master key file {source} is accessible by other users "
+                f"(mode {stat.S_IMODE(info.st_mode):o}); it protects every model key, so "
+                f"sealtorch refuses to use it. Run `chmod 600 {source}`"
+            )
+        text = text.strip()
+        if not text.startswith(MASTER_KEY_FILE_PREFIX):
+            raise ConfigError(
+                f"{source} is not a sealtorch master key file "
+                f"(it must start with {MASTER_KEY_FILE_PREFIX!r})"
+            )
+        body = text[len(MASTER_KEY_FILE_PREFIX) :]
+        try:
+            secret = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
+        except (binascii.Error, ValueError) as exc:
+            raise ConfigError(f"master key file {source} is damaged (bad base64)") from exc
+        if len(secret) != KEY_SIZE:
+            raise ConfigError(f"master key file {source} is damaged (wrong key length)")
+        return cls(secret, path=source)
+
+    @property
+    def key_id(self) -> str:
+        return self._key_id
+
+    def wrap(self, dek: DataKey | bytes, aad: bytes) -> bytes:
+        return bytes([_FORMAT_FILE]) + self._gcm.seal(
+            _dek_bytes(dek), aad=_full_aad(_FORMAT_FILE, aad)
+        )
+
+    def unwrap(self, blob: bytes, aad: bytes) -> DataKey:
+        _split_blob(blob, _FORMAT_FILE)
+        material = self._gcm.open(
+            bytes(blob)[1:], aad=_full_aad(_FORMAT_FILE, aad), message=UNWRAP_FAILED_MESSAGE
+        )
+        return DataKey(material)
+
+    def close(self) -> None:
+        """Nothing to release (the key lives in this object)."""
+
+    def __repr__(self) -> str:
+        return f"FileMasterKey(<redacted>, key_id={self._key_id!r})"
+
+    def __reduce__(self) -> NoReturn:
+        raise TypeError("master keys cannot be pickled")
+
+
+# --- PKCS#11 master key ---------------------------------------------------------------------------
+
+
+class _Pin:
+    """Holds a PIN without ever showing it."""
+
+    __slots__ = ("_digest", "_value")
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+        self._digest = hashlib.sha256(b"sealtorch/v1/pin\x00" + value.encode()).digest()
+
+    def reveal(self) -> str:
+        return self._value
+
+    def matches(self, other: _Pin) -> bool:
+        return hmac.compare_digest(self._digest, other._digest)
+
+    def __repr__(self) -> str:
+        return "<PIN redacted>"
+
+    def __reduce__(self) -> NoReturn:
+        raise TypeError("PINs cannot be pickled")
+
+
+_T = TypeVar("_T")
+
+
+def _pkcs11() -> Any:
+    try:
+        import pkcs11  # optional server dependency, imported on first use
+    except ImportError as exc:  # pragma: no cover - depends on the installation
+        raise ConfigError(
+            "the PKCS#11 master key needs python-pkcs11: pip install 'sealtorch[server]'"
+        ) from exc
+    return pkcs11
+
+
+def _find_token(lib: Any, module: str, token_label: str) -> Any:
+    if not Path(module).exists():
+        raise ConfigError(
+            f"PKCS#11 module {module} does not exist; install the HSM's PKCS#11 library "
+            f"(for SoftHSM2: apt-get install softhsm2, module {SOFTHSM2_MODULE})"
+        )
+    try:
+        library = lib.lib(module)
+    except lib.exceptions.PKCS11Error as exc:
+        raise ConfigError(f"cannot load the PKCS#11 module {module}: {exc}") from exc
+    try:
+        return library.get_token(token_label=token_label)
+    except lib.exceptions.NoSuchToken as exc:
+        labels = sorted({t.label for t in library.get_tokens() if t.label})
+        raise ConfigError(
+            f"no PKCS#11 token labelled {token_label!r} in {module} "
+            f"(tokens present: {', '.join(map(repr, labels)) or 'none'}); "
+            "check the token label in the configuration, or initialise the token "
+            "(SoftHSM2: softhsm2-util --init-token --free --label LABEL)"
+        ) from exc
+    except lib.exceptions.PKCS11Error as exc:
+        raise StorageError(
+            f"the PKCS#11 module {module} failed to list tokens ({type(exc).__name__})"
+        ) from exc
+
+
+class _TokenLogin:
+    """The logged-in session of this process on one token, shared by every master key on it.
+
+    PKCS#11 login state belongs to the whole process (per token): a second ``C_Login`` fails
+    with ``CKR_USER_ALREADY_LOGGED_IN`` and ``C_Logout`` logs out every session. So each
+    process logs in once per token, reference-counts the users, and logs out when the last
+    one closes. A later user must present the same PIN (compared in constant time).
+    """
+
+    def __init__(self, module: str, token_label: str, pin: _Pin) -> None:
+        self.module = module
+        self.token_label = token_label
+        self.pin = pin
+        self.lock = threading.Lock()
+        self.users = 0
+        self.generation = 0
+        self.pid = os.getpid()
+        self.session: Any = None
+
+    def connect(self) -> None:
+        """(Re)open the read-write session and log in. Caller holds ``lock`` or owns self."""
+        lib = _pkcs11()
+        token = _find_token(lib, self.module, self.token_label)
+        try:
+            session = token.open(user_pin=self.pin.reveal(), rw=True)
+        except (
+            lib.exceptions.PinIncorrect,
+            lib.exceptions.PinInvalid,
+            lib.exceptions.PinLenRange,
+        ) as exc:
+            raise _wrong_pin(self.token_label) from exc
+        except (lib.exceptions.PinLocked, lib.exceptions.PinExpired) as exc:
+            raise ConfigError(
+                f"the user PIN of PKCS#11 token {self.token_label!r} is locked or expired; "
+                "reset it with the token's security officer"
+            ) from exc
+        except lib.exceptions.UserPinNotInitialized as exc:
+            raise ConfigError(
+                f"PKCS#11 token {self.token_label!r} has no user PIN yet; initialise it first"
+            ) from exc
+        except lib.exceptions.PKCS11Error as exc:
+            raise StorageError(
+                f"cannot log in to PKCS#11 token {self.token_label!r} ({type(exc).__name__}); "
+                "is another library in this process logged in to it?"
+            ) from exc
+        self.session = session
+        self.generation += 1
+
+    def close(self) -> None:
+        session, self.session = self.session, None
+        if session is not None and os.getpid() == self.pid:
+            try:
+                session.close()
+            except _pkcs11().exceptions.PKCS11Error:
+                _log.debug("closing the PKCS#11 session failed", exc_info=True)
+
+
+def _wrong_pin(token_label: str) -> ConfigError:
+    return ConfigError(
+        f"PKCS#11 login to token {token_label!r} failed: the user PIN is wrong. "
+        f"Set the correct PIN in ${PIN_ENV} (or the configuration)"
+    )
+
+
+_LOGINS: dict[tuple[str, str], _TokenLogin] = {}
+_LOGINS_LOCK = threading.Lock()
+
+
+def _acquire_login(module: str, token_label: str, pin: _Pin) -> _TokenLogin:
+    key = (os.path.realpath(module), token_label)
+    with _LOGINS_LOCK:
+        login = _LOGINS.get(key)
+        if login is not None and login.pid != os.getpid():  # inherited through fork: unusable
+            del _LOGINS[key]
+            login = None
+        if login is None:
+            login = _TokenLogin(module, token_label, pin)
+            login.connect()
+            _LOGINS[key] = login
+        elif not login.pin.matches(pin):
+            raise _wrong_pin(token_label)
+        login.users += 1
+        return login
+
+
+def _release_login(login: _TokenLogin) -> None:
+    with _LOGINS_LOCK:
+        login.users -= 1
+        if login.users > 0:
+            return
+        key = (os.path.realpath(login.module), login.token_label)
+        if _LOGINS.get(key) is login:
+            del _LOGINS[key]
+        with login.lock:
+            login.close()
+
+
+class Pkcs11MasterKey:
+    """A master key that never leaves a PKCS#11 token (HSM).
+
+    Opening logs into the token with the user PIN (once per process and token, see
+    :class:`_TokenLogin`), finds the AES-256 secret key by label and checks that it is sensitive
+    and non-extractable, refusing it otherwise. :meth:`wrap` and :meth:`unwrap` run
+    ``CKM_AES_GCM`` inside the token. Calls are serialised per token; when the token drops the
+    session (HSM restart), the provider logs in again once. Open it in each process (after any
+    ``fork``): PKCS#11 sessions do not survive a fork.
+
+    Create the key once with :meth:`create_key` (``sealtorch keyserver init`` does).
+    """
+
+    def __init__(
+        self,
+        *,
+        module: str | os.PathLike[str],
+        token_label: str,
+        key_label: str,
+        pin: str,
+    ) -> None:
+        self._module = os.fspath(module)
+        self._token_label = token_label
+        self._key_label = key_label
+        self._key: Any = None
+        self._generation = -1
+        self._closed = False
+        self._login = _acquire_login(self._module, token_label, _Pin(pin))
+        found = False
+        try:
+            with self._login.lock:
+                self._find_key()
+            found = True
+        finally:
+            if not found:
+                self._closed = True
+                _release_login(self._login)
+
+    @classmethod
+    def create_key(
+        cls,
+        *,
+        module: str | os.PathLike[str],
+        token_label: str,
+        key_label: str,
+        pin: str,
+    ) -> Pkcs11MasterKey:
+        """Generate the master key inside the token (sensitive, non-extractable) and open it.
+
+        Refuses when a key with ``key_label`` already exists in the token.
+        """
+        lib = _pkcs11()
+        login = _acquire_login(os.fspath(module), token_label, _Pin(pin))
+        try:
+            with login.lock:
+                session = login.session
+                try:
+                    existing = list(
+                        session.get_objects(
+                            {
+                                lib.Attribute.LABEL: key_label,
+                                lib.Attribute.CLASS: lib.ObjectClass.SECRET_KEY,
+                            }
+                        )
+                    )
+                    if not existing:
+                        session.generate_key(
+                            lib.KeyType.AES,
+                            256,
+                            label=key_label,
+                            store=True,
+                            capabilities=lib.MechanismFlag.ENCRYPT | lib.MechanismFlag.DECRYPT,
+                            template=_master_key_template(lib),
+                        )
+                except lib.exceptions.PKCS11Error as exc:
+                    raise StorageError(
+                        f"the PKCS#11 token {token_label!r} could not create the master key "
+                        f"({type(exc).__name__})"
+                    ) from exc
+            if existing:
+                raise ConfigError(
+                    f"token {token_label!r} already holds a key labelled {key_label!r}; "
+                    "use it (open the master key) or choose another label"
+                )
+            return cls(module=module, token_label=token_label, key_label=key_label, pin=pin)
+        finally:
+            _release_login(login)
+
+    def _find_key(self) -> None:
+        """Look the key up by label in the current session and check its attributes."""
+        lib = _pkcs11()
+        try:
+            key = self._login.session.get_key(
+                label=self._key_label,
+                key_type=lib.KeyType.AES,
+                object_class=lib.ObjectClass.SECRET_KEY,
+            )
+        except lib.exceptions.NoSuchKey as exc:
+            raise ConfigError(
+                f"PKCS#11 token {self._token_label!r} has no AES key labelled "
+                f"{self._key_label!r}; create it with `sealtorch keyserver init` "
+                "(or Pkcs11MasterKey.create_key)"
+            ) from exc
+        except lib.exceptions.MultipleObjectsReturned as exc:
+            raise ConfigError(
+                f"PKCS#11 token {self._token_label!r} holds several keys labelled "
+                f"{self._key_label!r}; the master key label must be unique"
+            ) from exc
+        self._check_key(lib, key)
+        self._key = key
+        self._generation = self._login.generation
+
+    def _check_key(self, lib: Any, key: Any) -> None:
+        attribute = lib.Attribute
+        try:
+            length = key[attribute.VALUE_LEN]
+            sensitive = key[attribute.SENSITIVE]
+            extractable = key[attribute.EXTRACTABLE]
+            always_sensitive = key[attribute.ALWAYS_SENSITIVE]
+            never_extractable = key[attribute.NEVER_EXTRACTABLE]
+        except lib.exceptions.PKCS11Error as exc:
+            raise StorageError(
+                f"cannot read the attributes of PKCS#11 key {self._key_label!r} "
+                f"({type(exc).__name__})"
+            ) from exc
+        where = f"PKCS#11 key {self._key_label!r} in token {self._token_label!r}"
+        if length != KEY_SIZE:
+            raise ConfigError(f"{where} is not an AES-256 key ({length * 8} bits)")
+        if not sensitive or extractable:
+            raise ConfigError(
+                f"{where} can be read out of the token (CKA_SENSITIVE={sensitive}, "
+                f"CKA_EXTRACTABLE={extractable}); sealtorch only uses a master key that is "
+                "sensitive and non-extractable. Create a new one with a new label"
+            )
+        if not always_sensitive or not never_extractable:
+            _log.warning(
+                "%s was once readable outside the token (imported or relaxed attributes); "
+                "prefer a key generated inside the token",
+                where,
+            )
+
+    def close(self) -> None:
+        """Release this key's share of the token login (logs out after the last user)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._key = None
+        _release_login(self._login)
+
+    # -- operations --
+
+    @property
+    def key_id(self) -> str:
+        return f"pkcs11:{self._token_label}/{self._key_label}"
+
+    def _run(self, operation: Callable[[Any, Any], _T]) -> _T:
+        """Run ``operation(lib, key)`` under the token lock; log in again once if needed."""
+        lib = _pkcs11()
+        lost = (
+            lib.exceptions.SessionClosed,
+            lib.exceptions.SessionHandleInvalid,
+            lib.exceptions.DeviceRemoved,
+            lib.exceptions.TokenNotPresent,
+            lib.exceptions.UserNotLoggedIn,
+            lib.exceptions.KeyHandleInvalid,
+            lib.exceptions.ObjectHandleInvalid,
+        )
+        login = self._login
+        with login.lock:
+            if self._closed:
+                raise StorageError("the PKCS#11 master key was closed")
+            if login.pid != os.getpid():
+                raise StorageError(
+                    "this PKCS#11 master key was opened before a fork; open it again in "
+                    "each worker process"
+                )
+            if self._generation != login.generation:
+                self._find_key()
+            try:
+                return operation(lib, self._key)
+            except lost:
+                _log.warning("PKCS#11 session lost; logging in to %r again", self._token_label)
+                login.close()
+                login.connect()
+                self._find_key()
+                return operation(lib, self._key)
+
+    def wrap(self, dek: DataKey | bytes, aad: bytes) -> bytes:
+        material = _dek_bytes(dek)
+        nonce = secrets.token_bytes(NONCE_SIZE)
+        full_aad = _full_aad(_FORMAT_PKCS11, aad)
+
+        def operation(lib: Any, key: Any) -> bytes:
+            params = lib.mechanisms.GCMParams(nonce, full_aad, TAG_SIZE * 8)
+            result: bytes = key.encrypt(
+                material, mechanism=lib.Mechanism.AES_GCM, mechanism_param=params
+            )
+            return result
+
+        try:
+            ciphertext = self._run(operation)
+        except _pkcs11().exceptions.PKCS11Error as exc:
+            raise StorageError(
+                f"the PKCS#11 token could not wrap a data key ({type(exc).__name__})"
+            ) from exc
+        if len(ciphertext) != KEY_SIZE + TAG_SIZE:
+            raise StorageError("the PKCS#11 token returned a malformed AES-GCM result")
+        return bytes([_FORMAT_PKCS11]) + nonce + ciphertext
+
+    def unwrap(self, blob: bytes, aad: bytes) -> DataKey:
+        nonce, ciphertext = _split_blob(blob, _FORMAT_PKCS11)
+        full_aad = _full_aad(_FORMAT_PKCS11, aad)
+
+        def operation(lib: Any, key: Any) -> bytes:
+            params = lib.mechanisms.GCMParams(nonce, full_aad, TAG_SIZE * 8)
+            result: bytes = key.decrypt(
+                ciphertext, mechanism=lib.Mechanism.AES_GCM, mechanism_param=params
+            )
+            return result
+
+        errors = _pkcs11().exceptions
+        try:
+            material = self._run(operation)
+        except (
+            # SoftHSM2 reports a failed GCM tag check as CKR_GENERAL_ERROR; the standard codes
+            # are CKR_ENCRYPTED_DATA_INVALID / CKR_ENCRYPTED_DATA_LEN_RANGE.
+            errors.GeneralError,
+            errors.EncryptedDataInvalid,
+            errors.EncryptedDataLenRange,
+            errors.FunctionFailed,
+        ) as exc:
+            raise IntegrityError(UNWRAP_FAILED_MESSAGE) from exc
+        except errors.PKCS11Error as exc:
+            raise StorageError(
+                f"the PKCS#11 token could not unwrap a data key ({type(exc).__name__})"
+            ) from exc
+        if len(material) != KEY_SIZE:
+            raise IntegrityError(UNWRAP_FAILED_MESSAGE)
+        return DataKey(material)
+
+    def __repr__(self) -> str:
+        return (
+            f"Pkcs11MasterKey(module={self._module!r}, token={self._token_label!r}, "
+            f"key={self._key_label!r})"
+        )
+
+    def __reduce__(self) -> NoReturn:
+        raise TypeError("master keys cannot be pickled")
+
+
+def _master_key_template(lib: Any) -> dict[Any, bool]:
+    attribute = lib.Attribute
+    return {
+        attribute.TOKEN: True,
+        attribute.PRIVATE: True,
+        attribute.SENSITIVE: True,
+        attribute.EXTRACTABLE: False,
+        attribute.MODIFIABLE: False,
+        attribute.WRAP: False,
+        attribute.UNWRAP: False,
+        attribute.SIGN: False,
+        attribute.VERIFY: False,
+        attribute.DERIVE: False,
+    }
+
+
+# --- configuration --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FileMasterKeyConfig:
+    """Use the master key in a 0600 file."""
+
+    path: Path
+
+
+@dataclass(frozen=True)
+class Pkcs11MasterKeyConfig:
+    """Use a master key inside a PKCS#11 token; the PIN comes from ``pin_env``."""
+
+    token_label: str
+    key_label: str = "sealtorch-master-key"
+    module: str = SOFTHSM2_MODULE
+    pin_env: str = PIN_ENV
+
+
+MasterKeyConfig = FileMasterKeyConfig | Pkcs11MasterKeyConfig
+
+
+def _pin_from(config: Pkcs11MasterKeyConfig, environ: Mapping[str, str]) -> str:
+    pin = environ.get(config.pin_env)
+    if not pin:
+        raise ConfigError(
+            f"the PKCS#11 user PIN for token {config.token_label!r} is not set; "
+            f"export {config.pin_env}=... before starting the key server"
+        )
+    return pin
+
+
+def open_master_key(
+    config: MasterKeyConfig,
+    *,
+    environ: Mapping[str, str] | None = None,
+    create: bool = False,
+) -> MasterKey:
+    """Open (or with ``create=True``, first create) the master key described by ``config``."""
+    if isinstance(config, FileMasterKeyConfig):
+        return FileMasterKey.create(config.path) if create else FileMasterKey.load(config.path)
+    pin = _pin_from(config, os.environ if environ is None else environ)
+    opener = Pkcs11MasterKey.create_key if create else Pkcs11MasterKey
+    return opener(
+        module=config.module,
+        token_label=config.token_label,
+        key_label=config.key_label,
+        pin=pin,
+    )
