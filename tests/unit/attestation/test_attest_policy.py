@@ -259,9 +259,9 @@ def test_tcb_status_codes(tmp_path: Path, status: str, reason: str) -> None:
 
 def test_unknown_tcb_status_is_never_accepted(sgx_claims: Claims) -> None:
     odd = dataclasses.replace(sgx_claims, tcb_status="TDRelaunchAdvised", advisory_ids=())
-    decision = sgx_policy(
-        tcb={"accepted_statuses": list(("UpToDate", "SWHardeningNeeded"))}
-    ).evaluate(odd, now=SGX_TIME)
+    decision = sgx_policy(tcb={"accepted_statuses": ["UpToDate", "SWHardeningNeeded"]}).evaluate(
+        odd, now=SGX_TIME
+    )
     assert decision.reasons == ("tcb_status_not_allowed",)
 
 

@@ -1,8 +1,9 @@
-"""Gramine and TDX evidence providers against fake device directories laid out like the real ones."""
+"""Gramine and TDX evidence providers against fake device directories shaped like the real ones."""
 
 from __future__ import annotations
 
 import errno
+import re
 from pathlib import Path
 
 import pytest
@@ -49,7 +50,7 @@ def test_gramine_absent(tmp_path: Path) -> None:
 @pytest.mark.parametrize("kind", ["none", "epid", ""])
 def test_gramine_wrong_attestation_type(gramine_root: Path, kind: str) -> None:
     (gramine_root / "attestation_type").write_text(kind)
-    with pytest.raises(EvidenceError, match='sgx.remote_attestation = "dcap"'):
+    with pytest.raises(EvidenceError, match=re.escape('sgx.remote_attestation = "dcap"')):
         GramineAttester(root=gramine_root).evidence(SGX_REPORT_DATA)
 
 
@@ -174,7 +175,7 @@ def test_tdx_missing_files(tsm_root: Path, tdx_quote: bytes, missing: str) -> No
 
 
 def test_tdx_kernel_refuses_the_entry(tsm_root: Path, tdx_quote: bytes) -> None:
-    with pytest.raises(EvidenceError, match="refused to create a report entry.*permission"):
+    with pytest.raises(EvidenceError, match=r"refused to create a report entry.*permission"):
         FakeTsm(tsm_root, tdx_quote, refuse_mkdir=errno.EACCES).evidence(TDX_REPORT_DATA)
     with pytest.raises(EvidenceError, match="refused to create"):
         FakeTsm(tsm_root, tdx_quote, refuse_mkdir=errno.EBUSY).evidence(TDX_REPORT_DATA)

@@ -1,4 +1,4 @@
-"""The simulated TEE: measurement, host key, evidence format, verification from the attacker side."""
+"""The simulated TEE: measurement, host key, evidence format, and verification (attacker side)."""
 
 from __future__ import annotations
 
