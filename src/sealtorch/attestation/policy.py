@@ -21,6 +21,7 @@ Every TEE type a policy allows must pin that TEE's code identity, unless the pol
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -240,7 +241,7 @@ class Policy(_Schema):
         """The normalised document (JSON-able): what the key server stores and returns."""
         return self.model_dump(mode="json")
 
-    @property
+    @functools.cached_property
     def digest(self) -> str:
         """SHA-256 of the canonical JSON of :meth:`to_dict` (identifies a policy version)."""
         canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
