@@ -463,7 +463,11 @@ class PccsCollateral:
 
     def collateral_for(self, key: CollateralKey, *, now: datetime) -> Collateral:
         now = _aware(now)
-        cached = self._memory.get(key) or self._load_cached(key)
+        cached = self._memory.get(key)
+        if cached is None or cached.is_stale(now):
+            # First use in this process, or expired in memory: another process (a replica
+            # sharing the cache directory) may have stored a fresher copy.
+            cached = self._load_cached(key) or cached
         if cached is not None and not cached.is_stale(now):
             if now >= cached.next_update - self.refresh_before:
                 self._schedule_refresh(key, now)

@@ -14,6 +14,7 @@ import click
 from sealtorch.errors import AttestationError, ConfigError
 
 _EXIT_REFUSED = 1
+_MAX_EVIDENCE_FILE = 1024 * 1024
 
 
 def _default_cache_dir() -> Path:
@@ -29,6 +30,20 @@ def _parse_report_data(text: str) -> bytes:
             param_hint="--report-data",
         )
     return bytes.fromhex(value)
+
+
+def _read_evidence_file(path: Path) -> bytes:
+    """At most 1 MiB: evidence is at most 48 KiB, or about twice that as hex or JSON."""
+    from sealtorch.errors import EvidenceError
+
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read(_MAX_EVIDENCE_FILE + 1)
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from exc
+    if len(data) > _MAX_EVIDENCE_FILE:
+        raise EvidenceError(f"{path} is larger than 1 MiB: it is not attestation evidence")
+    return data
 
 
 def _echo_json(data: Any) -> None:
@@ -177,7 +192,7 @@ def verify_cmd(
 
     report: dict[str, Any] = {"evidence": None, "verified": False, "claims": None}
     try:
-        evidence = att.detect_evidence(quote.read_bytes())
+        evidence = att.detect_evidence(_read_evidence_file(quote))
         report["evidence"] = {
             "type": evidence.type,
             "size": len(evidence.data),
@@ -444,7 +459,7 @@ def fetch_collateral_cmd(quote: Path, pccs_url: str, cache_dir: Path | None) -> 
 
     from sealtorch.attestation import CollateralKey, PccsCollateral, detect_evidence
 
-    evidence = detect_evidence(quote.read_bytes())
+    evidence = detect_evidence(_read_evidence_file(quote))
     if evidence.type == "sim":
         raise click.UsageError("sim evidence needs no collateral")
     try:

@@ -275,3 +275,17 @@ def test_reason_for_error(error: AttestationError, code: str) -> None:
 def test_base64_helpers_agree_with_protocol_encoding(sgx_evidence: Evidence) -> None:
     data = sgx_evidence.to_wire()["data"]
     assert base64.urlsafe_b64decode(data + "=" * (-len(data) % 4)) == sgx_evidence.data
+
+
+def test_documented_test_vector() -> None:
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[3] / "docs" / "attestation.md").read_text()
+    block = doc[doc.index("report_data = 78191a24") :].split("```")[0]
+    documented = "".join(block.replace("report_data =", "").split())
+    computed = report_data_for(
+        nonce=bytes(range(32)),
+        hpke_suite="DHKEM(X25519,HKDF-SHA256)/HKDF-SHA256/AES-256-GCM",
+        public_key=bytes(range(32, 64)),
+    )
+    assert documented == computed.hex()

@@ -431,3 +431,16 @@ def test_every_reason_code_is_documented() -> None:
     doc = (REPO / "docs" / "policy.md").read_text()
     for code in REASON_CODES:
         assert f"`{code}`" in doc, code
+
+
+def test_documented_examples_are_valid_policies() -> None:
+    doc = (REPO / "docs" / "policy.md").read_text()
+    blocks = re.findall(r"```(yaml|json)\n(.*?)```", doc, flags=re.DOTALL)
+    checked = 0
+    for kind, text in blocks:
+        if "<output of" in text:
+            text = text.replace("<output of sealtorch attest measure --role serve>", "ab" * 32)
+        policy = Policy.from_yaml(text) if kind == "yaml" else Policy.from_json(text)
+        assert policy.name
+        checked += 1
+    assert checked == 4
