@@ -272,3 +272,25 @@ def test_cli_verify_with_pccs_then_offline(
     )
     assert offline.exit_code == 1  # verified; refused by the platform rules
     assert "REFUSED: tcb_status_not_allowed, advisory_not_allowed" in offline.output
+
+
+def test_a_fresher_copy_from_another_replica_is_adopted_without_fetching(
+    pccs: FakePccs, tmp_path: Path
+) -> None:
+    import json
+
+    replica = PccsCollateral(pccs.url, cache_dir=tmp_path)
+    replica.refresh(SGX_KEY)
+    fetched = len(pccs.hits)
+    # Another replica stores a copy that stays valid longer (here: later TCB info and QE
+    # identity nextUpdate; the PCK CRL, valid until 10:23:18, becomes the earliest expiry).
+    data = json.loads((tmp_path / SGX_KEY.filename).read_text())
+    for field in ("tcb_info", "qe_identity"):
+        inner = json.loads(data[field])
+        inner["nextUpdate"] = "2025-08-01T00:00:00Z"
+        data[field] = json.dumps(inner)
+    (tmp_path / SGX_KEY.filename).write_text(json.dumps(data))
+    now = SGX_EXPIRY + timedelta(minutes=5)  # the copy in memory has just expired
+    adopted = replica.collateral_for(SGX_KEY, now=now)
+    assert adopted.next_update == datetime(2025, 7, 19, 10, 23, 18, tzinfo=UTC)
+    assert len(pccs.hits) == fetched
