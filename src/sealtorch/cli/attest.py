@@ -50,13 +50,24 @@ def _echo_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, sort_keys=False))
 
 
-@click.group("attest")
-def attest() -> None:
-    """Attestation tools: verify DCAP quotes and sim evidence against a release policy, produce
-    evidence inside a TEE, print the sim TEE's measurement, manage the sim attestation key.
+_ATTEST_EPILOG = """\b
+Examples:
+  sealtorch attest verify quote.bin --pccs-url https://pccs:8081 --policy model.yaml
+  sealtorch attest evidence --tee gramine --report-data HEX -o quote.bin
+  sealtorch attest measure --role serve       # the sim MRENCLAVE, for a dev policy
+  sealtorch attest sim-key --show-public      # the sim key a key server must trust
+  sealtorch attest check-policy model.yaml
+"""
 
-    See docs/attestation.md (evidence, collateral, the sim TEE) and docs/policy.md (policies and
-    reason codes).
+
+@click.group("attest", epilog=_ATTEST_EPILOG)
+def attest() -> None:
+    """Verify quotes against a release policy; produce evidence; sim TEE tools.
+
+    Verify DCAP quotes (SGX, TDX) and simulated-TEE evidence against a release policy, produce
+    evidence inside a TEE, print the sim TEE's measurement, and manage this host's simulated
+    attestation key. See docs/attestation.md (evidence, collateral, the sim TEE) and
+    docs/policy.md (policies and reason codes).
     """
 
 
