@@ -1,0 +1,484 @@
+"""The Python API for sealing and loading models (exported lazily by ``sealtorch``).
+
+>>> import sealtorch
+>>> key = sealtorch.generate_key()
+>>> sealtorch.encrypt_model(
+...     model.state_dict(),
+...     "resnet50.sealed",
+...     model_id="resnet50",
+...     key=key,
+...     arch="torchvision:resnet50",
+... )  # doctest: +SKIP
+>>> model = sealtorch.load_model("resnet50.sealed", key=key)  # doctest: +SKIP
+
+``key`` is raw key bytes, a :class:`~sealtorch.keys.DataKey`, a key file path, or any
+:class:`~sealtorch.keys.KeyProvider` (a key server or key cache client). For sealing it may
+also be a :class:`~sealtorch.sealed.keywrap.ContentKeyWrapper`, which wraps the file's content
+key without handing out the data key.
+
+Loading authenticates every byte before anything is parsed; every way a sealed file can be
+wrong raises the same :class:`~sealtorch.errors.IntegrityError`, and nothing is returned or
+written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import mmap
+import os
+import warnings
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, BinaryIO
+
+from sealtorch.errors import ConfigError, PayloadError
+from sealtorch.keys import DataKey, KeyProvider, as_key_provider
+from sealtorch.payloads.manifest import (
+    ImagePreprocessSpec,
+    Manifest,
+    TensorSpec,
+    parse_prefix,
+    validate_arch_ref,
+)
+from sealtorch.sealed._atomic import AtomicFile
+from sealtorch.sealed.header import (
+    DEFAULT_CHUNK_SIZE,
+    FORMAT_VERSION,
+    Header,
+    check_chunk_size,
+    check_key_version,
+    check_model_id,
+)
+from sealtorch.sealed.keywrap import ContentKeyWrapper, LocalKeyWrapper
+from sealtorch.sealed.reader import SealedReader
+from sealtorch.sealed.writer import SealedWriter
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+__all__ = [
+    "KeyLike",
+    "SealedInfo",
+    "SealedModel",
+    "decrypt_model",
+    "encrypt_model",
+    "inspect_sealed",
+    "load_model",
+    "load_sealed_model",
+    "load_state_dict",
+    "rewrap",
+]
+
+_log = logging.getLogger(__name__)
+
+KeyLike = KeyProvider | DataKey | bytes | str | os.PathLike[str]
+#: ``progress(done_bytes, total_bytes)``
+ProgressCallback = Callable[[int, int], None]
+SealedSource = str | os.PathLike[str] | BinaryIO
+_JIT_DEPRECATED = r"`torch\.jit\.\w+` is deprecated"
+
+
+@dataclass(frozen=True)
+class SealedInfo:
+    """What a sealed file reveals without its key (``sealtorch inspect``)."""
+
+    model_id: str
+    key_version: int
+    format_version: int
+    suite: str
+    chunk_size: int
+    chunk_count: int
+    plaintext_size: int
+    file_size: int
+    path: Path | None = None
+
+    @classmethod
+    def from_header(cls, header: Header, *, path: Path | None) -> SealedInfo:
+        return cls(
+            model_id=header.model_id,
+            key_version=header.key_version,
+            format_version=FORMAT_VERSION,
+            suite=header.body.suite,
+            chunk_size=header.body.chunk_size,
+            chunk_count=header.body.chunk_count,
+            plaintext_size=header.body.plaintext_size,
+            file_size=len(header.encode()) + header.body.sealed_size,
+            path=path,
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "model_id": self.model_id,
+            "key_version": self.key_version,
+            "format_version": self.format_version,
+            "suite": self.suite,
+            "chunk_size": self.chunk_size,
+            "chunk_count": self.chunk_count,
+            "plaintext_size": self.plaintext_size,
+            "file_size": self.file_size,
+        }
+
+    def __str__(self) -> str:
+        return (
+            f"model_id={self.model_id} key_version={self.key_version} "
+            f"format=v{self.format_version} suite={self.suite} "
+            f"chunk_size={self.chunk_size} plaintext_size={self.plaintext_size}"
+        )
+
+
+@dataclass(frozen=True)
+class SealedModel:
+    """A loaded model together with its (decrypted) manifest and public header."""
+
+    module: nn.Module
+    manifest: Manifest
+    info: SealedInfo
+
+
+# -- keys -----------------------------------------------------------------------------------
+
+
+def _provider(key: KeyLike) -> KeyProvider | DataKey:
+    if isinstance(key, DataKey):
+        return key
+    return as_key_provider(key)
+
+
+def _wrapper(
+    key: KeyLike | ContentKeyWrapper, *, model_id: str, key_version: int | None
+) -> ContentKeyWrapper:
+    """The content key wrapper for sealing: a remote-style wrapper, or the data key itself."""
+    if isinstance(key, ContentKeyWrapper):
+        configured = getattr(key, "key_version", None)
+        if key_version is not None and configured is not None and configured != key_version:
+            raise ConfigError(
+                f"the key wrapper seals with key version {configured}, not {key_version}"
+            )
+        return key
+    version = check_key_version(1 if key_version is None else key_version)
+    provider = _provider(key)
+    dek = provider if isinstance(provider, DataKey) else provider.data_key(model_id, version)
+    if not isinstance(dek, DataKey):
+        raise TypeError(f"{provider!r}.data_key() must return a DataKey")
+    return LocalKeyWrapper(dek, key_version=version)
+
+
+# -- sealing --------------------------------------------------------------------------------
+
+
+def encrypt_model(
+    source: object,
+    destination: str | os.PathLike[str] | BinaryIO,
+    *,
+    model_id: str,
+    key: KeyLike | ContentKeyWrapper,
+    key_version: int | None = None,
+    arch: str | None = None,
+    arch_kwargs: Mapping[str, Any] | None = None,
+    metadata: Mapping[str, str] | None = None,
+    inputs: Iterable[Mapping[str, Any] | TensorSpec] | None = None,
+    outputs: Iterable[Mapping[str, Any] | TensorSpec] | None = None,
+    preprocess: Mapping[str, Any] | ImagePreprocessSpec | None = None,
+    labels: Iterable[str] | None = None,
+    state_dict_key: str | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    overwrite: bool = False,
+    check_arch: bool = True,
+    progress: ProgressCallback | None = None,
+) -> SealedInfo:
+    """Seal a model into ``destination`` (written atomically; refuses to overwrite by default).
+
+    ``source`` is a state_dict, an ``nn.Module`` (its state_dict is sealed), a
+    ``ScriptModule``, an ``ExportedProgram``, or a path to a ``.safetensors``, ``.pt``/``.pth``
+    (state_dict; ``state_dict_key`` picks it out of a checkpoint dict), TorchScript or ``.pt2``
+    file. ``arch`` (``torchvision:NAME``, ``timm:NAME`` or ``package.module:factory``, with
+    ``arch_kwargs``) lets :func:`load_model` rebuild the module; with ``check_arch`` the
+    state_dict is checked against it now. ``inputs``, ``outputs``, ``preprocess`` and ``labels``
+    describe the model for the inference server. All of it is encrypted; only the model id,
+    key version and sizes are public.
+    """
+    from sealtorch.payloads.arch import check_state_dict_matches
+    from sealtorch.payloads.sources import prepare_payload
+
+    check_model_id(model_id)
+    check_chunk_size(chunk_size)
+    if key_version is not None:
+        check_key_version(key_version)
+    if arch is not None:
+        validate_arch_ref(arch)
+    payload = prepare_payload(source, state_dict_key=state_dict_key)
+    if arch is not None and payload.kind != "safetensors":
+        raise ConfigError(
+            f"--arch applies to state_dicts only; a {payload.kind} payload carries its own code"
+        )
+    if arch is not None and check_arch and payload.state_dict is not None:
+        check_state_dict_matches(arch, arch_kwargs or {}, payload.state_dict)
+    manifest = Manifest.build(
+        kind=payload.kind,
+        payload_size=payload.size,
+        arch=arch,
+        arch_kwargs=arch_kwargs,
+        metadata=metadata,
+        inputs=inputs,
+        outputs=outputs,
+        preprocess=preprocess,
+        labels=labels,
+    )
+    prefix = manifest.encode_prefix()
+    wrapper = _wrapper(key, model_id=model_id, key_version=key_version)
+    total = manifest.plaintext_size
+    done = 0
+
+    def advance(size: int) -> None:
+        nonlocal done
+        done += size
+        if progress is not None:
+            progress(done, total)
+
+    with SealedWriter(
+        destination,
+        model_id=model_id,
+        plaintext_size=total,
+        wrapper=wrapper,
+        chunk_size=chunk_size,
+        overwrite=overwrite,
+        progress=advance,
+    ) as writer:
+        writer.write(prefix)
+        for piece in payload.stream():
+            writer.write(piece)
+    _log.info(
+        "sealed %s as model %s (key version %d, %d bytes)",
+        payload.description,
+        model_id,
+        writer.header.key_version,
+        total,
+    )
+    path = writer.destination
+    return SealedInfo.from_header(writer.header, path=path)
+
+
+# -- loading --------------------------------------------------------------------------------
+
+
+def _release(buffer: mmap.mmap) -> None:
+    """Unmap a plaintext buffer now if nothing views it (else it goes with its last view)."""
+    with contextlib.suppress(BufferError):
+        buffer.close()
+
+
+def _decrypt(source: SealedSource, key: KeyLike) -> tuple[SealedInfo, Manifest, mmap.mmap]:
+    provider = _provider(key)
+    with SealedReader(source) as reader:
+        buffer = reader.decrypt(reader.content_key(provider))
+        info = SealedInfo.from_header(reader.header, path=reader.path)
+    try:
+        manifest = parse_prefix(buffer, plaintext_size=info.plaintext_size)
+    except BaseException:
+        _release(buffer)
+        raise
+    return info, manifest, buffer
+
+
+def load_state_dict(source: SealedSource, *, key: KeyLike) -> dict[str, torch.Tensor]:
+    """Authenticate, decrypt and return the sealed state_dict.
+
+    Every tensor is a view of one decrypted buffer (no copies); the buffer is freed when the
+    last tensor is.
+    """
+    from sealtorch.payloads.tensors import tensors_from_buffer
+
+    _, manifest, buffer = _decrypt(source, key)
+    try:
+        if manifest.kind != "safetensors":
+            raise PayloadError(
+                f"this sealed model holds a {manifest.kind} program, not a state_dict; "
+                "use sealtorch.load_model()"
+            )
+        return tensors_from_buffer(
+            buffer, offset=manifest.payload_offset, size=manifest.payload_size
+        )
+    except BaseException:
+        _release(buffer)
+        raise
+
+
+def load_sealed_model(
+    source: SealedSource,
+    *,
+    key: KeyLike,
+    arch: str | None = None,
+    arch_kwargs: Mapping[str, Any] | None = None,
+) -> SealedModel:
+    """Like :func:`load_model`, but also return the manifest (inputs, outputs, labels...)."""
+    from sealtorch.payloads.arch import load_into_module
+    from sealtorch.payloads.tensors import tensors_from_buffer
+
+    info, manifest, buffer = _decrypt(source, key)
+    try:
+        module: nn.Module
+        if manifest.kind == "safetensors":
+            ref = arch if arch is not None else manifest.arch
+            if ref is None:
+                raise PayloadError(
+                    "this sealed state_dict has no architecture reference: seal it with "
+                    "--arch (arch=...), pass arch= here, or use sealtorch.load_state_dict()"
+                )
+            kwargs = arch_kwargs if arch is not None else manifest.arch_kwargs
+            state_dict = tensors_from_buffer(
+                buffer, offset=manifest.payload_offset, size=manifest.payload_size
+            )
+            module = load_into_module(validate_arch_ref(ref), kwargs or {}, state_dict)
+        else:
+            if arch is not None:
+                raise ConfigError(f"a {manifest.kind} payload carries its own architecture")
+            data = io.BytesIO(
+                buffer[manifest.payload_offset : manifest.payload_offset + manifest.payload_size]
+            )
+            _release(buffer)
+            module = _load_program(manifest.kind, data)
+    except BaseException:
+        _release(buffer)
+        raise
+    return SealedModel(module=module, manifest=manifest, info=info)
+
+
+def _load_program(kind: str, data: io.BytesIO) -> nn.Module:
+    import torch
+
+    try:
+        if kind == "torchscript":
+            with warnings.catch_warnings():
+                # PyTorch deprecates TorchScript; sealed TorchScript models still load.
+                warnings.filterwarnings("ignore", message=_JIT_DEPRECATED, category=FutureWarning)
+                module: nn.Module = torch.jit.load(data, map_location="cpu")  # type: ignore[no-untyped-call]
+            module.eval()
+        else:
+            module = torch.export.load(data).module()
+            # Exported graphs keep the mode they were exported in (sealing refuses programs
+            # exported in training mode) and refuse .eval(); set the flags for consistency.
+            for sub in module.modules():
+                sub.training = False
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise PayloadError(f"the sealed {kind} program cannot be loaded: {exc}") from exc
+    module.requires_grad_(False)
+    return module
+
+
+def load_model(
+    source: SealedSource,
+    *,
+    key: KeyLike,
+    arch: str | None = None,
+    arch_kwargs: Mapping[str, Any] | None = None,
+) -> nn.Module:
+    """Authenticate and decrypt a sealed model and return it ready for inference.
+
+    The module is in eval mode with ``requires_grad`` off. A state_dict payload is loaded into
+    the architecture named at sealing time (or ``arch``/``arch_kwargs``), its parameters being
+    views of the decrypted buffer; TorchScript and ``torch.export`` payloads load as such.
+    """
+    return load_sealed_model(source, key=key, arch=arch, arch_kwargs=arch_kwargs).module
+
+
+# -- owner tools ----------------------------------------------------------------------------
+
+
+def inspect_sealed(source: SealedSource) -> SealedInfo:
+    """The public header of a sealed file (no key needed; nothing is authenticated)."""
+    with SealedReader(source) as reader:
+        return SealedInfo.from_header(reader.header, path=reader.path)
+
+
+def decrypt_model(
+    source: SealedSource,
+    destination: str | os.PathLike[str],
+    *,
+    key: KeyLike,
+    overwrite: bool = False,
+    progress: ProgressCallback | None = None,
+) -> Manifest:
+    """Write the plain payload (``.safetensors``, TorchScript ``.pt`` or ``.pt2``) to a file.
+
+    Streams chunk by chunk into a temporary file (mode 0600) that is renamed to
+    ``destination`` only after the last chunk authenticated; on any failure nothing is left.
+    Returns the manifest (payload kind, architecture, metadata).
+    """
+    provider = _provider(key)
+    with SealedReader(source) as reader:
+        cek = reader.content_key(provider)
+        total = reader.header.body.plaintext_size
+        with AtomicFile(destination, overwrite=overwrite, mode=0o600) as out:
+            prefix = bytearray()
+            manifest: Manifest | None = None
+            position = 0
+            for chunk in reader.iter_plaintext(cek):
+                position += len(chunk)
+                piece = chunk
+                if manifest is None:
+                    prefix += chunk
+                    manifest = _manifest_from_prefix(prefix, total)
+                    if manifest is None:
+                        continue
+                    piece = memoryview(prefix)[manifest.payload_offset :]
+                out.write(piece)
+                if progress is not None:
+                    progress(position, total)
+            if manifest is None:  # pragma: no cover - a body always holds its manifest
+                raise PayloadError("the sealed model holds no manifest")
+    return manifest
+
+
+def _manifest_from_prefix(prefix: bytearray, total: int) -> Manifest | None:
+    """The manifest once ``prefix`` covers it and its padding, else None."""
+    if len(prefix) < 4:
+        return None if total >= 4 else parse_prefix(bytes(prefix), plaintext_size=total)
+    length = int.from_bytes(prefix[:4], "big")
+    needed = min(total, -(-(4 + length) // 64) * 64)
+    if len(prefix) < needed:
+        return None
+    return parse_prefix(bytes(prefix), plaintext_size=total)
+
+
+def rewrap(
+    source: str | os.PathLike[str],
+    *,
+    key: KeyLike,
+    new_key: KeyLike | ContentKeyWrapper,
+    new_key_version: int | None = None,
+    destination: str | os.PathLike[str] | None = None,
+    overwrite: bool = False,
+) -> SealedInfo:
+    """Rotate a sealed file to a new data key without re-encrypting its body.
+
+    The content key is unwrapped with ``key`` and wrapped again under ``new_key`` (version
+    ``new_key_version``, default: the old version + 1) with a fresh salt and nonce; the body is
+    copied byte for byte. In place by default (atomically: a reader sees the old or the new
+    file, never a mix), or to ``destination``.
+    """
+    source_path = Path(source)
+    target = Path(destination) if destination is not None else source_path
+    in_place = destination is None or target.resolve() == source_path.resolve()
+    provider = _provider(key)
+    with SealedReader(source_path) as reader:
+        old = reader.header
+        cek = reader.content_key(provider)
+        version = old.key_version + 1 if new_key_version is None else new_key_version
+        wrapper = _wrapper(new_key, model_id=old.model_id, key_version=version)
+        key_block = wrapper.wrap(model_id=old.model_id, body_digest=old.body.digest, cek=cek)
+        del cek
+        header = Header(body=old.body, key=key_block)
+        with AtomicFile(target, overwrite=in_place or overwrite) as out:
+            out.write(header.encode())
+            reader.copy_body(out.file)
+    _log.info(
+        "rewrapped model %s from key version %d to %d",
+        old.model_id,
+        old.key_version,
+        header.key_version,
+    )
+    return SealedInfo.from_header(header, path=target)

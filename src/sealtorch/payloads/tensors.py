@@ -1,0 +1,270 @@
+"""State dicts as safetensors byte streams: written tensor by tensor, read as zero-copy views.
+
+Writing never builds the file in memory: :class:`SafetensorsPlan` computes the safetensors
+header from tensor metadata alone, then :meth:`SafetensorsPlan.stream` yields the header and
+each tensor's bytes in turn (a non-contiguous tensor is made contiguous on its own, one at a
+time). Tensors are laid out by decreasing element size, so each one starts at a multiple of its
+element size; the header is padded with spaces so the data starts 64-byte aligned.
+
+Reading (:func:`tensors_from_buffer`) validates the safetensors header strictly - known dtypes,
+shapes consistent with byte ranges, ranges in bounds, contiguous, not overlapping, aligned - and
+builds every tensor with ``torch.frombuffer`` as a view of the one decrypted buffer.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import mmap
+import struct
+import sys
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final
+
+from sealtorch.errors import PayloadError
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = [
+    "DTYPE_CODES",
+    "SafetensorsPlan",
+    "TensorEntry",
+    "tensors_from_buffer",
+]
+
+#: safetensors dtype code -> element size in bytes.
+ITEM_SIZES: Final[dict[str, int]] = {
+    "F64": 8,
+    "I64": 8,
+    "F32": 4,
+    "I32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+}
+DTYPE_CODES: Final = tuple(ITEM_SIZES)
+MAX_SAFETENSORS_HEADER: Final = 100 * 1024 * 1024
+DATA_ALIGNMENT: Final = 64
+_U64 = struct.Struct("<Q")
+
+
+def _torch_dtypes() -> dict[str, torch.dtype]:
+    import torch
+
+    return {
+        "F64": torch.float64,
+        "I64": torch.int64,
+        "F32": torch.float32,
+        "I32": torch.int32,
+        "F16": torch.float16,
+        "BF16": torch.bfloat16,
+        "I16": torch.int16,
+        "I8": torch.int8,
+        "U8": torch.uint8,
+        "BOOL": torch.bool,
+    }
+
+
+def _check_byte_order() -> None:
+    if sys.byteorder != "little":  # pragma: no cover - no big-endian CI
+        raise PayloadError("sealtorch's tensor payloads need a little-endian machine")
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+
+class SafetensorsPlan:
+    """The safetensors layout of a state dict, computed without touching tensor data."""
+
+    def __init__(
+        self,
+        state_dict: Mapping[str, torch.Tensor],
+        *,
+        metadata: Mapping[str, str] | None = None,
+    ) -> None:
+        import torch
+
+        _check_byte_order()
+        codes = {dtype: code for code, dtype in _torch_dtypes().items()}
+        items: list[tuple[str, torch.Tensor, str]] = []
+        for name, tensor in state_dict.items():
+            if not isinstance(name, str) or not name or name == "__metadata__":  # type: ignore[redundant-expr]
+                raise PayloadError(f"invalid tensor name {name!r} in the state_dict")
+            if not isinstance(tensor, torch.Tensor):
+                raise PayloadError(
+                    f"state_dict entry {name!r} is a {type(tensor).__name__}, not a tensor; "
+                    "sealtorch seals plain state_dicts of tensors"
+                )
+            if tensor.layout != torch.strided or tensor.is_quantized:
+                raise PayloadError(
+                    f"tensor {name!r} is sparse or quantized; convert it to a dense tensor"
+                )
+            if tensor.device.type == "meta":
+                raise PayloadError(f"tensor {name!r} is on the meta device and has no data")
+            code = codes.get(tensor.dtype)
+            if code is None:
+                supported = ", ".join(str(d).removeprefix("torch.") for d in codes)
+                raise PayloadError(
+                    f"tensor {name!r} has dtype {tensor.dtype}, which sealtorch does not seal "
+                    f"(supported: {supported})"
+                )
+            items.append((name, tensor, code))
+        # Largest elements first keeps every tensor aligned to its element size.
+        layout = sorted(items, key=lambda item: -ITEM_SIZES[item[2]])
+        position = 0
+        entries: dict[str, TensorEntry] = {}
+        for name, tensor, code in layout:
+            size = tensor.numel() * ITEM_SIZES[code]
+            entries[name] = TensorEntry(name, code, tuple(tensor.shape), position, position + size)
+            position += size
+        header_obj: dict[str, Any] = {"__metadata__": {"format": "pt", **dict(metadata or {})}}
+        for name, _, _ in items:  # the JSON keeps the state_dict's order
+            entry = entries[name]
+            header_obj[name] = {
+                "dtype": entry.dtype,
+                "shape": list(entry.shape),
+                "data_offsets": [entry.start, entry.end],
+            }
+        text = json.dumps(header_obj, separators=(",", ":"), ensure_ascii=False).encode()
+        padded = len(text) + (-(8 + len(text)) % DATA_ALIGNMENT)
+        self.header = _U64.pack(padded) + text.ljust(padded, b" ")
+        self.entries = [entries[name] for name, _, _ in layout]
+        self._tensors = [tensor for _, tensor, _ in layout]
+        self.data_size = position
+        self.size = len(self.header) + position
+
+    @property
+    def tensor_count(self) -> int:
+        return len(self.entries)
+
+    def stream(self) -> Iterator[memoryview]:
+        """The safetensors file, piece by piece: header, then each tensor's bytes."""
+        import torch
+
+        yield memoryview(self.header)
+        for entry, tensor in zip(self.entries, self._tensors, strict=True):
+            if entry.end == entry.start:
+                continue
+            flat = tensor.detach()
+            if flat.device.type != "cpu":
+                flat = flat.cpu()
+            flat = flat.contiguous().reshape(-1).view(torch.uint8)
+            if flat.numel() != entry.end - entry.start:
+                raise PayloadError(f"tensor {entry.name!r} changed while it was being sealed")
+            yield memoryview(flat.numpy()).cast("B")  # type: ignore[arg-type]
+            del flat
+
+
+def parse_header(
+    data: bytes | mmap.mmap, *, offset: int, size: int
+) -> tuple[dict[str, str], list[TensorEntry], int]:
+    """Strictly validate the safetensors header of ``data[offset:offset+size]``.
+
+    Returns (metadata, entries, data start relative to ``offset``). ``data`` is only sliced
+    (copies for ``bytes``/``mmap``), so no view of it outlives this call.
+    """
+    if size < 8:
+        raise PayloadError("the safetensors payload is too short")
+    (length,) = _U64.unpack(data[offset : offset + 8])
+    if length > MAX_SAFETENSORS_HEADER or 8 + length > size:
+        raise PayloadError("the safetensors header length is out of range")
+    try:
+        document = json.loads(
+            bytes(data[offset + 8 : offset + 8 + length]).decode("utf-8"),
+            object_pairs_hook=_no_duplicates,
+            parse_float=_reject,
+            parse_constant=_reject,
+        )
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise PayloadError(f"the safetensors header is not valid JSON: {exc}") from exc
+    if not isinstance(document, dict):
+        raise PayloadError("the safetensors header must be a JSON object")
+    metadata = document.pop("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise PayloadError("safetensors __metadata__ must map strings to strings")
+    data_start = 8 + length
+    data_size = size - data_start
+    entries = []
+    for name, info in document.items():
+        if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+            raise PayloadError(f"safetensors entry {name!r} must have dtype, shape, data_offsets")
+        dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        if dtype not in ITEM_SIZES:
+            raise PayloadError(f"safetensors entry {name!r} has unsupported dtype {dtype!r}")
+        if not isinstance(shape, list) or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+        ):
+            raise PayloadError(f"safetensors entry {name!r} has an invalid shape")
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1] <= data_size
+        ):
+            raise PayloadError(f"safetensors entry {name!r} has out-of-range data offsets")
+        item = ITEM_SIZES[dtype]
+        if math.prod(shape) * item != offsets[1] - offsets[0]:
+            raise PayloadError(f"safetensors entry {name!r}: shape and byte range disagree")
+        if (offset + data_start + offsets[0]) % item:
+            raise PayloadError(f"safetensors entry {name!r} is not aligned to its element size")
+        entries.append(TensorEntry(name, dtype, tuple(shape), offsets[0], offsets[1]))
+    position = 0
+    for entry in sorted(entries, key=lambda e: (e.start, e.end)):
+        if entry.start != position:
+            raise PayloadError("safetensors tensors overlap or leave gaps")
+        position = entry.end
+    if position != data_size:
+        raise PayloadError("safetensors data does not end where the last tensor ends")
+    return metadata, entries, data_start
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise ValueError(f"duplicate key {key!r}")
+        result[key] = value
+    return result
+
+
+def _reject(text: str) -> Any:
+    raise ValueError(f"unexpected number {text}")
+
+
+def tensors_from_buffer(buffer: mmap.mmap, *, offset: int, size: int) -> dict[str, torch.Tensor]:
+    """Build the state dict of the safetensors payload at ``buffer[offset:offset+size]``.
+
+    Every tensor is a view of ``buffer`` (which must be writable and outlive nothing: the
+    tensors keep it alive). Zero-size tensors get their own empty storage.
+    """
+    import torch
+
+    _check_byte_order()
+    dtypes = _torch_dtypes()
+    _, entries, data_start = parse_header(buffer, offset=offset, size=size)
+    base = offset + data_start
+    result: dict[str, torch.Tensor] = {}
+    for entry in entries:
+        dtype = dtypes[entry.dtype]
+        count = (entry.end - entry.start) // ITEM_SIZES[entry.dtype]
+        if count == 0:
+            result[entry.name] = torch.empty(entry.shape, dtype=dtype)
+            continue
+        tensor = torch.frombuffer(buffer, dtype=dtype, count=count, offset=base + entry.start)
+        if dtype == torch.bool and bool((tensor.view(torch.uint8) > 1).any()):
+            raise PayloadError(f"bool tensor {entry.name!r} holds values other than 0 and 1")
+        result[entry.name] = tensor.view(entry.shape)
+    return result
