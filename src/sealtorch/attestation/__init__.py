@@ -8,6 +8,7 @@ Inside a TEE, an *evidence provider* binds 64 bytes of report_data into evidence
 At the key server (or key cache), a *verifier* turns evidence into :class:`Claims`, and a
 :class:`Policy` decides::
 
+    verifiers = make_verifiers(pccs_url=url, sim_trusted_keys=[...])  # or explicitly:
     verifiers = VerifierSet(
         DcapVerifier(collateral=PccsCollateral(url, cache_dir=...)),
         SimVerifier(trusted_keys=["ed25519:..."]),  # only if sim hosts are trusted
@@ -40,6 +41,7 @@ from sealtorch.attestation.collateral import (
     PccsCollateral,
     system_clock,
 )
+from sealtorch.attestation.config import default_collateral_cache_dir, make_verifiers
 from sealtorch.attestation.dcap import DcapVerifier
 from sealtorch.attestation.evidence import (
     EVIDENCE_TYPES,
@@ -114,10 +116,12 @@ __all__ = [
     "VerifierSet",
     "attester_for",
     "binding_reasons",
+    "default_collateral_cache_dir",
     "default_sim_key_path",
     "detect_evidence",
     "format_sim_public_key",
     "load_or_create_sim_key",
+    "make_verifiers",
     "measure",
     "parse_sim_public_key",
     "reason_for_error",

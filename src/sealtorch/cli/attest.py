@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 from datetime import UTC, datetime
 from pathlib import Path
@@ -15,11 +14,6 @@ from sealtorch.errors import AttestationError, ConfigError
 
 _EXIT_REFUSED = 1
 _MAX_EVIDENCE_FILE = 1024 * 1024
-
-
-def _default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "sealtorch" / "collateral"
 
 
 def _parse_report_data(text: str) -> bytes:
@@ -182,24 +176,21 @@ def verify_cmd(
     now = datetime.fromtimestamp(at, UTC) if at is not None else datetime.now(UTC)
     policy = att.Policy.from_file(policy_file) if policy_file is not None else None
 
-    verifiers: list[att.Verifier] = []
-    if collateral_file is not None:
-        verifiers.append(att.DcapVerifier(collateral=att.CollateralFile(collateral_file)))
-    elif collateral_dir is not None:
-        verifiers.append(att.DcapVerifier(collateral=att.CollateralDirectory(collateral_dir)))
-    elif pccs_url is not None:
-        source = att.PccsCollateral(
-            pccs_url, cache_dir=cache_dir or _default_cache_dir(), clock=lambda: now
-        )
-        verifiers.append(att.DcapVerifier(collateral=source))
     trusted = list(sim_keys)
     if trust_local_sim_key:
         trusted.append(
             att.format_sim_public_key(att.load_or_create_sim_key(sim_key_file).public_key)
         )
-    if trusted:
-        verifiers.append(att.SimVerifier(trusted_keys=trusted))
-    verifier_set = att.VerifierSet(*verifiers)
+    if not sources and not trusted:
+        verifier_set = att.VerifierSet()  # the check below says what to pass
+    else:
+        verifier_set = att.make_verifiers(
+            pccs_url=pccs_url,
+            cache_dir=cache_dir,
+            collateral_path=collateral_file or collateral_dir,
+            sim_trusted_keys=trusted,
+            clock=lambda: now,
+        )
 
     report: dict[str, Any] = {"evidence": None, "verified": False, "claims": None}
     try:
@@ -468,7 +459,12 @@ def fetch_collateral_cmd(quote: Path, pccs_url: str, cache_dir: Path | None) -> 
     """
     import dcap_qvl
 
-    from sealtorch.attestation import CollateralKey, PccsCollateral, detect_evidence
+    from sealtorch.attestation import (
+        CollateralKey,
+        PccsCollateral,
+        default_collateral_cache_dir,
+        detect_evidence,
+    )
 
     evidence = detect_evidence(_read_evidence_file(quote))
     if evidence.type == "sim":
@@ -484,7 +480,7 @@ def fetch_collateral_cmd(quote: Path, pccs_url: str, cache_dir: Path | None) -> 
         raise click.UsageError(
             f"{quote} is not a DCAP quote with a PCK certificate: {exc}"
         ) from exc
-    source = PccsCollateral(pccs_url, cache_dir=cache_dir or _default_cache_dir())
+    source = PccsCollateral(pccs_url, cache_dir=cache_dir or default_collateral_cache_dir())
     collateral = source.refresh(key)
     click.echo(
         f"{key}: valid until {collateral.next_update.isoformat()}, stored in "

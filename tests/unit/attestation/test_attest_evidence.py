@@ -8,6 +8,7 @@ import hashlib
 import json
 import struct
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 from attest_facts import SGX_REPORT_DATA, SGX_TIME, TDX_TIME
@@ -278,8 +279,6 @@ def test_base64_helpers_agree_with_protocol_encoding(sgx_evidence: Evidence) -> 
 
 
 def test_documented_test_vector() -> None:
-    from pathlib import Path
-
     doc = (Path(__file__).resolve().parents[3] / "docs" / "attestation.md").read_text()
     block = doc[doc.index("report_data = 78191a24") :].split("```")[0]
     documented = "".join(block.replace("report_data =", "").split())
@@ -289,3 +288,36 @@ def test_documented_test_vector() -> None:
         public_key=bytes(range(32, 64)),
     )
     assert documented == computed.hex()
+
+
+def test_make_verifiers_from_settings(
+    attestation_samples: Path,
+    tmp_path: Path,
+    sim_attester: SimAttester,
+    sgx_evidence: Evidence,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from sealtorch.attestation import default_collateral_cache_dir, make_verifiers
+
+    file_only = make_verifiers(collateral_path=attestation_samples / "sgx_quote_collateral.json")
+    assert file_only.evidence_types == {"sgx-dcap", "tdx-dcap"}
+    assert file_only.verify(sgx_evidence, now=SGX_TIME).tee == "sgx"
+    directory = make_verifiers(
+        collateral_path=attestation_samples, sim_trusted_keys=[sim_attester.public_key]
+    )
+    assert directory.evidence_types == {"sgx-dcap", "tdx-dcap", "sim"}
+    assert directory.verify(sgx_evidence, now=SGX_TIME).tee == "sgx"
+    sim_only = make_verifiers(sim_trusted_keys=[sim_attester.public_key])
+    assert sim_only.evidence_types == {"sim"}
+    pccs = make_verifiers(pccs_url="http://127.0.0.1:9", cache_dir=tmp_path)
+    assert pccs.evidence_types == {"sgx-dcap", "tdx-dcap"}
+    with pytest.raises(ConfigError, match="no attestation verifier"):
+        make_verifiers()
+    with pytest.raises(ConfigError, match="not both"):
+        make_verifiers(pccs_url="http://x", collateral_path=attestation_samples)
+    with pytest.raises(ConfigError, match="only applies with a PCCS URL"):
+        make_verifiers(cache_dir=tmp_path, sim_trusted_keys=[sim_attester.public_key])
+    with pytest.raises(ConfigError, match="PCCS URL must be"):
+        make_verifiers(pccs_url="ftp://x")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert default_collateral_cache_dir() == tmp_path / "cache" / "sealtorch" / "collateral"
