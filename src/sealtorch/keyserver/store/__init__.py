@@ -1,0 +1,223 @@
+"""The key store interface. The service layer uses only this; it never imports SQLAlchemy.
+
+:func:`open_store` returns a :class:`Store` backed by SQLAlchemy — an SQLite file (the embedded
+default, ``sqlite:///PATH``) or PostgreSQL (``postgresql+psycopg://...``, for several key server
+replicas on one database). Reads are methods of the store; every change goes through a
+:class:`StoreTransaction`::
+
+    with store.transaction() as tx:
+        model, key = tx.create_model("resnet50", wrap=wrap_new_key)
+        tx.append_audit(AuditEntry(kind=AuditKind.ADMIN, action="model.create", ...))
+
+A transaction commits only if it changed nothing or appended an audit record *after* its last
+change — otherwise it rolls back with :class:`~sealtorch.errors.AuditError` — so state changes
+and their audit records are atomic, and the audit record is always the transaction's last write
+(it takes the chain lock last, so there is one lock order and no deadlocks). If the commit
+fails, nothing happened: callers release keys only after ``transaction()`` exits normally.
+
+Errors: :class:`~sealtorch.keyserver.records.NotFoundError`,
+:class:`~sealtorch.keyserver.records.ConflictError`, :class:`~sealtorch.errors.StorageError`
+(database unavailable, locked, schema too old/new) and :class:`~sealtorch.errors.AuditError`
+(the audit record could not be written).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+from sealtorch.keyserver.audit import AuditEntry, AuditHead, AuditRecord
+from sealtorch.keyserver.records import (
+    AdminTokenRecord,
+    KeyVersionRecord,
+    ModelRecord,
+    NonceStatus,
+    PolicyRecord,
+    SessionRecord,
+    WrapFunction,
+    WrappedKey,
+)
+
+__all__ = ["Clock", "Store", "StoreTransaction", "open_store", "sqlite_url"]
+
+#: Returns the current time as an aware UTC datetime (injectable for tests).
+Clock = Callable[[], datetime]
+
+
+class StoreTransaction(Protocol):
+    """One atomic unit of change. Obtain it from :meth:`Store.transaction`."""
+
+    def create_model(
+        self, model_id: str, *, wrap: WrapFunction
+    ) -> tuple[ModelRecord, KeyVersionRecord]:
+        """Create a model with key version 1 (``wrap(1)`` supplies the wrapped key).
+
+        :class:`ConflictError` if the id exists or existed (deleted ids are never reused).
+        """
+        ...
+
+    def add_key_version(self, model_id: str, *, wrap: WrapFunction) -> KeyVersionRecord:
+        """Rotate: allocate the next version under a lock and store ``wrap(version)``."""
+        ...
+
+    def revoke_key_version(self, model_id: str, version: int) -> KeyVersionRecord:
+        """Mark a version revoked (never released again). ConflictError if not active."""
+        ...
+
+    def replace_wrapped_key(
+        self, model_id: str, version: int, *, blob: bytes, wrap_key_id: str
+    ) -> KeyVersionRecord:
+        """Store the same data key re-wrapped by another master key (master key rotation)."""
+        ...
+
+    def delete_model(self, model_id: str) -> ModelRecord:
+        """Delete a model: mark it deleted and erase every wrapped key (crypto-shredding)."""
+        ...
+
+    def set_policy(self, model_id: str, document: str) -> PolicyRecord:
+        """Store a new policy version (JSON text; validated by the caller)."""
+        ...
+
+    def create_admin_token(
+        self, *, token_id: str, digest: bytes, name: str, expires_at: datetime | None = None
+    ) -> AdminTokenRecord: ...
+
+    def revoke_admin_token(self, token_id: str) -> AdminTokenRecord: ...
+
+    def create_session(
+        self,
+        *,
+        token_id: str,
+        digest: bytes,
+        hpke_suite: str,
+        public_key: bytes,
+        claims_json: str,
+        evidence_digest: str | None,
+        model_ids: Sequence[str] | None,
+        expires_at: datetime,
+    ) -> SessionRecord: ...
+
+    def revoke_session(self, token_id: str) -> SessionRecord: ...
+
+    def append_audit(self, entry: AuditEntry) -> AuditRecord:
+        """Append to the audit chain (serialised across processes); must be the last write."""
+        ...
+
+
+class Store(Protocol):
+    """Persistent state of the key server (see the module docstring)."""
+
+    @property
+    def backend(self) -> str:
+        """``"sqlite"`` or ``"postgresql"``."""
+        ...
+
+    # -- lifecycle --
+
+    def migrate(self) -> int:
+        """Bring the schema up to date (safe to run concurrently); returns the version."""
+        ...
+
+    def schema_version(self) -> int: ...
+
+    def check_schema(self) -> None:
+        """StorageError unless the schema is exactly the version this code expects."""
+        ...
+
+    def ping(self) -> None:
+        """StorageError unless the database answers (health checks)."""
+        ...
+
+    def close(self) -> None: ...
+
+    def transaction(self) -> AbstractContextManager[StoreTransaction]: ...
+
+    # -- models and keys --
+
+    def get_model(self, model_id: str, *, include_deleted: bool = False) -> ModelRecord | None: ...
+
+    def list_models(self, *, include_deleted: bool = False) -> list[ModelRecord]: ...
+
+    def list_key_versions(self, model_id: str) -> list[KeyVersionRecord]: ...
+
+    def get_key_version(self, model_id: str, version: int) -> KeyVersionRecord | None: ...
+
+    def current_key_version(self, model_id: str) -> KeyVersionRecord | None:
+        """The newest *active* version (what new files are sealed under), if any."""
+        ...
+
+    def get_wrapped_key(self, model_id: str, version: int) -> WrappedKey | None:
+        """A version with its wrapped key (any state but destroyed). Secret: handle with care."""
+        ...
+
+    def active_wrapped_keys(self, model_id: str) -> list[WrappedKey]:
+        """Every active version of a live model with its wrapped key (the release path)."""
+        ...
+
+    # -- policies --
+
+    def current_policy(self, model_id: str) -> PolicyRecord | None: ...
+
+    def get_policy(self, model_id: str, version: int) -> PolicyRecord | None: ...
+
+    def list_policies(self, model_id: str) -> list[PolicyRecord]: ...
+
+    # -- challenge nonces --
+
+    def add_nonce(self, nonce: bytes, *, expires_at: datetime) -> None: ...
+
+    def consume_nonce(self, nonce: bytes, *, now: datetime) -> NonceStatus:
+        """Delete the nonce atomically (exactly one caller, in any process, gets CONSUMED)."""
+        ...
+
+    def purge_expired(self, *, now: datetime) -> int:
+        """Delete expired nonces and sessions; returns how many rows went."""
+        ...
+
+    # -- tokens and sessions --
+
+    def get_admin_token(self, token_id: str) -> AdminTokenRecord | None: ...
+
+    def admin_token_digest(self, token_id: str) -> bytes | None: ...
+
+    def list_admin_tokens(self) -> list[AdminTokenRecord]: ...
+
+    def get_session(self, token_id: str) -> SessionRecord | None: ...
+
+    def session_digest(self, token_id: str) -> bytes | None: ...
+
+    # -- audit --
+
+    def append_audit(self, entry: AuditEntry) -> AuditRecord:
+        """Append one record in its own transaction (decisions without a state change)."""
+        ...
+
+    def audit_head(self) -> AuditHead: ...
+
+    def iter_audit(
+        self, *, after_seq: int = 0, up_to_seq: int | None = None
+    ) -> Iterator[AuditRecord]:
+        """Records in sequence order, fetched in batches."""
+        ...
+
+
+def sqlite_url(path: str | os.PathLike[str]) -> str:
+    """The store URL of an SQLite database file."""
+    return "sqlite:///" + str(Path(path).absolute())
+
+
+def open_store(url: str, *, clock: Clock | None = None, **options: Any) -> Store:
+    """Open the store at ``url`` (``sqlite:///PATH`` or ``postgresql+psycopg://...``).
+
+    Options: ``busy_timeout`` (seconds to wait for a lock, default 10), ``sqlite_synchronous``
+    (``"FULL"`` default, or ``"NORMAL"``), ``pool_size`` (PostgreSQL, default 10). The schema
+    is *not* migrated here: call :meth:`Store.migrate` (``keyserver init``/``serve`` do) or
+    :meth:`Store.check_schema`.
+    """
+    from sealtorch.keyserver.store._sql import SqlStore  # SQLAlchemy only when needed
+
+    return SqlStore(url, clock=clock, **options)

@@ -1,0 +1,946 @@
+"""The SQLAlchemy implementation of :class:`~sealtorch.keyserver.store.Store`.
+
+SQLite: WAL journal, foreign keys on, a busy timeout, ``synchronous=FULL`` by default (a
+committed key or audit record survives power loss, not just a crash). pysqlite's own transaction
+handling is switched off so that writes start with ``BEGIN IMMEDIATE`` (the write lock is taken
+up front: no deadlock-prone lock upgrades) and reads with a plain ``BEGIN``.
+
+PostgreSQL (psycopg 3): READ COMMITTED; a ``lock_timeout`` equal to the busy timeout so that a
+stuck lock becomes an error instead of a hang; row locks (``SELECT ... FOR UPDATE``) serialise
+version allocation per model and audit appends on the single ``audit_head`` row, so several key
+server processes on one database keep one consistent chain.
+
+Rows are converted to the records of ``sealtorch.keyserver.records`` before they leave.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, NoReturn
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy import exc as sa_exc
+
+from sealtorch.errors import AuditError, ConfigError, StorageError
+from sealtorch.keyserver.audit import AuditEntry, AuditHead, AuditRecord, build_record
+from sealtorch.keyserver.records import (
+    AdminTokenRecord,
+    ConflictError,
+    KeyState,
+    KeyVersionRecord,
+    ModelRecord,
+    NonceStatus,
+    NotFoundError,
+    PolicyRecord,
+    SessionRecord,
+    WrapFunction,
+    WrappedDek,
+    WrappedKey,
+    check_model_id,
+    utc,
+)
+from sealtorch.keyserver.store import _schema as t
+from sealtorch.keyserver.store._migrations import applied_version, latest_version, run_migrations
+
+__all__ = ["SqlStore"]
+
+_log = logging.getLogger(__name__)
+
+# SQLAlchemy's Row is generic over its column types; the converters below read by name.
+_Row = Any
+
+_WRITE = "sealtorch_write"
+_AUDIT_BATCH = 500
+_TOKEN_ID = re.compile(r"^[0-9a-f]{16}$")
+_SYNC_MODES = ("FULL", "NORMAL", "EXTRA")
+
+
+def _system_clock() -> datetime:
+    return datetime.now(UTC)
+
+
+def _first_line(exc: BaseException) -> str:
+    original = getattr(exc, "orig", None) or exc
+    text = str(original).strip().splitlines()
+    return f"{type(original).__name__}: {text[0][:200]}" if text else type(original).__name__
+
+
+# --- row -> record ----------------------------------------------------------------------------
+
+
+def _model(row: _Row) -> ModelRecord:
+    return ModelRecord(model_id=row.model_id, created_at=row.created_at, deleted_at=row.deleted_at)
+
+
+def _key_version(row: _Row) -> KeyVersionRecord:
+    return KeyVersionRecord(
+        model_id=row.model_id,
+        version=row.version,
+        state=KeyState(row.state),
+        wrap_key_id=row.wrap_key_id,
+        fingerprint=row.fingerprint,
+        created_at=row.created_at,
+        revoked_at=row.revoked_at,
+    )
+
+
+def _wrapped_key(row: _Row) -> WrappedKey:
+    return WrappedKey(
+        model_id=row.model_id,
+        version=row.version,
+        state=KeyState(row.state),
+        wrap_key_id=row.wrap_key_id,
+        fingerprint=row.fingerprint,
+        blob=bytes(row.wrapped_dek),
+    )
+
+
+def _policy(row: _Row) -> PolicyRecord:
+    return PolicyRecord(
+        model_id=row.model_id,
+        version=row.version,
+        document=row.document,
+        digest=row.digest,
+        created_at=row.created_at,
+    )
+
+
+def _admin_token(row: _Row) -> AdminTokenRecord:
+    return AdminTokenRecord(
+        token_id=row.token_id,
+        name=row.name,
+        created_at=row.created_at,
+        expires_at=row.expires_at,
+        revoked_at=row.revoked_at,
+    )
+
+
+def _session(row: _Row) -> SessionRecord:
+    return SessionRecord(
+        token_id=row.token_id,
+        hpke_suite=row.hpke_suite,
+        public_key=bytes(row.public_key),
+        claims_json=row.claims,
+        claims_digest=row.claims_digest,
+        evidence_digest=row.evidence_digest,
+        model_ids=None if row.model_ids is None else tuple(json.loads(row.model_ids)),
+        created_at=row.created_at,
+        expires_at=row.expires_at,
+        revoked_at=row.revoked_at,
+    )
+
+
+def _audit(row: _Row) -> AuditRecord:
+    return AuditRecord(
+        seq=int(row.seq),
+        at=t.from_micros(int(row.at)),
+        kind=row.kind,
+        action=row.action,
+        decision=row.decision,
+        actor=row.actor,
+        client_address=row.client_address,
+        request_id=row.request_id,
+        evidence_digest=row.evidence_digest,
+        claims_json=row.claims,
+        model_ids_json=row.model_ids,
+        reasons_json=row.reasons,
+        details_json=row.details,
+        prev_hash=row.prev_hash,
+        hash=row.hash,
+    )
+
+
+_KEY_COLUMNS = (
+    t.key_versions.c.model_id,
+    t.key_versions.c.version,
+    t.key_versions.c.state,
+    t.key_versions.c.wrap_key_id,
+    t.key_versions.c.fingerprint,
+    t.key_versions.c.created_at,
+    t.key_versions.c.revoked_at,
+)
+_ADMIN_COLUMNS = tuple(c for c in t.admin_tokens.c if c.name != "digest")
+_SESSION_COLUMNS = tuple(c for c in t.sessions.c if c.name != "digest")
+
+
+# --- the transaction --------------------------------------------------------------------------
+
+
+class _SqlTransaction:
+    """A write transaction (see ``StoreTransaction``)."""
+
+    def __init__(self, conn: sa.Connection, clock: Callable[[], datetime]) -> None:
+        self._conn = conn
+        self._clock = clock
+        self.changed = False
+        self.audited = False
+
+    def _now(self) -> datetime:
+        return utc(self._clock())
+
+    def _change(self) -> None:
+        if self.audited:
+            raise AuditError(
+                "internal error: a change after the audit record in one transaction; the audit "
+                "record must be the last write (nothing was committed)"
+            )
+        self.changed = True
+
+    def _lock_live_model(self, model_id: str) -> ModelRecord:
+        row = self._conn.execute(
+            sa.select(t.models).where(t.models.c.model_id == model_id).with_for_update()
+        ).first()
+        if row is None or row.deleted_at is not None:
+            raise NotFoundError(f"model {model_id!r} does not exist")
+        return _model(row)
+
+    def _insert_key(self, model_id: str, version: int, wrapped: WrappedDek) -> KeyVersionRecord:
+        if not wrapped.blob:
+            raise TypeError("wrap() must return a WrappedDek with the wrapped key")
+        now = self._now()
+        values = {
+            "model_id": model_id,
+            "version": version,
+            "state": KeyState.ACTIVE.value,
+            "wrapped_dek": wrapped.blob,
+            "wrap_key_id": wrapped.wrap_key_id,
+            "fingerprint": wrapped.fingerprint,
+            "created_at": now,
+            "revoked_at": None,
+        }
+        try:
+            self._conn.execute(sa.insert(t.key_versions).values(**values))
+        except sa_exc.IntegrityError as exc:
+            raise ConflictError(
+                f"key version {version} of model {model_id!r} was created concurrently; retry"
+            ) from exc
+        return KeyVersionRecord(
+            model_id=model_id,
+            version=version,
+            state=KeyState.ACTIVE,
+            wrap_key_id=wrapped.wrap_key_id,
+            fingerprint=wrapped.fingerprint,
+            created_at=now,
+        )
+
+    # -- models and keys --
+
+    def create_model(
+        self, model_id: str, *, wrap: WrapFunction
+    ) -> tuple[ModelRecord, KeyVersionRecord]:
+        check_model_id(model_id)
+        self._change()
+        existing = self._conn.execute(
+            sa.select(t.models.c.deleted_at).where(t.models.c.model_id == model_id)
+        ).first()
+        if existing is not None:
+            if existing.deleted_at is not None:
+                raise ConflictError(
+                    f"model id {model_id!r} belonged to a deleted model; ids are never reused "
+                    "(old sealed files name it), choose another id"
+                )
+            raise ConflictError(f"model {model_id!r} already exists")
+        now = self._now()
+        try:
+            self._conn.execute(sa.insert(t.models).values(model_id=model_id, created_at=now))
+        except sa_exc.IntegrityError as exc:
+            raise ConflictError(f"model {model_id!r} already exists") from exc
+        key = self._insert_key(model_id, 1, wrap(1))
+        return ModelRecord(model_id=model_id, created_at=now), key
+
+    def add_key_version(self, model_id: str, *, wrap: WrapFunction) -> KeyVersionRecord:
+        self._change()
+        self._lock_live_model(model_id)
+        highest = self._conn.execute(
+            sa.select(sa.func.max(t.key_versions.c.version)).where(
+                t.key_versions.c.model_id == model_id
+            )
+        ).scalar()
+        version = int(highest or 0) + 1
+        return self._insert_key(model_id, version, wrap(version))
+
+    def _locked_version(self, model_id: str, version: int) -> _Row:
+        self._lock_live_model(model_id)
+        row = self._conn.execute(
+            sa.select(*_KEY_COLUMNS)
+            .where(t.key_versions.c.model_id == model_id, t.key_versions.c.version == version)
+            .with_for_update()
+        ).first()
+        if row is None:
+            raise NotFoundError(f"model {model_id!r} has no key version {version}")
+        return row
+
+    def revoke_key_version(self, model_id: str, version: int) -> KeyVersionRecord:
+        self._change()
+        row = self._locked_version(model_id, version)
+        if row.state != KeyState.ACTIVE.value:
+            raise ConflictError(f"key version {version} of {model_id!r} is already {row.state}")
+        now = self._now()
+        self._conn.execute(
+            sa.update(t.key_versions)
+            .where(t.key_versions.c.model_id == model_id, t.key_versions.c.version == version)
+            .values(state=KeyState.REVOKED.value, revoked_at=now)
+        )
+        record = _key_version(row)
+        return KeyVersionRecord(
+            model_id=record.model_id,
+            version=record.version,
+            state=KeyState.REVOKED,
+            wrap_key_id=record.wrap_key_id,
+            fingerprint=record.fingerprint,
+            created_at=record.created_at,
+            revoked_at=now,
+        )
+
+    def replace_wrapped_key(
+        self, model_id: str, version: int, *, blob: bytes, wrap_key_id: str
+    ) -> KeyVersionRecord:
+        self._change()
+        row = self._locked_version(model_id, version)
+        if row.state == KeyState.DESTROYED.value or not blob:
+            raise ConflictError(f"key version {version} of {model_id!r} was destroyed")
+        self._conn.execute(
+            sa.update(t.key_versions)
+            .where(t.key_versions.c.model_id == model_id, t.key_versions.c.version == version)
+            .values(wrapped_dek=bytes(blob), wrap_key_id=wrap_key_id)
+        )
+        record = _key_version(row)
+        return KeyVersionRecord(
+            model_id=record.model_id,
+            version=record.version,
+            state=record.state,
+            wrap_key_id=wrap_key_id,
+            fingerprint=record.fingerprint,
+            created_at=record.created_at,
+            revoked_at=record.revoked_at,
+        )
+
+    def delete_model(self, model_id: str) -> ModelRecord:
+        self._change()
+        model = self._lock_live_model(model_id)
+        now = self._now()
+        self._conn.execute(
+            sa.update(t.models).where(t.models.c.model_id == model_id).values(deleted_at=now)
+        )
+        self._conn.execute(
+            sa.update(t.key_versions)
+            .where(t.key_versions.c.model_id == model_id)
+            .values(
+                state=KeyState.DESTROYED.value,
+                wrapped_dek=None,
+                revoked_at=sa.func.coalesce(
+                    t.key_versions.c.revoked_at, sa.literal(now, t.UtcMicros())
+                ),
+            )
+        )
+        return ModelRecord(model_id=model_id, created_at=model.created_at, deleted_at=now)
+
+    # -- policies --
+
+    def set_policy(self, model_id: str, document: str) -> PolicyRecord:
+        self._change()
+        try:
+            parsed = json.loads(document)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError("a stored policy document must be JSON text") from exc
+        if not isinstance(parsed, dict):
+            raise ConfigError("a stored policy document must be a JSON object")
+        self._lock_live_model(model_id)
+        highest = self._conn.execute(
+            sa.select(sa.func.max(t.policies.c.version)).where(t.policies.c.model_id == model_id)
+        ).scalar()
+        record = PolicyRecord(
+            model_id=model_id,
+            version=int(highest or 0) + 1,
+            document=document,
+            digest=hashlib.sha256(document.encode("utf-8")).hexdigest(),
+            created_at=self._now(),
+        )
+        self._conn.execute(
+            sa.insert(t.policies).values(
+                model_id=record.model_id,
+                version=record.version,
+                document=record.document,
+                digest=record.digest,
+                created_at=record.created_at,
+            )
+        )
+        return record
+
+    # -- tokens and sessions --
+
+    def create_admin_token(
+        self, *, token_id: str, digest: bytes, name: str, expires_at: datetime | None = None
+    ) -> AdminTokenRecord:
+        self._change()
+        _check_token_fields(token_id, digest)
+        if not 0 < len(name) <= 200:
+            raise ConfigError("a token name is 1 to 200 characters")
+        record = AdminTokenRecord(
+            token_id=token_id,
+            name=name,
+            created_at=self._now(),
+            expires_at=None if expires_at is None else utc(expires_at),
+        )
+        try:
+            self._conn.execute(
+                sa.insert(t.admin_tokens).values(
+                    token_id=token_id,
+                    digest=bytes(digest),
+                    name=name,
+                    created_at=record.created_at,
+                    expires_at=record.expires_at,
+                )
+            )
+        except sa_exc.IntegrityError as exc:
+            raise ConflictError(f"admin token {token_id} already exists") from exc
+        return record
+
+    def revoke_admin_token(self, token_id: str) -> AdminTokenRecord:
+        self._change()
+        row = self._conn.execute(
+            sa.select(*_ADMIN_COLUMNS)
+            .where(t.admin_tokens.c.token_id == token_id)
+            .with_for_update()
+        ).first()
+        if row is None:
+            raise NotFoundError(f"there is no admin token {token_id!r}")
+        if row.revoked_at is not None:
+            raise ConflictError(f"admin token {token_id} is already revoked")
+        now = self._now()
+        self._conn.execute(
+            sa.update(t.admin_tokens)
+            .where(t.admin_tokens.c.token_id == token_id)
+            .values(revoked_at=now)
+        )
+        record = _admin_token(row)
+        return AdminTokenRecord(
+            token_id=record.token_id,
+            name=record.name,
+            created_at=record.created_at,
+            expires_at=record.expires_at,
+            revoked_at=now,
+        )
+
+    def create_session(
+        self,
+        *,
+        token_id: str,
+        digest: bytes,
+        hpke_suite: str,
+        public_key: bytes,
+        claims_json: str,
+        evidence_digest: str | None,
+        model_ids: Sequence[str] | None,
+        expires_at: datetime,
+    ) -> SessionRecord:
+        self._change()
+        _check_token_fields(token_id, digest)
+        try:
+            claims = json.loads(claims_json)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError("session claims must be JSON text") from exc
+        if not isinstance(claims, dict):
+            raise ConfigError("session claims must be a JSON object")
+        ids = None if model_ids is None else tuple(check_model_id(m) for m in model_ids)
+        record = SessionRecord(
+            token_id=token_id,
+            hpke_suite=hpke_suite,
+            public_key=bytes(public_key),
+            claims_json=claims_json,
+            claims_digest=hashlib.sha256(claims_json.encode("utf-8")).hexdigest(),
+            evidence_digest=evidence_digest,
+            model_ids=ids,
+            created_at=self._now(),
+            expires_at=utc(expires_at),
+        )
+        try:
+            self._conn.execute(
+                sa.insert(t.sessions).values(
+                    token_id=token_id,
+                    digest=bytes(digest),
+                    hpke_suite=hpke_suite,
+                    public_key=record.public_key,
+                    claims=claims_json,
+                    claims_digest=record.claims_digest,
+                    evidence_digest=evidence_digest,
+                    model_ids=None if ids is None else json.dumps(list(ids)),
+                    created_at=record.created_at,
+                    expires_at=record.expires_at,
+                )
+            )
+        except sa_exc.IntegrityError as exc:
+            raise ConflictError(f"session {token_id} already exists") from exc
+        return record
+
+    def revoke_session(self, token_id: str) -> SessionRecord:
+        self._change()
+        row = self._conn.execute(
+            sa.select(*_SESSION_COLUMNS).where(t.sessions.c.token_id == token_id).with_for_update()
+        ).first()
+        if row is None:
+            raise NotFoundError(f"there is no session {token_id!r}")
+        if row.revoked_at is not None:
+            raise ConflictError(f"session {token_id} is already revoked")
+        now = self._now()
+        self._conn.execute(
+            sa.update(t.sessions).where(t.sessions.c.token_id == token_id).values(revoked_at=now)
+        )
+        record = _session(row)
+        return SessionRecord(
+            **{
+                name: getattr(record, name)
+                for name in SessionRecord.__dataclass_fields__
+                if name != "revoked_at"
+            },
+            revoked_at=now,
+        )
+
+    # -- audit --
+
+    def append_audit(self, entry: AuditEntry) -> AuditRecord:
+        try:
+            head = self._conn.execute(
+                sa.select(t.audit_head.c.seq, t.audit_head.c.hash)
+                .where(t.audit_head.c.id == 1)
+                .with_for_update()
+            ).one()
+            record = build_record(entry, seq=int(head.seq) + 1, at=self._now(), prev_hash=head.hash)
+            self._conn.execute(
+                sa.insert(t.audit_log).values(
+                    seq=record.seq,
+                    at=record.at_micros,
+                    kind=record.kind,
+                    action=record.action,
+                    decision=record.decision,
+                    actor=record.actor,
+                    client_address=record.client_address,
+                    request_id=record.request_id,
+                    evidence_digest=record.evidence_digest,
+                    claims=record.claims_json,
+                    model_ids=record.model_ids_json,
+                    reasons=record.reasons_json,
+                    details=record.details_json,
+                    prev_hash=record.prev_hash,
+                    hash=record.hash,
+                )
+            )
+            self._conn.execute(
+                sa.update(t.audit_head)
+                .where(t.audit_head.c.id == 1)
+                .values(seq=record.seq, hash=record.hash)
+            )
+        except sa_exc.SQLAlchemyError as exc:
+            raise AuditError(
+                f"the audit record could not be written ({_first_line(exc)}); nothing was committed"
+            ) from exc
+        self.audited = True
+        return record
+
+
+def _check_token_fields(token_id: str, digest: bytes) -> None:
+    if not _TOKEN_ID.fullmatch(token_id):
+        raise ConfigError("a token id is 16 lowercase hex characters")
+    if len(digest) != 32:
+        raise ConfigError("a token digest is 32 bytes (SHA-256)")
+
+
+# --- the store --------------------------------------------------------------------------------
+
+
+class SqlStore:
+    """SQLite or PostgreSQL through SQLAlchemy (see the module docstring)."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        clock: Callable[[], datetime] | None = None,
+        busy_timeout: float = 10.0,
+        sqlite_synchronous: str = "FULL",
+        pool_size: int = 10,
+    ) -> None:
+        self._clock = clock or _system_clock
+        try:
+            parsed = sa.engine.make_url(url)
+        except sa_exc.ArgumentError as exc:
+            raise ConfigError(
+                "the store URL is not valid; use sqlite:///PATH or "
+                "postgresql+psycopg://USER:PASSWORD@HOST/DB"
+            ) from exc
+        backend = parsed.get_backend_name()
+        timeout_ms = max(1, int(busy_timeout * 1000))
+        if backend == "sqlite":
+            self._engine = self._sqlite_engine(parsed, timeout_ms, sqlite_synchronous.upper())
+        elif backend == "postgresql":
+            if parsed.drivername in ("postgresql", "postgres", "postgresql+psycopg2"):
+                parsed = parsed.set(drivername="postgresql+psycopg")
+            if parsed.drivername != "postgresql+psycopg":
+                raise ConfigError(
+                    "PostgreSQL store URLs use the psycopg 3 driver: postgresql+psycopg://"
+                )
+            self._engine = sa.create_engine(
+                parsed,
+                hide_parameters=True,
+                pool_pre_ping=True,
+                pool_size=pool_size,
+                max_overflow=pool_size,
+                connect_args={"options": f"-c lock_timeout={timeout_ms}"},
+            )
+        else:
+            raise ConfigError(
+                f"unsupported store backend {backend!r}; use sqlite:///PATH or "
+                "postgresql+psycopg://..."
+            )
+        self._backend = backend
+        self._description = parsed.render_as_string(hide_password=True)
+
+    @staticmethod
+    def _sqlite_engine(parsed: sa.URL, timeout_ms: int, synchronous: str) -> sa.Engine:
+        database = parsed.database
+        if not database or database == ":memory:" or database.startswith("file:"):
+            raise ConfigError(
+                "the SQLite store must be a file (sqlite:///PATH); an in-memory database would "
+                "lose every key when the server stops"
+            )
+        if synchronous not in _SYNC_MODES:
+            raise ConfigError(f"sqlite_synchronous must be one of {', '.join(_SYNC_MODES)}")
+        path = Path(database)
+        if not path.parent.is_dir():
+            raise ConfigError(f"the directory of the SQLite store {path} does not exist")
+        try:  # create the file ourselves so it is private (SQLite would use the umask)
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            raise ConfigError(f"cannot create the SQLite store {path}: {exc.strerror}") from exc
+        engine = sa.create_engine(parsed, hide_parameters=True)
+
+        @event.listens_for(engine, "connect")
+        def _configure(dbapi_connection: Any, connection_record: Any) -> None:
+            del connection_record
+            dbapi_connection.isolation_level = None  # we issue BEGIN ourselves
+            cursor = dbapi_connection.cursor()
+            try:
+                cursor.execute(f"PRAGMA busy_timeout = {timeout_ms}")
+                cursor.execute("PRAGMA journal_mode = WAL")
+                cursor.execute("PRAGMA foreign_keys = ON")
+                cursor.execute(f"PRAGMA synchronous = {synchronous}")
+            finally:
+                cursor.close()
+
+        @event.listens_for(engine, "begin")
+        def _begin(conn: sa.Connection) -> None:
+            immediate = conn.get_execution_options().get(_WRITE, False)
+            conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+        return engine
+
+    # -- plumbing --
+
+    @property
+    def backend(self) -> str:
+        return self._backend
+
+    def __repr__(self) -> str:
+        return f"SqlStore({self._description!r})"
+
+    def _fail(self, exc: sa_exc.SQLAlchemyError, what: str) -> NoReturn:
+        raise StorageError(
+            f"the key store ({self._backend}) failed while {what} ({_first_line(exc)}); check "
+            "that the database is reachable and not locked by another program"
+        ) from exc
+
+    @contextmanager
+    def _read(self, what: str) -> Iterator[sa.Connection]:
+        try:
+            with self._engine.connect() as conn:
+                yield conn
+        except sa_exc.SQLAlchemyError as exc:
+            self._fail(exc, what)
+
+    @contextmanager
+    def _write(self, what: str) -> Iterator[sa.Connection]:
+        try:
+            with (
+                self._engine.connect().execution_options(**{_WRITE: True}) as conn,
+                conn.begin(),
+            ):
+                yield conn
+        except sa_exc.SQLAlchemyError as exc:
+            self._fail(exc, what)
+
+    @contextmanager
+    def transaction(self) -> Iterator[_SqlTransaction]:
+        tx: _SqlTransaction | None = None
+        try:
+            with (
+                self._engine.connect().execution_options(**{_WRITE: True}) as conn,
+                conn.begin(),
+            ):
+                tx = _SqlTransaction(conn, self._clock)
+                yield tx
+                if tx.changed and not tx.audited:
+                    raise AuditError(
+                        "internal error: a state change without an audit record; it was rolled "
+                        "back (every change must be audited in the same transaction)"
+                    )
+        except sa_exc.SQLAlchemyError as exc:
+            if tx is not None and tx.audited:
+                raise AuditError(
+                    f"the audit record could not be committed ({_first_line(exc)}); nothing was "
+                    "committed"
+                ) from exc
+            self._fail(exc, "writing")
+
+    # -- lifecycle --
+
+    def migrate(self) -> int:
+        with self._write("migrating the schema") as conn:
+            version = run_migrations(conn, now=utc(self._clock()))
+        _log.info("key store schema is at version %d", version)
+        return version
+
+    def schema_version(self) -> int:
+        with self._read("reading the schema version") as conn:
+            return applied_version(conn)
+
+    def check_schema(self) -> None:
+        current = self.schema_version()
+        expected = latest_version()
+        if current != expected:
+            raise StorageError(
+                f"the key store schema is version {current}, but this sealtorch needs version "
+                f"{expected}; migrate it first (Store.migrate — `sealtorch keyserver init` and "
+                "`serve` do this)"
+                if current < expected
+                else f"the key store schema is version {current}, newer than this sealtorch "
+                f"({expected}); upgrade sealtorch"
+            )
+
+    def ping(self) -> None:
+        with self._read("answering a health check") as conn:
+            conn.execute(sa.text("SELECT 1")).scalar()
+
+    def close(self) -> None:
+        self._engine.dispose()
+
+    # -- models and keys --
+
+    def get_model(self, model_id: str, *, include_deleted: bool = False) -> ModelRecord | None:
+        with self._read("reading a model") as conn:
+            row = conn.execute(sa.select(t.models).where(t.models.c.model_id == model_id)).first()
+        if row is None or (row.deleted_at is not None and not include_deleted):
+            return None
+        return _model(row)
+
+    def list_models(self, *, include_deleted: bool = False) -> list[ModelRecord]:
+        query = sa.select(t.models).order_by(t.models.c.model_id)
+        if not include_deleted:
+            query = query.where(t.models.c.deleted_at.is_(None))
+        with self._read("listing models") as conn:
+            return [_model(row) for row in conn.execute(query)]
+
+    def list_key_versions(self, model_id: str) -> list[KeyVersionRecord]:
+        query = (
+            sa.select(*_KEY_COLUMNS)
+            .where(t.key_versions.c.model_id == model_id)
+            .order_by(t.key_versions.c.version)
+        )
+        with self._read("listing key versions") as conn:
+            return [_key_version(row) for row in conn.execute(query)]
+
+    def get_key_version(self, model_id: str, version: int) -> KeyVersionRecord | None:
+        query = sa.select(*_KEY_COLUMNS).where(
+            t.key_versions.c.model_id == model_id, t.key_versions.c.version == version
+        )
+        with self._read("reading a key version") as conn:
+            row = conn.execute(query).first()
+        return None if row is None else _key_version(row)
+
+    def current_key_version(self, model_id: str) -> KeyVersionRecord | None:
+        query = (
+            sa.select(*_KEY_COLUMNS)
+            .join(t.models, t.models.c.model_id == t.key_versions.c.model_id)
+            .where(
+                t.key_versions.c.model_id == model_id,
+                t.key_versions.c.state == KeyState.ACTIVE.value,
+                t.models.c.deleted_at.is_(None),
+            )
+            .order_by(t.key_versions.c.version.desc())
+            .limit(1)
+        )
+        with self._read("reading the current key version") as conn:
+            row = conn.execute(query).first()
+        return None if row is None else _key_version(row)
+
+    def get_wrapped_key(self, model_id: str, version: int) -> WrappedKey | None:
+        query = sa.select(*_KEY_COLUMNS, t.key_versions.c.wrapped_dek).where(
+            t.key_versions.c.model_id == model_id,
+            t.key_versions.c.version == version,
+            t.key_versions.c.state != KeyState.DESTROYED.value,
+        )
+        with self._read("reading a wrapped key") as conn:
+            row = conn.execute(query).first()
+        return None if row is None else _wrapped_key(row)
+
+    def active_wrapped_keys(self, model_id: str) -> list[WrappedKey]:
+        query = (
+            sa.select(*_KEY_COLUMNS, t.key_versions.c.wrapped_dek)
+            .join(t.models, t.models.c.model_id == t.key_versions.c.model_id)
+            .where(
+                t.key_versions.c.model_id == model_id,
+                t.key_versions.c.state == KeyState.ACTIVE.value,
+                t.models.c.deleted_at.is_(None),
+            )
+            .order_by(t.key_versions.c.version)
+        )
+        with self._read("reading wrapped keys") as conn:
+            return [_wrapped_key(row) for row in conn.execute(query)]
+
+    # -- policies --
+
+    def current_policy(self, model_id: str) -> PolicyRecord | None:
+        query = (
+            sa.select(t.policies)
+            .where(t.policies.c.model_id == model_id)
+            .order_by(t.policies.c.version.desc())
+            .limit(1)
+        )
+        with self._read("reading a policy") as conn:
+            row = conn.execute(query).first()
+        return None if row is None else _policy(row)
+
+    def get_policy(self, model_id: str, version: int) -> PolicyRecord | None:
+        query = sa.select(t.policies).where(
+            t.policies.c.model_id == model_id, t.policies.c.version == version
+        )
+        with self._read("reading a policy") as conn:
+            row = conn.execute(query).first()
+        return None if row is None else _policy(row)
+
+    def list_policies(self, model_id: str) -> list[PolicyRecord]:
+        query = (
+            sa.select(t.policies)
+            .where(t.policies.c.model_id == model_id)
+            .order_by(t.policies.c.version)
+        )
+        with self._read("listing policies") as conn:
+            return [_policy(row) for row in conn.execute(query)]
+
+    # -- nonces --
+
+    def add_nonce(self, nonce: bytes, *, expires_at: datetime) -> None:
+        if not 16 <= len(nonce) <= 64:
+            raise ValueError("a nonce is 16 to 64 bytes")
+        try:
+            with self._write("storing a nonce") as conn:
+                conn.execute(
+                    sa.insert(t.nonces).values(
+                        nonce=bytes(nonce),
+                        created_at=utc(self._clock()),
+                        expires_at=utc(expires_at),
+                    )
+                )
+        except StorageError as exc:
+            if isinstance(exc.__cause__, sa_exc.IntegrityError):
+                raise ConflictError("this nonce was already issued") from exc.__cause__
+            raise
+
+    def consume_nonce(self, nonce: bytes, *, now: datetime) -> NonceStatus:
+        statement = (
+            sa.delete(t.nonces)
+            .where(t.nonces.c.nonce == bytes(nonce))
+            .returning(t.nonces.c.expires_at)
+        )
+        with self._write("consuming a nonce") as conn:
+            row = conn.execute(statement).first()
+        if row is None:
+            return NonceStatus.UNKNOWN
+        if utc(now) >= row.expires_at:
+            return NonceStatus.EXPIRED
+        return NonceStatus.CONSUMED
+
+    def purge_expired(self, *, now: datetime) -> int:
+        moment = utc(now)
+        with self._write("purging expired nonces and sessions") as conn:
+            gone = conn.execute(sa.delete(t.nonces).where(t.nonces.c.expires_at <= moment))
+            ended = conn.execute(sa.delete(t.sessions).where(t.sessions.c.expires_at <= moment))
+            return int(gone.rowcount or 0) + int(ended.rowcount or 0)
+
+    # -- tokens and sessions --
+
+    def get_admin_token(self, token_id: str) -> AdminTokenRecord | None:
+        query = sa.select(*_ADMIN_COLUMNS).where(t.admin_tokens.c.token_id == token_id)
+        with self._read("reading an admin token") as conn:
+            row = conn.execute(query).first()
+        return None if row is None else _admin_token(row)
+
+    def admin_token_digest(self, token_id: str) -> bytes | None:
+        query = sa.select(t.admin_tokens.c.digest).where(t.admin_tokens.c.token_id == token_id)
+        with self._read("reading an admin token") as conn:
+            value = conn.execute(query).scalar()
+        return None if value is None else bytes(value)
+
+    def list_admin_tokens(self) -> list[AdminTokenRecord]:
+        query = sa.select(*_ADMIN_COLUMNS).order_by(t.admin_tokens.c.created_at)
+        with self._read("listing admin tokens") as conn:
+            return [_admin_token(row) for row in conn.execute(query)]
+
+    def get_session(self, token_id: str) -> SessionRecord | None:
+        query = sa.select(*_SESSION_COLUMNS).where(t.sessions.c.token_id == token_id)
+        with self._read("reading a session") as conn:
+            row = conn.execute(query).first()
+        return None if row is None else _session(row)
+
+    def session_digest(self, token_id: str) -> bytes | None:
+        query = sa.select(t.sessions.c.digest).where(t.sessions.c.token_id == token_id)
+        with self._read("reading a session") as conn:
+            value = conn.execute(query).scalar()
+        return None if value is None else bytes(value)
+
+    # -- audit --
+
+    def append_audit(self, entry: AuditEntry) -> AuditRecord:
+        try:
+            with self.transaction() as tx:
+                return tx.append_audit(entry)
+        except AuditError:
+            raise
+        except StorageError as exc:  # e.g. the database is locked or gone before the append
+            raise AuditError(f"the audit record could not be written: {exc}") from exc
+
+    def audit_head(self) -> AuditHead:
+        query = sa.select(t.audit_head.c.seq, t.audit_head.c.hash).where(t.audit_head.c.id == 1)
+        with self._read("reading the audit head") as conn:
+            row = conn.execute(query).one()
+        return AuditHead(seq=int(row.seq), hash=row.hash)
+
+    def iter_audit(
+        self, *, after_seq: int = 0, up_to_seq: int | None = None
+    ) -> Iterator[AuditRecord]:
+        last = after_seq
+        while True:
+            query = (
+                sa.select(t.audit_log)
+                .where(t.audit_log.c.seq > last)
+                .order_by(t.audit_log.c.seq)
+                .limit(_AUDIT_BATCH)
+            )
+            if up_to_seq is not None:
+                query = query.where(t.audit_log.c.seq <= up_to_seq)
+            with self._read("reading the audit log") as conn:
+                batch = [_audit(row) for row in conn.execute(query)]
+            yield from batch
+            if len(batch) < _AUDIT_BATCH:
+                return
+            last = batch[-1].seq

@@ -1,0 +1,48 @@
+"""Helpers for key store tests: real wrapped keys and audit entries."""
+
+from __future__ import annotations
+
+from sealtorch.keys import DataKey, generate_key
+from sealtorch.keyserver.audit import AuditEntry, AuditKind
+from sealtorch.keyserver.masterkey import MasterKey, wrap_aad
+from sealtorch.keyserver.records import WrapFunction, WrappedDek
+
+ADMIN_ACTOR = "0123456789abcdef"
+
+
+def make_wrapper(master: MasterKey, model_id: str, dek: DataKey | None = None) -> WrapFunction:
+    """A WrapFunction that wraps ``dek`` (a new key by default) for the allocated version."""
+    key = dek or generate_key()
+
+    def wrap(version: int) -> WrappedDek:
+        return WrappedDek(
+            blob=master.wrap(key, wrap_aad(model_id, version)),
+            wrap_key_id=master.key_id,
+            fingerprint=key.fingerprint,
+        )
+
+    return wrap
+
+
+def admin_entry(action: str, *model_ids: str, decision: str = "ok") -> AuditEntry:
+    return AuditEntry(
+        kind=AuditKind.ADMIN,
+        action=action,
+        decision=decision,
+        actor=ADMIN_ACTOR,
+        model_ids=model_ids,
+    )
+
+
+def release_entry(*model_ids: str, decision: str = "allow", request_id: str = "r") -> AuditEntry:
+    return AuditEntry(
+        kind=AuditKind.RELEASE,
+        action="release",
+        decision=decision,
+        client_address="127.0.0.1",
+        request_id=request_id,
+        evidence_digest="ab" * 32,
+        claims={"tee": "sim", "mrenclave": "cd" * 32, "debug": False},
+        model_ids=model_ids,
+        reasons=() if decision == "allow" else ("measurement_mismatch",),
+    )
