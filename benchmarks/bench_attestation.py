@@ -52,15 +52,20 @@ def _closed_port() -> int:
         return port
 
 
-def _timings(fn: Callable[[], object], *, runs: int, warmup: int = 50) -> list[float]:
+def _timings(
+    fn: Callable[[], object], *, runs: int, warmup: int = 50
+) -> tuple[list[float], list[float]]:
+    """Per-call wall-clock and CPU (this thread) times in ms. On a busy machine the wall-clock
+    tail includes time the process spent descheduled; the CPU time shows the code's own cost."""
     for _ in range(warmup):
         fn()
-    samples = []
+    wall, cpu = [], []
     for _ in range(runs):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.thread_time()
         fn()
-        samples.append((time.perf_counter() - start) * 1000.0)
-    return samples
+        cpu.append((time.thread_time() - start_cpu) * 1000.0)
+        wall.append((time.perf_counter() - start) * 1000.0)
+    return wall, cpu
 
 
 def _policy_for(tee: str, claims_values: dict[str, object]) -> Policy:
@@ -122,13 +127,22 @@ def run(ctx: Context) -> list[Result]:
         ) -> None:
             dcap_qvl.verify(data, qvl, at)
 
-        timed = _timings(hot_path, runs=runs)
-        base = _timings(bare, runs=runs)
+        timed, cpu = _timings(hot_path, runs=runs)
+        base, _ = _timings(bare, runs=runs)
         p50, p99 = percentile(timed, 50), percentile(timed, 99)
         name = f"attestation/dcap-{tee}-verify+policy"
         results += [
             result(name, "p50 latency", p50, "ms", "<= 2", runs=runs),
-            result(name, "p99 latency", p99, "ms", "<= 5", runs=runs),
+            result(
+                name,
+                "p99 latency",
+                p99,
+                "ms",
+                "<= 5",
+                runs=runs,
+                bare_dcap_qvl_p99_ms=percentile(base, 99),
+            ),
+            result(name, "p99 CPU time", percentile(cpu, 99), "ms", runs=runs),
             result(
                 name,
                 "p50 vs bare dcap_qvl.verify",
@@ -154,7 +168,7 @@ def run(ctx: Context) -> list[Result]:
         if not decided.allowed:  # pragma: no cover
             raise RuntimeError(decided.message)
 
-    timed = _timings(sim_path, runs=runs)
+    timed, _ = _timings(sim_path, runs=runs)
     results += [
         result(
             "attestation/sim-verify+policy", "p50 latency", percentile(timed, 50), "ms", "<= 0.5"

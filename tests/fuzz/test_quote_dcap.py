@@ -53,7 +53,9 @@ def _verify(verifier: DcapVerifier, kind: EvidenceType, data: bytes, now: dateti
 @given(data=st.binary(min_size=0, max_size=12000), kind=st.sampled_from(["sgx-dcap", "tdx-dcap"]))
 def test_arbitrary_bytes(verifier: DcapVerifier, data: bytes, kind: EvidenceType) -> None:
     result = _verify(verifier, kind, data, SGX_TIME)
-    assert isinstance(result, AttestationError)
+    # Random bytes never carry an Intel-issued PCK certificate, so this is always a clean
+    # evidence error (not even a collateral lookup).
+    assert isinstance(result, EvidenceError)
 
 
 @_FUZZ
