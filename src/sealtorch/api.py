@@ -365,7 +365,8 @@ def _load_program(kind: str, data: io.BytesIO) -> nn.Module:
                 sub.training = False
     except (RuntimeError, ValueError, KeyError) as exc:
         raise PayloadError(f"the sealed {kind} program cannot be loaded: {exc}") from exc
-    module.requires_grad_(False)
+    for parameter in module.parameters():  # ScriptModules refuse module.requires_grad_()
+        parameter.requires_grad_(False)
     return module
 
 
