@@ -33,6 +33,7 @@ def consume_nonces(url: str, nonces: list[bytes], start: Any, out: Any) -> None:
     def work() -> list[bytes]:
         store = open_store(url, busy_timeout=30.0)
         try:
+            store.ping()  # connect before the barrier, so the real work overlaps
             start.wait(START_TIMEOUT)
             now = datetime.now(UTC)
             return [n for n in nonces if store.consume_nonce(n, now=now) is NonceStatus.CONSUMED]
@@ -48,6 +49,7 @@ def append_audit(url: str, tag: str, count: int, start: Any, out: Any) -> None:
     def work() -> list[int]:
         store = open_store(url, busy_timeout=30.0)
         try:
+            store.ping()
             start.wait(START_TIMEOUT)
             seqs = []
             for i in range(count):

