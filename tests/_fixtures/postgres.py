@@ -25,7 +25,6 @@ import shutil
 import socket
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -216,10 +215,8 @@ def _postgres_ids() -> tuple[int, int]:
 def postgres_cluster() -> Iterator[PostgresCluster]:
     """A private PostgreSQL cluster for this session (one per xdist worker)."""
     cluster = PostgresCluster(find_bindir())
-    started = time.monotonic()
     try:
         cluster.start()
-        cluster.startup_seconds = time.monotonic() - started  # type: ignore[attr-defined]
         yield cluster
     finally:
         cluster.stop()

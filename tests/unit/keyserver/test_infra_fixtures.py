@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -27,3 +29,19 @@ def test_missing_softhsm_module_fails_with_instructions(monkeypatch: pytest.Monk
 def test_binaries_are_found_on_this_machine() -> None:
     assert (postgres.find_bindir() / "initdb").is_file()
     assert Path(softhsm.find_module()).is_file()
+
+
+def test_service_facing_modules_do_not_import_sqlalchemy_or_pkcs11() -> None:
+    """The service layer sees only the Store protocol and records: importing them stays light."""
+    code = (
+        "import sys\n"
+        "import sealtorch.keyserver.store, sealtorch.keyserver.records\n"
+        "import sealtorch.keyserver.audit, sealtorch.keyserver.tokens\n"
+        "import sealtorch.keyserver.masterkey\n"
+        "print(','.join(m for m in ('sqlalchemy', 'pkcs11', 'psycopg', 'fastapi') "
+        "if m in sys.modules))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert result.stdout.strip() == ""
