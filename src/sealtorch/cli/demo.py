@@ -24,7 +24,7 @@ Examples:
 @click.option(
     "--workdir",
     type=click.Path(file_okay=False, path_type=Path),
-    help="Keep the workspace (key file, sealed model) in this directory instead of a temporary one.",
+    help="Keep the workspace (key file, sealed model) in this directory, not a temporary one.",
 )
 @click.option("--top", default=5, show_default=True, help="How many labels to show per photo.")
 @click.pass_context

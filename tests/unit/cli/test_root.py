@@ -39,7 +39,9 @@ def test_console_script_runs() -> None:
 
 
 def test_json_log_lines_carry_extra_fields() -> None:
-    record = logging.LogRecord("sealtorch.x", logging.INFO, __file__, 1, "granted %s", ("m1",), None)
+    record = logging.LogRecord(
+        "sealtorch.x", logging.INFO, __file__, 1, "granted %s", ("m1",), None
+    )
     record.model_id = "m1"
     line = json.loads(JsonFormatter().format(record))
     assert line["message"] == "granted m1"
