@@ -10,6 +10,8 @@ from hypothesis import HealthCheck, settings
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
+pytest_plugins = ["_fixtures.postgres", "_fixtures.softhsm"]
+
 settings.register_profile(
     "default", deadline=None, suppress_health_check=[HealthCheck.too_slow], print_blob=True
 )

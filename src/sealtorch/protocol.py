@@ -165,6 +165,9 @@ class ReleaseRequest(_Wire):
 
 
 class RenewRequest(_Wire):
+    #: Fresh client randomness, bound into every sealed key of the response (anti-replay: a
+    #: renewal reuses the public key of the original evidence).
+    nonce: Annotated[B64Bytes, Field(min_length=16, max_length=64)]
     models: Annotated[tuple[ModelId, ...], Field(max_length=1024)] | None = None
 
 
@@ -176,6 +179,8 @@ class GrantedKey(_Wire):
     lease_expires_at: UtcDatetime
     policy: dict[str, Any]
     policy_version: Annotated[int, Field(ge=1)]
+    #: SHA-256 (hex) of the policy's canonical JSON; bound into the HPKE ``info``.
+    policy_digest: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 
 
 class DeniedModel(_Wire):
@@ -207,14 +212,38 @@ class ErrorBody(_Wire):
     error: ErrorDetail
 
 
-def key_release_info(*, model_id: str, key_version: int, request_id: str) -> bytes:
-    """HPKE ``info`` for one released key: binds model, version and the response it belongs to."""
+def key_release_info(
+    *,
+    model_id: str,
+    key_version: int,
+    request_id: str,
+    request_nonce: bytes,
+    policy_digest: str,
+    lease_expires_at: datetime,
+) -> bytes:
+    """HPKE ``info`` for one released key.
+
+    Binds the key to its model and version, to the response it belongs to (request id and the
+    request's nonce: the challenge nonce on release, the client's fresh nonce on renewal), to the
+    policy that governs it (a man in the middle cannot swap in a weaker policy for the key cache
+    to enforce) and to its lease (it cannot be extended in transit). HPKE itself binds the suite
+    and the recipient's public key.
+    """
     if not _MODEL_ID.fullmatch(model_id):
         raise ValueError(f"invalid model id {model_id!r}")
     if key_version < 1:
         raise ValueError("key versions start at 1")
+    if not re.fullmatch(r"[0-9a-f]{64}", policy_digest):
+        raise ValueError("policy_digest must be 64 lowercase hex digits (SHA-256)")
     body = json.dumps(
-        {"key_version": key_version, "model_id": model_id, "request_id": request_id},
+        {
+            "key_version": key_version,
+            "lease_expires_at": _utc(lease_expires_at).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+            "model_id": model_id,
+            "policy_digest": policy_digest,
+            "request_id": request_id,
+            "request_nonce": b64encode(request_nonce),
+        },
         sort_keys=True,
         separators=(",", ":"),
         ensure_ascii=True,

@@ -7,16 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from _fixtures import register
 from _fixtures.clock import FakeClock
 from sealtorch.keyserver.masterkey import FileMasterKey
 from sealtorch.keyserver.store import Store, open_store, sqlite_url
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    # Idempotent; becomes a no-op once tests/conftest.py lists _fixtures.PLUGINS.
-    register(config)
-
 
 BACKENDS = ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
 
