@@ -23,7 +23,6 @@ written.
 
 from __future__ import annotations
 
-import contextlib
 import io
 import logging
 import mmap
@@ -265,10 +264,11 @@ def encrypt_model(
 # -- loading --------------------------------------------------------------------------------
 
 
-def _release(buffer: mmap.mmap) -> None:
-    """Unmap a plaintext buffer now if nothing views it (else it goes with its last view)."""
-    with contextlib.suppress(BufferError):
-        buffer.close()
+def _unmap(buffer: mmap.mmap) -> None:
+    """Free a plaintext buffer now. Only while no tensor views it: ``torch.frombuffer`` keeps a
+    reference to the buffer but no buffer export, so ``close()`` would not notice live tensors.
+    Once tensors exist, the buffer is freed with the last of them."""
+    buffer.close()
 
 
 def _decrypt(source: SealedSource, key: KeyLike) -> tuple[SealedInfo, Manifest, mmap.mmap]:
@@ -279,7 +279,7 @@ def _decrypt(source: SealedSource, key: KeyLike) -> tuple[SealedInfo, Manifest, 
     try:
         manifest = parse_prefix(buffer, plaintext_size=info.plaintext_size)
     except BaseException:
-        _release(buffer)
+        _unmap(buffer)
         raise
     return info, manifest, buffer
 
@@ -293,18 +293,13 @@ def load_state_dict(source: SealedSource, *, key: KeyLike) -> dict[str, torch.Te
     from sealtorch.payloads.tensors import tensors_from_buffer
 
     _, manifest, buffer = _decrypt(source, key)
-    try:
-        if manifest.kind != "safetensors":
-            raise PayloadError(
-                f"this sealed model holds a {manifest.kind} program, not a state_dict; "
-                "use sealtorch.load_model()"
-            )
-        return tensors_from_buffer(
-            buffer, offset=manifest.payload_offset, size=manifest.payload_size
+    if manifest.kind != "safetensors":
+        _unmap(buffer)
+        raise PayloadError(
+            f"this sealed model holds a {manifest.kind} program, not a state_dict; "
+            "use sealtorch.load_model()"
         )
-    except BaseException:
-        _release(buffer)
-        raise
+    return tensors_from_buffer(buffer, offset=manifest.payload_offset, size=manifest.payload_size)
 
 
 def load_sealed_model(
@@ -319,31 +314,28 @@ def load_sealed_model(
     from sealtorch.payloads.tensors import tensors_from_buffer
 
     info, manifest, buffer = _decrypt(source, key)
-    try:
-        module: nn.Module
-        if manifest.kind == "safetensors":
-            ref = arch if arch is not None else manifest.arch
-            if ref is None:
-                raise PayloadError(
-                    "this sealed state_dict has no architecture reference: seal it with "
-                    "--arch (arch=...), pass arch= here, or use sealtorch.load_state_dict()"
-                )
-            kwargs = arch_kwargs if arch is not None else manifest.arch_kwargs
-            state_dict = tensors_from_buffer(
-                buffer, offset=manifest.payload_offset, size=manifest.payload_size
+    module: nn.Module
+    if manifest.kind == "safetensors":
+        ref = arch if arch is not None else manifest.arch
+        if ref is None:
+            _unmap(buffer)
+            raise PayloadError(
+                "this sealed state_dict has no architecture reference: seal it with "
+                "--arch (arch=...), pass arch= here, or use sealtorch.load_state_dict()"
             )
-            module = load_into_module(validate_arch_ref(ref), kwargs or {}, state_dict)
-        else:
-            if arch is not None:
-                raise ConfigError(f"a {manifest.kind} payload carries its own architecture")
-            data = io.BytesIO(
-                buffer[manifest.payload_offset : manifest.payload_offset + manifest.payload_size]
-            )
-            _release(buffer)
-            module = _load_program(manifest.kind, data)
-    except BaseException:
-        _release(buffer)
-        raise
+        kwargs = arch_kwargs if arch is not None else manifest.arch_kwargs
+        state_dict = tensors_from_buffer(
+            buffer, offset=manifest.payload_offset, size=manifest.payload_size
+        )
+        del buffer  # the tensors keep it alive
+        module = load_into_module(validate_arch_ref(ref), kwargs or {}, state_dict)
+    else:
+        start, end = manifest.payload_offset, manifest.payload_offset + manifest.payload_size
+        data = io.BytesIO(buffer[start:end])  # the loaders below copy anyway
+        _unmap(buffer)
+        if arch is not None:
+            raise ConfigError(f"a {manifest.kind} payload carries its own architecture")
+        module = _load_program(manifest.kind, data)
     return SealedModel(module=module, manifest=manifest, info=info)
 
 

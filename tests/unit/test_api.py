@@ -190,6 +190,23 @@ def test_architecture_is_checked_when_sealing(tmp_path: Path, mlp: torch.nn.Modu
         sealtorch.load_model(tmp_path / "m.sealed", key=KEY)
 
 
+def test_tensors_outlive_a_failed_load(tmp_path: Path, mlp: torch.nn.Module) -> None:
+    """Regression: a failure after the tensors exist must not unmap the buffer under them."""
+    path = tmp_path / "m.sealed"
+    sealtorch.encrypt_model(mlp, path, model_id="m", key=KEY)
+    with pytest.raises(PayloadError, match="does not match") as info:
+        sealtorch.load_model(path, key=KEY, arch="torchvision:resnet18")
+    survivors = []
+    traceback = info.value.__traceback__
+    while traceback is not None:
+        for value in traceback.tb_frame.f_locals.values():
+            if isinstance(value, dict):
+                survivors += [v for v in value.values() if isinstance(v, torch.Tensor)]
+        traceback = traceback.tb_next
+    assert survivors
+    assert all(torch.isfinite(t.float()).all() for t in survivors)  # readable, not unmapped
+
+
 def test_load_sealed_model_returns_the_manifest(sealed_mlp: Path) -> None:
     loaded = load_sealed_model(sealed_mlp, key=KEY)
     assert loaded.manifest.labels == ("secret-label-a", "secret-label-b", "secret-label-c")

@@ -1,0 +1,511 @@
+"""The model owner's commands: keygen, encrypt, inspect, decrypt, rewrap.
+
+How the file's content key gets wrapped is decided in one place, :func:`_sealing_wrapper`, so a
+remote wrapper (``--keyserver URL``: the key server wraps, the data key never leaves it) can be
+added next to ``--key-file`` without touching the commands.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from sealtorch.errors import ConfigError
+
+if TYPE_CHECKING:
+    from sealtorch.keys import DataKey
+    from sealtorch.sealed.keywrap import ContentKeyWrapper
+
+#: Inputs at least this large get a progress bar.
+_PROGRESS_THRESHOLD = 64 * 1024 * 1024
+_SIZE = re.compile(r"\s*(\d+)\s*([KMG]?)(?:i?B)?\s*", re.IGNORECASE)
+_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3}
+
+
+def _quiet(ctx: click.Context) -> bool:
+    return bool(ctx.find_root().obj and ctx.find_root().obj.get("quiet"))
+
+
+def _human(size: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError  # pragma: no cover
+
+
+def _parse_size(value: str) -> int:
+    match = _SIZE.fullmatch(value)
+    if match is None:
+        raise click.BadParameter(f"{value!r} is not a size (e.g. 1MiB, 4M, 65536)")
+    return int(match.group(1)) * _UNITS[match.group(2).upper()]
+
+
+def _parse_metadata(items: tuple[str, ...]) -> dict[str, str]:
+    metadata: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="--metadata")
+        if key in metadata:
+            raise click.BadParameter(f"{key!r} is given twice", param_hint="--metadata")
+        metadata[key] = value
+    return metadata
+
+
+def _parse_json(value: str | None, option: str) -> Any:
+    """JSON given inline or as @FILE."""
+    if value is None:
+        return None
+    text = value
+    if value.startswith("@"):
+        try:
+            text = Path(value[1:]).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise click.BadParameter(
+                f"cannot read {value[1:]}: {exc.strerror}", param_hint=option
+            ) from exc
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise click.BadParameter(f"not valid JSON: {exc}", param_hint=option) from exc
+
+
+def _read_labels(path: Path | None) -> list[str] | None:
+    if path is None:
+        return None
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise ConfigError(f"cannot read labels file {path}: {exc.strerror}") from exc
+    labels = [line.strip() for line in lines if line.strip()]
+    if not labels:
+        raise ConfigError(f"labels file {path} holds no labels (one class name per line)")
+    return labels
+
+
+def _data_key(key_file: Path) -> DataKey:
+    from sealtorch.keys import read_key_file
+
+    return read_key_file(key_file)
+
+
+def _sealing_wrapper(*, key_file: Path, key_version: int) -> ContentKeyWrapper:
+    """Who wraps the content key of a new or rewrapped file (today: a local key file)."""
+    from sealtorch.sealed.header import check_key_version
+    from sealtorch.sealed.keywrap import LocalKeyWrapper
+
+    return LocalKeyWrapper(_data_key(key_file), key_version=check_key_version(key_version))
+
+
+class _Progress:
+    """A progress callback that shows a bar (on stderr) once the input turns out to be large,
+    and times the bytes from the first chunk on (not imports and checks)."""
+
+    def __init__(self, description: str, *, quiet: bool) -> None:
+        self._description = description
+        self._quiet = quiet
+        self._bar: Any = None
+        self._task: Any = None
+        self._start: float | None = None
+        self._end: float | None = None
+
+    def __call__(self, done: int, total: int) -> None:
+        if self._start is None:
+            self._start = time.perf_counter()
+        if self._quiet or total < _PROGRESS_THRESHOLD:
+            return
+        if self._bar is None:
+            from rich.console import Console
+            from rich.progress import (
+                BarColumn,
+                DownloadColumn,
+                Progress,
+                TimeRemainingColumn,
+                TransferSpeedColumn,
+            )
+
+            self._bar = Progress(
+                "[progress.description]{task.description}",
+                BarColumn(),
+                DownloadColumn(binary_units=True),
+                TransferSpeedColumn(),
+                TimeRemainingColumn(),
+                console=Console(stderr=True),
+                transient=True,
+            )
+            self._bar.start()
+            self._task = self._bar.add_task(self._description, total=total)
+        self._bar.update(self._task, completed=done)
+
+    def stop(self) -> None:
+        self._end = time.perf_counter()
+        if self._bar is not None:
+            self._bar.stop()
+
+    @property
+    def elapsed(self) -> float:
+        if self._start is None or self._end is None:
+            return 0.0
+        return self._end - self._start
+
+
+@contextmanager
+def _progress(ctx: click.Context, description: str) -> Iterator[_Progress]:
+    progress = _Progress(description, quiet=_quiet(ctx))
+    try:
+        yield progress
+    finally:
+        progress.stop()
+
+
+_KEYGEN_EPILOG = """\b
+Examples:
+  sealtorch keygen -o resnet50.key
+  sealtorch keygen -o keys/fraud-v2.key
+
+\b
+The file holds one line, "sealtorch-data-key-v1:" followed by the key in base64url. Keep it
+like a password: mode 0600, never in version control. The fingerprint printed is a one-way
+digest, safe to share and to compare.
+"""
+
+
+@click.command("keygen", epilog=_KEYGEN_EPILOG)
+@click.option(
+    "-o",
+    "--output",
+    "output",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Where to write the new key file (created with mode 0600; never overwritten).",
+)
+@click.pass_context
+def keygen(ctx: click.Context, output: Path) -> None:
+    """Create a new random 256-bit model data key in a key file."""
+    from sealtorch.keys import write_key_file
+
+    key = write_key_file(output)
+    if not _quiet(ctx):
+        click.echo(f"wrote a new 256-bit model key to {output} (mode 0600)")
+    click.echo(f"fingerprint: {key.fingerprint}")
+
+
+_ENCRYPT_EPILOG = """\b
+Examples:
+  sealtorch encrypt resnet50.safetensors -o resnet50.sealed --model-id resnet50 \\
+      --key-file resnet50.key --arch torchvision:resnet50
+  sealtorch encrypt checkpoint.pth -o m.sealed --model-id fraud --key-file fraud.key \\
+      --state-dict-key model --arch mypkg.models:build --arch-kwargs '{"layers": 12}'
+  sealtorch encrypt traced.pt -o m.sealed --model-id m --key-file m.key     # TorchScript
+  sealtorch encrypt program.pt2 -o m.sealed --model-id m --key-file m.key   # torch.export
+  sealtorch encrypt effnet.safetensors -o effnet.sealed --model-id effnet \\
+      --key-file effnet.key --arch timm:efficientnet_lite0 --labels imagenet.txt \\
+      --preprocess @preprocess.json --metadata owner=vision-team
+
+\b
+Inputs are recognised by content: .safetensors, .pt/.pth state_dicts (read with
+torch.load(weights_only=True); pickles needing more are refused), TorchScript archives and
+torch.export .pt2 programs. Everything except the model id, key version and sizes is
+encrypted, including tensor names, shapes, the architecture and the metadata.
+"""
+
+
+@click.command("encrypt", epilog=_ENCRYPT_EPILOG)
+@click.argument("source", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "-o",
+    "--output",
+    "output",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The sealed file to write (atomically).",
+)
+@click.option(
+    "--model-id",
+    required=True,
+    help="Public model name the key server knows it by: 1-128 of A-Z a-z 0-9 . _ -",
+)
+@click.option(
+    "--key-file",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="The model's data key (from `sealtorch keygen`).",
+)
+@click.option(
+    "--key-version",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Version of the data key in --key-file (the key server's version number).",
+)
+@click.option(
+    "--arch",
+    help="Architecture to rebuild a state_dict with: torchvision:NAME, timm:NAME or "
+    "package.module:factory.",
+)
+@click.option(
+    "--arch-kwargs", help="JSON object of keyword arguments for the architecture (or @FILE)."
+)
+@click.option(
+    "--metadata",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Private metadata stored (encrypted) with the model; repeatable.",
+)
+@click.option(
+    "--state-dict-key",
+    help="Take the state_dict from this entry of a checkpoint dict (e.g. state_dict, model).",
+)
+@click.option(
+    "--labels",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Text file with one class name per line (served with predictions).",
+)
+@click.option(
+    "--preprocess",
+    help='Image preprocessing for the inference server, JSON or @FILE: {"type": "image", '
+    '"resize": 256, "crop": 224, "mean": [...], "std": [...], "interpolation": "bilinear"}.',
+)
+@click.option("--inputs", help="JSON list of input specs {name, datatype, shape} (or @FILE).")
+@click.option("--outputs", help="JSON list of output specs {name, datatype, shape} (or @FILE).")
+@click.option(
+    "--chunk-size",
+    default="1MiB",
+    show_default=True,
+    help="Encryption chunk size: a power of two from 64B to 64MiB.",
+)
+@click.option(
+    "--skip-arch-check",
+    is_flag=True,
+    help="Do not check the state_dict against --arch now (e.g. the factory is only "
+    "installed where the model runs).",
+)
+@click.option("-f", "--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
+@click.pass_context
+def encrypt(
+    ctx: click.Context,
+    source: Path,
+    output: Path,
+    model_id: str,
+    key_file: Path,
+    key_version: int,
+    arch: str | None,
+    arch_kwargs: str | None,
+    metadata: tuple[str, ...],
+    state_dict_key: str | None,
+    labels: Path | None,
+    preprocess: str | None,
+    inputs: str | None,
+    outputs: str | None,
+    chunk_size: str,
+    skip_arch_check: bool,
+    force: bool,
+) -> None:
+    """Seal a model into an encrypted, authenticated .sealed file."""
+    from sealtorch.api import encrypt_model
+    from sealtorch.sealed.header import check_chunk_size, check_model_id
+
+    check_model_id(model_id)
+    size = check_chunk_size(_parse_size(chunk_size))
+    kwargs = _parse_json(arch_kwargs, "--arch-kwargs")
+    if kwargs is not None and not isinstance(kwargs, dict):
+        raise click.BadParameter("must be a JSON object", param_hint="--arch-kwargs")
+    if kwargs is not None and arch is None:
+        raise click.BadParameter("needs --arch", param_hint="--arch-kwargs")
+    wrapper = _sealing_wrapper(key_file=key_file, key_version=key_version)
+    with _progress(ctx, f"sealing {source.name}") as progress:
+        info = encrypt_model(
+            source,
+            output,
+            model_id=model_id,
+            key=wrapper,
+            arch=arch,
+            arch_kwargs=kwargs,
+            metadata=_parse_metadata(metadata),
+            state_dict_key=state_dict_key,
+            labels=_read_labels(labels),
+            preprocess=_parse_json(preprocess, "--preprocess"),
+            inputs=_parse_json(inputs, "--inputs"),
+            outputs=_parse_json(outputs, "--outputs"),
+            chunk_size=size,
+            overwrite=force,
+            check_arch=not skip_arch_check,
+            progress=progress,
+        )
+    elapsed = progress.elapsed
+    rate = info.plaintext_size / max(elapsed, 1e-9) / 1e9
+    if not _quiet(ctx):
+        click.echo(
+            f"sealed {source} -> {output}\n"
+            f"  model id     {info.model_id} (key version {info.key_version}, "
+            f"key fingerprint {_data_key(key_file).fingerprint})\n"
+            f"  size         {_human(info.plaintext_size)} plaintext, "
+            f"{_human(info.file_size)} sealed, {info.chunk_count} chunks of "
+            f"{_human(info.chunk_size)}\n"
+            f"  time         {elapsed:.2f} s ({rate:.2f} GB/s)"
+        )
+
+
+_INSPECT_EPILOG = """\b
+Examples:
+  sealtorch inspect resnet50.sealed
+  sealtorch inspect resnet50.sealed --json | jq .model_id
+
+\b
+Shows only what anyone holding the file can read: the model id, key version, cipher suite and
+sizes. No key is needed, and none of it is authenticated until the file is opened with its key.
+"""
+
+
+@click.command("inspect", epilog=_INSPECT_EPILOG)
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def inspect_cmd(file: Path, as_json: bool) -> None:
+    """Show the public header of a sealed model (no key needed)."""
+    from sealtorch.api import inspect_sealed
+
+    info = inspect_sealed(file)
+    fields = info.as_dict()
+    if as_json:
+        click.echo(json.dumps(fields, indent=2))
+        return
+    width = max(len(name) for name in fields)
+    for name, value in fields.items():
+        shown = (
+            f"{value} ({_human(value)})"
+            if name in ("chunk_size", "plaintext_size", "file_size")
+            else value
+        )
+        click.echo(f"{name:<{width}}  {shown}")
+
+
+_DECRYPT_EPILOG = """\b
+Examples:
+  sealtorch decrypt resnet50.sealed --key-file resnet50.key -o resnet50.safetensors
+  sealtorch decrypt traced.sealed --key-file m.key -o traced.pt       # TorchScript
+  sealtorch decrypt program.sealed --key-file m.key -o program.pt2    # torch.export
+
+\b
+For the model owner: writes the plain payload - a .safetensors state_dict, a TorchScript .pt
+or a torch.export .pt2 - with mode 0600. Output appears only after every chunk authenticated;
+a damaged or tampered file leaves nothing behind.
+"""
+
+_SUFFIXES = {"safetensors": ".safetensors", "torchscript": ".pt", "torch_export": ".pt2"}
+
+
+@click.command("decrypt", epilog=_DECRYPT_EPILOG)
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "--key-file",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="The model's data key.",
+)
+@click.option(
+    "-o",
+    "--output",
+    "output",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Where to write the plain model.",
+)
+@click.option("-f", "--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
+@click.pass_context
+def decrypt(ctx: click.Context, file: Path, key_file: Path, output: Path, force: bool) -> None:
+    """Decrypt a sealed model back into a plain model file (owner's tool)."""
+    from sealtorch.api import decrypt_model
+    from sealtorch.keys import KeyFile
+
+    with _progress(ctx, f"decrypting {file.name}") as progress:
+        manifest = decrypt_model(
+            file, output, key=KeyFile(key_file), overwrite=force, progress=progress
+        )
+    if not _quiet(ctx):
+        click.echo(f"decrypted {file} -> {output} ({manifest.kind}, mode 0600)")
+        if manifest.arch:
+            click.echo(f"  architecture {manifest.arch}")
+        expected = _SUFFIXES[manifest.kind]
+        if output.suffix != expected:
+            click.echo(f"  note: a {manifest.kind} payload is usually named *{expected}")
+
+
+_REWRAP_EPILOG = """\b
+Examples:
+  sealtorch rewrap resnet50.sealed --key-file v1.key --new-key-file v2.key
+  sealtorch rewrap resnet50.sealed --key-file v1.key --new-key-file v2.key \\
+      --new-key-version 2 -o resnet50-v2.sealed
+
+\b
+Key rotation: the file's content key is unwrapped with the old data key and wrapped under the
+new one; the encrypted body is copied byte for byte (no re-encryption). In place by default,
+atomically. Afterwards the old key no longer opens the file.
+"""
+
+
+@click.command("rewrap", epilog=_REWRAP_EPILOG)
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "--key-file",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="The current data key.",
+)
+@click.option(
+    "--new-key-file",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="The new data key.",
+)
+@click.option(
+    "--new-key-version",
+    type=click.IntRange(min=1),
+    help="Version number of the new key (default: the current version + 1).",
+)
+@click.option(
+    "-o",
+    "--output",
+    "output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write the rewrapped file here instead of replacing FILE.",
+)
+@click.option("-f", "--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
+@click.pass_context
+def rewrap(
+    ctx: click.Context,
+    file: Path,
+    key_file: Path,
+    new_key_file: Path,
+    new_key_version: int | None,
+    output: Path | None,
+    force: bool,
+) -> None:
+    """Rotate a sealed model to a new data key without re-encrypting it."""
+    from sealtorch.api import inspect_sealed
+    from sealtorch.api import rewrap as rewrap_file
+    from sealtorch.keys import KeyFile
+
+    old = inspect_sealed(file)
+    version = old.key_version + 1 if new_key_version is None else new_key_version
+    info = rewrap_file(
+        file,
+        key=KeyFile(key_file),
+        new_key=_sealing_wrapper(key_file=new_key_file, key_version=version),
+        new_key_version=version,
+        destination=output,
+        overwrite=force,
+    )
+    if not _quiet(ctx):
+        click.echo(
+            f"rewrapped {file}{' -> ' + str(output) if output else ' in place'}: model "
+            f"{info.model_id}, key version {old.key_version} -> {info.key_version} "
+            f"(key fingerprint {_data_key(new_key_file).fingerprint})"
+        )
