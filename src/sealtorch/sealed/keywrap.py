@@ -11,9 +11,11 @@ any holder of the data key) performs; readers call :func:`unwrap_content_key` wi
 
 from __future__ import annotations
 
+import secrets
+from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
-from sealtorch._crypto.wrap import new_wrap_nonce, new_wrap_salt, unwrap_cek, wrap_cek
+from sealtorch._crypto.wrap import WRAP_NONCE_SIZE, WRAP_SALT_SIZE, unwrap_cek, wrap_cek
 from sealtorch.keys import DataKey
 from sealtorch.sealed.header import Header, KeyBlock, check_key_version, check_model_id, wrap_aad
 
@@ -35,12 +37,21 @@ class ContentKeyWrapper(Protocol):
 
 
 def wrap_content_key(
-    dek: DataKey, *, model_id: str, key_version: int, body_digest: bytes, cek: bytes
+    dek: DataKey,
+    *,
+    model_id: str,
+    key_version: int,
+    body_digest: bytes,
+    cek: bytes,
+    _random_bytes: Callable[[int], bytes] = secrets.token_bytes,
 ) -> KeyBlock:
-    """Wrap ``cek`` under ``dek`` (fresh random salt and nonce)."""
+    """Wrap ``cek`` under ``dek`` (fresh random salt and nonce).
+
+    ``_random_bytes`` exists for the published test vector only; keep the CSPRNG default.
+    """
     check_model_id(model_id)
     check_key_version(key_version)
-    salt, nonce = new_wrap_salt(), new_wrap_nonce()
+    salt, nonce = _random_bytes(WRAP_SALT_SIZE), _random_bytes(WRAP_NONCE_SIZE)
     aad = wrap_aad(model_id=model_id, key_version=key_version, body_digest=body_digest)
     wrapped = wrap_cek(dek.material, salt=salt, nonce=nonce, cek=cek, aad=aad)
     return KeyBlock(key_version=key_version, salt=salt, nonce=nonce, wrapped_cek=wrapped)
@@ -68,11 +79,18 @@ def unwrap_content_key(dek: DataKey, header: Header) -> bytes:
 class LocalKeyWrapper:
     """A :class:`ContentKeyWrapper` holding the data key of one model version."""
 
-    def __init__(self, dek: DataKey, *, key_version: int = 1) -> None:
+    def __init__(
+        self,
+        dek: DataKey,
+        *,
+        key_version: int = 1,
+        _random_bytes: Callable[[int], bytes] = secrets.token_bytes,
+    ) -> None:
         if not isinstance(dek, DataKey):
             raise TypeError("LocalKeyWrapper needs a DataKey")
         self._dek = dek
         self.key_version = check_key_version(key_version)
+        self._random_bytes = _random_bytes
 
     def wrap(self, *, model_id: str, body_digest: bytes, cek: bytes) -> KeyBlock:
         return wrap_content_key(
@@ -81,6 +99,7 @@ class LocalKeyWrapper:
             key_version=self.key_version,
             body_digest=body_digest,
             cek=cek,
+            _random_bytes=self._random_bytes,
         )
 
     def __repr__(self) -> str:

@@ -15,7 +15,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import BinaryIO
 
-from sealtorch._crypto.stream import TAG_SIZE, BodyCipher, new_content_key
+from sealtorch._crypto.stream import CEK_SIZE, TAG_SIZE, BodyCipher
 from sealtorch.errors import ConfigError, PayloadError
 from sealtorch.sealed._atomic import AtomicFile
 from sealtorch.sealed.header import (
@@ -51,14 +51,17 @@ class SealedWriter:
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         overwrite: bool = False,
         progress: Progress | None = None,
+        _random_bytes: Callable[[int], bytes] = secrets.token_bytes,
     ) -> None:
+        # _random_bytes exists for the published test vector only (docs/format.md); anything
+        # but the OS CSPRNG default would destroy the format's security.
         body = BodyHeader(
             model_id=model_id,
             plaintext_size=plaintext_size,
             chunk_size=chunk_size,
-            salt=secrets.token_bytes(BODY_SALT_SIZE),
+            salt=_random_bytes(BODY_SALT_SIZE),
         )
-        cek = new_content_key()
+        cek = _random_bytes(CEK_SIZE)
         key_block = wrapper.wrap(model_id=model_id, body_digest=body.digest, cek=cek)
         if not isinstance(key_block, KeyBlock):
             raise ConfigError(f"key wrapper {wrapper!r} did not return a KeyBlock")
