@@ -1,0 +1,360 @@
+"""The key server's ASGI application: ``create_app(settings, ...)``.
+
+Nothing is created at import time. ``create_app`` either uses the store, master key and
+verifiers it is given (tests, embedding) or opens them from the settings when the app starts
+(lifespan startup), i.e. *in the worker process* — an SQLAlchemy engine or a PKCS#11 session
+must never cross a ``fork``. Startup also migrates the schema (safe on several replicas at
+once) and starts a task that purges expired nonces and sessions.
+
+HTTP concerns live here and in :mod:`sealtorch.keyserver.routes`; the logic is in
+:class:`~sealtorch.keyserver.service.KeyService`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, TypeVar
+
+import anyio
+import anyio.to_thread
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from sealtorch import __version__
+from sealtorch.attestation import VerifierSet, make_verifiers
+from sealtorch.keyserver.masterkey import MasterKey, open_master_key
+from sealtorch.keyserver.metrics import Metrics
+from sealtorch.keyserver.service import ErrorKind, KeyService, ServiceError
+from sealtorch.keyserver.settings import KeyServerSettings
+from sealtorch.keyserver.store import Store, open_store
+
+__all__ = ["Runtime", "create_app", "error_response", "open_verifiers"]
+
+_log = logging.getLogger("sealtorch.keyserver")
+_access = logging.getLogger("sealtorch.keyserver.access")
+
+_T = TypeVar("_T")
+
+STATUS: dict[ErrorKind, int] = {
+    ErrorKind.INVALID: 400,
+    ErrorKind.UNAUTHENTICATED: 401,
+    ErrorKind.FORBIDDEN: 403,
+    ErrorKind.NOT_FOUND: 404,
+    ErrorKind.CONFLICT: 409,
+    ErrorKind.UNAVAILABLE: 503,
+}
+_PURGE_INTERVAL = 60.0
+_BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+
+@dataclass
+class Runtime:
+    """Per-app state (``app.state.runtime``)."""
+
+    settings: KeyServerSettings
+    metrics: Metrics
+    limiter: anyio.CapacityLimiter
+    service: KeyService | None = None
+    owned: list[Any] = field(default_factory=list)
+
+    def require_service(self) -> KeyService:
+        if self.service is None:  # pragma: no cover - only before startup finished
+            raise ServiceError(ErrorKind.UNAVAILABLE, "starting", "the key server is starting")
+        return self.service
+
+    async def run(self, function: Callable[..., _T], /, *args: Any, **kwargs: Any) -> _T:
+        """Run blocking service code in the worker thread pool."""
+        call = functools.partial(function, *args, **kwargs)
+        return await anyio.to_thread.run_sync(call, limiter=self.limiter)
+
+
+def error_response(
+    status: int,
+    code: str,
+    message: str,
+    *,
+    reasons: tuple[str, ...] | list[str] = (),
+    headers: Mapping[str, str] | None = None,
+) -> JSONResponse:
+    """The protocol's one error shape: ``{"error": {"code", "message", "reasons"}}``."""
+    return JSONResponse(
+        {"error": {"code": code, "message": message, "reasons": list(reasons)}},
+        status_code=status,
+        headers=headers,
+    )
+
+
+def open_verifiers(
+    settings: KeyServerSettings, clock: Callable[[], datetime] | None = None
+) -> VerifierSet:
+    """The verifiers the settings configure; none configured is allowed (every release is then
+    refused with ``tee_not_allowed``/``simulated_not_allowed``) but logged as a warning."""
+    if not (settings.sim_trusted_keys or settings.pccs_url or settings.collateral_path):
+        _log.warning(
+            "no attestation verifier is configured: every key release will be refused; set "
+            "[attestation] pccs_url / collateral_path (SGX, TDX) or sim_trusted_keys"
+        )
+        return VerifierSet()
+    options: dict[str, Any] = {}
+    if clock is not None:
+        options["clock"] = clock
+    return make_verifiers(
+        pccs_url=settings.pccs_url,
+        cache_dir=settings.collateral_cache_dir,
+        collateral_path=settings.collateral_path,
+        sim_trusted_keys=settings.sim_trusted_keys,
+        **options,
+    )
+
+
+class _Guard:
+    """Outermost ASGI layer: request body cap (413), timing, metrics and the access log.
+
+    Bodies are read here, up to the cap, before the app sees them (they are small: evidence and
+    JSON), so a chunked body without Content-Length is capped as well.
+    """
+
+    def __init__(self, app: ASGIApp, runtime: Runtime) -> None:
+        self.app = app
+        self.runtime = runtime
+        self.cap = runtime.settings.max_request_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def send_tracking(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            if scope["method"] in _BODY_METHODS:
+                body = await self._read_body(scope, receive)
+                if body is None:
+                    response = error_response(
+                        413,
+                        "request_too_large",
+                        f"request bodies are limited to {self.cap} bytes",
+                    )
+                    await response(scope, receive, send_tracking)
+                    return
+                receive = _replay(body, receive)
+            await self.app(scope, receive, send_tracking)
+        finally:
+            elapsed = time.perf_counter() - started
+            route = scope.get("route")
+            template = getattr(route, "path", None) or "unmatched"
+            self.runtime.metrics.observe_request(template, scope["method"], status, elapsed)
+            if _access.isEnabledFor(logging.INFO):
+                client = scope.get("client")
+                _access.info(
+                    "%s %s %d",
+                    scope["method"],
+                    template,
+                    status,
+                    extra={
+                        "client_address": client[0] if client else None,
+                        "duration_ms": round(elapsed * 1000, 3),
+                    },
+                )
+
+    async def _read_body(self, scope: Scope, receive: Receive) -> bytes | None:
+        for name, value in scope.get("headers", ()):
+            if name == b"content-length":
+                try:
+                    if int(value) > self.cap:
+                        return None
+                except ValueError:
+                    return None
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                break
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.cap:
+                return None
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        return b"".join(chunks)
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
+
+
+def _validation_message(exc: RequestValidationError) -> str:
+    """Where and what, never the offending input (it may be a token or a key)."""
+    parts = []
+    for error in exc.errors()[:5]:
+        location = ".".join(str(p) for p in error.get("loc", ()) if p != "body")
+        message = str(error.get("msg", "invalid")).removeprefix("Value error, ")
+        parts.append(f"{location}: {message}" if location else message)
+    return "the request is not valid: " + "; ".join(parts)[:1000]
+
+
+def create_app(
+    settings: KeyServerSettings,
+    *,
+    store: Store | None = None,
+    master_key: MasterKey | None = None,
+    verifiers: VerifierSet | None = None,
+    clock: Callable[[], datetime] | None = None,
+) -> FastAPI:
+    """The key server app. Pass ``store``/``master_key``/``verifiers`` to use your own; anything
+    not passed is opened from ``settings`` at startup (and closed at shutdown)."""
+    from sealtorch.keyserver.routes import admin, health, release
+
+    metrics = Metrics()
+    runtime = Runtime(
+        settings=settings,
+        metrics=metrics,
+        limiter=anyio.CapacityLimiter(settings.verify_threads),
+    )
+
+    def observe(action: str, decision: str, reasons: list[str], keys: int) -> None:
+        metrics.observe_decision(action, decision, reasons)
+        if keys:
+            metrics.keys_released.inc(keys)
+
+    def build(s: Store, m: MasterKey, v: VerifierSet) -> KeyService:
+        return KeyService(
+            settings, store=s, master_key=m, verifiers=v, clock=clock, observer=observe
+        )
+
+    if store is not None and master_key is not None and verifiers is not None:
+        runtime.service = build(store, master_key, verifiers)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        del app
+        if runtime.service is None:
+            runtime.service = await anyio.to_thread.run_sync(
+                lambda: _open_service(settings, store, master_key, verifiers, clock, build, runtime)
+            )
+        purge = asyncio.create_task(_purge_loop(runtime))
+        _log.info("key server ready", extra={"settings": settings.describe()})
+        try:
+            yield
+        finally:
+            purge.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await purge
+            for resource in reversed(runtime.owned):
+                with contextlib.suppress(Exception):
+                    resource.close()
+            runtime.owned.clear()
+
+    app = FastAPI(
+        title="sealtorch key server",
+        version=__version__,
+        description="Attested key release (docs/protocol.md) and key administration "
+        "(docs/keyserver.md).",
+        docs_url=None,
+        redoc_url=None,
+        openapi_url="/openapi.json",
+        lifespan=lifespan,
+    )
+    app.state.runtime = runtime
+
+    @app.exception_handler(ServiceError)
+    async def _service_error(request: Request, exc: ServiceError) -> Response:
+        del request
+        headers = (
+            {"WWW-Authenticate": 'Bearer realm="sealtorch"'}
+            if exc.kind is ErrorKind.UNAUTHENTICATED
+            else None
+        )
+        return error_response(
+            STATUS[exc.kind], exc.code, str(exc), reasons=exc.reasons, headers=headers
+        )
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> Response:
+        del request
+        return error_response(400, "invalid_request", _validation_message(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        del request
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return error_response(exc.status_code, code, str(exc.detail), headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> Response:
+        _log.error(
+            "internal error in %s %s: %s",
+            request.method,
+            request.url.path,
+            type(exc).__name__,
+        )
+        return error_response(500, "internal_error", "internal error; see the server log")
+
+    app.include_router(health.router)
+    app.include_router(release.router)
+    app.include_router(admin.router)
+    app.add_middleware(_Guard, runtime=runtime)
+    return app
+
+
+def _open_service(
+    settings: KeyServerSettings,
+    store: Store | None,
+    master_key: MasterKey | None,
+    verifiers: VerifierSet | None,
+    clock: Callable[[], datetime] | None,
+    build: Callable[[Store, MasterKey, VerifierSet], KeyService],
+    runtime: Runtime,
+) -> KeyService:
+    if store is None:
+        store = open_store(settings.database_url, clock=clock, **settings.store_options())
+        runtime.owned.append(store)
+        store.migrate()
+    if master_key is None:
+        master_key = open_master_key(settings.master_key)
+        runtime.owned.append(master_key)
+    if verifiers is None:
+        verifiers = open_verifiers(settings, clock)
+    return build(store, master_key, verifiers)
+
+
+async def _purge_loop(runtime: Runtime) -> None:
+    while True:
+        await asyncio.sleep(_PURGE_INTERVAL)
+        service = runtime.service
+        if service is None:
+            continue
+        try:
+            removed = await anyio.to_thread.run_sync(service.purge_expired)
+        except Exception as exc:  # noqa: BLE001 - housekeeping must never stop the server
+            _log.warning("purging expired nonces failed: %s", type(exc).__name__)
+        else:
+            if removed:
+                _log.debug("purged %d expired nonces/sessions", removed)

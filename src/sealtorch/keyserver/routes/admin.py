@@ -1,0 +1,271 @@
+"""The admin API (bearer admin token): models, keys, policies, tokens, audit, content key wrap.
+
+No token → ``401``; a wrong, revoked or expired token → ``403``. Every change (and every use of
+a data key: wrap, rewrap) is audited in the same transaction as the change.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Path, Query, Request
+from fastapi.responses import Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import TypeAdapter
+
+from sealtorch.keys import DataKey
+from sealtorch.keyserver.routes._common import bearer_token, client_address, json_response, runtime
+from sealtorch.keyserver.schemas import (
+    AuditPage,
+    CreatedModel,
+    CreatedToken,
+    CreateModelRequest,
+    CreateTokenRequest,
+    KeyBlockWire,
+    KeyVersionInfo,
+    ModelDetail,
+    ModelInfo,
+    PolicyInfo,
+    RewrapRequest,
+    RotateRequest,
+    SetPolicyRequest,
+    TokenInfo,
+    WrapRequest,
+)
+from sealtorch.keyserver.service import Actor, ErrorKind, ServiceError
+from sealtorch.protocol import API_PREFIX, MODEL_ID_PATTERN, ErrorBody
+
+_admin_bearer = HTTPBearer(
+    auto_error=False,
+    scheme_name="admin",
+    description="An admin token (sta_...) from `keyserver init` or `admin token create`",
+)
+
+
+async def _actor(
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_admin_bearer)],
+) -> Actor:
+    state = runtime(request)
+    service = state.require_service()
+    try:
+        token = bearer_token(credentials, "admin token")
+    except ServiceError:
+        state.metrics.admin_auth_failures.labels("401").inc()
+        raise
+    try:
+        return await state.run(
+            service.authenticate_admin, token, client_address=client_address(request)
+        )
+    except ServiceError as exc:
+        if exc.kind is ErrorKind.FORBIDDEN:
+            state.metrics.admin_auth_failures.labels("403").inc()
+        raise
+
+
+AdminActor = Annotated[Actor, Depends(_actor)]
+ModelIdPath = Annotated[str, Path(pattern=MODEL_ID_PATTERN, max_length=128)]
+VersionPath = Annotated[int, Path(ge=1, le=2**31 - 1)]
+TokenIdPath = Annotated[str, Path(pattern=r"^[0-9a-f]{16}$")]
+
+router = APIRouter(
+    prefix=f"{API_PREFIX}/admin",
+    tags=["admin"],
+    responses={
+        400: {"model": ErrorBody, "description": "malformed request"},
+        401: {"model": ErrorBody, "description": "no bearer token"},
+        403: {"model": ErrorBody, "description": "invalid, revoked or expired token"},
+        404: {"model": ErrorBody, "description": "no such model, version or token"},
+        409: {"model": ErrorBody, "description": "conflicts with the stored state"},
+        413: {"model": ErrorBody, "description": "request body too large"},
+        503: {"model": ErrorBody, "description": "key store or audit log unavailable"},
+    },
+)
+
+
+def _list(model: type, items: list[object]) -> Response:
+    adapter: TypeAdapter[list[object]] = TypeAdapter(list[model])  # type: ignore[valid-type]
+    return Response(content=adapter.dump_json(items), media_type="application/json")
+
+
+# -- models and keys --------------------------------------------------------------------------
+
+
+@router.post("/models", status_code=201, response_model=CreatedModel, summary="Create a model")
+async def create_model(body: CreateModelRequest, request: Request, actor: AdminActor) -> Response:
+    state = runtime(request)
+    service = state.require_service()
+    key = DataKey(body.key) if body.key is not None else None
+    created = await state.run(service.create_model, actor, body.model_id, key=key)
+    return json_response(created, 201)
+
+
+@router.get("/models", response_model=list[ModelInfo], summary="List live models")
+async def list_models(request: Request, actor: AdminActor) -> Response:
+    del actor
+    state = runtime(request)
+    service = state.require_service()
+    return _list(ModelInfo, list(await state.run(service.list_models)))
+
+
+@router.get("/models/{model_id}", response_model=ModelDetail, summary="A model, keys, policy")
+async def show_model(model_id: ModelIdPath, request: Request, actor: AdminActor) -> Response:
+    del actor
+    state = runtime(request)
+    service = state.require_service()
+    return json_response(await state.run(service.show_model, model_id))
+
+
+@router.delete(
+    "/models/{model_id}",
+    response_model=ModelInfo,
+    summary="Delete a model and crypto-shred its keys (its id is never reused)",
+)
+async def delete_model(model_id: ModelIdPath, request: Request, actor: AdminActor) -> Response:
+    state = runtime(request)
+    service = state.require_service()
+    return json_response(await state.run(service.delete_model, actor, model_id))
+
+
+@router.get("/models/{model_id}/keys", response_model=list[KeyVersionInfo], summary="Key versions")
+async def list_keys(model_id: ModelIdPath, request: Request, actor: AdminActor) -> Response:
+    del actor
+    state = runtime(request)
+    service = state.require_service()
+    return _list(KeyVersionInfo, list(await state.run(service.list_keys, model_id)))
+
+
+@router.post(
+    "/models/{model_id}/keys",
+    status_code=201,
+    response_model=KeyVersionInfo,
+    summary="Rotate: add a new data key version (generated, or imported)",
+)
+async def rotate_key(
+    model_id: ModelIdPath, body: RotateRequest, request: Request, actor: AdminActor
+) -> Response:
+    state = runtime(request)
+    service = state.require_service()
+    key = DataKey(body.key) if body.key is not None else None
+    return json_response(await state.run(service.rotate_key, actor, model_id, key=key), 201)
+
+
+@router.post(
+    "/models/{model_id}/keys/{version}/revoke",
+    response_model=KeyVersionInfo,
+    summary="Revoke a key version: it is never released again",
+)
+async def revoke_key(
+    model_id: ModelIdPath, version: VersionPath, request: Request, actor: AdminActor
+) -> Response:
+    state = runtime(request)
+    service = state.require_service()
+    return json_response(await state.run(service.revoke_key, actor, model_id, version))
+
+
+# -- policies ---------------------------------------------------------------------------------
+
+
+@router.put(
+    "/models/{model_id}/policy",
+    response_model=PolicyInfo,
+    summary="Set a new release policy version (docs/policy.md)",
+)
+async def set_policy(
+    model_id: ModelIdPath, body: SetPolicyRequest, request: Request, actor: AdminActor
+) -> Response:
+    state = runtime(request)
+    service = state.require_service()
+    return json_response(await state.run(service.set_policy, actor, model_id, body.policy))
+
+
+@router.get("/models/{model_id}/policy", response_model=PolicyInfo, summary="Current policy")
+async def show_policy(model_id: ModelIdPath, request: Request, actor: AdminActor) -> Response:
+    del actor
+    state = runtime(request)
+    service = state.require_service()
+    return json_response(await state.run(service.show_policy, model_id))
+
+
+@router.get(
+    "/models/{model_id}/policies", response_model=list[PolicyInfo], summary="Policy history"
+)
+async def policy_history(model_id: ModelIdPath, request: Request, actor: AdminActor) -> Response:
+    del actor
+    state = runtime(request)
+    service = state.require_service()
+    return _list(PolicyInfo, list(await state.run(service.policy_history, model_id)))
+
+
+# -- tokens -----------------------------------------------------------------------------------
+
+
+@router.post(
+    "/tokens",
+    status_code=201,
+    response_model=CreatedToken,
+    summary="Create an admin token (shown once)",
+)
+async def create_token(body: CreateTokenRequest, request: Request, actor: AdminActor) -> Response:
+    state = runtime(request)
+    service = state.require_service()
+    created = await state.run(
+        service.create_token, actor, name=body.name, expires_in=body.expires_in
+    )
+    return json_response(created, 201)
+
+
+@router.get("/tokens", response_model=list[TokenInfo], summary="List admin tokens")
+async def list_tokens(request: Request, actor: AdminActor) -> Response:
+    del actor
+    state = runtime(request)
+    service = state.require_service()
+    return _list(TokenInfo, list(await state.run(service.list_tokens)))
+
+
+@router.post("/tokens/{token_id}/revoke", response_model=TokenInfo, summary="Revoke a token")
+async def revoke_token(token_id: TokenIdPath, request: Request, actor: AdminActor) -> Response:
+    state = runtime(request)
+    service = state.require_service()
+    return json_response(await state.run(service.revoke_token, actor, token_id))
+
+
+# -- audit ------------------------------------------------------------------------------------
+
+
+@router.get("/audit", response_model=AuditPage, summary="Audit records after a sequence number")
+async def audit(
+    request: Request,
+    actor: AdminActor,
+    after: Annotated[int, Query(ge=0, le=2**62)] = 0,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 500,
+) -> Response:
+    del actor
+    state = runtime(request)
+    service = state.require_service()
+    return json_response(await state.run(service.audit_page, after=after, limit=limit))
+
+
+# -- content keys (sealtorch encrypt/rewrap --keyserver) ---------------------------------------
+
+
+@router.post(
+    "/wrap",
+    response_model=KeyBlockWire,
+    summary="Wrap a new file's content key under the model's current data key",
+)
+async def wrap(body: WrapRequest, request: Request, actor: AdminActor) -> Response:
+    state = runtime(request)
+    service = state.require_service()
+    return json_response(await state.run(service.wrap, actor, body))
+
+
+@router.post(
+    "/rewrap",
+    response_model=KeyBlockWire,
+    summary="Rewrap a sealed file's content key to the current data key version",
+)
+async def rewrap(body: RewrapRequest, request: Request, actor: AdminActor) -> Response:
+    state = runtime(request)
+    service = state.require_service()
+    return json_response(await state.run(service.rewrap, actor, body))

@@ -1,0 +1,1130 @@
+"""The key server's logic: attested key release, renewal, and the admin operations.
+
+:class:`KeyService` knows nothing about HTTP (it never imports the web framework): the routes
+translate requests into calls and :class:`ServiceError` into responses. Every method is
+synchronous and thread-safe; the app runs them in a thread pool.
+
+The release path (``docs/protocol.md``), in order, stopping at the first failure:
+
+1. consume the challenge nonce (exactly once across replicas);
+2. verify the evidence (→ claims) and check its report_data binding;
+3. read each requested model's current policy and active keys in one snapshot, evaluate;
+4. in **one** transaction: re-check that the keys are still active (a revocation that committed
+   meanwhile wins), create the renewal session if asked, append the audit record — the commit is
+   the point of no return, and if it fails nothing is released (fail closed);
+5. only then unwrap each data key with the master key and HPKE-seal it to the enclave's key,
+   with ``key_release_info`` binding model, version, request, nonce, policy and lease.
+
+Refusals before step 4 are audited too (best effort: if that record cannot be written the
+request is refused all the same).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import logging
+import secrets
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from enum import StrEnum
+from typing import Any, NoReturn
+
+from sealtorch._crypto import hpke
+from sealtorch.attestation import (
+    Claims,
+    Evidence,
+    Policy,
+    VerifierSet,
+    binding_reasons,
+    reason_for_error,
+    report_data_for,
+)
+from sealtorch.errors import (
+    AttestationError,
+    AuditError,
+    ConfigError,
+    Error,
+    IntegrityError,
+    ProtocolError,
+    StorageError,
+)
+from sealtorch.keys import DataKey, generate_key
+from sealtorch.keyserver.audit import AuditEntry, AuditKind, canonical_json
+from sealtorch.keyserver.masterkey import MasterKey, wrap_aad
+from sealtorch.keyserver.records import (
+    AdminTokenRecord,
+    ConflictError,
+    KeyVersionRecord,
+    ModelRecord,
+    NonceStatus,
+    NotFoundError,
+    PolicyRecord,
+    ReleaseMaterial,
+    WrapFunction,
+    WrappedDek,
+    WrappedKey,
+)
+from sealtorch.keyserver.schemas import (
+    AuditHeadInfo,
+    AuditPage,
+    CreatedModel,
+    CreatedToken,
+    KeyBlockWire,
+    KeyVersionInfo,
+    ModelDetail,
+    ModelInfo,
+    PolicyInfo,
+    RewrapRequest,
+    TokenInfo,
+    WrapRequest,
+)
+from sealtorch.keyserver.settings import KeyServerSettings
+from sealtorch.keyserver.store import Store
+from sealtorch.keyserver.tokens import (
+    InvalidTokenError,
+    TokenKind,
+    authenticate_admin,
+    authenticate_session,
+    issue_token,
+)
+from sealtorch.protocol import (
+    HPKE_SUITES,
+    ChallengeResponse,
+    DeniedModel,
+    GrantedKey,
+    ReleaseRequest,
+    ReleaseResponse,
+    RenewRequest,
+    SessionGrant,
+    key_release_info,
+)
+
+__all__ = [
+    "Actor",
+    "DecisionObserver",
+    "ErrorKind",
+    "KeyService",
+    "ServiceError",
+]
+
+_log = logging.getLogger(__name__)
+
+_NONCE_SIZE = 32
+_POLICY_CACHE_SIZE = 512
+_MAX_AUDIT_PAGE = 1000
+
+
+class ErrorKind(StrEnum):
+    """What kind of failure a :class:`ServiceError` is (the routes map it to an HTTP status)."""
+
+    INVALID = "invalid"  # 400
+    UNAUTHENTICATED = "unauthenticated"  # 401
+    FORBIDDEN = "forbidden"  # 403
+    NOT_FOUND = "not_found"  # 404
+    CONFLICT = "conflict"  # 409
+    UNAVAILABLE = "unavailable"  # 503
+
+
+class ServiceError(Error):
+    """A request the service refuses or cannot serve; ``code`` is stable (``docs/protocol.md``)."""
+
+    def __init__(
+        self, kind: ErrorKind, code: str, message: str, *, reasons: Sequence[str] = ()
+    ) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.code = code
+        self.reasons = tuple(reasons)
+
+
+@dataclass(frozen=True)
+class Actor:
+    """Who calls an admin operation (an authenticated admin token) and from where."""
+
+    token_id: str
+    client_address: str | None = None
+
+
+#: Told about every release/renew outcome: ``(action, decision, reason codes, keys released)``.
+DecisionObserver = Callable[[str, str, list[str], int], None]
+
+
+def _ignore_decision(action: str, decision: str, reasons: list[str], keys: int) -> None:
+    del action, decision, reasons, keys
+
+
+@dataclass(frozen=True)
+class _Grant:
+    material: ReleaseMaterial
+    policy: Policy
+    policy_record: PolicyRecord
+    keys: tuple[WrappedKey, ...]
+
+
+def _system_clock() -> datetime:
+    return datetime.now(UTC)
+
+
+def _model_info(model: ModelRecord, current: int | None, policy: int | None) -> ModelInfo:
+    return ModelInfo(
+        model_id=model.model_id,
+        created_at=model.created_at,
+        current_key_version=current,
+        policy_version=policy,
+    )
+
+
+def _key_info(record: KeyVersionRecord) -> KeyVersionInfo:
+    return KeyVersionInfo(
+        model_id=record.model_id,
+        version=record.version,
+        state=record.state.value,
+        fingerprint=record.fingerprint,
+        wrap_key_id=record.wrap_key_id,
+        created_at=record.created_at,
+        revoked_at=record.revoked_at,
+    )
+
+
+def _token_info(record: AdminTokenRecord) -> TokenInfo:
+    return TokenInfo(
+        token_id=record.token_id,
+        name=record.name,
+        created_at=record.created_at,
+        expires_at=record.expires_at,
+        revoked_at=record.revoked_at,
+    )
+
+
+def canonical_policy(policy: Policy) -> str:
+    """The stored text of a policy: canonical JSON of its normalised form (digest = SHA-256)."""
+    return json.dumps(policy.to_dict(), sort_keys=True, separators=(",", ":"))
+
+
+class KeyService:
+    """Attested key release and key administration over a :class:`Store` (see module doc)."""
+
+    def __init__(
+        self,
+        settings: KeyServerSettings,
+        *,
+        store: Store,
+        master_key: MasterKey,
+        verifiers: VerifierSet,
+        clock: Callable[[], datetime] | None = None,
+        observer: DecisionObserver | None = None,
+    ) -> None:
+        self._settings = settings
+        self._observe: DecisionObserver = observer or _ignore_decision
+        self._store = store
+        self._master = master_key
+        self._verifiers = verifiers
+        self._clock = clock or _system_clock
+        self._policies: dict[str, Policy] = {}
+        self._policy_lock = threading.Lock()
+        self._evidence_types = tuple(sorted(verifiers.evidence_types))
+
+    @property
+    def store(self) -> Store:
+        return self._store
+
+    def now(self) -> datetime:
+        value = self._clock()
+        if value.tzinfo is None:
+            raise ConfigError("the key server clock must return timezone-aware times")
+        return value.astimezone(UTC)
+
+    # -- health ---------------------------------------------------------------------------------
+
+    def check_ready(self) -> None:
+        """Raise :class:`ServiceError` (unavailable) unless the store answers with our schema."""
+        try:
+            self._store.ping()
+            self._store.check_schema()
+        except StorageError as exc:
+            raise ServiceError(ErrorKind.UNAVAILABLE, "store_unavailable", str(exc)) from exc
+
+    def purge_expired(self) -> int:
+        return self._store.purge_expired(now=self.now())
+
+    # -- challenge ------------------------------------------------------------------------------
+
+    def challenge(self) -> ChallengeResponse:
+        nonce = secrets.token_bytes(_NONCE_SIZE)
+        expires_at = self.now() + self._settings.nonce_ttl
+        try:
+            self._store.add_nonce(nonce, expires_at=expires_at)
+        except StorageError as exc:
+            raise _unavailable(exc) from exc
+        return ChallengeResponse(
+            nonce=nonce,
+            expires_at=expires_at,
+            hpke_suites=HPKE_SUITES,
+            evidence_types=self._evidence_types,
+        )
+
+    # -- release --------------------------------------------------------------------------------
+
+    def release(self, request: ReleaseRequest, *, client_address: str | None) -> ReleaseResponse:
+        """Verify, decide, audit, then seal (see the module docstring)."""
+        request_id = secrets.token_hex(16)
+        evidence_digest = hashlib.sha256(request.evidence.data).hexdigest()
+        requested = tuple(request.models) if request.models is not None else ()
+        context: dict[str, Any] = {
+            "kind": AuditKind.RELEASE,
+            "action": "release",
+            "client_address": client_address,
+            "request_id": request_id,
+            "evidence_digest": evidence_digest,
+            "model_ids": requested,
+        }
+        suite = request.hpke.suite
+        public_key = request.hpke.public_key
+        try:
+            status = self._store.consume_nonce(request.nonce, now=self.now())
+        except StorageError as exc:
+            raise _unavailable(exc) from exc
+        if status is NonceStatus.UNKNOWN:
+            self._refuse(
+                context,
+                ErrorKind.FORBIDDEN,
+                "nonce_invalid",
+                "the challenge nonce is unknown or was already used; request a new challenge "
+                "and attest again",
+            )
+        if status is NonceStatus.EXPIRED:
+            self._refuse(
+                context,
+                ErrorKind.FORBIDDEN,
+                "nonce_expired",
+                "the challenge nonce expired before the release request; request a new "
+                "challenge and attest again promptly",
+            )
+        try:
+            recipient = hpke.HpkePublicKey.decode(suite, public_key)
+        except ProtocolError as exc:
+            self._refuse(context, ErrorKind.INVALID, "invalid_public_key", str(exc))
+        now = self.now()
+        try:
+            evidence = Evidence(type=request.evidence.type, data=request.evidence.data)
+            claims = self._verifiers.verify(evidence, now=now)
+        except AttestationError as exc:
+            code = reason_for_error(exc)
+            self._refuse(context, ErrorKind.FORBIDDEN, code, f"evidence refused: {exc}")
+        context["claims"] = claims.to_dict()
+        expected = report_data_for(nonce=request.nonce, hpke_suite=suite, public_key=public_key)
+        if binding_reasons(claims, expected):
+            self._refuse(
+                context,
+                ErrorKind.FORBIDDEN,
+                "binding_mismatch",
+                "the evidence's report_data does not bind this request's nonce, HPKE suite and "
+                "public key (evidence made for another request, or the key was swapped)",
+            )
+        lease_end = self._cap(now + self._settings.lease_duration, claims)
+        grants, denials = self._decide(request.models, claims, now)
+
+        session: SessionGrant | None = None
+        session_id: str | None = None
+        with self._audited_transaction() as tx:
+            grants, denials = self._recheck(tx, grants, denials)
+            if request.session and grants and self._settings.session_duration > timedelta(0):
+                issued = issue_token(TokenKind.SESSION)
+                session_id = issued.token_id
+                session_end = self._cap(now + self._settings.session_duration, claims)
+                tx.create_session(
+                    token_id=issued.token_id,
+                    digest=issued.digest,
+                    hpke_suite=suite,
+                    public_key=public_key,
+                    claims_json=canonical_json(context["claims"]),
+                    evidence_digest=evidence_digest,
+                    model_ids=request.models,
+                    expires_at=session_end,
+                )
+                session = SessionGrant(token=issued.token, expires_at=session_end)
+            tx.append_audit(
+                self._decision_entry(
+                    context,
+                    grants,
+                    denials,
+                    lease_end=lease_end,
+                    suite=suite,
+                    session_id=session_id,
+                )
+            )
+        granted = self._seal(
+            grants,
+            suite=suite,
+            recipient=recipient,
+            request_id=request_id,
+            request_nonce=request.nonce,
+            lease_end=lease_end,
+        )
+        self._log_decision("release", request_id, grants, denials, len(granted))
+        return ReleaseResponse(
+            request_id=request_id,
+            server_time=now,
+            granted=granted,
+            # Asking for "every model" must not reveal the ids of models one may not have.
+            denied=tuple(denials) if request.models is not None else (),
+            session=session,
+        )
+
+    def renew(
+        self, token: str, request: RenewRequest, *, client_address: str | None
+    ) -> ReleaseResponse:
+        """Renew leases for a session: current policies against the session's recorded claims,
+        sealed to the session's public key, bound to the request's fresh nonce."""
+        now = self.now()
+        try:
+            session = authenticate_session(self._store, token, now=now)
+        except InvalidTokenError as exc:
+            _log.info("renewal refused: %s session token", exc.reason)
+            self._observe("renew", "refuse", ["session_invalid"], 0)
+            raise ServiceError(ErrorKind.FORBIDDEN, "session_invalid", str(exc)) from exc
+        except StorageError as exc:
+            raise _unavailable(exc) from exc
+        request_id = secrets.token_hex(16)
+        try:
+            claims = Claims.from_dict(session.claims())
+            recipient = hpke.HpkePublicKey.decode(session.hpke_suite, session.public_key)
+        except (AttestationError, ProtocolError) as exc:  # pragma: no cover - we stored them
+            raise ServiceError(
+                ErrorKind.UNAVAILABLE, "session_corrupt", "the stored session is unusable"
+            ) from exc
+        models = request.models
+        outside: list[DeniedModel] = []
+        if session.model_ids is not None:
+            allowed = set(session.model_ids)
+            if models is None:
+                models = session.model_ids
+            else:
+                outside = [
+                    DeniedModel(
+                        model_id=model_id,
+                        reasons=("not_in_session",),
+                        message=f"model {model_id!r} was not part of this session's release",
+                    )
+                    for model_id in models
+                    if model_id not in allowed
+                ]
+                models = tuple(m for m in models if m in allowed)
+        context: dict[str, Any] = {
+            "kind": AuditKind.RELEASE,
+            "action": "renew",
+            "actor": session.token_id,
+            "client_address": client_address,
+            "request_id": request_id,
+            "evidence_digest": session.evidence_digest,
+            "model_ids": tuple(request.models or ()),
+            "claims": claims.to_dict(),
+        }
+        lease_end = self._cap(now + self._settings.lease_duration, claims)
+        grants, denials = self._decide(models, claims, now)
+        denials = outside + denials
+        with self._audited_transaction() as tx:
+            grants, denials = self._recheck(tx, grants, denials)
+            tx.append_audit(
+                self._decision_entry(
+                    context,
+                    grants,
+                    denials,
+                    lease_end=lease_end,
+                    suite=session.hpke_suite,
+                    session_id=session.token_id,
+                )
+            )
+        granted = self._seal(
+            grants,
+            suite=session.hpke_suite,
+            recipient=recipient,
+            request_id=request_id,
+            request_nonce=request.nonce,
+            lease_end=lease_end,
+        )
+        self._log_decision("renew", request_id, grants, denials, len(granted))
+        return ReleaseResponse(
+            request_id=request_id,
+            server_time=now,
+            granted=granted,
+            denied=tuple(denials) if request.models is not None else (),
+            session=None,
+        )
+
+    # -- release helpers ------------------------------------------------------------------------
+
+    def _cap(self, end: datetime, claims: Claims) -> datetime:
+        """Leases and sessions never outlive the freshness of the collateral that verified
+        the evidence."""
+        if claims.collateral_next_update is not None:
+            return min(end, claims.collateral_next_update.astimezone(UTC))
+        return end
+
+    def _policy(self, record: PolicyRecord) -> Policy:
+        cached = self._policies.get(record.digest)
+        if cached is not None:
+            return cached
+        policy = Policy.from_json(record.document, source=f"policy v{record.version}")
+        with self._policy_lock:
+            if len(self._policies) >= _POLICY_CACHE_SIZE:
+                self._policies.clear()
+            self._policies[record.digest] = policy
+        return policy
+
+    def _decide(
+        self, models: Sequence[str] | None, claims: Claims, now: datetime
+    ) -> tuple[list[_Grant], list[DeniedModel]]:
+        try:
+            material = self._store.release_material(models)
+        except StorageError as exc:
+            raise _unavailable(exc) from exc
+        grants: list[_Grant] = []
+        denials: list[DeniedModel] = []
+        for item in material:
+            if item.model is None:
+                denials.append(
+                    DeniedModel(
+                        model_id=item.model_id,
+                        reasons=("unknown_model",),
+                        message=f"model {item.model_id!r} does not exist on this key server",
+                    )
+                )
+                continue
+            if item.policy is None:
+                denials.append(
+                    DeniedModel(
+                        model_id=item.model_id,
+                        reasons=("no_policy",),
+                        message=f"model {item.model_id!r} has no release policy yet "
+                        "(`sealtorch admin policy set`)",
+                    )
+                )
+                continue
+            if not item.keys:
+                denials.append(_no_active_key(item.model_id))
+                continue
+            try:
+                policy = self._policy(item.policy)
+            except ConfigError:
+                _log.error("stored policy of %s is invalid; denying", item.model_id)
+                denials.append(
+                    DeniedModel(
+                        model_id=item.model_id,
+                        reasons=("policy_invalid",),
+                        message="the model's stored policy is invalid; set it again",
+                    )
+                )
+                continue
+            decision = policy.evaluate(claims, now=now)
+            if decision.allowed:
+                grants.append(_Grant(item, policy, item.policy, item.keys))
+            else:
+                denials.append(
+                    DeniedModel(
+                        model_id=item.model_id,
+                        reasons=decision.reasons,
+                        message=decision.message[:2000],
+                    )
+                )
+        return grants, denials
+
+    def _recheck(
+        self, tx: Any, grants: list[_Grant], denials: list[DeniedModel]
+    ) -> tuple[list[_Grant], list[DeniedModel]]:
+        """Drop keys revoked since the snapshot (read inside the audit transaction)."""
+        pairs = [(g.material.model_id, key.version) for g in grants for key in g.keys]
+        if not pairs:
+            return grants, denials
+        active = tx.still_active(pairs)
+        kept: list[_Grant] = []
+        denials = list(denials)
+        for grant in grants:
+            keys = tuple(k for k in grant.keys if (grant.material.model_id, k.version) in active)
+            if keys:
+                kept.append(_Grant(grant.material, grant.policy, grant.policy_record, keys))
+            else:
+                denials.append(_no_active_key(grant.material.model_id))
+        return kept, denials
+
+    def _decision_entry(
+        self,
+        context: dict[str, Any],
+        grants: list[_Grant],
+        denials: list[DeniedModel],
+        *,
+        lease_end: datetime,
+        suite: str,
+        session_id: str | None,
+    ) -> AuditEntry:
+        decision = "allow" if grants and not denials else "partial" if grants else "deny"
+        reasons = sorted({reason for denial in denials for reason in denial.reasons})
+        details = {
+            "granted": [
+                {
+                    "model_id": g.material.model_id,
+                    "key_versions": [k.version for k in g.keys],
+                    "policy_version": g.policy_record.version,
+                    "policy_digest": g.policy.digest,
+                }
+                for g in grants
+            ],
+            "denied": [{"model_id": d.model_id, "reasons": list(d.reasons)} for d in denials],
+            "hpke_suite": suite,
+            "lease_expires_at": _rfc3339(lease_end),
+            "session": session_id,
+        }
+        models = context["model_ids"] or tuple(
+            [g.material.model_id for g in grants] + [d.model_id for d in denials]
+        )
+        return AuditEntry(
+            kind=context["kind"],
+            action=context["action"],
+            decision=decision,
+            actor=context.get("actor"),
+            client_address=context["client_address"],
+            request_id=context["request_id"],
+            evidence_digest=context["evidence_digest"],
+            claims=context.get("claims"),
+            model_ids=models,
+            reasons=reasons,
+            details=details,
+        )
+
+    def _seal(
+        self,
+        grants: list[_Grant],
+        *,
+        suite: str,
+        recipient: hpke.HpkePublicKey,
+        request_id: str,
+        request_nonce: bytes,
+        lease_end: datetime,
+    ) -> tuple[GrantedKey, ...]:
+        granted: list[GrantedKey] = []
+        for grant in grants:
+            model_id = grant.material.model_id
+            document = grant.policy.to_dict()
+            for key in grant.keys:
+                try:
+                    dek = self._master.unwrap(key.blob, wrap_aad(model_id, key.version))
+                except (IntegrityError, StorageError) as exc:
+                    _log.error("cannot unwrap key version %d of %s: %s", key.version, model_id, exc)
+                    raise ServiceError(
+                        ErrorKind.UNAVAILABLE,
+                        "key_unavailable",
+                        "a data key could not be unwrapped by the master key; the operator "
+                        "must check the master key configuration",
+                    ) from exc
+                info = key_release_info(
+                    model_id=model_id,
+                    key_version=key.version,
+                    request_id=request_id,
+                    request_nonce=request_nonce,
+                    policy_digest=grant.policy.digest,
+                    lease_expires_at=lease_end,
+                )
+                sealed = hpke.seal(suite, recipient, dek.material, info=info)
+                del dek
+                granted.append(
+                    GrantedKey(
+                        model_id=model_id,
+                        key_version=key.version,
+                        sealed_key=sealed,
+                        lease_expires_at=lease_end,
+                        policy=document,
+                        policy_version=grant.policy_record.version,
+                        policy_digest=grant.policy.digest,
+                    )
+                )
+        return tuple(granted)
+
+    def _refuse(
+        self, context: dict[str, Any], kind: ErrorKind, code: str, message: str
+    ) -> NoReturn:
+        """Audit a refused request (best effort), then raise."""
+        entry = AuditEntry(
+            kind=context["kind"],
+            action=context["action"],
+            decision="refuse",
+            actor=context.get("actor"),
+            client_address=context["client_address"],
+            request_id=context["request_id"],
+            evidence_digest=context["evidence_digest"],
+            claims=context.get("claims"),
+            model_ids=context["model_ids"],
+            reasons=(code,),
+        )
+        try:
+            self._store.append_audit(entry)
+        except StorageError as exc:  # AuditError included: refused either way
+            _log.error("could not audit a refused %s request: %s", context["action"], exc)
+        _log.info(
+            "%s refused",
+            context["action"],
+            extra={"request_id": context["request_id"], "code": code},
+        )
+        self._observe(context["action"], "refuse", [code], 0)
+        raise ServiceError(kind, code, message, reasons=(code,))
+
+    def _log_decision(
+        self,
+        action: str,
+        request_id: str,
+        grants: list[_Grant],
+        denials: list[DeniedModel],
+        released: int,
+    ) -> None:
+        decision = "allow" if grants and not denials else "partial" if grants else "deny"
+        self._observe(action, decision, [r for denial in denials for r in denial.reasons], released)
+        if _log.isEnabledFor(logging.INFO):
+            _log.info(
+                "%s decided",
+                action,
+                extra={
+                    "request_id": request_id,
+                    "granted": [g.material.model_id for g in grants],
+                    "denied": {d.model_id: list(d.reasons) for d in denials},
+                },
+            )
+
+    # -- transactions ---------------------------------------------------------------------------
+
+    def _audited_transaction(self) -> Any:
+        return _Transaction(self._store)
+
+    def _admin_change(
+        self,
+        actor: Actor,
+        action: str,
+        model_ids: Sequence[str],
+        change: Callable[[Any], tuple[Any, dict[str, Any]]],
+    ) -> Any:
+        """Run ``change(tx) -> (result, audit details)`` and its audit record atomically.
+
+        A failed change (not found, conflict, invalid) is audited as ``decision: error``.
+        """
+        try:
+            with self._audited_transaction() as tx:
+                result, details = change(tx)
+                tx.append_audit(
+                    AuditEntry(
+                        kind=AuditKind.ADMIN,
+                        action=action,
+                        decision="ok",
+                        actor=actor.token_id,
+                        client_address=actor.client_address,
+                        model_ids=tuple(model_ids),
+                        details=details,
+                    )
+                )
+            return result
+        except (NotFoundError, ConflictError, ConfigError, ServiceError) as exc:
+            error = _service_error(exc)
+            try:
+                self._store.append_audit(
+                    AuditEntry(
+                        kind=AuditKind.ADMIN,
+                        action=action,
+                        decision="error",
+                        actor=actor.token_id,
+                        client_address=actor.client_address,
+                        model_ids=tuple(model_ids),
+                        reasons=(error.code,),
+                    )
+                )
+            except StorageError as audit_exc:
+                _log.error("could not audit a failed %s: %s", action, audit_exc)
+            raise error from exc
+
+    # -- admin: authentication --------------------------------------------------------------------
+
+    def authenticate_admin(self, token: str, *, client_address: str | None) -> Actor:
+        try:
+            record = authenticate_admin(self._store, token, now=self.now())
+        except InvalidTokenError as exc:
+            _log.warning(
+                "admin request refused: %s token",
+                exc.reason,
+                extra={"client_address": client_address},
+            )
+            raise ServiceError(ErrorKind.FORBIDDEN, "token_invalid", str(exc)) from exc
+        except StorageError as exc:
+            raise _unavailable(exc) from exc
+        return Actor(token_id=record.token_id, client_address=client_address)
+
+    # -- admin: models and keys -------------------------------------------------------------------
+
+    def _wrapper(self, model_id: str, dek: DataKey) -> WrapFunction:
+        def wrap(version: int) -> WrappedDek:
+            return WrappedDek(
+                blob=self._master.wrap(dek, wrap_aad(model_id, version)),
+                wrap_key_id=self._master.key_id,
+                fingerprint=dek.fingerprint,
+            )
+
+        return wrap
+
+    def create_model(
+        self, actor: Actor, model_id: str, *, key: DataKey | None = None
+    ) -> CreatedModel:
+        dek = key if key is not None else generate_key()
+
+        def change(tx: Any) -> tuple[CreatedModel, dict[str, Any]]:
+            model, version = tx.create_model(model_id, wrap=self._wrapper(model_id, dek))
+            created = CreatedModel(model=_model_info(model, 1, None), key=_key_info(version))
+            return created, {"key_version": 1, "imported": key is not None}
+
+        result: CreatedModel = self._admin_change(actor, "model.create", [model_id], change)
+        return result
+
+    def list_models(self) -> list[ModelInfo]:
+        out = []
+        for model in self._read(self._store.list_models):
+            current = self._read(self._store.current_key_version, model.model_id)
+            policy = self._read(self._store.current_policy, model.model_id)
+            out.append(
+                _model_info(
+                    model,
+                    current.version if current else None,
+                    policy.version if policy else None,
+                )
+            )
+        return out
+
+    def show_model(self, model_id: str) -> ModelDetail:
+        model = self._read(self._store.get_model, model_id)
+        if model is None:
+            raise _not_found_model(model_id)
+        keys = self._read(self._store.list_key_versions, model_id)
+        current = self._read(self._store.current_key_version, model_id)
+        policy = self._read(self._store.current_policy, model_id)
+        return ModelDetail(
+            model=_model_info(
+                model, current.version if current else None, policy.version if policy else None
+            ),
+            keys=tuple(_key_info(k) for k in keys),
+            policy=_policy_info(policy) if policy else None,
+        )
+
+    def delete_model(self, actor: Actor, model_id: str) -> ModelInfo:
+        def change(tx: Any) -> tuple[ModelInfo, dict[str, Any]]:
+            model = tx.delete_model(model_id)
+            return _model_info(model, None, None), {"crypto_shredded": True}
+
+        result: ModelInfo = self._admin_change(actor, "model.delete", [model_id], change)
+        return result
+
+    def list_keys(self, model_id: str) -> list[KeyVersionInfo]:
+        if self._read(self._store.get_model, model_id) is None:
+            raise _not_found_model(model_id)
+        return [_key_info(k) for k in self._read(self._store.list_key_versions, model_id)]
+
+    def rotate_key(
+        self, actor: Actor, model_id: str, *, key: DataKey | None = None
+    ) -> KeyVersionInfo:
+        dek = key if key is not None else generate_key()
+
+        def change(tx: Any) -> tuple[KeyVersionInfo, dict[str, Any]]:
+            record = tx.add_key_version(model_id, wrap=self._wrapper(model_id, dek))
+            return _key_info(record), {"key_version": record.version, "imported": key is not None}
+
+        result: KeyVersionInfo = self._admin_change(actor, "key.rotate", [model_id], change)
+        return result
+
+    def revoke_key(self, actor: Actor, model_id: str, version: int) -> KeyVersionInfo:
+        def change(tx: Any) -> tuple[KeyVersionInfo, dict[str, Any]]:
+            record = tx.revoke_key_version(model_id, version)
+            return _key_info(record), {"key_version": version}
+
+        result: KeyVersionInfo = self._admin_change(actor, "key.revoke", [model_id], change)
+        return result
+
+    # -- admin: policies --------------------------------------------------------------------------
+
+    def set_policy(self, actor: Actor, model_id: str, document: dict[str, Any]) -> PolicyInfo:
+        def change(tx: Any) -> tuple[PolicyInfo, dict[str, Any]]:
+            policy = Policy.from_dict(document, source=f"policy for {model_id}")
+            record = tx.set_policy(model_id, canonical_policy(policy))
+            details = {"policy_version": record.version, "policy_digest": record.digest}
+            return _policy_info(record), details
+
+        result: PolicyInfo = self._admin_change(actor, "policy.set", [model_id], change)
+        return result
+
+    def show_policy(self, model_id: str) -> PolicyInfo:
+        if self._read(self._store.get_model, model_id) is None:
+            raise _not_found_model(model_id)
+        record = self._read(self._store.current_policy, model_id)
+        if record is None:
+            raise ServiceError(
+                ErrorKind.NOT_FOUND,
+                "no_policy",
+                f"model {model_id!r} has no release policy yet; set one with "
+                f"`sealtorch admin policy set {model_id} FILE`",
+            )
+        return _policy_info(record)
+
+    def policy_history(self, model_id: str) -> list[PolicyInfo]:
+        if self._read(self._store.get_model, model_id, include_deleted=True) is None:
+            raise _not_found_model(model_id)
+        return [_policy_info(r) for r in self._read(self._store.list_policies, model_id)]
+
+    # -- admin: tokens ----------------------------------------------------------------------------
+
+    def create_token(
+        self, actor: Actor, *, name: str, expires_in: int | None = None
+    ) -> CreatedToken:
+        issued = issue_token(TokenKind.ADMIN)
+        expires_at = self.now() + timedelta(seconds=expires_in) if expires_in else None
+
+        def change(tx: Any) -> tuple[CreatedToken, dict[str, Any]]:
+            record = tx.create_admin_token(
+                token_id=issued.token_id, digest=issued.digest, name=name, expires_at=expires_at
+            )
+            return CreatedToken(info=_token_info(record), token=issued.token), {
+                "token_id": issued.token_id,
+                "name": name,
+            }
+
+        result: CreatedToken = self._admin_change(actor, "token.create", [], change)
+        return result
+
+    def list_tokens(self) -> list[TokenInfo]:
+        return [_token_info(r) for r in self._read(self._store.list_admin_tokens)]
+
+    def revoke_token(self, actor: Actor, token_id: str) -> TokenInfo:
+        def change(tx: Any) -> tuple[TokenInfo, dict[str, Any]]:
+            now = self.now()
+            usable = [r for r in self._store.list_admin_tokens() if r.usable_at(now)]
+            if [r.token_id for r in usable] == [token_id]:
+                raise ConflictError(
+                    "this is the last usable admin token; create another one before revoking it"
+                )
+            record = tx.revoke_admin_token(token_id)
+            return _token_info(record), {"token_id": token_id}
+
+        result: TokenInfo = self._admin_change(actor, "token.revoke", [], change)
+        return result
+
+    # -- admin: audit -----------------------------------------------------------------------------
+
+    def audit_page(self, *, after: int = 0, limit: int = 500) -> AuditPage:
+        limit = max(1, min(limit, _MAX_AUDIT_PAGE))
+        head = self._read(self._store.audit_head)
+        records = self._read(
+            lambda: list(
+                itertools.islice(
+                    self._store.iter_audit(after_seq=max(0, after), up_to_seq=head.seq), limit
+                )
+            )
+        )
+        last = records[-1].seq if records else after
+        return AuditPage(
+            head=AuditHeadInfo(seq=head.seq, hash=head.hash),
+            records=tuple(r.as_json() for r in records),
+            next_after=last if records and last < head.seq else None,
+        )
+
+    # -- admin: content key wrapping (encrypt --keyserver, rewrap --keyserver) ---------------------
+
+    def _current_dek(self, model_id: str) -> tuple[int, DataKey]:
+        current = self._read(self._store.current_key_version, model_id)
+        if current is None:
+            if self._read(self._store.get_model, model_id) is None:
+                raise _not_found_model(model_id)
+            raise ServiceError(
+                ErrorKind.CONFLICT,
+                "no_active_key",
+                f"model {model_id!r} has no active key version; rotate to create one",
+            )
+        return current.version, self._unwrap(model_id, current.version)
+
+    def _unwrap(self, model_id: str, version: int) -> DataKey:
+        wrapped = self._read(self._store.get_wrapped_key, model_id, version)
+        if wrapped is None:
+            raise ServiceError(
+                ErrorKind.NOT_FOUND,
+                "unknown_key_version",
+                f"model {model_id!r} has no key version {version} (or it was destroyed)",
+            )
+        try:
+            return self._master.unwrap(wrapped.blob, wrap_aad(model_id, version))
+        except (IntegrityError, StorageError) as exc:
+            raise ServiceError(
+                ErrorKind.UNAVAILABLE,
+                "key_unavailable",
+                "a data key could not be unwrapped by the master key",
+            ) from exc
+
+    def wrap(self, actor: Actor, request: WrapRequest) -> KeyBlockWire:
+        """Wrap a new file's content key under the model's current data key version."""
+        from sealtorch.sealed.keywrap import wrap_content_key
+
+        def change(tx: Any) -> tuple[KeyBlockWire, dict[str, Any]]:
+            del tx
+            version, dek = self._current_dek(request.model_id)
+            block = wrap_content_key(
+                dek,
+                model_id=request.model_id,
+                key_version=version,
+                body_digest=request.body_digest,
+                cek=request.cek,
+            )
+            wire = KeyBlockWire(
+                key_version=block.key_version,
+                salt=block.salt,
+                nonce=block.nonce,
+                wrapped_cek=block.wrapped_cek,
+            )
+            return wire, {"key_version": version, "body_digest": request.body_digest.hex()}
+
+        result: KeyBlockWire = self._admin_change(actor, "key.wrap", [request.model_id], change)
+        return result
+
+    def rewrap(self, actor: Actor, request: RewrapRequest) -> KeyBlockWire:
+        """Unwrap a file's content key with its (possibly revoked) version and wrap it again
+        under the current version; the content key never leaves the server."""
+        from sealtorch.sealed.header import BodyHeader, Header, KeyBlock
+        from sealtorch.sealed.keywrap import unwrap_content_key, wrap_content_key
+
+        model_id = request.body.model_id
+
+        def change(tx: Any) -> tuple[KeyBlockWire, dict[str, Any]]:
+            del tx
+            try:
+                header = Header(
+                    body=BodyHeader(
+                        model_id=model_id,
+                        plaintext_size=request.body.plaintext_size,
+                        chunk_size=request.body.chunk_size,
+                        salt=request.body.salt,
+                        suite=request.body.suite,
+                    ),
+                    key=KeyBlock(
+                        key_version=request.key.key_version,
+                        salt=request.key.salt,
+                        nonce=request.key.nonce,
+                        wrapped_cek=request.key.wrapped_cek,
+                    ),
+                )
+            except ConfigError as exc:
+                raise ServiceError(ErrorKind.INVALID, "invalid_header", str(exc)) from exc
+            old = self._unwrap(model_id, header.key_version)
+            try:
+                cek = unwrap_content_key(old, header)
+            except IntegrityError as exc:
+                raise ServiceError(
+                    ErrorKind.INVALID,
+                    "header_invalid",
+                    f"the header does not authenticate under key version {header.key_version} "
+                    f"of {model_id!r}: it was modified or belongs to another key server",
+                ) from exc
+            version, dek = self._current_dek(model_id)
+            block = wrap_content_key(
+                dek, model_id=model_id, key_version=version, body_digest=header.body.digest, cek=cek
+            )
+            del cek
+            wire = KeyBlockWire(
+                key_version=block.key_version,
+                salt=block.salt,
+                nonce=block.nonce,
+                wrapped_cek=block.wrapped_cek,
+            )
+            return wire, {"from_version": header.key_version, "key_version": version}
+
+        result: KeyBlockWire = self._admin_change(actor, "key.rewrap", [model_id], change)
+        return result
+
+    # -- reads ------------------------------------------------------------------------------------
+
+    def _read(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        try:
+            return function(*args, **kwargs)
+        except StorageError as exc:
+            raise _unavailable(exc) from exc
+
+
+class _Transaction:
+    """``store.transaction()`` whose storage failures become ``audit_unavailable`` (503)."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self._context: Any = None
+
+    def __enter__(self) -> Any:
+        self._context = self._store.transaction()
+        try:
+            return self._context.__enter__()
+        except StorageError as exc:
+            raise _unavailable(exc) from exc
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
+        try:
+            return bool(self._context.__exit__(exc_type, exc, tb))
+        except AuditError as failure:
+            _log.error("audit record not written; nothing released or changed: %s", failure)
+            raise ServiceError(
+                ErrorKind.UNAVAILABLE,
+                "audit_unavailable",
+                "the audit record could not be written, so nothing was released or changed; "
+                "retry later",
+            ) from failure
+        except StorageError as failure:
+            raise _unavailable(failure) from failure
+
+
+def _unavailable(exc: StorageError) -> ServiceError:
+    if isinstance(exc, AuditError):
+        return ServiceError(
+            ErrorKind.UNAVAILABLE,
+            "audit_unavailable",
+            "the audit record could not be written, so nothing was released or changed; "
+            "retry later",
+        )
+    _log.error("key store failure: %s", exc)
+    return ServiceError(
+        ErrorKind.UNAVAILABLE,
+        "store_unavailable",
+        "the key store is unavailable; retry later",
+    )
+
+
+def _service_error(exc: Error) -> ServiceError:
+    if isinstance(exc, ServiceError):
+        return exc
+    if isinstance(exc, NotFoundError):
+        return ServiceError(ErrorKind.NOT_FOUND, "not_found", str(exc))
+    if isinstance(exc, ConflictError):
+        return ServiceError(ErrorKind.CONFLICT, "conflict", str(exc))
+    return ServiceError(ErrorKind.INVALID, "invalid_request", str(exc))
+
+
+def _not_found_model(model_id: str) -> ServiceError:
+    return ServiceError(ErrorKind.NOT_FOUND, "unknown_model", f"model {model_id!r} does not exist")
+
+
+def _no_active_key(model_id: str) -> DeniedModel:
+    return DeniedModel(
+        model_id=model_id,
+        reasons=("no_active_key",),
+        message=f"model {model_id!r} has no active (unrevoked) key version",
+    )
+
+
+def _policy_info(record: PolicyRecord) -> PolicyInfo:
+    return PolicyInfo(
+        model_id=record.model_id,
+        version=record.version,
+        digest=record.digest,
+        created_at=record.created_at,
+        policy=record.parsed(),
+    )
+
+
+def _rfc3339(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
