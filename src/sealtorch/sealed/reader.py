@@ -147,15 +147,19 @@ class SealedReader:
                 self._check_end()
             yield plain[:size]
 
-    def decrypt(self, cek: bytes) -> mmap.mmap:
-        """Authenticate and decrypt the whole body into one new buffer (see allocate_plaintext).
+    def decrypt(self, cek: bytes, *, into: mmap.mmap | None = None) -> mmap.mmap:
+        """Authenticate and decrypt the whole body into one buffer and return it.
 
-        On failure the buffer is released and nothing is returned.
+        The buffer is new (see :func:`allocate_plaintext`) unless ``into`` - a writable buffer of
+        at least ``plaintext_size`` bytes - is given to be reused. On failure a new buffer is
+        released, ``into`` holds unauthenticated bytes, and nothing is returned.
         """
         cipher = self._cipher(cek)
         body = self.header.body
         chunk = body.chunk_size
-        out = allocate_plaintext(body.plaintext_size)
+        if into is not None and len(into) < body.plaintext_size:
+            raise ValueError("the buffer is smaller than the plaintext")
+        out = allocate_plaintext(body.plaintext_size) if into is None else into
         target = memoryview(out)
         sealed = memoryview(bytearray(min(chunk, body.plaintext_size) + TAG_SIZE))
         try:
@@ -173,7 +177,8 @@ class SealedReader:
             self._check_end()
         except BaseException:
             target.release()
-            out.close()
+            if into is None:
+                out.close()
             raise
         target.release()
         return out
