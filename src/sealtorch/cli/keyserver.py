@@ -1,0 +1,332 @@
+"""``sealtorch keyserver``: create a key server data directory and run the server."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import shutil
+import socket
+import ssl
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import click
+
+from sealtorch.errors import ConfigError
+
+_log = logging.getLogger("sealtorch.keyserver")
+
+#: Set by ``serve`` for worker processes (``--workers N``): the data directory and log setup.
+_DIR_ENV = "SEALTORCH_KEYSERVER_DIR"
+_LOG_ENV = "_SEALTORCH_KEYSERVER_LOG"
+
+
+@click.group(
+    epilog="""\b
+Examples:
+  sealtorch keyserver init ./ks --name keys.example.com --admin-token-file admin.token
+  sealtorch keyserver serve ./ks --port 8443
+  sealtorch admin --server https://127.0.0.1:8443 --ca ./ks/tls/ca.crt \\
+      --token-file admin.token model list
+
+Docs: docs/keyserver.md (operations), docs/protocol.md (key release protocol).
+"""
+)
+def keyserver() -> None:
+    """The key server: model keys, release policies, attested key release and audit."""
+
+
+@keyserver.command(
+    epilog="""\b
+Examples:
+  sealtorch keyserver init ./ks
+  sealtorch keyserver init ./ks --name keys.internal --name 10.0.0.5 \\
+      --trust-sim-key "$(sealtorch attest sim-key --show-public)"
+  SEALTORCH_PKCS11_PIN=... sealtorch keyserver init ./ks --pkcs11-module \\
+      /usr/lib/softhsm/libsofthsm2.so --token-label sealtorch --key-label master
+  sealtorch keyserver init ./replica --database-url postgresql+psycopg://ks:PW@db/keys
+
+\b
+The admin token is printed once (or written to --admin-token-file, mode 0600) and stored
+only as a hash: keep it safe. The data directory holds the master key file and the TLS
+keys: back it up and protect it like the keys themselves.
+"""
+)
+@click.argument("data_dir", type=click.Path(path_type=Path))
+@click.option(
+    "--name",
+    "names",
+    multiple=True,
+    metavar="HOST",
+    help="Extra DNS name or IP address for the server certificate (repeatable); "
+    "localhost, 127.0.0.1 and ::1 are always included.",
+)
+@click.option(
+    "--database-url",
+    metavar="URL",
+    help="Key store URL; default: an SQLite file in DATA_DIR. PostgreSQL "
+    "(postgresql+psycopg://USER:PW@HOST/DB) lets several servers run as replicas.",
+)
+@click.option("--port", type=click.IntRange(0, 65535), help="Port written to the config.")
+@click.option(
+    "--trust-sim-key",
+    "sim_keys",
+    multiple=True,
+    metavar="ed25519:HEX",
+    help="Trust evidence of the simulated TEE signed by this key (development only; repeatable).",
+)
+@click.option(
+    "--admin-token-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write the first admin token to this new file (mode 0600) instead of printing it.",
+)
+@click.option(
+    "--pkcs11-module", metavar="PATH", help="Keep the master key in a PKCS#11 token (HSM)."
+)
+@click.option("--token-label", metavar="LABEL", help="PKCS#11 token label.")
+@click.option(
+    "--key-label",
+    default="sealtorch-master-key",
+    show_default=True,
+    help="Label of the master key inside the token.",
+)
+@click.option(
+    "--pin-env",
+    default="SEALTORCH_PKCS11_PIN",
+    show_default=True,
+    help="Environment variable that holds the token's user PIN.",
+)
+@click.option(
+    "--existing-key",
+    is_flag=True,
+    help="Use a master key that already exists in the token (another replica's).",
+)
+def init(
+    data_dir: Path,
+    names: tuple[str, ...],
+    database_url: str | None,
+    port: int | None,
+    sim_keys: tuple[str, ...],
+    admin_token_file: Path | None,
+    pkcs11_module: str | None,
+    token_label: str | None,
+    key_label: str,
+    pin_env: str,
+    existing_key: bool,
+) -> None:
+    """Create a key server data directory: config, database, master key, TLS, admin token.
+
+    Refuses to touch an existing non-empty directory or an already initialised database.
+    """
+    from sealtorch.attestation import parse_sim_public_key
+    from sealtorch.keyserver.datadir import init_data_dir
+    from sealtorch.keyserver.masterkey import Pkcs11MasterKeyConfig
+
+    pkcs11 = None
+    if pkcs11_module or token_label:
+        if not (pkcs11_module and token_label):
+            raise click.UsageError("--pkcs11-module and --token-label go together")
+        pkcs11 = Pkcs11MasterKeyConfig(
+            token_label=token_label, key_label=key_label, module=pkcs11_module, pin_env=pin_env
+        )
+    elif existing_key:
+        raise click.UsageError("--existing-key applies to a PKCS#11 master key only")
+    for key in sim_keys:
+        parse_sim_public_key(key)  # ConfigError with a clear message when malformed
+    if admin_token_file is not None and admin_token_file.exists():
+        raise ConfigError(f"{admin_token_file} already exists; choose a new file for the token")
+    result = init_data_dir(
+        data_dir,
+        names=names,
+        pkcs11=pkcs11,
+        use_existing_pkcs11_key=existing_key,
+        database_url=database_url,
+        sim_trusted_keys=sim_keys,
+        port=port,
+    )
+    click.echo(f"created key server data directory {result.data_dir}")
+    click.echo(f"  config:      {result.config_path}")
+    click.echo(f"  master key:  {result.master_key_id}")
+    click.echo(f"  TLS CA:      {result.ca_path}  (give this file to clients: --ca)")
+    click.echo(f"  start it:    sealtorch keyserver serve {result.data_dir}")
+    if admin_token_file is not None:
+        fd = os.open(admin_token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w", encoding="ascii") as handle:
+            handle.write(result.admin_token + "\n")
+        click.echo(f"  admin token: written to {admin_token_file} (mode 0600)")
+    else:
+        click.echo("admin token (shown once, stored only as a hash; keep it safe):")
+        click.echo(result.admin_token)
+
+
+def _ssl_context(cert: str, key: str, config: Any, default: Any) -> ssl.SSLContext:
+    """uvicorn ``ssl_context_factory``: our TLS >= 1.2 context (a module-level function so the
+    config can be pickled to worker processes)."""
+    del config, default
+    from sealtorch._crypto.tls import server_ssl_context
+
+    return server_ssl_context(cert_path=cert, key_path=key)
+
+
+def _worker_app() -> Any:
+    """App factory for ``--workers N``: each worker process opens its own store and key."""
+    from sealtorch.cli._logging import configure_logging
+    from sealtorch.keyserver.app import create_app
+    from sealtorch.keyserver.settings import load_settings
+
+    level, _, log_format = os.environ.get(_LOG_ENV, "30,text").partition(",")
+    configure_logging(level=int(level), json_format=log_format == "json")
+    return create_app(load_settings(os.environ[_DIR_ENV]))
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def _listen_unix(path: Path) -> socket.socket:
+    if path.exists():
+        path.unlink()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(str(path))
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"cannot listen on {path}: {exc.strerror}") from exc
+    path.chmod(0o660)
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+@keyserver.command(
+    epilog="""\b
+Examples:
+  sealtorch keyserver serve ./ks
+  sealtorch --log-format json -v keyserver serve ./ks --host 0.0.0.0 --port 8443 --workers 2
+  sealtorch keyserver serve ./ks --port 0        # a free port; the URL is printed
+  SEALTORCH_KEYSERVER_DATABASE_URL=postgresql+psycopg://... sealtorch keyserver serve ./ks
+
+\b
+Prints "listening on https://HOST:PORT" once the socket is bound. Settings: options >
+environment (SEALTORCH_KEYSERVER_<SECTION>_<KEY>) > DATA_DIR/keyserver.toml > defaults.
+SIGTERM or Ctrl-C shuts down gracefully (in-flight requests finish). Endpoints: /v1/...,
+/healthz, /readyz, /metrics, /openapi.json.
+"""
+)
+@click.argument("data_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--host", help="Address to listen on (config: [server] host; 127.0.0.1).")
+@click.option("--port", type=click.IntRange(0, 65535), help="Port; 0 picks a free one.")
+@click.option(
+    "--workers",
+    type=click.IntRange(1, 64),
+    help="Worker processes sharing the socket (config: [server] workers; 1).",
+)
+@click.option(
+    "--unix-socket",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Serve plain HTTP on this Unix socket instead of HTTPS on TCP (local clients only).",
+)
+def serve(
+    data_dir: Path,
+    host: str | None,
+    port: int | None,
+    workers: int | None,
+    unix_socket: Path | None,
+) -> None:
+    """Run the key server over HTTPS (uvicorn)."""
+    import uvicorn
+
+    from sealtorch.keyserver.app import create_app, open_verifiers
+    from sealtorch.keyserver.masterkey import open_master_key
+    from sealtorch.keyserver.metrics import MULTIPROC_ENV
+    from sealtorch.keyserver.settings import load_settings
+    from sealtorch.keyserver.store import open_store
+
+    overrides = {"server": {"host": host, "port": port, "workers": workers}}
+    settings = load_settings(data_dir, overrides=overrides)
+    if unix_socket is None and not settings.tls_enabled:
+        raise ConfigError(
+            "TLS is disabled in the configuration; the key server only serves TCP over HTTPS "
+            "(use --unix-socket for local plain-HTTP clients)"
+        )
+    # Fail fast, in this process, on a bad database or master key; migrate once.
+    store = open_store(settings.database_url, **settings.store_options())
+    store.migrate()
+    master = open_master_key(settings.master_key)
+    verifiers = open_verifiers(settings)
+
+    sock = _listen_unix(unix_socket) if unix_socket else _listen(settings.host, settings.port)
+    if unix_socket:
+        url = f"unix://{unix_socket.absolute()}"
+    else:
+        bound_host, bound_port = sock.getsockname()[:2]
+        shown = f"[{bound_host}]" if ":" in bound_host else bound_host
+        url = f"https://{shown}:{bound_port}"
+    options: dict[str, Any] = {
+        "log_config": None,
+        "access_log": False,
+        "server_header": False,
+        "proxy_headers": False,
+        "lifespan": "on",
+        "timeout_graceful_shutdown": settings.graceful_timeout,
+        "timeout_keep_alive": 30,
+    }
+    if unix_socket is None and settings.tls_cert and settings.tls_key:
+        options["ssl_context_factory"] = functools.partial(
+            _ssl_context, str(settings.tls_cert), str(settings.tls_key)
+        )
+        _ssl_context(str(settings.tls_cert), str(settings.tls_key), None, None)  # fail fast
+    metrics_dir: str | None = None
+    try:
+        if settings.workers == 1:
+            app = create_app(settings, store=store, master_key=master, verifiers=verifiers)
+            config = uvicorn.Config(app, **options)
+            click.echo(f"listening on {url}", nl=True)
+            sys.stdout.flush()
+            uvicorn.Server(config).run(sockets=[sock])
+        else:
+            store.close()
+            master.close()
+            from uvicorn.supervisors import Multiprocess
+
+            metrics_dir = tempfile.mkdtemp(prefix="sealtorch-metrics-")
+            os.environ[MULTIPROC_ENV] = metrics_dir
+            os.environ[_DIR_ENV] = str(data_dir.absolute())
+            root = logging.getLogger()
+            json_logs = any(type(h.formatter).__name__ == "JsonFormatter" for h in root.handlers)
+            os.environ[_LOG_ENV] = f"{root.level},{'json' if json_logs else 'text'}"
+            for key, value in overrides["server"].items():
+                if value is not None:
+                    os.environ[f"SEALTORCH_KEYSERVER_SERVER_{key.upper()}"] = str(value)
+            config = uvicorn.Config(
+                "sealtorch.cli.keyserver:_worker_app",
+                factory=True,
+                workers=settings.workers,
+                **options,
+            )
+            click.echo(f"listening on {url}", nl=True)
+            sys.stdout.flush()
+            Multiprocess(config, sockets=[sock]).run()
+    finally:
+        sock.close()
+        if unix_socket is not None:
+            unix_socket.unlink(missing_ok=True)
+        if settings.workers == 1:
+            store.close()
+            master.close()
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+    _log.info("key server stopped")
