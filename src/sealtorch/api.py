@@ -454,8 +454,12 @@ def rewrap(
     file, never a mix), or to ``destination``.
     """
     source_path = Path(source)
-    target = Path(destination) if destination is not None else source_path
-    in_place = destination is None or target.resolve() == source_path.resolve()
+    target = source_path if destination is None else Path(destination)
+    in_place = target.resolve() == source_path.resolve()
+    if in_place:
+        # The real file: replacing a symlink would leave the old file (still openable with
+        # the old key) where the link pointed.
+        target = source_path.resolve()
     provider = _provider(key)
     with SealedReader(source_path) as reader:
         old = reader.header

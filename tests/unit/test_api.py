@@ -334,6 +334,16 @@ def test_rewrap_keeps_the_body_and_retires_the_old_key(sealed_mlp: Path) -> None
     assert _listing(sealed_mlp.parent) == ["mlp.sealed"]
 
 
+def test_rewrap_in_place_follows_symlinks(sealed_mlp: Path) -> None:
+    link = sealed_mlp.parent / "current.sealed"
+    link.symlink_to(sealed_mlp.name)
+    sealtorch.rewrap(link, key=KEY, new_key=NEW_KEY)
+    assert link.is_symlink()
+    with pytest.raises(IntegrityError):  # the real file was rotated, not just the link
+        sealtorch.load_state_dict(sealed_mlp, key=KEY)
+    assert sealtorch.load_state_dict(sealed_mlp, key=NEW_KEY)
+
+
 def test_rewrap_to_another_file_with_explicit_version(sealed_mlp: Path) -> None:
     before = sealed_mlp.read_bytes()
     target = sealed_mlp.parent / "rotated.sealed"
