@@ -91,18 +91,18 @@ def _read_labels(path: Path | None) -> list[str] | None:
     return labels
 
 
-def _data_key(key_file: Path) -> DataKey:
+def _sealing_wrapper(*, key_file: Path, key_version: int) -> tuple[ContentKeyWrapper, str]:
+    """Who wraps the content key of a new or rewrapped file, and how to name it in summaries.
+
+    Today a local key file; a ``--keyserver URL`` option returns a remote wrapper here.
+    """
     from sealtorch.keys import read_key_file
-
-    return read_key_file(key_file)
-
-
-def _sealing_wrapper(*, key_file: Path, key_version: int) -> ContentKeyWrapper:
-    """Who wraps the content key of a new or rewrapped file (today: a local key file)."""
     from sealtorch.sealed.header import check_key_version
     from sealtorch.sealed.keywrap import LocalKeyWrapper
 
-    return LocalKeyWrapper(_data_key(key_file), key_version=check_key_version(key_version))
+    dek: DataKey = read_key_file(key_file)
+    wrapper = LocalKeyWrapper(dek, key_version=check_key_version(key_version))
+    return wrapper, f"key fingerprint {dek.fingerprint}"
 
 
 class _Progress:
@@ -320,7 +320,7 @@ def encrypt(
         raise click.BadParameter("must be a JSON object", param_hint="--arch-kwargs")
     if kwargs is not None and arch is None:
         raise click.BadParameter("needs --arch", param_hint="--arch-kwargs")
-    wrapper = _sealing_wrapper(key_file=key_file, key_version=key_version)
+    wrapper, key_description = _sealing_wrapper(key_file=key_file, key_version=key_version)
     with _progress(ctx, f"sealing {source.name}") as progress:
         info = encrypt_model(
             source,
@@ -346,7 +346,7 @@ def encrypt(
         click.echo(
             f"sealed {source} -> {output}\n"
             f"  model id     {info.model_id} (key version {info.key_version}, "
-            f"key fingerprint {_data_key(key_file).fingerprint})\n"
+            f"{key_description})\n"
             f"  size         {_human(info.plaintext_size)} plaintext, "
             f"{_human(info.file_size)} sealed, {info.chunk_count} chunks of "
             f"{_human(info.chunk_size)}\n"
@@ -495,10 +495,11 @@ def rewrap(
 
     old = inspect_sealed(file)
     version = old.key_version + 1 if new_key_version is None else new_key_version
+    wrapper, key_description = _sealing_wrapper(key_file=new_key_file, key_version=version)
     info = rewrap_file(
         file,
         key=KeyFile(key_file),
-        new_key=_sealing_wrapper(key_file=new_key_file, key_version=version),
+        new_key=wrapper,
         new_key_version=version,
         destination=output,
         overwrite=force,
@@ -507,5 +508,5 @@ def rewrap(
         click.echo(
             f"rewrapped {file}{' -> ' + str(output) if output else ' in place'}: model "
             f"{info.model_id}, key version {old.key_version} -> {info.key_version} "
-            f"(key fingerprint {_data_key(new_key_file).fingerprint})"
+            f"({key_description})"
         )

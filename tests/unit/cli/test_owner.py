@@ -343,6 +343,21 @@ def test_wide_key_file_permissions_warn(
     assert result.exit_code == 0
     assert "chmod 600" in result.output
     assert _key_text(keys[0]) not in result.output
+    sealing = CliRunner().invoke(
+        cli,
+        [
+            "encrypt",
+            str(tmp_path / "p.safetensors"),
+            "-o",
+            str(tmp_path / "again.sealed"),
+            "--model-id",
+            "again",
+            "--key-file",
+            str(keys[0]),
+        ],
+    )
+    assert sealing.exit_code == 0, sealing.output
+    assert sealing.output.count("chmod 600") == 1  # the key file is read once
 
 
 def test_help_texts_teach_with_examples() -> None:
