@@ -381,15 +381,26 @@ class KeyService:
         """Renew leases for a session: current policies against the session's recorded claims,
         sealed to the session's public key, bound to the request's fresh nonce."""
         now = self.now()
+        request_id = secrets.token_hex(16)
         try:
             session = authenticate_session(self._store, token, now=now)
         except InvalidTokenError as exc:
             _log.info("renewal refused: %s session token", exc.reason)
-            self._observe("renew", "refuse", ["session_invalid"], 0)
-            raise ServiceError(ErrorKind.FORBIDDEN, "session_invalid", str(exc)) from exc
+            self._refuse(
+                {
+                    "kind": AuditKind.RELEASE,
+                    "action": "renew",
+                    "client_address": client_address,
+                    "request_id": request_id,
+                    "evidence_digest": None,
+                    "model_ids": tuple(request.models or ()),
+                },
+                ErrorKind.FORBIDDEN,
+                "session_invalid",
+                str(exc),
+            )
         except StorageError as exc:
             raise _unavailable(exc) from exc
-        request_id = secrets.token_hex(16)
         try:
             claims = Claims.from_dict(session.claims())
             recipient = hpke.HpkePublicKey.decode(session.hpke_suite, session.public_key)
@@ -1065,7 +1076,10 @@ class _Transaction:
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
         try:
-            return bool(self._context.__exit__(exc_type, exc, tb))
+            suppressed = bool(self._context.__exit__(exc_type, exc, tb))
+            if isinstance(exc, StorageError) and not suppressed:
+                raise exc  # raised inside the block (e.g. by append_audit): map it below
+            return suppressed
         except AuditError as failure:
             _log.error("audit record not written; nothing released or changed: %s", failure)
             raise ServiceError(
