@@ -1,82 +1,80 @@
-"""Image preprocessing declared inside a sealed model (``preprocess`` in the manifest).
+"""Image preprocessing declared inside a sealed model (the manifest's ``preprocess``).
 
-The same function runs in the inference server and in tests' plain-PyTorch reference, so sealed
-and plain predictions are bit-identical. Decoding is defensive: size limits are enforced before
-pixels are decoded (decompression bombs), and every decoding failure is one clear error.
+The same function runs in the inference server and in the tests' plain-PyTorch reference, so
+sealed and plain predictions are bit-identical. The parameters are the manifest's own
+:class:`~sealtorch.payloads.manifest.ImagePreprocessSpec` (validated when the model was sealed
+and again when it is loaded); nothing here re-validates them.
+
+Decoding is defensive, because the bytes come from any client:
+
+* only common formats are opened (PNG, JPEG, WebP, BMP, GIF), never the rarer parsers;
+* the pixel count is checked from the header *before* pixels are decoded (decompression
+  bombs), and again for the resized image (an extreme aspect ratio would otherwise turn a
+  small input into a huge intermediate image);
+* every decoding failure is one :class:`ImageDecodeError` with a generic message.
+
+Nothing here touches the process-wide ``warnings`` filters, so it is safe to call from several
+threads at once.
 """
 
 from __future__ import annotations
 
 import io
-import warnings
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Final
 
-from sealtorch.errors import PayloadError
+from sealtorch.errors import ConfigError, PayloadError
+from sealtorch.payloads.manifest import ImagePreprocessSpec
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["ImageDecodeError", "ImagePreprocess", "preprocess_image"]
+__all__ = [
+    "IMAGE_FORMATS",
+    "MAX_IMAGE_PIXELS",
+    "ImageDecodeError",
+    "ImagePreprocess",
+    "preprocess_image",
+]
 
 #: Largest image (in pixels) the server decodes; bigger inputs are refused before decoding.
-MAX_IMAGE_PIXELS = 40_000_000
-_INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
+MAX_IMAGE_PIXELS: Final = 40_000_000
+#: The image formats the decoder accepts (Pillow format names).
+IMAGE_FORMATS: Final = ("PNG", "JPEG", "WEBP", "BMP", "GIF")
 
 
 class ImageDecodeError(PayloadError):
     """An input image could not be decoded (not an image, unsupported format, too large)."""
 
 
-@dataclass(frozen=True)
 class ImagePreprocess:
-    """Resize the shorter side, centre-crop, scale to [0, 1], normalise per channel."""
+    """Compatibility name for callers written before the manifest owned the spec type.
 
-    resize: int
-    crop: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    interpolation: str = "bilinear"
+    New code uses :meth:`ImagePreprocessSpec.from_json` directly; this only remains for
+    ``sealtorch.cli.demo`` and one payload test until they switch.
+    """
 
-    @classmethod
-    def from_spec(cls, spec: Mapping[str, object]) -> ImagePreprocess:
-        """Build from the manifest's ``preprocess`` object (validated again here)."""
-        if spec.get("type") != "image":
-            raise PayloadError(f"unsupported preprocessing type {spec.get('type')!r}")
-
-        def integer(name: str) -> int:
-            value = spec.get(name)
-            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 4096:
-                raise PayloadError(f"preprocess.{name} must be an integer in 1..4096")
-            return value
-
-        def triple(name: str) -> tuple[float, float, float]:
-            value = spec.get(name)
-            if (
-                not isinstance(value, Sequence)
-                or len(value) != 3
-                or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)
-            ):
-                raise PayloadError(f"preprocess.{name} must be three numbers (R, G, B)")
-            return (float(value[0]), float(value[1]), float(value[2]))
-
-        interpolation = spec.get("interpolation", "bilinear")
-        if interpolation not in _INTERPOLATIONS:
-            raise PayloadError(f"preprocess.interpolation must be one of {_INTERPOLATIONS}")
-        std = triple("std")
-        if any(s <= 0 for s in std):
-            raise PayloadError("preprocess.std values must be positive")
-        resize, crop = integer("resize"), integer("crop")
-        if crop > resize:
-            raise PayloadError("preprocess.crop cannot be larger than preprocess.resize")
-        return cls(
-            resize=resize, crop=crop, mean=triple("mean"), std=std, interpolation=str(interpolation)
-        )
+    @staticmethod
+    def from_spec(spec: Mapping[str, object]) -> ImagePreprocessSpec:
+        try:
+            return ImagePreprocessSpec.from_json(spec)
+        except ConfigError as exc:
+            raise PayloadError(str(exc)) from exc
 
 
-def preprocess_image(data: bytes, spec: ImagePreprocess) -> torch.Tensor:
-    """Decode ``data`` (PNG, JPEG, ...) into a normalised ``[3, crop, crop]`` float32 tensor."""
+def _resized(width: int, height: int, short_side: int) -> tuple[int, int]:
+    """The size after resizing the shorter side to ``short_side`` (torchvision's rule)."""
+    short, long = (width, height) if width <= height else (height, width)
+    new_short, new_long = short_side, int(short_side * long / short)
+    return (new_short, new_long) if width <= height else (new_long, new_short)
+
+
+def preprocess_image(data: bytes, spec: ImagePreprocessSpec) -> torch.Tensor:
+    """Decode ``data`` into a normalised ``[3, crop, crop]`` float32 tensor.
+
+    Resize the shorter side to ``spec.resize`` (keeping the aspect ratio), centre-crop to
+    ``spec.crop``, scale to [0, 1] and normalise with ``spec.mean``/``spec.std``.
+    """
     import numpy as np
     import torch
     from PIL import Image, UnidentifiedImageError
@@ -87,25 +85,26 @@ def preprocess_image(data: bytes, spec: ImagePreprocess) -> torch.Tensor:
         "bicubic": Image.Resampling.BICUBIC,
     }[spec.interpolation]
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as opened:
-                width, height = opened.size
-                if width * height > MAX_IMAGE_PIXELS:
-                    raise ImageDecodeError(
-                        f"image is {width}x{height} pixels; the limit is {MAX_IMAGE_PIXELS:,}"
-                    )
-                image = opened.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        raise ImageDecodeError("input is not a decodable image (PNG, JPEG, ...)") from exc
+        with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as opened:
+            width, height = opened.size
+            if width < 1 or height < 1 or width * height > MAX_IMAGE_PIXELS:
+                raise ImageDecodeError(
+                    f"image is {width}x{height} pixels; the limit is {MAX_IMAGE_PIXELS:,}"
+                )
+            size = _resized(width, height, spec.resize)
+            if size[0] * size[1] > MAX_IMAGE_PIXELS:
+                raise ImageDecodeError(
+                    f"image is {width}x{height} pixels; its aspect ratio is too extreme "
+                    "to resize safely"
+                )
+            image = opened.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as exc:
+        raise ImageDecodeError(
+            f"input is not a decodable image ({', '.join(IMAGE_FORMATS)})"
+        ) from exc
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageDecodeError("image is too large to decode safely") from exc
 
-    # Resize the shorter side to `resize`, keeping the aspect ratio (as torchvision does).
-    width, height = image.size
-    short, long = (width, height) if width <= height else (height, width)
-    new_short, new_long = spec.resize, int(spec.resize * long / short)
-    size = (new_short, new_long) if width <= height else (new_long, new_short)
     image = image.resize(size, resample=resample)
 
     # Centre crop.

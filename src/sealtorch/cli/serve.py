@@ -1,0 +1,187 @@
+"""`sealtorch serve`: decrypt sealed models in memory and serve the Open Inference Protocol."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from sealtorch.cli.owner import _parse_size
+from sealtorch.errors import ConfigError
+
+_EPILOG = """\b
+Examples:
+  # development: the key comes from a file, nothing is attested (a loud warning says so)
+  sealtorch serve resnet50.sealed --key-file resnet50.key --port 8080
+\b
+  # production, inside the enclave: keys from the local key cache, released by attestation
+  sealtorch serve /models/resnet50.sealed /models/lite0.sealed \\
+      --keys https://127.0.0.1:7443 --tee gramine --host 0.0.0.0 --port 8080
+  sealtorch serve model.sealed --keys unix:///run/sealtorch/keycache.sock --tee tdx
+\b
+  # several models, renamed; a random free port (the first stdout line tells which)
+  sealtorch serve a.sealed b.sealed --name classifier --name detector --port 0 --key-file k
+\b
+Then (Open Inference Protocol / KServe v2, REST):
+  curl localhost:8080/v2/health/ready
+  curl localhost:8080/v2/models/resnet50
+  curl -d @request.json localhost:8080/v2/models/resnet50/infer
+  curl localhost:8080/metrics
+\b
+Image models sealed with --preprocess also take encoded images (base64 in a BYTES input
+named "image") and answer top-k labels with the classification parameter:
+  {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": ["<base64>"]}],
+   "outputs": [{"name": "probabilities", "parameters": {"classification": 5}}]}
+\b
+Stdout carries two machine-readable lines: "listening on http://HOST:PORT" once the socket
+is bound, and "ready on http://HOST:PORT" once every model is decrypted and warmed up.
+SIGTERM or Ctrl-C: stop accepting, finish in-flight requests, exit 0.
+Details: docs/serving.md; enclave deployment: docs/deployment.md.
+"""
+
+
+@click.command(epilog=_EPILOG)
+@click.argument(
+    "models",
+    nargs=-1,
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    metavar="MODEL.sealed...",
+)
+@click.option(
+    "--keys",
+    "keys_url",
+    metavar="URL",
+    help="Key cache or key server releasing the model keys to this attested server: "
+    "unix:///PATH (local key cache) or https://HOST:PORT.",
+)
+@click.option(
+    "--key-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="DEVELOPMENT ONLY: read the data key from this file (`sealtorch keygen`); no "
+    "attestation takes place.",
+)
+@click.option(
+    "--tee",
+    type=click.Choice(["sim", "gramine", "tdx"]),
+    help="The TEE this server runs in, whose evidence is sent with --keys.",
+)
+@click.option(
+    "--name",
+    "names",
+    multiple=True,
+    metavar="NAME",
+    help="Serve the models under these names, in order (default: each file's model id). "
+    "Repeat once per model.",
+)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option(
+    "--port",
+    default=8080,
+    show_default=True,
+    type=click.IntRange(0, 65535),
+    help="TCP port; 0 picks a free one.",
+)
+@click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    help="PyTorch threads per inference (default: PyTorch's choice, one per core).",
+)
+@click.option(
+    "--workers",
+    default=1,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Requests computed at the same time (more helps small models on many cores).",
+)
+@click.option(
+    "--max-body-size",
+    default="64MiB",
+    show_default=True,
+    metavar="SIZE",
+    help="Largest request body accepted; larger ones get 413.",
+)
+@click.option(
+    "--max-pending",
+    default=64,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Requests queued behind the workers before the server answers 503.",
+)
+@click.option(
+    "--drain-timeout",
+    default=30,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Seconds in-flight requests may take to finish after SIGTERM.",
+)
+def serve(
+    models: tuple[Path, ...],
+    keys_url: str | None,
+    key_file: Path | None,
+    tee: str | None,
+    names: tuple[str, ...],
+    host: str,
+    port: int,
+    threads: int | None,
+    workers: int,
+    max_body_size: str,
+    max_pending: int,
+    drain_timeout: int,
+) -> None:
+    """Serve sealed models over the Open Inference Protocol (KServe v2 REST).
+
+    Each model's key is obtained (by attestation with --keys, or from a development
+    --key-file), the model is authenticated, decrypted in memory, built and warmed up; the
+    server reports ready only when every model is. A model that cannot be loaded — a refused
+    key (the reasons are printed), a file that fails authentication — stops the server with a
+    non-zero exit status.
+    """
+    from sealtorch.keys import KeyProvider
+    from sealtorch.serving.keysource import DEV_KEY_WARNING, dev_key_file, resolve_key_source
+    from sealtorch.serving.server import InferenceServer, SealedModelSource, ServerSettings
+
+    if (keys_url is None) == (key_file is None):
+        raise click.UsageError("give exactly one key source: --keys URL or --key-file FILE")
+    if names and len(names) != len(models):
+        raise click.UsageError(
+            f"--name was given {len(names)} times for {len(models)} models; give one per model "
+            "(in the same order) or none"
+        )
+    settings = ServerSettings(
+        host=host,
+        port=port,
+        threads=threads,
+        workers=workers,
+        max_body_bytes=_parse_size(max_body_size),
+        max_pending=max_pending,
+        drain_timeout=drain_timeout,
+    )
+    provider: KeyProvider
+    if key_file is not None:
+        if tee is not None:
+            raise click.UsageError("--tee applies to --keys; a --key-file involves no TEE")
+        click.secho(f"WARNING: {DEV_KEY_WARNING}", fg="yellow", bold=True, err=True)
+        provider = dev_key_file(key_file)
+    else:
+        assert keys_url is not None  # noqa: S101 - checked above
+        provider = resolve_key_source(keys_url, tee=tee)
+    sources = [
+        SealedModelSource(path, key=provider, name=names[index] if names else None)
+        for index, path in enumerate(models)
+    ]
+    if len({s.name for s in sources}) != len(sources):
+        raise ConfigError(
+            "two models would be served under the same name; give distinct --name values"
+        )
+
+    def listening(url: str) -> None:
+        click.echo(f"listening on {url}")
+        sys.stdout.flush()
+
+    def ready(server: InferenceServer) -> None:
+        click.echo(f"ready on {server.url} ({', '.join(server.state.names)})")
+        sys.stdout.flush()
+
+    InferenceServer(settings, sources, on_listening=listening, on_ready=ready).run()

@@ -1,0 +1,264 @@
+"""The HTTP layer: Open Inference Protocol (KServe v2) REST routes, ``/metrics``, errors.
+
+Routes only translate HTTP to the model layer and back. Everything CPU-bound — JSON parsing,
+tensor conversion, image decoding, the forward pass, response encoding — runs in the bounded
+inference thread pool, never on the event loop, so health probes and metrics keep answering
+while models compute.
+
+Every refusal uses the protocol's error body ``{"error": "..."}``: 400 for malformed requests
+or input that does not fit the model, 404 for unknown models, versions and routes, 405 for a
+wrong method, 413 for oversized bodies, 503 while loading or when the queue is full.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any, Final
+
+from fastapi import FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from sealtorch import __version__
+from sealtorch.serving.errors import (
+    PayloadTooLargeError,
+    RequestError,
+    ServerBusyError,
+)
+from sealtorch.serving.metrics import CONTENT_TYPE
+from sealtorch.serving.model import ServedModel
+from sealtorch.serving.protocol import (
+    parse_inference_request,
+    render_error,
+    render_response,
+)
+from sealtorch.serving.state import ServerState
+
+__all__ = ["HEADER_LENGTH", "AppLimits", "create_app"]
+
+_log = logging.getLogger(__name__)
+
+#: The binary tensor data extension's header (length of the JSON part of the body).
+HEADER_LENGTH: Final = "Inference-Header-Content-Length"
+_JSON: Final = "application/json"
+_EXTENSIONS: Final = ["classification", "binary_tensor_data"]
+
+
+class AppLimits:
+    """Request limits the app enforces (set from the server settings)."""
+
+    def __init__(self, *, max_body_bytes: int, max_pending: int) -> None:
+        self.max_body_bytes = max_body_bytes
+        self.max_pending = max_pending
+
+
+def _json(document: Any, status: int = 200) -> Response:
+    body, _ = render_response(document, ())
+    return Response(content=body, status_code=status, media_type=_JSON)
+
+
+def _error(message: str, status: int) -> Response:
+    return Response(content=render_error(message), status_code=status, media_type=_JSON)
+
+
+class _HttpMetrics:
+    """Pure ASGI middleware counting responses by route template (bounded labels)."""
+
+    def __init__(self, app: ASGIApp, state: ServerState) -> None:
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def counting_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                route = scope.get("route")
+                template = getattr(route, "path", None) or "unmatched"
+                self.state.metrics.http.labels(
+                    template, scope.get("method", ""), str(message["status"])
+                ).inc()
+            await send(message)
+
+        await self.app(scope, receive, counting_send)
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise RequestError("the Content-Length header is not a number")
+        if int(declared) > limit:
+            raise PayloadTooLargeError(
+                f"the request body is {int(declared):,} bytes; this server accepts at most "
+                f"{limit:,} (--max-body-size)"
+            )
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise PayloadTooLargeError(
+                f"the request body exceeds {limit:,} bytes, the most this server accepts "
+                "(--max-body-size)"
+            )
+    return bytes(body)
+
+
+def _json_length(request: Request) -> int | None:
+    value = request.headers.get(HEADER_LENGTH)
+    if value is None:
+        return None
+    if not value.isdigit():
+        raise RequestError(f"the {HEADER_LENGTH} header is not a number")
+    return int(value)
+
+
+def _run(
+    model: ServedModel, body: bytes, json_length: int | None
+) -> tuple[float, bytes, int | None]:
+    """Worker thread: parse, infer, encode."""
+    request = parse_inference_request(body, json_length=json_length)
+    result = model.infer(request)
+    content, header_length = render_response(result.document, result.binary)
+    return result.compute_seconds, content, header_length
+
+
+def create_app(state: ServerState, limits: AppLimits) -> FastAPI:
+    """The ASGI app serving ``state``'s models (no docs pages: nothing beyond the protocol)."""
+    app = FastAPI(
+        title="sealtorch inference server",
+        version=__version__,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
+    app.add_middleware(_HttpMetrics, state=state)
+
+    @app.exception_handler(RequestError)
+    async def request_error(request: Request, exc: RequestError) -> Response:
+        del request
+        return _error(str(exc), exc.status_code)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        del request
+        message = {404: "no such endpoint", 405: "method not allowed on this endpoint"}.get(
+            exc.status_code, str(exc.detail)
+        )
+        return _error(message, exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def server_error(request: Request, exc: Exception) -> Response:
+        del request
+        # The type only: messages from deep inside a model may describe its private layers.
+        _log.error("internal error while handling a request: %s", type(exc).__name__)
+        return _error("internal server error", 500)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> Response:
+        del request, exc
+        return _error("invalid request path or parameters", 400)
+
+    # -- server -------------------------------------------------------------------------------
+
+    @app.get("/v2")
+    async def server_metadata() -> Response:
+        return _json({"name": "sealtorch", "version": __version__, "extensions": _EXTENSIONS})
+
+    @app.get("/v2/health/live")
+    async def live() -> Response:
+        return _json({"live": True})
+
+    @app.get("/v2/health/ready")
+    async def ready() -> Response:
+        ok = state.ready
+        return _json({"ready": ok}, 200 if ok else 503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(content=state.metrics.render(), media_type=CONTENT_TYPE)
+
+    # -- models -------------------------------------------------------------------------------
+
+    @app.get("/v2/models/{name}")
+    @app.get("/v2/models/{name}/versions/{version}")
+    async def model_metadata(name: str, version: str | None = None) -> Response:
+        return _json(state.lookup(name, version).metadata())
+
+    @app.get("/v2/models/{name}/ready")
+    @app.get("/v2/models/{name}/versions/{version}/ready")
+    async def model_ready(name: str, version: str | None = None) -> Response:
+        if name not in state.models and state.known(name):
+            return _json({"name": name, "ready": False}, 503)
+        state.lookup(name, version)  # unknown name or version: 404 with the error body
+        ok = not state.stopping
+        return _json({"name": name, "ready": ok}, 200 if ok else 503)
+
+    @app.post("/v2/models/{name}/infer")
+    @app.post("/v2/models/{name}/versions/{version}/infer")
+    async def infer(request: Request, name: str, version: str | None = None) -> Response:
+        label = name if state.known(name) else ""
+        start = time.perf_counter()
+        status = 500
+        state.metrics.in_flight.inc()
+        try:
+            model = state.lookup(name, version)
+            body = await _read_body(request, limits.max_body_bytes)
+            json_length = _json_length(request)
+            if state.pending >= limits.max_pending:
+                raise ServerBusyError(f"{state.pending} requests are already queued; retry shortly")
+            state.pending += 1
+            try:
+                loop = asyncio.get_running_loop()
+                compute, content, header_length = await loop.run_in_executor(
+                    state.executor, _run, model, body, json_length
+                )
+            finally:
+                state.pending -= 1
+            state.metrics.compute.labels(label).observe(compute)
+            status = 200
+            if header_length is None:
+                return Response(content=content, media_type=_JSON)
+            return Response(
+                content=content,
+                media_type="application/octet-stream",
+                headers={HEADER_LENGTH: str(header_length)},
+            )
+        except ClientDisconnect:
+            status = 499  # the client went away while sending; nobody reads an answer
+            return Response(status_code=400)
+        except (RuntimeError, MemoryError) as exc:
+            # A server-side failure (the model misbehaved, memory ran out): the type only,
+            # since messages from deep inside a model may describe its private layers.
+            _log.error(
+                "inference failed: %s", type(exc).__name__, extra={"model": label, "status": 500}
+            )
+            return _error("internal server error while running the model", 500)
+        except RequestError as exc:
+            status = exc.status_code
+            _log.info(
+                "inference refused: %s",
+                exc,
+                extra={"model": label, "status": status},
+            )
+            raise
+        finally:
+            elapsed = time.perf_counter() - start
+            state.metrics.in_flight.dec()
+            state.metrics.requests.labels(label, str(status)).inc()
+            state.metrics.latency.labels(label).observe(elapsed)
+            if status == 200:
+                _log.debug(
+                    "inference model=%s %.1f ms",
+                    label,
+                    elapsed * 1e3,
+                    extra={"model": label, "status": status, "duration_ms": elapsed * 1e3},
+                )
+
+    return app

@@ -1,0 +1,124 @@
+"""Where ``sealtorch serve`` gets model keys: ``--keys URL`` (attested) or ``--key-file``.
+
+``--keys`` names a key cache or key server speaking the key release protocol:
+
+* ``unix:///run/sealtorch/keycache.sock`` — a key cache on this host (a TDX guest, or
+  processes outside an enclave; Gramine cannot share a Unix socket between two enclaves, so
+  Gramine deployments use a loopback URL);
+* ``https://HOST:PORT`` — a key server, or a key cache listening on TCP.
+
+:func:`resolve_key_source` is the one place that turns the URL and the TEE name into a
+:class:`~sealtorch.keys.KeyProvider`; :func:`dev_key_file` is the unattested development
+path, which logs a loud warning.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import urllib.parse
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+from sealtorch.errors import ConfigError
+from sealtorch.keys import KeyFile, KeyProvider
+
+__all__ = [
+    "TEE_NAMES",
+    "KeyEndpoint",
+    "dev_key_file",
+    "parse_keys_url",
+    "resolve_key_source",
+]
+
+_log = logging.getLogger(__name__)
+
+TEE_NAMES: Final = ("sim", "gramine", "tdx")
+
+DEV_KEY_WARNING: Final = (
+    "--key-file: the model key is read from a file and NO ATTESTATION takes place. Anyone who "
+    "can read that file can decrypt the model, and nothing proves what code runs here. Use this "
+    "for development only; in production use --keys with a key cache or key server."
+)
+
+
+@dataclass(frozen=True)
+class KeyEndpoint:
+    """A parsed ``--keys`` URL."""
+
+    scheme: str  # "unix" or "https"
+    path: Path | None = None  # unix
+    host: str | None = None  # https
+    port: int | None = None  # https
+
+    def __str__(self) -> str:
+        if self.scheme == "unix":
+            return f"unix://{self.path}"
+        host = f"[{self.host}]" if self.host and ":" in self.host else self.host
+        return f"https://{host}:{self.port}"
+
+
+def parse_keys_url(url: str) -> KeyEndpoint:
+    """Validate a ``--keys`` URL (``unix:///ABSOLUTE/PATH`` or ``https://HOST[:PORT]``)."""
+    parsed = urllib.parse.urlsplit(url)
+    if parsed.query or parsed.fragment:
+        raise ConfigError(f"--keys {url!r}: a key source URL has no query or fragment")
+    if parsed.scheme == "unix":
+        if parsed.netloc or not parsed.path.startswith("/"):
+            raise ConfigError(
+                f"--keys {url!r}: write a Unix socket as unix:///ABSOLUTE/PATH "
+                "(three slashes), e.g. unix:///run/sealtorch/keycache.sock"
+            )
+        return KeyEndpoint(scheme="unix", path=Path(parsed.path))
+    if parsed.scheme == "https":
+        if not parsed.hostname:
+            raise ConfigError(f"--keys {url!r}: the URL names no host")
+        if parsed.username or parsed.password:
+            raise ConfigError(f"--keys {url!r}: credentials do not belong in the URL")
+        if parsed.path not in ("", "/"):
+            raise ConfigError(f"--keys {url!r}: give only https://HOST:PORT, no path")
+        try:
+            port = parsed.port or 443
+        except ValueError as exc:
+            raise ConfigError(f"--keys {url!r}: the port is not a number in 1..65535") from exc
+        return KeyEndpoint(scheme="https", host=parsed.hostname, port=port)
+    if parsed.scheme == "http":
+        raise ConfigError(
+            f"--keys {url!r}: plain http is refused; the key server and key cache speak https "
+            "(or use a unix:// socket on this host)"
+        )
+    raise ConfigError(
+        f"--keys {url!r}: use unix:///PATH (a local key cache) or https://HOST:PORT "
+        "(a key server or key cache)"
+    )
+
+
+def resolve_key_source(url: str, *, tee: str | None) -> KeyProvider:
+    """The attested key provider for ``--keys URL`` running in TEE ``tee``."""
+    endpoint = parse_keys_url(url)
+    if tee is None:
+        raise ConfigError(
+            "--keys needs --tee (sim, gramine or tdx): the TEE whose evidence proves this "
+            "server to the key cache or key server"
+        )
+    if tee not in TEE_NAMES:
+        raise ConfigError(f"unknown TEE {tee!r}; choose one of {', '.join(TEE_NAMES)}")
+    return _attested_provider(endpoint, tee=tee)
+
+
+def _attested_provider(endpoint: KeyEndpoint, *, tee: str) -> KeyProvider:
+    """Where the key release client (``sealtorch.client``) plugs in."""
+    del tee
+    raise ConfigError(
+        f"--keys {endpoint}: attested key release is not available in this installation "
+        "(the key release client, sealtorch.client, is not part of it yet). For development, "
+        "serve with --key-file FILE instead."
+    )
+
+
+def dev_key_file(path: str | os.PathLike[str]) -> KeyProvider:
+    """The unattested development key source, announced by a loud warning in the log."""
+    provider = KeyFile(path)
+    _log.warning(DEV_KEY_WARNING)
+    return provider

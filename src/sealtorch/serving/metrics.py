@@ -1,0 +1,98 @@
+"""Prometheus metrics of the inference server (one registry per server, never the global one).
+
+Label values are bounded: ``model`` is a served model name or ``""`` (requests naming a model
+the server does not serve), ``route`` is the route template (``/v2/models/{name}/infer``) or
+``unmatched``, so a client cannot create new time series by inventing names.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+__all__ = ["CONTENT_TYPE", "ServingMetrics"]
+
+CONTENT_TYPE: Final = CONTENT_TYPE_LATEST
+_LATENCY_BUCKETS: Final = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+)
+
+
+class ServingMetrics:
+    """Request counts, latencies, in-flight requests and model load figures."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "sealtorch_inference_requests",
+            "Inference requests by model and HTTP status",
+            ["model", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "sealtorch_inference_request_seconds",
+            "Inference request latency (body read, queue, decode, model, encode)",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.compute = Histogram(
+            "sealtorch_inference_compute_seconds",
+            "Time spent in the model's forward pass",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.in_flight = Gauge(
+            "sealtorch_inference_in_flight",
+            "Inference requests being processed or queued",
+            registry=self.registry,
+        )
+        self.load_seconds = Gauge(
+            "sealtorch_model_load_seconds",
+            "Time to obtain the key, decrypt, build and warm up the model",
+            ["model"],
+            registry=self.registry,
+        )
+        self.ready = Gauge(
+            "sealtorch_model_ready",
+            "1 when the model is decrypted, warmed up and serving",
+            ["model"],
+            registry=self.registry,
+        )
+        self.info = Gauge(
+            "sealtorch_model_info",
+            "Served models (sealed=false only for plain models served through the Python API)",
+            ["model", "version", "sealed"],
+            registry=self.registry,
+        )
+        self.http = Counter(
+            "sealtorch_http_requests",
+            "HTTP requests by route template, method and status",
+            ["route", "method", "status"],
+            registry=self.registry,
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,698 @@
+"""A model ready to serve: its interface (inputs, outputs), warm-up, and inference.
+
+A :class:`ServedModel` is built from a module plus what the sealed manifest declares. Anything
+the manifest leaves out is inferred, in this order (``docs/serving.md`` § Model metadata):
+
+inputs
+    1. declared at sealing (``inputs=``; a single ``BYTES`` input with ``preprocess`` makes an
+       image-only model);
+    2. with image ``preprocess``: one ``FP32 [-1, 3, crop, crop]`` input named ``input``;
+    3. a ``torch.export`` program: its placeholders (names, dtypes; dynamic dims are -1);
+    4. a timm model: its ``pretrained_cfg["input_size"]``;
+    5. the first convolution, linear or embedding layer in registration order
+       (``Conv2d(3, ...)`` → ``FP32 [-1, 3, -1, -1]``);
+    otherwise loading fails and asks for ``inputs=`` at sealing.
+
+outputs
+    declared at sealing (checked against the warm-up: count, datatype, rank), or named
+    ``output`` / ``output_0``, ``output_1``... (dict outputs keep their keys) with the dtype and
+    shape of the warm-up result; the batch dimension is -1 when it follows the input batch.
+
+The warm-up runs the model on zeros (batch 1, and 224 for every other variable dimension),
+and once more through the image path for image models. A model that fails its warm-up does
+not load. Models with ``labels`` get a ``probabilities`` output (softmax of the labelled
+output) and label strings in classification results.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import re
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final
+
+import torch
+from torch import nn
+
+from sealtorch.errors import ConfigError, PayloadError
+from sealtorch.payloads.manifest import ImagePreprocessSpec, TensorSpec
+from sealtorch.serving.errors import RequestError, show
+from sealtorch.serving.preprocess import ImageDecodeError, preprocess_image
+from sealtorch.serving.protocol import (
+    InferenceRequest,
+    RequestInput,
+    binary_output_default,
+    classification_count,
+    shape_text,
+    wants_binary,
+)
+from sealtorch.serving.tensors import (
+    DTYPES,
+    datatype_of,
+    decode_base64_elements,
+    decode_bytes_elements,
+    decode_tensor,
+    encode_binary,
+    encode_bytes_binary,
+    encode_json,
+)
+
+if TYPE_CHECKING:
+    from sealtorch.api import SealedModel
+
+__all__ = [
+    "IMAGE_INPUT",
+    "PROBABILITIES",
+    "WARMUP_SIZE",
+    "InferenceResult",
+    "ServedModel",
+    "check_model_name",
+]
+
+_log = logging.getLogger(__name__)
+
+#: Size used for variable non-batch dimensions during the warm-up inference.
+WARMUP_SIZE: Final = 224
+#: Name of the encoded-image input of image models (``image_bytes`` if the model uses "image").
+IMAGE_INPUT: Final = "image"
+#: Name of the softmax output added to models with labels.
+PROBABILITIES: Final = "probabilities"
+DEFAULT_MAX_IMAGES: Final = 64
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+_TENSOR_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:/-]{0,127}")
+_MODEL_ERRORS = (RuntimeError, ValueError, IndexError, TypeError, AssertionError, KeyError)
+
+
+def check_model_name(name: str, *, what: str = "model name") -> str:
+    """A model name or version must be one URL path segment: letters, digits, ``_ . -``."""
+    if _NAME.fullmatch(name) is None:
+        raise ConfigError(
+            f"{what} {name!r} must be 1-128 letters, digits, '_', '.' or '-' "
+            "(starting with a letter or digit)"
+        )
+    return name
+
+
+@dataclass(frozen=True)
+class InferenceResult:
+    """A response document plus the binary output parts (binary tensor data extension)."""
+
+    document: dict[str, Any]
+    binary: tuple[bytes, ...]
+    compute_seconds: float
+
+
+# -- interface inference -----------------------------------------------------------------------
+
+
+def _symbolic_dims(value: Any) -> tuple[int, ...]:
+    return tuple(d if isinstance(d, int) else -1 for d in value.shape)
+
+
+def _export_inputs(module: nn.Module) -> list[TensorSpec] | None:
+    if not isinstance(module, torch.fx.GraphModule):
+        return None
+    specs = []
+    for index, node in enumerate(n for n in module.graph.nodes if n.op == "placeholder"):
+        value = node.meta.get("val")
+        if not isinstance(value, torch.Tensor):
+            return None  # a non-tensor input (an int, a list...): needs a declaration
+        name = node.name if _TENSOR_NAME.fullmatch(node.name) else f"input_{index}"
+        specs.append(
+            TensorSpec(name=name, datatype=datatype_of(value.dtype), shape=_symbolic_dims(value))
+        )
+    return specs or None
+
+
+def _int_attribute(module: nn.Module, name: str) -> int:
+    value = getattr(module, name, None)
+    if not isinstance(value, int):
+        raise PayloadError(f"cannot read {name} of the model's first layer; declare its inputs")
+    return value
+
+
+def _first_layer_input(module: nn.Module) -> list[TensorSpec] | None:
+    for sub in module.modules():
+        kind = getattr(sub, "original_name", type(sub).__name__)  # ScriptModules too
+        if kind in ("Conv1d", "Conv2d", "Conv3d"):
+            spatial = int(kind[4])
+            shape = (-1, _int_attribute(sub, "in_channels"), *([-1] * spatial))
+            return [TensorSpec(name="input", datatype="FP32", shape=shape)]
+        if kind == "Linear":
+            shape = (-1, _int_attribute(sub, "in_features"))
+            return [TensorSpec(name="input", datatype="FP32", shape=shape)]
+        if kind in ("Embedding", "EmbeddingBag"):
+            return [TensorSpec(name="input", datatype="INT64", shape=(-1, -1))]
+    return None
+
+
+def _infer_inputs(module: nn.Module, preprocess: ImagePreprocessSpec | None) -> list[TensorSpec]:
+    if preprocess is not None:
+        return [
+            TensorSpec(
+                name="input", datatype="FP32", shape=(-1, 3, preprocess.crop, preprocess.crop)
+            )
+        ]
+    exported = _export_inputs(module)
+    if exported is not None:
+        return exported
+    config = getattr(module, "pretrained_cfg", None)
+    if isinstance(config, Mapping):
+        size = config.get("input_size")
+        if isinstance(size, Sequence) and size and all(isinstance(d, int) for d in size):
+            return [TensorSpec(name="input", datatype="FP32", shape=(-1, *size))]
+    layer = _first_layer_input(module)
+    if layer is not None:
+        return layer
+    raise PayloadError(
+        "cannot tell what this model takes as input; declare its inputs when sealing "
+        '(sealtorch encrypt --inputs \'[{"name": "input", "datatype": "FP32", '
+        '"shape": [-1, ...]}]\', or encrypt_model(..., inputs=[...]))'
+    )
+
+
+def _eval_mode(module: nn.Module) -> None:
+    if not any(sub.training for sub in module.modules()):
+        return
+    try:
+        module.eval()
+    except NotImplementedError:  # torch.export graphs refuse eval(); the flags still matter
+        for sub in module.modules():
+            sub.training = False
+
+
+def _dummy(spec: TensorSpec, batch: int) -> torch.Tensor:
+    shape = [
+        (batch if index == 0 else WARMUP_SIZE) if dim == -1 else dim
+        for index, dim in enumerate(spec.shape)
+    ]
+    return torch.zeros(shape, dtype=DTYPES[spec.datatype])
+
+
+def _flatten_outputs(value: object) -> list[tuple[str | None, torch.Tensor]]:
+    if isinstance(value, torch.Tensor):
+        return [(None, value)]
+    if isinstance(value, Mapping):
+        items = list(value.items())
+        if all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in items):
+            return [(str(k), v) for k, v in items]
+    if isinstance(value, tuple | list) and all(isinstance(v, torch.Tensor) for v in value):
+        fields = getattr(value, "_fields", None)  # NamedTuple
+        if fields is not None:
+            return list(zip(fields, value, strict=True))
+        return [(None, v) for v in value]
+    raise PayloadError(
+        f"the model returns a {type(value).__name__}; served models must return a tensor, "
+        "a tuple/list of tensors, or a dict of named tensors"
+    )
+
+
+def _synthetic_png(width: int, height: int) -> bytes:
+    from PIL import Image
+
+    image = Image.new("RGB", (width, height))
+    image.putdata(
+        [((x * 7) % 256, (y * 5) % 256, (x + y) % 256) for y in range(height) for x in range(width)]
+    )
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+# -- the served model --------------------------------------------------------------------------
+
+
+class ServedModel:
+    """A decrypted, warmed-up model and its Open Inference Protocol interface.
+
+    Thread-safe: :meth:`infer` may run in several threads at once (``torch.inference_mode``,
+    no state is changed).
+    """
+
+    platform: Final = "pytorch"
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        version: str,
+        module: nn.Module,
+        inputs: tuple[TensorSpec, ...],
+        public_inputs: tuple[TensorSpec, ...],
+        outputs: tuple[TensorSpec, ...],
+        image_input: TensorSpec | None,
+        preprocess: ImagePreprocessSpec | None,
+        labels: tuple[str, ...] | None,
+        labelled_output: int | None,
+        derived_probabilities: bool,
+        sealed: bool,
+        max_images: int,
+    ) -> None:
+        self.name = name
+        self.version = version
+        self.module = module
+        self.inputs = inputs
+        self.public_inputs = public_inputs
+        self.outputs = outputs
+        self.image_input = image_input
+        self.preprocess = preprocess
+        self.labels = labels
+        self.labelled_output = labelled_output
+        self.derived_probabilities = derived_probabilities
+        self.sealed = sealed
+        self.max_images = max_images
+        self.load_seconds = 0.0
+        self._output_index = {spec.name: i for i, spec in enumerate(outputs)}
+
+    def __repr__(self) -> str:
+        return f"ServedModel(name={self.name!r}, version={self.version!r}, sealed={self.sealed})"
+
+    # -- building -----------------------------------------------------------------------------
+
+    @classmethod
+    def from_sealed(
+        cls,
+        sealed: SealedModel,
+        *,
+        name: str | None = None,
+        max_images: int = DEFAULT_MAX_IMAGES,
+    ) -> ServedModel:
+        """Serve a model loaded with :func:`sealtorch.api.load_sealed_model`.
+
+        The name defaults to the sealed file's model id; the version is the manifest's
+        ``version`` metadata entry, or ``"1"``.
+        """
+        manifest = sealed.manifest
+        return cls.build(
+            sealed.module,
+            name=name if name is not None else sealed.info.model_id,
+            version=manifest.metadata.get("version", "1"),
+            inputs=manifest.inputs,
+            outputs=manifest.outputs,
+            preprocess=manifest.preprocess,
+            labels=manifest.labels,
+            sealed=True,
+            max_images=max_images,
+        )
+
+    @classmethod
+    def build(
+        cls,
+        module: nn.Module,
+        *,
+        name: str,
+        version: str = "1",
+        inputs: Iterable[TensorSpec] | None = None,
+        outputs: Iterable[TensorSpec] | None = None,
+        preprocess: ImagePreprocessSpec | None = None,
+        labels: Iterable[str] | None = None,
+        sealed: bool,
+        max_images: int = DEFAULT_MAX_IMAGES,
+    ) -> ServedModel:
+        """Resolve the interface, run the warm-up inference(s) and return the ready model.
+
+        ``sealed`` says whether the weights came from a sealed file; unsealed models are served
+        only through this Python API (benchmarks, notebooks), never by ``sealtorch serve``.
+        Raises :class:`~sealtorch.errors.PayloadError` if the model does not run on its own
+        declared or inferred inputs.
+        """
+        check_model_name(name)
+        check_model_name(version, what="model version")
+        if max_images < 1:
+            raise ConfigError("max_images must be at least 1")
+        _eval_mode(module)
+        declared = tuple(inputs) if inputs is not None else None
+        label_list = tuple(labels) if labels is not None else None
+        tensor_inputs, public_inputs, image_input = _resolve_inputs(module, declared, preprocess)
+
+        first = _warm_up(module, name, [_dummy(spec, 1) for spec in tensor_inputs])
+        second = None
+        declared_outputs = tuple(outputs) if outputs is not None else None
+        if declared_outputs is None and any(
+            spec.shape and spec.shape[0] == -1 for spec in tensor_inputs
+        ):
+            second = _warm_up(module, name, [_dummy(spec, 2) for spec in tensor_inputs])
+        output_specs = _resolve_outputs(name, first, second, declared_outputs)
+
+        labelled: int | None = None
+        derived = False
+        if label_list is not None:
+            labelled = _labelled_output(name, output_specs, len(label_list))
+            spec = output_specs[labelled]
+            if spec.datatype in ("FP16", "FP32", "FP64", "BF16") and not any(
+                o.name == PROBABILITIES for o in output_specs
+            ):
+                output_specs = (
+                    *output_specs,
+                    TensorSpec(name=PROBABILITIES, datatype=spec.datatype, shape=spec.shape),
+                )
+                derived = True
+        model = cls(
+            name=name,
+            version=version,
+            module=module,
+            inputs=tensor_inputs,
+            public_inputs=public_inputs,
+            outputs=output_specs,
+            image_input=image_input,
+            preprocess=preprocess,
+            labels=label_list,
+            labelled_output=labelled,
+            derived_probabilities=derived,
+            sealed=sealed,
+            max_images=max_images,
+        )
+        if preprocess is not None:
+            model._warm_up_images()
+        return model
+
+    def _warm_up_images(self) -> None:
+        assert self.preprocess is not None  # noqa: S101 - only called for image models
+        crop = self.preprocess.crop
+        image = preprocess_image(_synthetic_png(crop + 7, crop + 3), self.preprocess)
+        batch = image.unsqueeze(0).to(DTYPES[self.inputs[0].datatype])
+        _warm_up(self.module, self.name, [batch])
+
+    # -- metadata -----------------------------------------------------------------------------
+
+    def metadata(self) -> dict[str, Any]:
+        """The model metadata response of the protocol."""
+        inputs = list(self.public_inputs)
+        if self.image_input is not None and self.image_input not in inputs:
+            inputs.append(self.image_input)
+        return {
+            "name": self.name,
+            "versions": [self.version],
+            "platform": self.platform,
+            "inputs": [spec.to_json() for spec in inputs],
+            "outputs": [spec.to_json() for spec in self.outputs],
+        }
+
+    # -- inference ----------------------------------------------------------------------------
+
+    def infer(self, request: InferenceRequest) -> InferenceResult:
+        """Run one request (call from a worker thread, never the event loop)."""
+        tensors = self._request_tensors(request)
+        start = time.perf_counter()
+        produced = self._forward(tensors)
+        compute = time.perf_counter() - start
+        return self._response(request, produced, compute)
+
+    def _request_tensors(self, request: InferenceRequest) -> list[torch.Tensor]:
+        given = {item.name: item for item in request.inputs}
+        if self.image_input is not None and self.image_input.name in given:
+            if len(given) != 1:
+                raise RequestError(
+                    f"send either the encoded images ({self.image_input.name!r}) or the "
+                    "tensor input(s), not both"
+                )
+            batch = self._image_batch(given[self.image_input.name])
+            return [batch.to(DTYPES[self.inputs[0].datatype])]
+        expected = [spec.name for spec in self.public_inputs]
+        unknown = [name for name in given if name not in expected]
+        if unknown:
+            accepted = expected + ([self.image_input.name] if self.image_input else [])
+            raise RequestError(
+                f"model {self.name!r} has no input {show(unknown[0])}; its inputs are "
+                f"{', '.join(repr(n) for n in accepted)}"
+            )
+        missing = [name for name in expected if name not in given]
+        if missing:
+            raise RequestError(f"input {missing[0]!r} of model {self.name!r} is missing")
+        return [
+            self._tensor(spec, given[spec.name], f"input {spec.name!r}") for spec in self.inputs
+        ]
+
+    @staticmethod
+    def _tensor(spec: TensorSpec, item: RequestInput, where: str) -> torch.Tensor:
+        if item.datatype != spec.datatype:
+            raise RequestError(
+                f"{where} has datatype {item.datatype}, but the model takes {spec.datatype}"
+            )
+        if len(item.shape) != len(spec.shape) or any(
+            want not in (-1, got) for want, got in zip(spec.shape, item.shape, strict=True)
+        ):
+            raise RequestError(
+                f"{where} has shape {shape_text(item.shape)}, but the model takes "
+                f"{shape_text(spec.shape)} (-1: any size)"
+            )
+        return decode_tensor(
+            datatype=item.datatype, shape=item.shape, data=item.data, raw=item.raw, where=where
+        )
+
+    def _image_batch(self, item: RequestInput) -> torch.Tensor:
+        assert self.preprocess is not None  # noqa: S101 - image_input implies preprocess
+        where = f"input {item.name!r}"
+        if item.datatype != "BYTES":
+            raise RequestError(f"{where} must be BYTES (encoded images), not {item.datatype}")
+        if len(item.shape) != 1 or not 1 <= item.shape[0] <= self.max_images:
+            raise RequestError(
+                f"{where} must have shape [N] with 1 <= N <= {self.max_images} images, "
+                f"not {shape_text(item.shape)}"
+            )
+        content_type = item.parameters.get("content_type")
+        if content_type not in (None, "base64"):
+            raise RequestError(f"{where}.parameters.content_type must be 'base64' if given")
+        elements = decode_bytes_elements(
+            shape=item.shape, data=item.data, raw=item.raw, where=where
+        )
+        if item.raw is None or content_type == "base64":
+            elements = decode_base64_elements(elements, where)
+        images = []
+        for index, data in enumerate(elements):
+            try:
+                images.append(preprocess_image(data, self.preprocess))
+            except ImageDecodeError as exc:
+                raise RequestError(f"{where}[{index}]: {exc}") from exc
+        return torch.stack(images)
+
+    def _forward(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        try:
+            with torch.inference_mode():
+                produced = _flatten_outputs(self.module(*tensors))
+        except _MODEL_ERRORS as exc:
+            # The model's own message may describe its private layers (weight shapes...):
+            # never pass it on, and log only its type.
+            _log.info("model %s rejected an input (%s)", self.name, type(exc).__name__)
+            raise RequestError(
+                f"model {self.name!r} could not run on this input; check the shapes and "
+                f"datatypes against GET /v2/models/{self.name}"
+            ) from exc
+        except PayloadError as exc:
+            raise RuntimeError(f"model {self.name} returned an unexpected structure") from exc
+        real = len(self.outputs) - (1 if self.derived_probabilities else 0)
+        if len(produced) != real:
+            raise RuntimeError(
+                f"model {self.name} returned {len(produced)} outputs; its warm-up returned {real}"
+            )
+        return [tensor for _, tensor in produced]
+
+    def _response(
+        self, request: InferenceRequest, produced: list[torch.Tensor], compute: float
+    ) -> InferenceResult:
+        binary_default = binary_output_default(request)
+        if request.outputs is None:
+            requested: list[tuple[str, dict[str, Any]]] = [
+                (spec.name, {}) for spec in self.outputs[: len(produced)]
+            ]
+        else:
+            requested = [(out.name, dict(out.parameters)) for out in request.outputs]
+        outputs: list[dict[str, Any]] = []
+        binary: list[bytes] = []
+        for index, (name, parameters) in enumerate(requested):
+            where = f"outputs[{index}]"
+            position = self._output_index.get(name)
+            if position is None:
+                raise RequestError(
+                    f"model {self.name!r} has no output {show(name)}; its outputs are "
+                    f"{', '.join(repr(spec.name) for spec in self.outputs)}"
+                )
+            labelled = position == self.labelled_output
+            if position < len(produced):
+                tensor = produced[position]
+            else:  # the probabilities output
+                assert self.labelled_output is not None  # noqa: S101
+                tensor = torch.softmax(produced[self.labelled_output], dim=-1)
+                labelled = True
+            count = classification_count(parameters, where)
+            as_binary = wants_binary(parameters, binary_default, where)
+            entry: dict[str, Any] = {"name": name}
+            if count is not None:
+                strings = self._classify(tensor, count, labelled=labelled, where=where)
+                entry["datatype"] = "BYTES"
+                entry["shape"] = [*tensor.shape[:-1], min(count, tensor.shape[-1])]
+                flat = [s for row in strings for s in row]
+                if as_binary:
+                    part = encode_bytes_binary([s.encode("utf-8") for s in flat])
+                    entry["parameters"] = {"binary_data_size": len(part)}
+                    binary.append(part)
+                else:
+                    entry["data"] = flat
+            else:
+                entry["datatype"] = datatype_of(tensor.dtype)
+                entry["shape"] = list(tensor.shape)
+                if as_binary:
+                    part = encode_binary(tensor)
+                    entry["parameters"] = {"binary_data_size": len(part)}
+                    binary.append(part)
+                else:
+                    entry["data"] = encode_json(tensor)
+            outputs.append(entry)
+        document: dict[str, Any] = {"model_name": self.name, "model_version": self.version}
+        if request.id is not None:
+            document["id"] = request.id
+        document["outputs"] = outputs
+        return InferenceResult(document=document, binary=tuple(binary), compute_seconds=compute)
+
+    def _classify(
+        self, tensor: torch.Tensor, count: int, *, labelled: bool, where: str
+    ) -> list[list[str]]:
+        """Top-k as ``"<value>:<index>[:<label>]"`` strings (the classification extension)."""
+        if tensor.dim() not in (1, 2) or tensor.shape[-1] == 0:
+            raise RequestError(
+                f"{where}: classification needs an output of shape [classes] or "
+                f"[batch, classes], not {shape_text(list(tensor.shape))}"
+            )
+        rows = tensor.unsqueeze(0) if tensor.dim() == 1 else tensor
+        k = min(count, rows.shape[-1])
+        values, indices = torch.sort(rows, dim=-1, descending=True, stable=True)
+        floating = tensor.is_floating_point()
+        labels = self.labels if labelled else None
+        result = []
+        for row_values, row_indices in zip(
+            values[:, :k].tolist(), indices[:, :k].tolist(), strict=True
+        ):
+            row = []
+            for value, index in zip(row_values, row_indices, strict=True):
+                text = f"{float(value)!r}:{index}" if floating else f"{int(value)}:{index}"
+                if labels is not None:
+                    text += f":{labels[index]}"
+                row.append(text)
+            result.append(row)
+        return result
+
+
+# -- helpers of build() ------------------------------------------------------------------------
+
+
+def _resolve_inputs(
+    module: nn.Module,
+    declared: tuple[TensorSpec, ...] | None,
+    preprocess: ImagePreprocessSpec | None,
+) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...], TensorSpec | None]:
+    """(inputs the module is called with, inputs a request may send, the image input)."""
+    image_tensor = (
+        TensorSpec(name="input", datatype="FP32", shape=(-1, 3, preprocess.crop, preprocess.crop))
+        if preprocess is not None
+        else None
+    )
+    if declared is not None:
+        encoded = [spec for spec in declared if spec.datatype == "BYTES"]
+        if encoded:
+            if preprocess is None or image_tensor is None:
+                raise PayloadError(
+                    f"input {encoded[0].name!r} is BYTES, which sealtorch serves only as "
+                    "encoded images: seal the model with image preprocessing (preprocess=)"
+                )
+            if len(declared) != 1 or len(encoded[0].shape) != 1:
+                raise PayloadError(
+                    "an encoded-image (BYTES) input must be the model's only input, of shape [-1]"
+                )
+            only = TensorSpec(name=encoded[0].name, datatype="BYTES", shape=(-1,))
+            return (image_tensor,), (), only
+        for spec in declared:
+            if spec.datatype not in DTYPES:  # pragma: no cover - the manifest checks it
+                raise PayloadError(f"input {spec.name!r} has unsupported datatype {spec.datatype}")
+        tensor_inputs = declared
+    else:
+        tensor_inputs = tuple(_infer_inputs(module, preprocess))
+    image: TensorSpec | None = None
+    if preprocess is not None:
+        if len(tensor_inputs) != 1:
+            raise PayloadError(
+                "image preprocessing needs a model with exactly one input tensor; "
+                f"this one declares {len(tensor_inputs)}"
+            )
+        names = {spec.name for spec in tensor_inputs}
+        image_name = IMAGE_INPUT if IMAGE_INPUT not in names else f"{IMAGE_INPUT}_bytes"
+        image = TensorSpec(name=image_name, datatype="BYTES", shape=(-1,))
+    return tensor_inputs, tensor_inputs, image
+
+
+def _warm_up(
+    module: nn.Module, name: str, tensors: list[torch.Tensor]
+) -> list[tuple[str | None, torch.Tensor]]:
+    try:
+        with torch.inference_mode():
+            return _flatten_outputs(module(*tensors))
+    except _MODEL_ERRORS as exc:
+        shapes = ", ".join(f"{datatype_of(t.dtype)} {shape_text(list(t.shape))}" for t in tensors)
+        raise PayloadError(
+            f"model {name!r} failed its warm-up inference on zeros ({shapes}): "
+            f"{type(exc).__name__}. Declare the model's inputs (and outputs) when sealing "
+            "so that they match what it takes"
+        ) from exc
+
+
+def _resolve_outputs(
+    name: str,
+    first: list[tuple[str | None, torch.Tensor]],
+    second: list[tuple[str | None, torch.Tensor]] | None,
+    declared: tuple[TensorSpec, ...] | None,
+) -> tuple[TensorSpec, ...]:
+    for output_name, tensor in first:
+        try:
+            datatype_of(tensor.dtype)
+        except ValueError as exc:
+            raise PayloadError(f"model {name!r}: output {output_name or ''} {exc}") from exc
+    if declared is not None:
+        if len(declared) != len(first):
+            raise PayloadError(
+                f"model {name!r} declares {len(declared)} outputs but returns {len(first)}"
+            )
+        for spec, (_, tensor) in zip(declared, first, strict=True):
+            actual = datatype_of(tensor.dtype)
+            if spec.datatype != actual or len(spec.shape) != tensor.dim():
+                raise PayloadError(
+                    f"model {name!r} declares output {spec.name!r} as {spec.datatype} "
+                    f"{shape_text(spec.shape)}, but returns {actual} "
+                    f"{shape_text(list(tensor.shape))}"
+                )
+        return declared
+    specs = []
+    for index, (key, tensor) in enumerate(first):
+        if key is not None and _TENSOR_NAME.fullmatch(key):
+            output_name = key
+        else:
+            output_name = "output" if len(first) == 1 else f"output_{index}"
+        shape = list(tensor.shape)
+        other = second[index][1] if second is not None else None
+        # The batch dimension follows the input batch.
+        if (
+            other is not None
+            and shape
+            and other.dim() == tensor.dim()
+            and (other.shape[0] != tensor.shape[0])
+        ):
+            shape[0] = -1
+        specs.append(
+            TensorSpec(name=output_name, datatype=datatype_of(tensor.dtype), shape=tuple(shape))
+        )
+    if len({spec.name for spec in specs}) != len(specs):
+        raise PayloadError(f"model {name!r} returns outputs with clashing names")
+    return tuple(specs)
+
+
+def _labelled_output(name: str, outputs: Sequence[TensorSpec], count: int) -> int:
+    for index, spec in enumerate(outputs):
+        if 1 <= len(spec.shape) <= 2 and spec.shape[-1] == count:
+            return index
+    shapes = ", ".join(f"{spec.name} {shape_text(spec.shape)}" for spec in outputs)
+    raise PayloadError(
+        f"model {name!r} has {count} labels but no output of shape [{count}] or "
+        f"[batch, {count}] ({shapes}); check the labels given at sealing"
+    )

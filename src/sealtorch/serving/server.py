@@ -1,0 +1,317 @@
+"""Running the inference server: bind, load and warm up models, serve, drain on SIGTERM.
+
+Lifecycle of :meth:`InferenceServer.run`:
+
+1. bind the listening socket (port 0 picks a free port; :attr:`InferenceServer.url` has it)
+   and start answering ``/v2/health/live`` and ``/metrics`` at once;
+2. in a loader thread, for each model in turn: obtain its key, authenticate and decrypt it,
+   build it, run the warm-up inference(s) — ``/v2/health/ready`` turns 200 only when every
+   model is serving;
+3. on SIGTERM/SIGINT (or :meth:`InferenceServer.stop`): stop accepting connections, report
+   not-ready, let in-flight requests finish (at most ``drain_timeout`` seconds), shut the
+   inference pool down, return. A second signal stops at once.
+
+If a model cannot be loaded (missing or refused key, failed authentication, a model that fails
+its warm-up...), the server stops and :meth:`run` raises that error, so ``sealtorch serve``
+exits non-zero with its message (and, for refused keys, the reasons).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable, Generator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import TYPE_CHECKING, Protocol
+
+import uvicorn
+
+from sealtorch.errors import ConfigError
+from sealtorch.serving.app import AppLimits, create_app
+from sealtorch.serving.metrics import ServingMetrics
+from sealtorch.serving.model import DEFAULT_MAX_IMAGES, ServedModel, check_model_name
+from sealtorch.serving.state import ServerState
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+    from sealtorch.api import KeyLike
+
+__all__ = ["InferenceServer", "ModelSource", "SealedModelSource", "ServerSettings"]
+
+_log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """How the server listens, computes and protects itself."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    #: PyTorch intra-op threads (``torch.set_num_threads``); None keeps PyTorch's default.
+    threads: int | None = None
+    #: Requests computed at the same time (size of the inference thread pool).
+    workers: int = 1
+    max_body_bytes: int = 64 * 1024 * 1024
+    #: Requests accepted while all workers are busy; beyond that the server answers 503.
+    max_pending: int = 64
+    max_images: int = DEFAULT_MAX_IMAGES
+    #: Seconds to let in-flight requests finish after SIGTERM.
+    drain_timeout: int = 30
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"port {self.port} is not in 0..65535")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError("--threads must be at least 1")
+        if self.workers < 1:
+            raise ConfigError("--workers must be at least 1")
+        if self.max_body_bytes < 1024:
+            raise ConfigError("the maximum body size must be at least 1 KiB")
+        if self.max_pending < 1:
+            raise ConfigError("max_pending must be at least 1")
+        if self.max_images < 1:
+            raise ConfigError("max_images must be at least 1")
+        if self.drain_timeout < 0:
+            raise ConfigError("the drain timeout cannot be negative")
+
+
+class ModelSource(Protocol):
+    """Something the server can load a :class:`ServedModel` from (a sealed file...)."""
+
+    @property
+    def name(self) -> str: ...
+
+    def describe(self) -> str:
+        """Where the model comes from, for logs and error messages."""
+        ...
+
+    def load(self, *, max_images: int) -> ServedModel: ...
+
+
+class SealedModelSource:
+    """A sealed model file and the key provider that opens it.
+
+    The public header is read at once (no key needed), so a missing or foreign file fails
+    before the server starts, and the model name defaults to the file's model id.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, key: KeyLike, name: str | None = None):
+        from sealtorch.api import inspect_sealed
+
+        self.path = Path(path)
+        self._key = key
+        try:
+            info = inspect_sealed(self.path)
+        except FileNotFoundError as exc:
+            raise ConfigError(f"sealed model {self.path} does not exist") from exc
+        except IsADirectoryError as exc:
+            raise ConfigError(f"{self.path} is a directory, not a sealed model file") from exc
+        except PermissionError as exc:
+            raise ConfigError(f"cannot read sealed model {self.path}: permission denied") from exc
+        self.model_id = info.model_id
+        self.key_version = info.key_version
+        self._name = check_model_name(name if name is not None else info.model_id)
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    def describe(self) -> str:
+        return f"{self.path} (model id {self.model_id}, key version {self.key_version})"
+
+    def load(self, *, max_images: int) -> ServedModel:
+        from sealtorch.api import load_sealed_model
+
+        start = time.perf_counter()
+        sealed = load_sealed_model(self.path, key=self._key)
+        decrypted = time.perf_counter()
+        model = ServedModel.from_sealed(sealed, name=self._name, max_images=max_images)
+        model.load_seconds = time.perf_counter() - start
+        _log.info(
+            "model %s: key, decryption and build %.2f s, warm-up %.2f s",
+            self._name,
+            decrypted - start,
+            model.load_seconds - (decrypted - start),
+            extra={"model": self._name, "load_seconds": model.load_seconds},
+        )
+        return model
+
+
+class _Uvicorn(uvicorn.Server):
+    """uvicorn without its signal re-raising: a drained SIGTERM is a clean exit (status 0)."""
+
+    def __init__(self, config: uvicorn.Config, on_signal: Callable[[int], None]) -> None:
+        super().__init__(config)
+        self._on_signal = on_signal
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {
+            sig: signal.signal(sig, self._handle_signal) for sig in (signal.SIGINT, signal.SIGTERM)
+        }
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _handle_signal(self, sig: int, frame: FrameType | None) -> None:
+        del frame
+        if self.should_exit:
+            if sig == signal.SIGINT:  # Ctrl-C twice: stop now, abandoning in-flight requests
+                self.force_exit = True
+            return
+        self.should_exit = True
+        self._on_signal(sig)
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ConfigError(f"cannot resolve --host {host!r}: {exc.strerror}") from exc
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind(address)
+        sock.listen(2048)
+        sock.set_inheritable(True)
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
+    return sock
+
+
+def _url(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    return f"http://{shown}:{port}"
+
+
+class InferenceServer:
+    """The inference server of one process: models from ``sources``, served on one socket.
+
+    ``on_listening(url)`` is called once the socket is bound, ``on_ready(server)`` once every
+    model serves. Tests and embedders may run :meth:`run` in a thread and call :meth:`stop`.
+    """
+
+    def __init__(
+        self,
+        settings: ServerSettings,
+        sources: Sequence[ModelSource],
+        *,
+        on_listening: Callable[[str], None] | None = None,
+        on_ready: Callable[[InferenceServer], None] | None = None,
+    ) -> None:
+        if not sources:
+            raise ConfigError("give at least one model to serve")
+        self.settings = settings
+        self._sources = tuple(sources)
+        self.metrics = ServingMetrics()
+        self.state = ServerState(
+            [source.name for source in sources], workers=settings.workers, metrics=self.metrics
+        )
+        self.app: FastAPI = create_app(
+            self.state,
+            AppLimits(max_body_bytes=settings.max_body_bytes, max_pending=settings.max_pending),
+        )
+        self.url: str | None = None
+        self.listening = threading.Event()
+        self.ready = threading.Event()
+        self._on_listening = on_listening
+        self._on_ready = on_ready
+        self._server: _Uvicorn | None = None
+        self._stop_requested = False
+        self._load_error: BaseException | None = None
+
+    def stop(self) -> None:
+        """Drain and stop (thread-safe; what SIGTERM does)."""
+        self._stop_requested = True
+        self.state.stopping = True
+        if self._server is not None:
+            self._server.should_exit = True
+
+    def run(self) -> None:
+        """Serve until stopped. Raises the error of a model that could not be loaded."""
+        if self.settings.threads is not None:
+            import torch
+
+            torch.set_num_threads(self.settings.threads)
+        sock = _bind(self.settings.host, self.settings.port)
+        self.url = _url(sock)
+        config = uvicorn.Config(
+            self.app,
+            log_config=None,
+            access_log=False,
+            lifespan="off",
+            server_header=False,
+            timeout_graceful_shutdown=self.settings.drain_timeout,
+        )
+        self._server = _Uvicorn(config, self._signalled)
+        if self._stop_requested:
+            self._server.should_exit = True
+        loader = threading.Thread(target=self._load_all, name="sealtorch-loader", daemon=True)
+        try:
+            _log.info("listening on %s", self.url)
+            self.listening.set()
+            if self._on_listening is not None:
+                self._on_listening(self.url)
+            loader.start()
+            self._server.run(sockets=[sock])
+        finally:
+            sock.close()
+            self.state.close()
+        if self._load_error is not None:
+            raise self._load_error
+        _log.info("stopped")
+
+    def _signalled(self, sig: int) -> None:
+        self.state.stopping = True
+        _log.warning(
+            "received %s: no new connections; draining in-flight requests (at most %.0f s)",
+            signal.Signals(sig).name,
+            self.settings.drain_timeout,
+        )
+
+    def _load_all(self) -> None:
+        import torch
+
+        _log.info("PyTorch uses %d threads", torch.get_num_threads())
+        for source in self._sources:
+            if self._stop_requested or (self._server is not None and self._server.should_exit):
+                return
+            try:
+                model = source.load(max_images=self.settings.max_images)
+            except BaseException as exc:  # noqa: BLE001 - forwarded to the main thread by run()
+                self._load_error = exc
+                _log.error("cannot serve model %s from %s", source.name, source.describe())
+                self.stop()
+                return
+            if not model.sealed:
+                _log.warning(
+                    "model %s is NOT sealed: its weights were loaded in the clear (benchmark or "
+                    "development use only)",
+                    model.name,
+                )
+            self.state.add(model)
+        self.ready.set()
+        _log.info(
+            "ready: serving %s",
+            ", ".join(f"{m.name} (v{m.version})" for m in self.state.models.values()),
+        )
+        if self._on_ready is not None:
+            self._on_ready(self)

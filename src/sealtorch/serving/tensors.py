@@ -1,0 +1,237 @@
+"""Tensor data of the Open Inference Protocol ↔ PyTorch tensors, exactly.
+
+JSON numbers are IEEE doubles. Every floating-point input is parsed as a double and rounded
+*once* to its target type, and every output is written as the shortest decimal that reads back
+as the same double (Python's ``repr``), which is exact for FP16, BF16, FP32 and FP64 — so a
+client that parses the JSON into doubles and casts to the output type gets the server's bits.
+The binary tensor data extension carries raw little-endian bytes and is exact by construction.
+
+Type rules for JSON data (the protocol lets the server coerce or refuse; sealtorch refuses
+anything lossy or ambiguous): BOOL takes only ``true``/``false``; integer types take only
+integers within range; floating-point types take numbers (integers included). Data may be
+flat or nested in the tensor's natural shape.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import math
+import struct
+import sys
+from collections.abc import Sequence
+from typing import Any, Final
+
+import numpy as np
+import torch
+
+from sealtorch.serving.errors import RequestError
+from sealtorch.serving.protocol import shape_text
+
+__all__ = [
+    "DTYPES",
+    "MAX_ELEMENTS",
+    "datatype_of",
+    "decode_base64_elements",
+    "decode_bytes_elements",
+    "decode_tensor",
+    "encode_binary",
+    "encode_bytes_binary",
+    "encode_json",
+]
+
+#: The largest tensor (in elements) a request may carry.
+MAX_ELEMENTS: Final = 1 << 28
+
+#: Protocol datatype → torch dtype (BYTES has no tensor type).
+DTYPES: Final[dict[str, torch.dtype]] = {
+    "BOOL": torch.bool,
+    "UINT8": torch.uint8,
+    "UINT16": torch.uint16,
+    "UINT32": torch.uint32,
+    "UINT64": torch.uint64,
+    "INT8": torch.int8,
+    "INT16": torch.int16,
+    "INT32": torch.int32,
+    "INT64": torch.int64,
+    "FP16": torch.float16,
+    "FP32": torch.float32,
+    "FP64": torch.float64,
+    "BF16": torch.bfloat16,
+}
+_DATATYPES: Final = {dtype: name for name, dtype in DTYPES.items()}
+_NUMPY: Final[dict[str, Any]] = {
+    "BOOL": np.bool_,
+    "UINT8": np.uint8,
+    "UINT16": np.uint16,
+    "UINT32": np.uint32,
+    "UINT64": np.uint64,
+    "INT8": np.int8,
+    "INT16": np.int16,
+    "INT32": np.int32,
+    "INT64": np.int64,
+    "FP16": np.float16,
+    "FP32": np.float32,
+    "FP64": np.float64,
+}
+_FLOATS: Final = frozenset({"FP16", "FP32", "FP64", "BF16"})
+_LENGTH: Final = struct.Struct("<I")
+
+if sys.byteorder != "little":  # pragma: no cover - every TEE platform sealtorch targets is
+    raise ImportError("sealtorch.serving needs a little-endian host (x86-64, arm64)")
+
+
+def datatype_of(dtype: torch.dtype) -> str:
+    """The protocol datatype of a torch dtype (``RequestError`` is not right here: a model
+    producing an unsupported dtype is a load-time problem, reported as ``ValueError``)."""
+    try:
+        return _DATATYPES[dtype]
+    except KeyError:
+        raise ValueError(f"tensors of type {dtype} cannot be served") from None
+
+
+def _count(shape: Sequence[int], where: str) -> int:
+    count = math.prod(shape)
+    if count > MAX_ELEMENTS:
+        raise RequestError(
+            f"{where} has {count:,} elements in shape {shape_text(shape)}; "
+            f"the limit is {MAX_ELEMENTS:,}"
+        )
+    return count
+
+
+def decode_tensor(
+    *,
+    datatype: str,
+    shape: tuple[int, ...],
+    data: object = None,
+    raw: bytes | None = None,
+    where: str,
+) -> torch.Tensor:
+    """Convert request data (JSON ``data`` or binary ``raw``) into a tensor of ``shape``."""
+    if datatype not in DTYPES:
+        raise RequestError(f"{where} has datatype {datatype}, which is not a numeric tensor")
+    count = _count(shape, where)
+    if raw is not None:
+        return _from_raw(raw, datatype=datatype, shape=shape, count=count, where=where)
+    if not isinstance(data, list):
+        raise RequestError(f"{where}.data must be a JSON array")
+    try:
+        array = np.asarray(data)
+    except (ValueError, TypeError, OverflowError, RecursionError) as exc:
+        raise RequestError(
+            f"{where}.data is not a rectangular array of numbers in shape {shape_text(shape)}"
+        ) from exc
+    if array.size != count or (array.shape != shape and array.ndim != 1):
+        raise RequestError(
+            f"{where}.data holds {array.size:,} elements laid out as "
+            f"{shape_text(array.shape)}, but the shape is {shape_text(shape)} ({count:,} "
+            "elements, flat or nested)"
+        )
+    if count == 0:
+        return torch.empty(shape, dtype=DTYPES[datatype])
+    kind = array.dtype.kind
+    if datatype == "BOOL":
+        if kind != "b":
+            raise RequestError(f"{where}.data must hold only true/false for BOOL")
+        return torch.from_numpy(array.reshape(shape))
+    if datatype in _FLOATS:
+        if kind not in "fiu":
+            raise RequestError(f"{where}.data must hold only numbers for {datatype}")
+        doubles = array.astype(np.float64, copy=False).reshape(shape)
+        return torch.from_numpy(doubles).to(DTYPES[datatype])
+    if kind not in "iu":
+        raise RequestError(f"{where}.data must hold only integers for {datatype}")
+    info = np.iinfo(_NUMPY[datatype])
+    low, high = int(array.min()), int(array.max())
+    if low < info.min or high > info.max:
+        raise RequestError(
+            f"{where}.data holds values outside the {datatype} range {info.min}..{info.max}"
+        )
+    return torch.from_numpy(array.astype(_NUMPY[datatype], copy=False).reshape(shape))
+
+
+def _from_raw(
+    raw: bytes, *, datatype: str, shape: tuple[int, ...], count: int, where: str
+) -> torch.Tensor:
+    dtype = DTYPES[datatype]
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    if len(raw) != count * itemsize:
+        raise RequestError(
+            f"{where} has {len(raw)} bytes of binary data, but {datatype} "
+            f"{shape_text(shape)} needs {count * itemsize}"
+        )
+    if count == 0:
+        return torch.empty(shape, dtype=dtype)
+    buffer = bytearray(raw)  # writable and owned, so the tensor may keep it
+    if datatype == "BOOL" and buffer.translate(None, b"\x00\x01"):
+        raise RequestError(f"{where} has BOOL bytes other than 0 and 1")
+    return torch.frombuffer(buffer, dtype=dtype).reshape(shape)
+
+
+def decode_bytes_elements(
+    *, shape: tuple[int, ...], data: object = None, raw: bytes | None = None, where: str
+) -> list[bytes]:
+    """The elements of a BYTES tensor: JSON strings (UTF-8 encoded) or binary elements."""
+    count = _count(shape, where)
+    if raw is not None:
+        elements: list[bytes] = []
+        offset = 0
+        while offset < len(raw):
+            if offset + 4 > len(raw):
+                raise RequestError(f"{where} has a truncated BYTES length prefix")
+            (length,) = _LENGTH.unpack_from(raw, offset)
+            offset += 4
+            if offset + length > len(raw):
+                raise RequestError(f"{where} has a BYTES element running past its data")
+            elements.append(raw[offset : offset + length])
+            offset += length
+    else:
+        if not isinstance(data, list):
+            raise RequestError(f"{where}.data must be a JSON array")
+        flat = data
+        if len(shape) > 1 and all(isinstance(item, list) for item in data):
+            flat = _flatten(data, len(shape), where)
+        if not all(isinstance(item, str) for item in flat):
+            raise RequestError(f"{where}.data must hold strings for BYTES")
+        elements = [item.encode("utf-8", "surrogatepass") for item in flat]
+    if len(elements) != count:
+        raise RequestError(
+            f"{where} holds {len(elements)} BYTES elements, but the shape "
+            f"{shape_text(shape)} has {count}"
+        )
+    return elements
+
+
+def _flatten(data: list[Any], depth: int, where: str) -> list[Any]:
+    items: list[Any] = data
+    for _ in range(depth - 1):
+        if not all(isinstance(item, list) for item in items):
+            raise RequestError(f"{where}.data is not nested like its shape")
+        items = [element for item in items for element in item]
+    return items
+
+
+def decode_base64_elements(elements: Sequence[bytes], where: str) -> list[bytes]:
+    """Decode base64 text elements (standard alphabet, padding required)."""
+    try:
+        return [base64.b64decode(element, validate=True) for element in elements]
+    except (binascii.Error, ValueError) as exc:
+        raise RequestError(f"{where} must hold base64-encoded images") from exc
+
+
+def encode_json(tensor: torch.Tensor) -> list[Any]:
+    """Flat row-major JSON data of a tensor (booleans, integers or exact floats)."""
+    if tensor.dtype in (torch.uint16, torch.uint32, torch.uint64):
+        # tolist() does not support every unsigned type; numpy does, exactly.
+        return tensor.contiguous().view(-1).numpy().tolist()  # type: ignore[no-any-return]
+    return tensor.reshape(-1).tolist()
+
+
+def encode_binary(tensor: torch.Tensor) -> bytes:
+    """Raw little-endian row-major bytes of a tensor (binary tensor data extension)."""
+    return tensor.contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+
+
+def encode_bytes_binary(elements: Sequence[bytes]) -> bytes:
+    return b"".join(_LENGTH.pack(len(element)) + element for element in elements)
