@@ -77,7 +77,8 @@ def test_release_returns_the_key_sealed_to_the_enclave(keyserver: KeyServerUnder
         assert client.data_key("resnet50", 1) == dek
     record = _audit(keyserver)[-1]
     assert (record.action, record.decision) == ("release", "allow")
-    assert record.evidence_digest and record.claims["mrenclave"] == keyserver.attester.mrenclave
+    assert record.evidence_digest
+    assert record.claims["mrenclave"] == keyserver.attester.mrenclave
     assert record.details["granted"][0]["key_versions"] == [1]
 
 
@@ -227,7 +228,8 @@ def test_policy_denial_has_reason_codes_and_is_audited(
     assert record.decision == "deny"
     assert record.reasons == expected
     assert record.details["denied"] == [{"model_id": "guarded", "reasons": list(expected)}]
-    assert record.claims is not None and record.evidence_digest
+    assert record.claims is not None
+    assert record.evidence_digest
 
 
 def test_unknown_model_is_a_clear_denial(keyserver: KeyServerUnderTest) -> None:
@@ -380,15 +382,21 @@ def test_nothing_is_released_when_the_audit_record_cannot_be_written(
     keyserver.add_model("m")
     if keyserver.store.backend == "sqlite":
         ddl = [
-            "CREATE TRIGGER refuse_audit BEFORE INSERT ON audit_log "
-            "BEGIN SELECT RAISE(ABORT, 'audit disk full'); END"
+            (
+                "CREATE TRIGGER refuse_audit BEFORE INSERT ON audit_log "
+                "BEGIN SELECT RAISE(ABORT, 'audit disk full'); END"
+            )
         ]
     else:
         ddl = [
-            "CREATE FUNCTION refuse_audit() RETURNS trigger AS $$ BEGIN "
-            "RAISE EXCEPTION 'audit disk full'; END $$ LANGUAGE plpgsql",
-            "CREATE TRIGGER refuse_audit BEFORE INSERT ON audit_log "
-            "FOR EACH ROW EXECUTE FUNCTION refuse_audit()",
+            (
+                "CREATE FUNCTION refuse_audit() RETURNS trigger AS $$ BEGIN "
+                "RAISE EXCEPTION 'audit disk full'; END $$ LANGUAGE plpgsql"
+            ),
+            (
+                "CREATE TRIGGER refuse_audit BEFORE INSERT ON audit_log "
+                "FOR EACH ROW EXECUTE FUNCTION refuse_audit()"
+            ),
         ]
     engine = keyserver.store._engine  # type: ignore[attr-defined]
     with engine.begin() as conn:
