@@ -24,6 +24,7 @@ import hashlib
 import hmac
 import logging
 import os
+import re
 import secrets
 import stat
 from pathlib import Path
@@ -90,7 +91,7 @@ class DataKey:
     def __hash__(self) -> int:
         return hash(self.fingerprint)
 
-    def __reduce__(self) -> object:
+    def __reduce__(self) -> str | tuple[object, ...]:
         raise TypeError("data keys cannot be pickled")
 
 
@@ -203,6 +204,9 @@ def decode_key(text: str, *, source: str = "key") -> DataKey:
             "create one with `sealtorch keygen -o FILE`"
         )
     body = text[len(KEY_FILE_PREFIX) :]
+    # urlsafe_b64decode silently drops characters outside the alphabet: check them first.
+    if not re.fullmatch(r"[A-Za-z0-9_-]+={0,2}", body):
+        raise KeyAccessError(f"{source} is damaged: its key is not valid base64url")
     try:
         material = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
     except (binascii.Error, ValueError) as exc:

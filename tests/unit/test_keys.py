@@ -96,6 +96,15 @@ def test_damaged_key_files_do_not_echo_their_content(tmp_path: Path) -> None:
         decode_key(KEY_FILE_PREFIX + "A")
 
 
+def test_stray_characters_in_a_key_file_are_refused() -> None:
+    """base64 decoders silently skip characters outside the alphabet; key files must not."""
+    text = encode_key(generate_key())
+    body = text[len(KEY_FILE_PREFIX) :]
+    for damaged in (body[:10] + "@!" + body[10:], body[:5] + " " + body[5:], body + "*"):
+        with pytest.raises(KeyAccessError, match="not valid base64"):
+            decode_key(KEY_FILE_PREFIX + damaged)
+
+
 def test_key_file_read_errors(tmp_path: Path) -> None:
     with pytest.raises(KeyAccessError, match="does not exist"):
         read_key_file(tmp_path / "missing.key")
