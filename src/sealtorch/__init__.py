@@ -30,6 +30,7 @@ if TYPE_CHECKING:  # pragma: no cover
         encrypt_model,
         inspect_sealed,
         load_model,
+        load_sealed_model,
         load_state_dict,
         rewrap,
     )
@@ -39,6 +40,7 @@ _LAZY: dict[str, str] = {
     "encrypt_model": "sealtorch.api",
     "load_state_dict": "sealtorch.api",
     "load_model": "sealtorch.api",
+    "load_sealed_model": "sealtorch.api",
     "decrypt_model": "sealtorch.api",
     "inspect_sealed": "sealtorch.api",
     "rewrap": "sealtorch.api",
@@ -56,6 +58,7 @@ __all__ = [
     "generate_key",
     "inspect_sealed",
     "load_model",
+    "load_sealed_model",
     "load_state_dict",
     "rewrap",
 ]

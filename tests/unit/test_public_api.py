@@ -21,6 +21,7 @@ EXPECTED_ALL = {
     "generate_key",
     "inspect_sealed",
     "load_model",
+    "load_sealed_model",
     "load_state_dict",
     "rewrap",
 }
