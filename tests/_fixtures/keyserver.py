@@ -130,9 +130,15 @@ class ServeProcess:
     lines: list[str] = field(default_factory=list)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        """Signal the server and wait; returns its exit status. After a graceful SIGTERM
+        shutdown uvicorn re-raises the signal, so the status is -SIGTERM (like systemd expects)."""
         if self.process.poll() is None:
             self.process.send_signal(sig)
-        return self.process.wait(timeout=timeout)
+        try:
+            return self.process.wait(timeout=timeout)
+        finally:
+            if self.process.stdout is not None:
+                self.process.stdout.close()
 
     def logs(self) -> str:
         return self.stderr_path.read_text(errors="replace")

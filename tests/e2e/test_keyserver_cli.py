@@ -1,0 +1,280 @@
+"""The real ``sealtorch keyserver init``/``serve`` processes and the ``sealtorch admin`` CLI.
+
+Secrets (released data keys, admin and session tokens) must never appear in the database file,
+the data directory, the server's logs or any response.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import signal
+import sqlite3
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+from _fixtures.keyserver import ServeProcess, sealtorch_command, start_serve
+from _fixtures.softhsm import SoftHsmToken
+from sealtorch.attestation import SimAttester
+from sealtorch.cli import cli
+from sealtorch.client import AdminClient, KeyReleaseClient, read_token
+
+pytestmark = pytest.mark.e2e
+
+
+def init_dir(tmp: Path, attester: SimAttester, *extra: str) -> tuple[Path, Path]:
+    data = tmp / "ks"
+    token_file = tmp / "admin.token"
+    result = subprocess.run(
+        sealtorch_command(
+            "keyserver",
+            "init",
+            str(data),
+            "--trust-sim-key",
+            attester.public_key,
+            "--admin-token-file",
+            str(token_file),
+            *extra,
+        ),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "sta_" not in result.stdout  # written to the file, not printed
+    return data, token_file
+
+
+def admin_cli(server: ServeProcess, data: Path, token_file: Path, *args: str) -> Any:
+    return CliRunner().invoke(
+        cli,
+        [
+            "admin",
+            "--server",
+            server.url,
+            "--ca",
+            str(data / "tls" / "ca.crt"),
+            "--token-file",
+            str(token_file),
+            *args,
+        ],
+    )
+
+
+@pytest.fixture
+def attester(tmp_path: Path) -> SimAttester:
+    return SimAttester(role="app", key_path=tmp_path / "sim.key")
+
+
+def _forms(secret: bytes) -> list[bytes]:
+    return [
+        secret,
+        secret.hex().encode(),
+        base64.b64encode(secret).rstrip(b"="),
+        base64.urlsafe_b64encode(secret).rstrip(b"="),
+    ]
+
+
+def _scan(haystacks: dict[str, bytes], secrets: dict[str, bytes]) -> None:
+    for where, data in haystacks.items():
+        for name, secret in secrets.items():
+            for form in _forms(secret):
+                assert form not in data, f"{name} found in {where}"
+
+
+def test_init_serve_admin_release_audit_and_no_secret_leaks(
+    tmp_path: Path, attester: SimAttester
+) -> None:
+    data, token_file = init_dir(tmp_path, attester, "--name", "keys.test")
+    again = CliRunner().invoke(cli, ["keyserver", "init", str(data)])
+    assert again.exit_code == 2
+    assert "not empty" in again.output
+    assert oct((data / "master.key").stat().st_mode & 0o777) == "0o600"
+    assert oct(data.stat().st_mode & 0o777) == "0o700"
+
+    server = start_serve(data, log_dir=tmp_path / "logs")
+    responses: list[bytes] = []
+    try:
+        assert admin_cli(server, data, token_file, "model", "create", "resnet50").exit_code == 0
+        policy = tmp_path / "policy.yaml"
+        policy.write_text(
+            f"version: 1\nallowed_tees: [sim]\nsim:\n  mrenclave: ['{attester.mrenclave}']\n"
+        )
+        result = admin_cli(server, data, token_file, "policy", "set", "resnet50", str(policy))
+        assert result.exit_code == 0, result.output
+        listed = admin_cli(server, data, token_file, "--json", "model", "list")
+        responses.append(listed.output.encode())
+        assert json.loads(listed.output)[0]["policy_version"] == 1
+        created = admin_cli(server, data, token_file, "token", "create", "--name", "ci")
+        assert created.exit_code == 0
+        second_token = created.output.strip().splitlines()[-1]
+        assert second_token.startswith("sta_")
+
+        with KeyReleaseClient(
+            server.url, attester=attester, ca=data / "tls" / "ca.crt", session=True
+        ) as client:
+            released = client.release(["resnet50"])
+            dek = released.keys[0].key
+            assert released.session is not None
+            session_token = released.session.token
+            client.renew()
+        with KeyReleaseClient(server.url, attester=attester, ca=data / "tls" / "ca.crt") as c:
+            denied = c.release(["ghost"])
+            assert denied.denied[0].reasons == ("unknown_model",)
+
+        verify = admin_cli(server, data, token_file, "audit", "verify")
+        assert verify.exit_code == 0, verify.output
+        head = verify.output.strip().rsplit(" ", 1)[-1]
+        export = tmp_path / "audit.jsonl"
+        assert (
+            admin_cli(server, data, token_file, "audit", "export", "-o", str(export)).exit_code == 0
+        )
+        responses.append(export.read_bytes())
+        offline = admin_cli(
+            server, data, token_file, "audit", "verify", "--file", str(export),
+            "--expected-head", head,
+        )  # fmt: skip
+        assert offline.exit_code == 0, offline.output
+        unauthenticated = CliRunner().invoke(
+            cli, ["admin", "--server", server.url, "--ca", str(data / "tls" / "ca.crt"),
+                  "model", "list"],
+            env={"SEALTORCH_ADMIN_TOKEN": "sta_0123456789abcdef." + "A" * 43},
+        )  # fmt: skip
+        assert unauthenticated.exit_code == 1
+        assert "wrong, revoked or expired" in unauthenticated.output
+    finally:
+        assert server.stop(signal.SIGTERM) in (0, -signal.SIGTERM)
+    logs = server.logs()
+    assert "key server ready" in logs
+    assert "Application shutdown complete" in logs  # graceful
+    assert all(json.loads(line) for line in logs.splitlines() if line.startswith("{"))
+
+    admin_token = read_token(token_file=token_file)
+    haystacks = {"logs": logs.encode(), **{f"response{i}": r for i, r in enumerate(responses)}}
+    for path in data.rglob("*"):
+        if path.is_file():
+            haystacks[str(path.relative_to(data))] = path.read_bytes()
+    _scan(
+        haystacks,
+        {
+            "data key": dek.material,
+            "admin token": admin_token.encode(),
+            "admin token secret": base64.urlsafe_b64decode(admin_token.split(".")[1] + "="),
+            "second admin token": second_token.encode(),
+            "session token": session_token.encode(),
+        },
+    )
+
+    # Deleted and reordered records are detected in an export (offline) ...
+    lines = export.read_text().splitlines(keepends=True)
+    for name, edited in {
+        "deleted": lines[:2] + lines[3:],
+        "reordered": [lines[0], lines[2], lines[1], *lines[3:]],
+        "truncated": lines[:-1],
+    }.items():
+        copy = tmp_path / f"{name}.jsonl"
+        copy.write_text("".join(edited))
+        checked = CliRunner().invoke(
+            cli, ["admin", "--server", "https://unused", "audit", "verify", "--file", str(copy),
+                  "--expected-head", head],
+        )  # fmt: skip
+        assert checked.exit_code == 1, name
+    # ... and an edited record in the live log, by someone with write access to the database.
+    with sqlite3.connect(data / "keyserver.db") as db:
+        db.execute("DROP TRIGGER audit_log_no_update")
+        db.execute(
+            "UPDATE audit_log SET decision = 'allow' WHERE action = 'release' AND decision = 'deny'"
+        )
+    server = start_serve(data, log_dir=tmp_path / "logs")
+    try:
+        tampered = admin_cli(server, data, token_file, "audit", "verify")
+        assert tampered.exit_code == 1
+        assert "was modified after it was written" in tampered.output
+    finally:
+        server.stop()
+
+
+def test_pkcs11_master_key_end_to_end(
+    tmp_path: Path, attester: SimAttester, softhsm_token: SoftHsmToken
+) -> None:
+    env = {**softhsm_token.environ(), "SEALTORCH_PKCS11_PIN": softhsm_token.user_pin}
+    key_label = softhsm_token.new_key_label("ks-master")
+    data = tmp_path / "ks"
+    token_file = tmp_path / "admin.token"
+    result = subprocess.run(
+        sealtorch_command(
+            "keyserver", "init", str(data), "--trust-sim-key", attester.public_key,
+            "--admin-token-file", str(token_file), "--pkcs11-module", softhsm_token.module,
+            "--token-label", softhsm_token.token_label, "--key-label", key_label,
+        ),
+        capture_output=True, text=True, timeout=120, env=env, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert not (data / "master.key").exists()
+    assert "pkcs11" in (data / "keyserver.toml").read_text()
+    no_pin = {k: v for k, v in env.items() if k != "SEALTORCH_PKCS11_PIN"}
+    failed = subprocess.run(
+        sealtorch_command("keyserver", "serve", str(data), "--port", "0"),
+        capture_output=True, text=True, timeout=60, env=no_pin, check=False,
+    )  # fmt: skip
+    assert failed.returncode == 2
+    assert "SEALTORCH_PKCS11_PIN" in failed.stderr
+    assert softhsm_token.user_pin not in failed.stderr
+
+    server = start_serve(data, log_dir=tmp_path / "logs", env=env)
+    try:
+        ca = data / "tls" / "ca.crt"
+        with AdminClient(server.url, token=read_token(token_file=token_file), ca=ca) as admin:
+            admin.create_model("m")
+            admin.set_policy(
+                "m", {"allowed_tees": ["sim"], "sim": {"mrenclave": [attester.mrenclave]}}
+            )
+            admin.rotate_key("m")
+        with KeyReleaseClient(server.url, attester=attester, ca=ca) as client:
+            keys = client.release(["m"]).keys
+            assert [k.key_version for k in keys] == [1, 2]
+            assert keys[0].key != keys[1].key
+    finally:
+        server.stop()
+    logs = server.logs()
+    assert softhsm_token.user_pin not in logs
+    with sqlite3.connect(data / "keyserver.db") as db:
+        blobs = [bytes(row[0]) for row in db.execute("SELECT wrapped_dek FROM key_versions")]
+    assert [blob[0] for blob in blobs] == [0x02, 0x02]  # wrapped inside the token
+    _scan({"db": (data / "keyserver.db").read_bytes(), "logs": logs.encode()},
+          {"v1": keys[0].key.material, "v2": keys[1].key.material})  # fmt: skip
+
+
+def test_workers_share_one_socket_and_aggregate_metrics(
+    tmp_path: Path, attester: SimAttester
+) -> None:
+    data, token_file = init_dir(tmp_path, attester)
+    server = start_serve(data, "--workers", "2", log_dir=tmp_path / "logs")
+    try:
+        ca = data / "tls" / "ca.crt"
+        with AdminClient(server.url, token=read_token(token_file=token_file), ca=ca) as admin:
+            admin.create_model("m")
+            admin.set_policy(
+                "m", {"allowed_tees": ["sim"], "sim": {"mrenclave": [attester.mrenclave]}}
+            )
+        for _ in range(6):  # new connections: spread over both workers
+            with KeyReleaseClient(server.url, attester=attester, ca=ca) as client:
+                assert client.release(["m"]).keys
+        import httpx
+
+        from sealtorch._crypto.tls import client_ssl_context
+
+        metrics = httpx.get(
+            f"{server.url}/metrics", verify=client_ssl_context(ca_path=ca), timeout=10
+        ).text
+        assert "sealtorch_keyserver_keys_released_total 6.0" in metrics
+    finally:
+        assert server.stop() in (0, -signal.SIGTERM)
+    started = [line for line in server.logs().splitlines() if "Started server process" in line]
+    assert len(started) == 2  # two workers, JSON-logging like the parent
+    assert all(json.loads(line)["level"] == "info" for line in started)
