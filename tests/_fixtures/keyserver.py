@@ -304,3 +304,27 @@ def running_keyserver(
             app=app,
             tmp=tmp,
         )
+
+
+def init_dir(tmp: Path, attester: Any, *extra: str) -> tuple[Path, Path]:
+    data = tmp / "ks"
+    token_file = tmp / "admin.token"
+    result = subprocess.run(
+        sealtorch_command(
+            "keyserver",
+            "init",
+            str(data),
+            "--trust-sim-key",
+            attester.public_key,
+            "--admin-token-file",
+            str(token_file),
+            *extra,
+        ),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "sta_" not in result.stdout  # written to the file, not printed
+    return data, token_file

@@ -17,37 +17,13 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from _fixtures.keyserver import ServeProcess, sealtorch_command, start_serve
+from _fixtures.keyserver import ServeProcess, init_dir, sealtorch_command, start_serve
 from _fixtures.softhsm import SoftHsmToken
 from sealtorch.attestation import SimAttester
 from sealtorch.cli import cli
 from sealtorch.client import AdminClient, KeyReleaseClient, read_token
 
 pytestmark = pytest.mark.e2e
-
-
-def init_dir(tmp: Path, attester: SimAttester, *extra: str) -> tuple[Path, Path]:
-    data = tmp / "ks"
-    token_file = tmp / "admin.token"
-    result = subprocess.run(
-        sealtorch_command(
-            "keyserver",
-            "init",
-            str(data),
-            "--trust-sim-key",
-            attester.public_key,
-            "--admin-token-file",
-            str(token_file),
-            *extra,
-        ),
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    assert "sta_" not in result.stdout  # written to the file, not printed
-    return data, token_file
 
 
 def admin_cli(server: ServeProcess, data: Path, token_file: Path, *args: str) -> Any:
