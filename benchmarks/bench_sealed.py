@@ -43,6 +43,7 @@ KEY = DataKey(bytes(range(32)))
 GB = 1e9
 _REPO = Path(__file__).resolve().parents[1]
 
+
 def _touch_pages(buffer: mmap.mmap) -> mmap.mmap:
     """Fault in every page of a (possibly lazily allocated) buffer: one write per 4 KiB."""
     view = memoryview(buffer)
