@@ -138,10 +138,14 @@ def decode_tensor(
     if datatype in _FLOATS:
         if kind not in "fiu":
             raise RequestError(f"{where}.data must hold only numbers for {datatype}")
-        doubles = array.astype(np.float64, copy=False).reshape(shape)
-        return torch.from_numpy(doubles).to(DTYPES[datatype])
+        return _round_once(array.astype(np.float64, copy=False).reshape(shape), datatype)
     if kind not in "iu":
-        raise RequestError(f"{where}.data must hold only integers for {datatype}")
+        # NumPy turns integers beyond int64 (mixed with small ones) into floats or objects;
+        # keep them exact as Python integers and let the range check decide.
+        exact = np.array(data, dtype=object)
+        if exact.shape != array.shape or not all(type(v) is int for v in exact.flat):
+            raise RequestError(f"{where}.data must hold only integers for {datatype}")
+        array = exact
     info = np.iinfo(_NUMPY[datatype])
     low, high = int(array.min()), int(array.max())
     if low < info.min or high > info.max:
@@ -149,6 +153,30 @@ def decode_tensor(
             f"{where}.data holds values outside the {datatype} range {info.min}..{info.max}"
         )
     return torch.from_numpy(array.astype(_NUMPY[datatype], copy=False).reshape(shape))
+
+
+def _round_once(doubles: np.ndarray[Any, Any], datatype: str) -> torch.Tensor:
+    """Round doubles to ``datatype`` exactly once (round to nearest, ties to even).
+
+    PyTorch converts float64 to float16/bfloat16 through float32, which can round twice
+    (1 + 2**-8 + 2**-30 would become 1.0 in bfloat16 instead of 1 + 2**-7). NumPy's float16
+    conversion rounds once; bfloat16 goes through float32 rounded *to odd*, which makes the
+    second rounding exact.
+    """
+    if datatype == "FP64":
+        return torch.from_numpy(doubles)
+    if datatype == "FP32":
+        return torch.from_numpy(doubles.astype(np.float32))
+    if datatype == "FP16":
+        return torch.from_numpy(doubles.astype(np.float16))
+    with np.errstate(over="ignore", invalid="ignore"):
+        single = doubles.astype(np.float32)
+        widened = single.astype(np.float64)
+        inexact = (widened != doubles) & np.isfinite(doubles)
+        bits = single.view(np.uint32)
+        bits -= (inexact & (np.abs(widened) > np.abs(doubles))).astype(np.uint32)  # truncate
+        bits |= inexact.astype(np.uint32)  # ... and make the last bit sticky (odd)
+    return torch.from_numpy(single).to(torch.bfloat16)
 
 
 def _from_raw(

@@ -1,0 +1,130 @@
+"""`sealtorch serve` options and the errors raised before anything listens."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import sealtorch
+from sealtorch.cli import cli
+from sealtorch.errors import ConfigError
+from sealtorch.keys import write_key_file
+from sealtorch.serving.server import InferenceServer, SealedModelSource, ServerSettings
+
+
+@pytest.fixture
+def sealed(tmp_path: Path) -> tuple[Path, Path]:
+    key_path = tmp_path / "m.key"
+    key = write_key_file(key_path)
+    path = tmp_path / "m.sealed"
+    sealtorch.encrypt_model({"w": torch.zeros(2)}, path, model_id="plain-sd", key=key)
+    return path, key_path
+
+
+def test_help_teaches_with_examples() -> None:
+    result = CliRunner().invoke(cli, ["serve", "--help"])
+    assert result.exit_code == 0
+    for text in (
+        "--keys URL",
+        "--key-file",
+        "--tee [sim|gramine|tdx]",
+        "--port",
+        "--threads",
+        "--name NAME",
+        "unix:///run/sealtorch/keycache.sock",
+        "classification",
+        "listening on http://HOST:PORT",
+        "SIGTERM",
+        "DEVELOPMENT ONLY",
+    ):
+        assert text in result.output, text
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ([], "exactly one key source"),
+        (["--key-file", "k", "--keys", "https://h:1"], "exactly one key source"),
+        (
+            ["--key-file", "k", "--name", "a", "--name", "b"],
+            "--name was given 2 times for 1 models",
+        ),
+        (["--key-file", "k", "--tee", "sim"], "--tee applies to --keys"),
+    ],
+)
+def test_usage_errors(sealed: tuple[Path, Path], extra: list[str], message: str) -> None:
+    result = CliRunner().invoke(cli, ["serve", str(sealed[0]), *extra])
+    assert result.exit_code == 2
+    assert message in result.output
+
+
+def test_missing_model_file_is_a_config_error(tmp_path: Path, sealed: tuple[Path, Path]) -> None:
+    result = CliRunner().invoke(
+        cli, ["serve", str(tmp_path / "nope.sealed"), "--key-file", str(sealed[1])]
+    )
+    assert result.exit_code == 2
+    assert "does not exist" in result.output
+
+
+def test_a_file_that_is_not_sealed_is_refused_before_listening(tmp_path: Path) -> None:
+    bogus = tmp_path / "model.pt"
+    bogus.write_bytes(b"PK\x03\x04 not a sealed file")
+    key = tmp_path / "k.key"
+    write_key_file(key)
+    result = CliRunner().invoke(cli, ["serve", str(bogus), "--key-file", str(key)])
+    assert result.exit_code == 1
+    assert "listening on" not in result.output
+
+
+def test_duplicate_names_are_refused(sealed: tuple[Path, Path]) -> None:
+    path, key = sealed
+    result = CliRunner().invoke(cli, ["serve", str(path), str(path), "--key-file", str(key)])
+    assert result.exit_code == 2
+    assert "same name" in result.output
+    result = CliRunner().invoke(
+        cli, ["serve", str(path), "--key-file", str(key), "--name", "bad name"]
+    )
+    assert result.exit_code == 2
+    assert "must be 1-128 letters" in result.output
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"port": 70000}, "port"),
+        ({"threads": 0}, "--threads"),
+        ({"workers": 0}, "--workers"),
+        ({"max_body_bytes": 10}, "at least 1 KiB"),
+        ({"drain_timeout": -1}, "negative"),
+    ],
+)
+def test_settings_are_validated(kwargs: dict[str, int], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        ServerSettings(**kwargs)
+
+
+def test_a_server_needs_distinct_models(sealed: tuple[Path, Path]) -> None:
+    path, key = sealed
+    with pytest.raises(ConfigError, match="at least one model"):
+        InferenceServer(ServerSettings(), [])
+    source = SealedModelSource(path, key=key)
+    assert source.name == "plain-sd"
+    assert "plain-sd" in source.describe()
+    with pytest.raises(ConfigError, match="distinct --name"):
+        InferenceServer(ServerSettings(), [source, source])
+
+
+def test_the_port_must_be_free() -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        from sealtorch.serving.server import _bind
+
+        with pytest.raises(ConfigError, match=f"cannot listen on 127.0.0.1:{port}"):
+            _bind("127.0.0.1", port)
