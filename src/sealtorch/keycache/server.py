@@ -1,0 +1,415 @@
+"""Building and running a key cache process: ``sealtorch keycache serve``.
+
+:func:`build_cache` turns :class:`~sealtorch.keycache.settings.KeyCacheSettings` into a
+:class:`~sealtorch.keycache.cache.KeyCache` and its
+:class:`~sealtorch.keycache.service.LocalReleaseService` (attester, upstream client, local
+verifiers, sealed state). :func:`run` starts it: restore, attest and fetch, bind the listeners,
+print the ready line, serve until SIGTERM/SIGINT (SIGHUP refreshes at once).
+
+Listeners:
+
+* the Unix socket (``--socket``), created under a restrictive umask and then set to its mode
+  (0600, or 0660 with ``--socket-group``) — never briefly open to everyone;
+* optional loopback TCP (``--tcp``), HTTPS when ``--tls-cert``/``--tls-key`` are given;
+* optional metrics listener (``--metrics``): health, status and ``/metrics`` only, no keys.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import functools
+import grp
+import logging
+import os
+import signal
+import socket
+import ssl
+import stat
+from collections.abc import Callable, Generator, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from sealtorch.attestation import EvidenceProvider, attester_for, make_verifiers
+from sealtorch.errors import ConfigError
+from sealtorch.keycache.app import KeyCacheApp
+from sealtorch.keycache.cache import KeyCache
+from sealtorch.keycache.clock import MonotonicClock
+from sealtorch.keycache.metrics import CacheMetrics
+from sealtorch.keycache.persist import PlatformSealer, SealedState
+from sealtorch.keycache.service import LocalReleaseService
+from sealtorch.keycache.settings import KeyCacheSettings
+from sealtorch.keycache.upstream import Upstream
+
+__all__ = [
+    "Listeners",
+    "build_cache",
+    "build_state",
+    "cache_attester",
+    "listen_tcp",
+    "listen_unix",
+    "run",
+]
+
+_log = logging.getLogger("sealtorch.keycache")
+
+
+# -- building --------------------------------------------------------------------------------
+
+
+def cache_attester(settings: KeyCacheSettings) -> EvidenceProvider:
+    """The cache's own evidence provider (sim role ``keycache``)."""
+    if settings.tee == "sim":
+        return attester_for("sim", role="keycache", key_path=settings.sim_key)
+    return attester_for(settings.tee, root=settings.tee_root)
+
+
+def _measurement(settings: KeyCacheSettings, attester: EvidenceProvider) -> str | None:
+    """The cache's own code measurement, when it can know it (for status and sealing)."""
+    mrenclave = getattr(attester, "mrenclave", None)
+    if isinstance(mrenclave, str):
+        return mrenclave
+    if settings.tee == "gramine":
+        target = Path(settings.tee_root or "/dev/attestation") / "my_target_info"
+        with contextlib.suppress(OSError):
+            info = target.read_bytes()
+            if len(info) >= 32:
+                return info[:32].hex()
+    return None
+
+
+def build_state(settings: KeyCacheSettings, measurement: str | None) -> SealedState | None:
+    """The sealed state file, if ``--persist`` is set."""
+    if settings.persist_path is None:
+        return None
+    if settings.tee == "gramine":
+        sealer = PlatformSealer.for_gramine(settings.tee_root or "/dev/attestation")
+    elif settings.tee == "sim":
+        if measurement is None:  # pragma: no cover - the sim attester always knows it
+            raise ConfigError("cannot seal: the sim measurement is unknown")
+        key_file = settings.sim_sealing_key or settings.persist_path.with_name(
+            settings.persist_path.name + ".sealing-key"
+        )
+        sealer = PlatformSealer.for_sim(key_file=key_file, measurement=measurement)
+    else:  # pragma: no cover - the settings refuse tdx persistence
+        raise ConfigError("TDX has no platform sealing key")
+    return SealedState(settings.persist_path, sealer)
+
+
+def build_cache(
+    settings: KeyCacheSettings,
+    *,
+    clock: Callable[[], datetime] | None = None,
+    attester: EvidenceProvider | None = None,
+    transport: httpx.BaseTransport | None = None,
+    metrics: CacheMetrics | None = None,
+) -> tuple[KeyCache, LocalReleaseService]:
+    """The cache and its local release service, not started (see :meth:`KeyCache.start`)."""
+    clock = clock or MonotonicClock()
+    attester = attester or cache_attester(settings)
+    measurement = _measurement(settings, attester)
+    verifiers = make_verifiers(
+        pccs_url=settings.local_pccs_url,
+        cache_dir=settings.local_collateral_cache_dir,
+        collateral_path=settings.local_collateral_path,
+        sim_trusted_keys=settings.local_sim_trusted_keys,
+        clock=clock,
+    )
+    upstream = Upstream(
+        settings.keyserver_url,
+        attester=attester,
+        models=settings.models,
+        clock=clock,
+        ca=settings.keyserver_ca,
+        suite=settings.hpke_suite,
+        timeout=settings.keyserver_timeout,
+        transport=transport,
+    )
+    cache = KeyCache(
+        upstream=upstream,
+        clock=clock,
+        tee=settings.tee,
+        measurement=measurement,
+        refresh_interval=settings.refresh_interval,
+        renew_fraction=settings.renew_fraction,
+        backoff_initial=settings.backoff_initial,
+        backoff_max=settings.backoff_max,
+        state=build_state(settings, measurement),
+        metrics=metrics,
+    )
+    service = LocalReleaseService(
+        holdings=cache.holdings,
+        verifiers=verifiers,
+        clock=clock,
+        nonce_ttl=settings.nonce_ttl,
+        session_duration=settings.session_duration,
+        observer=cache.metrics.observe_decision,
+    )
+    return cache, service
+
+
+# -- listening -------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _umask(mask: int) -> Iterator[None]:
+    old = os.umask(mask)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def listen_unix(path: Path, *, mode: int = 0o600, group: str | None = None) -> socket.socket:
+    """A listening Unix socket at ``path`` with exactly ``mode`` (and ``group``)."""
+    gid = -1
+    if group is not None:
+        try:
+            gid = grp.getgrnam(group).gr_gid
+        except KeyError as exc:
+            raise ConfigError(f"--socket-group {group!r}: no such group on this host") from exc
+    path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+    _remove_stale_socket(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        with _umask(0o177):  # the socket file is born 0600: never open to everyone
+            sock.bind(str(path))
+        if gid != -1:
+            os.chown(path, -1, gid)
+        path.chmod(mode)
+        sock.listen(1024)
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"cannot listen on {path}: {exc.strerror}") from exc
+    sock.set_inheritable(False)
+    return sock
+
+
+def _remove_stale_socket(path: Path) -> None:
+    try:
+        info = path.lstat()
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(info.st_mode):
+        raise ConfigError(f"{path} exists and is not a socket; refusing to replace it")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except OSError as exc:
+        if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT):
+            raise ConfigError(f"cannot check the existing socket {path}: {exc.strerror}") from exc
+        path.unlink(missing_ok=True)  # stale: nobody listens
+    else:
+        raise ConfigError(f"another process is listening on {path}; stop it or pick another path")
+    finally:
+        probe.close()
+
+
+def listen_tcp(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(1024)
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
+    return sock
+
+
+def _url(sock: socket.socket, *, scheme: str) -> str:
+    if sock.family == socket.AF_UNIX:
+        return f"unix://{sock.getsockname()}"
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    return f"{scheme}://{shown}:{port}"
+
+
+@dataclass
+class Listeners:
+    """The bound sockets of one key cache process."""
+
+    unix: socket.socket | None = None
+    tcp: socket.socket | None = None
+    metrics: socket.socket | None = None
+
+    @classmethod
+    def bind(cls, settings: KeyCacheSettings) -> Listeners:
+        bound = cls()
+        try:
+            if settings.socket_path is not None:
+                bound.unix = listen_unix(
+                    settings.socket_path, mode=settings.socket_mode, group=settings.socket_group
+                )
+            if settings.tcp is not None:
+                bound.tcp = listen_tcp(*settings.tcp)
+            if settings.metrics is not None:
+                bound.metrics = listen_tcp(*settings.metrics)
+        except ConfigError:
+            bound.close()
+            raise
+        return bound
+
+    def urls(self, *, tls: bool) -> list[str]:
+        out = []
+        if self.unix is not None:
+            out.append(_url(self.unix, scheme="unix"))
+        if self.tcp is not None:
+            out.append(_url(self.tcp, scheme="https" if tls else "http"))
+        return out
+
+    def metrics_url(self) -> str | None:
+        return _url(self.metrics, scheme="http") if self.metrics is not None else None
+
+    def close(self) -> None:
+        for sock in (self.unix, self.tcp, self.metrics):
+            if sock is None:
+                continue
+            path = sock.getsockname() if sock.family == socket.AF_UNIX else None
+            sock.close()
+            if path:
+                with contextlib.suppress(OSError):
+                    Path(path).unlink()
+
+
+# -- serving ---------------------------------------------------------------------------------
+
+
+def _server_class() -> type[Any]:
+    import uvicorn
+
+    class _Server(uvicorn.Server):
+        """uvicorn without its own signal handling: :func:`run` handles signals for all."""
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Generator[None, None, None]:
+            yield
+
+    return _Server
+
+
+def _ssl_factory(cert: str, key: str, config: Any, default: Any) -> ssl.SSLContext:
+    del config, default
+    from sealtorch._crypto.tls import server_ssl_context
+
+    return server_ssl_context(cert_path=cert, key_path=key)
+
+
+def _uvicorn_config(app: Any, **extra: Any) -> Any:
+    import uvicorn
+
+    options: dict[str, Any] = {
+        "lifespan": "off",
+        "log_config": None,
+        "access_log": False,
+        "server_header": False,
+        "date_header": False,
+        "timeout_keep_alive": 30,
+        "timeout_graceful_shutdown": 5,
+    }
+    with contextlib.suppress(ImportError):
+        import httptools  # noqa: F401
+
+        options["http"] = "httptools"
+    options.update(extra)
+    return uvicorn.Config(app, **options)
+
+
+async def serve(
+    settings: KeyCacheSettings,
+    cache: KeyCache,
+    service: LocalReleaseService,
+    listeners: Listeners,
+    *,
+    on_ready: Callable[[], None],
+    stop: asyncio.Event,
+) -> None:
+    """Serve every listener until ``stop`` is set."""
+    server_class = _server_class()
+    executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="keycache-verify")
+    full = KeyCacheApp(
+        cache, service, max_request_bytes=settings.max_request_bytes, executor=executor
+    )
+    plan: list[tuple[Any, list[socket.socket]]] = []
+    plain = [s for s in (listeners.unix,) if s is not None]
+    if listeners.tcp is not None and not settings.tcp_tls:
+        plain.append(listeners.tcp)
+    if plain:
+        plan.append((_uvicorn_config(full), plain))
+    if listeners.tcp is not None and settings.tls_cert and settings.tls_key:
+        factory = functools.partial(_ssl_factory, str(settings.tls_cert), str(settings.tls_key))
+        factory(None, None)  # fail fast on a bad certificate or key
+        plan.append((_uvicorn_config(full, ssl_context_factory=factory), [listeners.tcp]))
+    if listeners.metrics is not None:
+        metrics_app = KeyCacheApp(cache, service, metrics_only=True)
+        plan.append((_uvicorn_config(metrics_app), [listeners.metrics]))
+    servers = [server_class(config) for config, _ in plan]
+    tasks = [
+        asyncio.create_task(server.serve(sockets=socks))
+        for server, (_, socks) in zip(servers, plan, strict=True)
+    ]
+    try:
+        while not all(s.started for s in servers):
+            if any(t.done() for t in tasks):
+                for task in tasks:
+                    if task.done() and task.exception() is not None:
+                        raise ConfigError(f"a listener failed to start: {task.exception()}")
+                raise ConfigError("a listener failed to start")
+            await asyncio.sleep(0.002)
+        on_ready()
+        await stop.wait()
+    finally:
+        for server in servers:
+            server.should_exit = True
+        await asyncio.gather(*tasks, return_exceptions=True)
+        executor.shutdown(wait=False, cancel_futures=True)
+
+
+def run(settings: KeyCacheSettings, *, announce: Callable[[str], None]) -> None:
+    """The whole ``sealtorch keycache serve`` lifecycle (blocking)."""
+    cache, service = build_cache(settings)
+    _log.info("key cache starting", extra={"settings": settings.describe()})
+    listeners = Listeners.bind(settings)  # before attesting: fail fast on a busy path/port
+    try:
+        cache.start()
+        cache.start_background()
+
+        async def main() -> None:
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(signal.SIGHUP, cache.wake)
+
+            def ready() -> None:
+                metrics_url = listeners.metrics_url()
+                if metrics_url:
+                    announce(f"metrics: {metrics_url}/metrics")
+                models = len(cache.status().models)
+                urls = " ".join(listeners.urls(tls=settings.tcp_tls))
+                announce(f"ready: {urls} ({models} model{'s' if models != 1 else ''})")
+
+            await serve(settings, cache, service, listeners, on_ready=ready, stop=stop)
+
+        _run_loop(main)
+    finally:
+        cache.close()
+        listeners.close()
+    _log.info("key cache stopped")
+
+
+def _run_loop(main: Callable[[], Any]) -> None:
+    factory = None
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(main())
