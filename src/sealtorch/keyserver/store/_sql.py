@@ -15,13 +15,18 @@ Rows are converted to the records of ``sealtorch.keyserver.records`` before they
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import re
+import sqlite3
+import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NoReturn
@@ -196,6 +201,54 @@ _CURRENT_POLICY = (
     .order_by(t.policies.c.version.desc())
     .limit(1)
 )
+def _release_statements(restricted: bool) -> tuple[Any, Any, Any]:
+    """(models, current policies, active keys) queries of ``release_material``; restricted
+    ones take the model ids as the expanding parameter ``ids``."""
+    models_query = sa.select(t.models).where(t.models.c.deleted_at.is_(None))
+    latest = sa.select(
+        t.policies.c.model_id, sa.func.max(t.policies.c.version).label("version")
+    ).group_by(t.policies.c.model_id)
+    keys_query = (
+        sa.select(*_KEY_COLUMNS, t.key_versions.c.wrapped_dek)
+        .join(t.models, t.models.c.model_id == t.key_versions.c.model_id)
+        .where(
+            t.key_versions.c.state == KeyState.ACTIVE.value,
+            t.models.c.deleted_at.is_(None),
+        )
+        .order_by(t.key_versions.c.model_id, t.key_versions.c.version)
+    )
+    if restricted:
+        models_query = models_query.where(
+            t.models.c.model_id.in_(sa.bindparam("ids", expanding=True))
+        )
+        latest = latest.where(t.policies.c.model_id.in_(sa.bindparam("ids", expanding=True)))
+        keys_query = keys_query.where(
+            t.key_versions.c.model_id.in_(sa.bindparam("ids", expanding=True))
+        )
+    latest_sub = latest.subquery()
+    policies_query = sa.select(t.policies).join(
+        latest_sub,
+        sa.and_(
+            t.policies.c.model_id == latest_sub.c.model_id,
+            t.policies.c.version == latest_sub.c.version,
+        ),
+    )
+    return models_query, policies_query, keys_query
+
+
+_RELEASE_ALL = _release_statements(restricted=False)
+_RELEASE_SOME = _release_statements(restricted=True)
+_STILL_ACTIVE = (
+    sa.select(t.key_versions.c.model_id, t.key_versions.c.version)
+    .join(t.models, t.models.c.model_id == t.key_versions.c.model_id)
+    .where(
+        t.key_versions.c.model_id.in_(sa.bindparam("ids", expanding=True)),
+        t.key_versions.c.state == KeyState.ACTIVE.value,
+        t.models.c.deleted_at.is_(None),
+    )
+    .with_for_update(read=True, of=t.key_versions)
+)
+
 _LOCK_AUDIT_HEAD = (
     sa.select(t.audit_head.c.seq, t.audit_head.c.hash)
     .where(t.audit_head.c.id == 1)
@@ -549,16 +602,7 @@ class _SqlTransaction:
         if not wanted:
             return frozenset()
         model_ids = sorted({model_id for model_id, _ in wanted})
-        rows = self._conn.execute(
-            sa.select(t.key_versions.c.model_id, t.key_versions.c.version)
-            .join(t.models, t.models.c.model_id == t.key_versions.c.model_id)
-            .where(
-                t.key_versions.c.model_id.in_(model_ids),
-                t.key_versions.c.state == KeyState.ACTIVE.value,
-                t.models.c.deleted_at.is_(None),
-            )
-            .with_for_update(read=True, of=t.key_versions)
-        )
+        rows = self._conn.execute(_STILL_ACTIVE, {"ids": model_ids})
         return frozenset((row.model_id, row.version) for row in rows) & wanted
 
     # -- audit --
@@ -606,6 +650,59 @@ def _check_token_fields(token_id: str, digest: bytes) -> None:
 # --- the store --------------------------------------------------------------------------------
 
 
+class _SqliteWriteLock:
+    """Serialises SQLite writers: a thread lock, then an exclusive ``flock`` on ``DB.lock``
+    (other processes: ``--workers``). A writer that waits longer than the busy timeout gets a
+    StorageError. A killed holder's ``flock`` is released by the kernel."""
+
+    def __init__(self, database: Path, timeout: float) -> None:
+        self._thread_lock = threading.RLock()
+        self._path = database.with_name(database.name + ".lock")
+        self._timeout = timeout
+        self._fd: int | None = None
+        self._depth = 0
+
+    def __enter__(self) -> None:
+        if not self._thread_lock.acquire(timeout=self._timeout):
+            raise StorageError("the key store is busy (timed out waiting for the write lock)")
+        self._depth += 1
+        if self._depth > 1:
+            return
+        try:
+            if self._fd is None:
+                self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o600)
+            _flock(self._fd, self._timeout)
+        except BaseException:
+            self._depth -= 1
+            self._thread_lock.release()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        self._depth -= 1
+        try:
+            if self._depth == 0 and self._fd is not None:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+        finally:
+            self._thread_lock.release()
+
+
+def _flock(fd: int, timeout: float) -> None:
+    """Take the exclusive lock, retrying every 0.1-2 ms (not SQLite's up-to-100 ms sleeps)."""
+    deadline = time.monotonic() + timeout
+    delay = 0.0001
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                raise StorageError(
+                    "the key store is busy (another process held the write lock too long)"
+                ) from None
+            time.sleep(delay)
+            delay = min(delay * 2, 0.002)
+
+
 class SqlStore:
     """SQLite or PostgreSQL through SQLAlchemy (see the module docstring)."""
 
@@ -651,7 +748,16 @@ class SqlStore:
                 "postgresql+psycopg://..."
             )
         self._backend = backend
+        self._synchronous = sqlite_synchronous.upper()
         self._description = parsed.render_as_string(hide_password=True)
+        # SQLite has one writer at a time. Writers (threads, and processes sharing the file)
+        # queue on a lock instead of in SQLite's busy handler, whose sleeps (up to 100 ms each)
+        # make a long latency tail under concurrent requests.
+        self._write_lock: AbstractContextManager[Any] = (
+            _SqliteWriteLock(Path(str(parsed.database)), busy_timeout)
+            if backend == "sqlite"
+            else contextlib.nullcontext()
+        )
 
     @staticmethod
     def _sqlite_engine(parsed: sa.URL, timeout_ms: int, synchronous: str) -> sa.Engine:
@@ -718,13 +824,36 @@ class SqlStore:
             self._fail(exc, what)
 
     @contextmanager
-    def _write(self, what: str) -> Iterator[sa.Connection]:
+    def _write(self, what: str, *, durable: bool = True) -> Iterator[sa.Connection]:
+        """A write transaction. ``durable=False`` (challenge nonces only) commits without
+        waiting for the disk: SQLite ``synchronous=NORMAL`` / PostgreSQL ``synchronous_commit
+        = off`` for that transaction. Losing such a commit in a power cut is harmless: an issued
+        nonce is lost (the client asks again), and a consumed nonce is always followed, in the
+        same request, by a durable audit commit that flushes the log up to and including it."""
+        relaxed = not durable and self._backend == "sqlite" and self._synchronous != "NORMAL"
         try:
             with (
+                self._write_lock,
                 self._engine.connect().execution_options(**{_WRITE: True}) as conn,
-                conn.begin(),
             ):
-                yield conn
+                if relaxed:
+                    conn.connection.dbapi_connection.execute(  # type: ignore[union-attr]
+                        "PRAGMA synchronous = NORMAL"
+                    )
+                try:
+                    with conn.begin():
+                        if not durable and self._backend == "postgresql":
+                            conn.exec_driver_sql("SET LOCAL synchronous_commit TO OFF")
+                        yield conn
+                finally:
+                    if relaxed:
+                        try:
+                            conn.connection.dbapi_connection.execute(  # type: ignore[union-attr]
+                                f"PRAGMA synchronous = {self._synchronous}"
+                            )
+                        except sqlite3.Error:  # never return a relaxed connection to the pool
+                            conn.invalidate()
+                            raise
         except sa_exc.SQLAlchemyError as exc:
             self._fail(exc, what)
 
@@ -733,6 +862,7 @@ class SqlStore:
         tx: _SqlTransaction | None = None
         try:
             with (
+                self._write_lock,
                 self._engine.connect().execution_options(**{_WRITE: True}) as conn,
                 conn.begin(),
             ):
@@ -849,38 +979,21 @@ class SqlStore:
 
     def release_material(self, model_ids: Sequence[str] | None) -> list[ReleaseMaterial]:
         wanted = None if model_ids is None else list(dict.fromkeys(model_ids))
-        models_query = sa.select(t.models).where(t.models.c.deleted_at.is_(None))
-        latest = sa.select(
-            t.policies.c.model_id, sa.func.max(t.policies.c.version).label("version")
-        ).group_by(t.policies.c.model_id)
-        keys_query = (
-            sa.select(*_KEY_COLUMNS, t.key_versions.c.wrapped_dek)
-            .join(t.models, t.models.c.model_id == t.key_versions.c.model_id)
-            .where(
-                t.key_versions.c.state == KeyState.ACTIVE.value,
-                t.models.c.deleted_at.is_(None),
-            )
-            .order_by(t.key_versions.c.model_id, t.key_versions.c.version)
-        )
-        if wanted is not None:
-            if not wanted:
-                return []
-            models_query = models_query.where(t.models.c.model_id.in_(wanted))
-            latest = latest.where(t.policies.c.model_id.in_(wanted))
-            keys_query = keys_query.where(t.key_versions.c.model_id.in_(wanted))
-        latest_sub = latest.subquery()
-        policies_query = sa.select(t.policies).join(
-            latest_sub,
-            sa.and_(
-                t.policies.c.model_id == latest_sub.c.model_id,
-                t.policies.c.version == latest_sub.c.version,
-            ),
-        )
+        if wanted is not None and not wanted:
+            return []
+        if wanted is None:
+            models_query, policies_query, keys_query = _RELEASE_ALL
+            params: dict[str, Any] = {}
+        else:
+            models_query, policies_query, keys_query = _RELEASE_SOME
+            params = {"ids": wanted}
         with self._read("reading release material") as conn:
-            models = {row.model_id: _model(row) for row in conn.execute(models_query)}
-            policies = {row.model_id: _policy(row) for row in conn.execute(policies_query)}
+            models = {row.model_id: _model(row) for row in conn.execute(models_query, params)}
+            policies = {
+                row.model_id: _policy(row) for row in conn.execute(policies_query, params)
+            }
             keys: dict[str, list[WrappedKey]] = {}
-            for row in conn.execute(keys_query):
+            for row in conn.execute(keys_query, params):
                 keys.setdefault(row.model_id, []).append(_wrapped_key(row))
         order = wanted if wanted is not None else sorted(models)
         return [
@@ -923,7 +1036,7 @@ class SqlStore:
         if not 16 <= len(nonce) <= 64:
             raise ValueError("a nonce is 16 to 64 bytes")
         try:
-            with self._write("storing a nonce") as conn:
+            with self._write("storing a nonce", durable=False) as conn:
                 conn.execute(
                     _ADD_NONCE,
                     {
@@ -938,7 +1051,7 @@ class SqlStore:
             raise
 
     def consume_nonce(self, nonce: bytes, *, now: datetime) -> NonceStatus:
-        with self._write("consuming a nonce") as conn:
+        with self._write("consuming a nonce", durable=False) as conn:
             row = conn.execute(_CONSUME_NONCE, {"nonce_value": bytes(nonce)}).first()
         if row is None:
             return NonceStatus.UNKNOWN
