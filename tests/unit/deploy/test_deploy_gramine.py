@@ -1,0 +1,280 @@
+"""Gramine manifest templates: valid TOML with what the attesters and the enclave need, and
+nothing a production enclave must not have (debug, host argv/env, secrets)."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import pytest
+from click.testing import CliRunner
+
+from sealtorch.deploy.cli import deploy
+from sealtorch.deploy.gramine import (
+    GramineLayout,
+    KeycacheEnclave,
+    PythonRuntime,
+    ServeEnclave,
+    render_keycache_manifest,
+    render_serve_manifest,
+    toml_value,
+)
+from sealtorch.errors import ConfigError
+from sealtorch.keys import write_key_file
+
+RUNTIME = PythonRuntime(
+    interpreter=Path("/opt/python/bin/python3.11"),
+    directories=(
+        Path("/opt/python/lib/python3.11"),
+        Path("/opt/venv/lib/python3.11/site-packages"),
+    ),
+    pythonpath=(Path("/opt/venv/lib/python3.11/site-packages"),),
+    libpython=Path("/opt/python/lib/libpython3.11.so.1.0"),
+)
+MODELS = (Path("/srv/models/resnet50.sealed"), Path("/srv/models/lite0.sealed"))
+GRAMINE = {
+    "libos": "/usr/lib/x86_64-linux-gnu/gramine/libsysdb.so",
+    "runtimedir": lambda: "/usr/lib/x86_64-linux-gnu/gramine/runtime/glibc",
+}
+
+
+def _serve(**changes: Any) -> dict[str, Any]:
+    config = ServeEnclave(
+        **{
+            "models": MODELS,
+            "keys_url": "https://127.0.0.1:7443",
+            "names": ("r50", "lite0"),
+            **changes,
+        }
+    )
+    return tomllib.loads(render_serve_manifest(config, runtime=RUNTIME))
+
+
+def _walk(document: Any, prefix: str = "") -> list[str]:
+    keys = []
+    if isinstance(document, dict):
+        for key, value in document.items():
+            keys.append(prefix + key)
+            keys.extend(_walk(value, prefix + key + "."))
+    return keys
+
+
+def _assert_production(manifest: dict[str, Any]) -> None:
+    keys = _walk(manifest)
+    assert manifest["sgx"]["debug"] is False
+    assert manifest["sgx"]["remote_attestation"] == "dcap"  # /dev/attestation with DCAP quotes
+    assert manifest["sgx"]["file_check_policy"] == "strict"
+    assert manifest["loader"]["log_level"] == "error"
+    assert not [k for k in keys if "insecure" in k], keys
+    assert "sgx.thread_num" not in keys  # removed in Gramine 1.5
+    assert isinstance(manifest["loader"]["entrypoint"], dict)  # loader.entrypoint.uri (1.8+)
+    assert manifest["loader"]["entrypoint"]["uri"].startswith("file:")
+    for name, value in manifest["loader"]["env"].items():
+        assert isinstance(value, str), f"{name} must be a fixed value, never a passthrough"
+    size = manifest["sgx"]["enclave_size"]
+    total = int(size[:-1]) << {"K": 10, "M": 20, "G": 30}[size[-1]]
+    assert total & (total - 1) == 0
+    mounts = manifest["fs"]["mounts"]
+    assert {"type": "tmpfs", "path": "/tmp"} in mounts
+    depths = [len(Path(m["path"]).parts) for m in mounts]
+    assert depths == sorted(depths)  # parents are mounted before children
+
+
+def test_serve_manifest_has_what_the_enclave_and_attester_need() -> None:
+    manifest = _serve()
+    _assert_production(manifest)
+    assert manifest["libos"]["entrypoint"] == "/opt/python/bin/python3.11"
+    argv = manifest["loader"]["argv"]
+    assert argv[:8] == [
+        "/opt/python/bin/python3.11",
+        "-B",
+        "-s",
+        "-m",
+        "sealtorch",
+        "--log-format",
+        "json",
+        "serve",
+    ]
+    assert argv[8:10] == [str(m) for m in MODELS]
+    assert argv[argv.index("--keys") + 1] == "https://127.0.0.1:7443"
+    assert argv[argv.index("--tee") + 1] == "gramine"
+    assert argv[argv.index("--port") + 1] == "8080"
+    assert [argv[i + 1] for i, a in enumerate(argv) if a == "--name"] == ["r50", "lite0"]
+    assert "--key-file" not in argv
+    env = manifest["loader"]["env"]
+    assert env["PYTHONPATH"] == "/opt/venv/lib/python3.11/site-packages"
+    assert env["OMP_NUM_THREADS"] == "4"
+    assert "/opt/python/lib" in env["LD_LIBRARY_PATH"].split(":")
+    assert manifest["sys"]["enable_sigterm_injection"] is True  # graceful drain
+    assert "enable_extra_runtime_domain_names_conf" not in manifest["sys"]  # an IP: no DNS
+    assert manifest["sgx"]["max_threads"] >= 32
+    trusted = manifest["sgx"]["trusted_files"]
+    for expected in (
+        "file:{{ gramine.libos }}",
+        "file:{{ gramine.runtimedir() }}/",
+        "file:/opt/python/bin/python3.11",
+        "file:/opt/python/lib/libpython3.11.so.1.0",
+    ):
+        assert expected in trusted
+    assert manifest["sgx"]["allowed_files"] == [f"file:{m}" for m in MODELS]
+    mounted = {m["path"] for m in manifest["fs"]["mounts"]}
+    assert {"/srv/models", "/opt/python/bin/python3.11", "/lib"} <= mounted
+
+
+def test_gramine_manifest_can_resolve_the_placeholders() -> None:
+    text = render_serve_manifest(
+        ServeEnclave(models=MODELS, keys_url="https://127.0.0.1:7443"), runtime=RUNTIME
+    )
+    # What `gramine-manifest` does: render the output as a Jinja template with its `gramine`.
+    resolved = tomllib.loads(jinja2.Template(text).render(gramine=GRAMINE))
+    assert resolved["loader"]["entrypoint"]["uri"] == f"file:{GRAMINE['libos']}"
+    assert (
+        "file:/usr/lib/x86_64-linux-gnu/gramine/runtime/glibc/" in resolved["sgx"]["trusted_files"]
+    )
+
+
+def test_concrete_gramine_paths_need_no_second_pass() -> None:
+    layout = GramineLayout(libos="/g/libsysdb.so", runtime_dir="/g/runtime", arch_libdir="/lib64")
+    manifest = _serve(layout=layout)
+    assert manifest["loader"]["entrypoint"]["uri"] == "file:/g/libsysdb.so"
+    assert {"path": "/lib", "uri": "file:/g/runtime"} in manifest["fs"]["mounts"]
+    assert "file:/usr/lib64/" in manifest["sgx"]["trusted_files"]
+
+
+def test_sizes_threads_and_identity_are_configurable() -> None:
+    manifest = _serve(
+        enclave_size="32G", max_threads=128, edmm=True, isvprodid=7, isvsvn=3, threads=16
+    )
+    assert manifest["sgx"]["enclave_size"] == "32G"
+    assert manifest["sgx"]["max_threads"] == 128
+    assert manifest["sgx"]["edmm_enable"] is True
+    assert (manifest["sgx"]["isvprodid"], manifest["sgx"]["isvsvn"]) == (7, 3)
+    assert manifest["loader"]["env"]["OMP_NUM_THREADS"] == "16"
+
+
+def test_a_key_server_named_by_dns_enables_name_resolution() -> None:
+    manifest = _serve(keys_url="https://keycache.internal:7443")
+    assert manifest["sys"]["enable_extra_runtime_domain_names_conf"] is True
+
+
+def test_keycache_manifest() -> None:
+    text = render_keycache_manifest(
+        KeycacheEnclave(
+            args=("serve", "--keyserver", "https://keys.example.com:8443", "--tee", "gramine"),
+            trusted=(Path("/srv/sealtorch/keyserver-ca.pem"),),
+            state_dir=Path("/srv/sealtorch/keycache"),
+            keyserver_host="keys.example.com",
+        ),
+        runtime=RUNTIME,
+    )
+    manifest = tomllib.loads(text)
+    _assert_production(manifest)
+    assert manifest["loader"]["argv"][7:10] == ["keycache", "serve", "--keyserver"]
+    assert "file:/srv/sealtorch/keyserver-ca.pem" in manifest["sgx"]["trusted_files"]
+    assert manifest["sgx"]["allowed_files"] == ["file:/srv/sealtorch/keycache/"]
+    assert manifest["sys"]["enable_extra_runtime_domain_names_conf"] is True
+    assert manifest["sgx"]["enclave_size"] == "2G"
+    resolved = tomllib.loads(jinja2.Template(text).render(gramine=GRAMINE))
+    assert resolved["loader"]["entrypoint"]["uri"] == f"file:{GRAMINE['libos']}"
+    without_state = tomllib.loads(
+        render_keycache_manifest(KeycacheEnclave(args=("serve",)), runtime=RUNTIME)
+    )
+    assert "allowed_files" not in without_state["sgx"]
+
+
+def test_this_machine_s_runtime_renders() -> None:
+    runtime = PythonRuntime.current()
+    assert runtime.interpreter.is_file()
+    assert runtime.directories
+    manifest = tomllib.loads(
+        render_serve_manifest(ServeEnclave(models=MODELS, keys_url="https://127.0.0.1:1"))
+    )
+    assert f"file:{runtime.interpreter}" in manifest["sgx"]["trusted_files"]
+
+
+# -- the attacker's side -----------------------------------------------------------------------
+
+
+def test_values_cannot_inject_manifest_entries() -> None:
+    hostile = Path(
+        '/srv/models/x"\nsgx.debug = true\nloader.insecure__use_host_env = true\n#.sealed'
+    )
+    manifest = _serve(models=(hostile,), names=())
+    _assert_production(manifest)
+    assert manifest["loader"]["argv"][8] == str(hostile)
+    assert manifest["sgx"]["allowed_files"] == [f"file:{hostile}"]
+
+
+def test_a_manifest_never_carries_a_key(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="never name a key file"):
+        _serve(extra_args=("--key-file", "/srv/m.key"))
+    with pytest.raises(ConfigError, match="never name a key file"):
+        render_keycache_manifest(KeycacheEnclave(args=("serve", "--key-file=/k")), runtime=RUNTIME)
+    key_file = tmp_path / "innocent-looking.pem"
+    write_key_file(key_file)
+    with pytest.raises(ConfigError, match="is a sealtorch key file"):
+        _serve(trusted=(key_file,))
+    with pytest.raises(ConfigError, match="is a sealtorch key file"):
+        _serve(models=(key_file,), names=())
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"keys_url": "unix:///run/keycache.sock"}, "cannot share a Unix socket"),
+        ({"keys_url": "http://127.0.0.1:7443"}, "plain http"),
+        ({"enclave_size": "12G"}, "power of two"),
+        ({"enclave_size": "lots"}, "like 512M"),
+        ({"max_threads": 2}, "between 4 and 4096"),
+        ({"isvsvn": 70000}, "0..65535"),
+        ({"port": 0}, "cannot be published"),
+        ({"names": ("one",)}, "one name per model"),
+        ({"models": ()}, "at least one sealed model"),
+        ({"models": (Path("/tmp/m.sealed"),), "names": ()}, "in-enclave tmpfs"),
+    ],
+)
+def test_invalid_deployments_are_refused(changes: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        _serve(**changes)
+
+
+def test_toml_encoder() -> None:
+    assert toml_value('a"b\\c\n\x7f') == '"a\\"b\\\\c\\u000a\\u007f"'
+    assert toml_value(["x", 1, True]) == '["x", 1, true]'
+    assert toml_value({"path": "/p", "odd key": 2}) == '{ path = "/p", "odd key" = 2 }'
+    assert tomllib.loads("v = " + toml_value("é \t\x00"))["v"] == "é \t\x00"
+    with pytest.raises(TypeError):
+        toml_value(1.5)
+
+
+def test_cli_writes_templates(tmp_path: Path) -> None:
+    output = tmp_path / "serve.manifest.template"
+    result = CliRunner().invoke(
+        deploy,
+        [
+            "gramine",
+            "serve",
+            *map(str, MODELS),
+            "--keys",
+            "https://127.0.0.1:7443",
+            "--name",
+            "a",
+            "--name",
+            "b",
+            "--enclave-size",
+            "16G",
+            "-o",
+            str(output),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    manifest = tomllib.loads(output.read_text())
+    assert manifest["sgx"]["enclave_size"] == "16G"
+    assert manifest["sgx"]["max_threads"] == 64
+    result = CliRunner().invoke(deploy, ["gramine", "keycache", "--arg", "serve"])
+    assert result.exit_code == 0, result.output
+    assert tomllib.loads(result.output)["sgx"]["enclave_size"] == "2G"
+    help_text = CliRunner().invoke(deploy, ["gramine", "serve", "--help"]).output
+    assert "gramine-sgx-sign" in help_text
