@@ -1,0 +1,310 @@
+"""Inference server: sealed vs plain ResNet-50 in the same server, and process start to ready.
+
+Targets from issue #6, measured against a plain baseline in the same run:
+
+* Throughput, batch 1 and 8: one server process serves the sealed ResNet-50 (decrypted in
+  memory) and the same weights loaded from a plain safetensors file; a client alternates
+  requests between them (ABBA order, so drift hits both alike). Throughput ratio sealed/plain
+  = median plain latency / median sealed latency, target >= 0.98. p50/p99 latencies are
+  reported. Requests use the binary tensor data extension (raw FP32), so the figures are the
+  model's and the server's, not JSON's.
+* Start to ready: ``sealtorch serve sealed.sealed --key-file`` vs the same server loading the
+  plain file (the benchmark-only entry below), each from process start to its "ready on" line
+  (decryption, model build and warm-up included); target sealed <= plain + 1 s.
+
+The plain model can only be served through this module's ``serve`` entry
+(``python -m benchmarks.bench_serving serve --plain FILE``): ``sealtorch serve`` accepts
+sealed files only, and plain models are marked ``sealed=false`` in the metrics and the log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import IO, Any
+
+import httpx
+import torch
+
+import sealtorch
+from benchmarks._harness import Context, Result, percentile, result
+from sealtorch.keys import write_key_file
+
+_REPO = Path(__file__).resolve().parents[1]
+_ARCH = "torchvision:resnet50"
+
+
+# -- the benchmark-only server entry (plain models) --------------------------------------------
+
+
+class PlainSource:
+    """A plain (unsealed) safetensors ResNet-50, for comparison only."""
+
+    def __init__(self, path: Path, name: str) -> None:
+        self.path = path
+        self._name = name
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    def describe(self) -> str:
+        return f"PLAIN (unsealed) {self.path}"
+
+    def load(self, *, max_images: int) -> Any:
+        import torchvision
+        from safetensors.torch import load_file
+
+        from sealtorch.serving.model import ServedModel
+
+        start = time.perf_counter()
+        module = torchvision.models.resnet50(weights=None)
+        module.load_state_dict(load_file(self.path))
+        model = ServedModel.build(module, name=self._name, sealed=False, max_images=max_images)
+        model.load_seconds = time.perf_counter() - start
+        return model
+
+
+def serve_main(argv: list[str]) -> None:
+    """``python -m benchmarks.bench_serving serve [--sealed F --key K] [--plain F]``."""
+    from sealtorch.serving.server import InferenceServer, SealedModelSource, ServerSettings
+
+    parser = argparse.ArgumentParser(prog="bench_serving serve")
+    parser.add_argument("--sealed", type=Path)
+    parser.add_argument("--key", type=Path)
+    parser.add_argument("--plain", type=Path)
+    parser.add_argument("--port", type=int, default=0)
+    args = parser.parse_args(argv)
+    sources: list[Any] = []
+    if args.sealed is not None:
+        sources.append(SealedModelSource(args.sealed, key=args.key, name="sealed"))
+    if args.plain is not None:
+        sources.append(PlainSource(args.plain, "plain"))
+
+    def listening(url: str) -> None:
+        print(f"listening on {url}", flush=True)
+
+    def ready(server: InferenceServer) -> None:
+        print(f"ready on {server.url}", flush=True)
+
+    InferenceServer(
+        ServerSettings(port=args.port, max_body_bytes=256 * 1024 * 1024),
+        sources,
+        on_listening=listening,
+        on_ready=ready,
+    ).run()
+
+
+# -- measurements ------------------------------------------------------------------------------
+
+
+def _wait_line(stream: IO[str], prefix: str, timeout: float) -> str:
+    found: list[str] = []
+
+    def read() -> None:
+        for line in stream:
+            if line.startswith(prefix):
+                found.append(line.strip())
+                return
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(timeout)
+    if not found:
+        raise RuntimeError(f"the server printed no {prefix!r} line within {timeout} s")
+    return found[0]
+
+
+def _start(command: list[str]) -> tuple[subprocess.Popen[str], str, float]:
+    """Start a server; return it, its URL and the seconds from start to its ready line."""
+    start = time.perf_counter()
+    process = subprocess.Popen(
+        command, cwd=_REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+    )
+    assert process.stdout is not None
+    try:
+        line = _wait_line(process.stdout, "ready on ", timeout=600)
+    except BaseException:
+        process.kill()
+        process.wait()
+        raise
+    elapsed = time.perf_counter() - start
+    return process, line.split()[2], elapsed
+
+
+def _stop(process: subprocess.Popen[str]) -> None:
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+    if process.stdout is not None:
+        process.stdout.close()
+
+
+def _binary_request(x: torch.Tensor) -> tuple[bytes, dict[str, str]]:
+    raw = x.contiguous().view(torch.uint8).numpy().tobytes()
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "input",
+                    "datatype": "FP32",
+                    "shape": list(x.shape),
+                    "parameters": {"binary_data_size": len(raw)},
+                }
+            ],
+            "outputs": [{"name": "output", "parameters": {"binary_data": True}}],
+        }
+    ).encode()
+    return header + raw, {"Inference-Header-Content-Length": str(len(header))}
+
+
+def _output(response: httpx.Response) -> torch.Tensor:
+    if response.status_code != 200:
+        raise RuntimeError(f"inference failed: {response.status_code} {response.text[:200]}")
+    length = int(response.headers["Inference-Header-Content-Length"])
+    shape = json.loads(response.content[:length])["outputs"][0]["shape"]
+    return torch.frombuffer(bytearray(response.content[length:]), dtype=torch.float32).view(shape)
+
+
+def _alternate(client: httpx.Client, batch: int, pairs: int) -> tuple[dict[str, list[float]], bool]:
+    x = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(batch))
+    body, headers = _binary_request(x)
+    outputs = {}
+    for name in ("sealed", "plain"):  # warm-up, and the bit-identity check
+        for _ in range(2):
+            outputs[name] = _output(
+                client.post(f"/v2/models/{name}/infer", content=body, headers=headers)
+            )
+    identical = torch.equal(outputs["sealed"], outputs["plain"])
+    latencies: dict[str, list[float]] = {"sealed": [], "plain": []}
+    for index in range(pairs):
+        order = ("sealed", "plain") if index % 2 == 0 else ("plain", "sealed")
+        for name in order:
+            start = time.perf_counter()
+            _output(client.post(f"/v2/models/{name}/infer", content=body, headers=headers))
+            latencies[name].append(time.perf_counter() - start)
+    return latencies, identical
+
+
+def run(ctx: Context) -> list[Result]:
+    import torchvision
+    from safetensors.torch import save_file
+
+    torch.manual_seed(6)
+    state_dict = torchvision.models.resnet50(weights=None).state_dict()
+    key_path = ctx.workdir / "resnet50.key"
+    key = write_key_file(key_path)
+    sealed_path = ctx.workdir / "resnet50.sealed"
+    plain_path = ctx.workdir / "resnet50.safetensors"
+    sealtorch.encrypt_model(state_dict, sealed_path, model_id="resnet50", key=key, arch=_ARCH)
+    save_file({k: v.contiguous() for k, v in state_dict.items()}, plain_path)
+
+    results: list[Result] = []
+    bench = [sys.executable, "-m", "benchmarks.bench_serving", "serve"]
+
+    # -- throughput and latency in one server ------------------------------------------------
+    process, url, _ = _start(
+        [*bench, "--sealed", str(sealed_path), "--key", str(key_path), "--plain", str(plain_path)]
+    )
+    try:
+        with httpx.Client(base_url=url, timeout=600) as client:
+            for batch, pairs in ((1, 12 if ctx.quick else 60), (8, 3 if ctx.quick else 15)):
+                latencies, identical = _alternate(client, batch, pairs)
+                sealed_ms = [t * 1e3 for t in latencies["sealed"]]
+                plain_ms = [t * 1e3 for t in latencies["plain"]]
+                ratio = statistics.median(plain_ms) / statistics.median(sealed_ms)
+                details = {
+                    "pairs": pairs,
+                    "bit_identical": identical,
+                    "sealed_p50_ms": round(percentile(sealed_ms, 50), 1),
+                    "sealed_p99_ms": round(percentile(sealed_ms, 99), 1),
+                    "plain_p50_ms": round(percentile(plain_ms, 50), 1),
+                    "plain_p99_ms": round(percentile(plain_ms, 99), 1),
+                    "sealed_images_per_s": round(batch * 1e3 / statistics.median(sealed_ms), 1),
+                    "plain_images_per_s": round(batch * 1e3 / statistics.median(plain_ms), 1),
+                }
+                results.append(
+                    result(
+                        f"serving/resnet50-b{batch}",
+                        "throughput ratio sealed/plain (same server)",
+                        ratio,
+                        "x",
+                        ">= 0.98",
+                        **details,
+                    )
+                )
+                for name, samples in (("sealed", sealed_ms), ("plain", plain_ms)):
+                    for q in (50, 99):
+                        results.append(
+                            result(
+                                f"serving/resnet50-b{batch}",
+                                f"{name} p{q} latency",
+                                percentile(samples, q),
+                                "ms",
+                            )
+                        )
+                if not identical:
+                    results.append(
+                        result(
+                            f"serving/resnet50-b{batch}",
+                            "sealed == plain outputs",
+                            0,
+                            "bool",
+                            ">= 1",
+                        )
+                    )
+    finally:
+        _stop(process)
+
+    # -- process start to ready ----------------------------------------------------------------
+    sealed_cmd = [
+        sys.executable,
+        "-m",
+        "sealtorch",
+        "serve",
+        str(sealed_path),
+        "--key-file",
+        str(key_path),
+        "--port",
+        "0",
+    ]
+    plain_cmd = [*bench, "--plain", str(plain_path)]
+    times: dict[str, list[float]] = {"sealed": [], "plain": []}
+    for index in range(1 if ctx.quick else 3):
+        order = (("sealed", sealed_cmd), ("plain", plain_cmd))
+        for name, command in order if index % 2 == 0 else order[::-1]:
+            process, _, elapsed = _start(command)
+            _stop(process)
+            times[name].append(elapsed)
+    sealed_s, plain_s = statistics.median(times["sealed"]), statistics.median(times["plain"])
+    results.append(
+        result(
+            "serving/resnet50-start",
+            "start to ready: sealed minus plain",
+            sealed_s - plain_s,
+            "s",
+            "<= 1",
+            sealed_s=round(sealed_s, 2),
+            plain_s=round(plain_s, 2),
+            runs=len(times["sealed"]),
+        )
+    )
+    return results
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["serve"]:
+        serve_main(sys.argv[2:])
+    else:
+        print("usage: python -m benchmarks.bench_serving serve [--sealed F --key K] [--plain F]")
+        sys.exit(2)
