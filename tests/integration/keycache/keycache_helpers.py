@@ -1,0 +1,214 @@
+"""Helpers for key cache integration tests: a key server that can be stopped and restarted on
+the same Unix socket, and a key cache (real app, real socket) in front of it."""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from _fixtures.clock import FakeClock
+from _fixtures.keyserver import KeyServerUnderTest, ServerThread, running_keyserver
+from sealtorch._crypto import hpke
+from sealtorch.attestation import SimAttester, report_data_for
+from sealtorch.client import KeyReleaseClient
+from sealtorch.keycache import KeyCache, KeyCacheApp, LocalReleaseService, build_cache
+from sealtorch.keycache.settings import KeyCacheSettings
+from sealtorch.keyserver.store import Store
+from sealtorch.protocol import DEFAULT_HPKE_SUITE, b64encode
+
+
+@dataclass
+class Attesters:
+    """One simulated host: every role signs with the same host key (as on one machine)."""
+
+    key_path: Path
+    app: SimAttester
+    cache: SimAttester
+    serve: SimAttester
+
+    @property
+    def public_key(self) -> str:
+        return self.app.public_key
+
+    def policy(self, *roles: str, **extra: Any) -> dict[str, Any]:
+        """A sim policy allowing the measurements of ``roles`` (default: cache and app)."""
+        chosen = roles or ("cache", "app")
+        document: dict[str, Any] = {
+            "version": 1,
+            "name": "test",
+            "allowed_tees": ["sim"],
+            "sim": {"mrenclave": [getattr(self, role).mrenclave for role in chosen]},
+        }
+        document.update(extra)
+        return document
+
+
+def make_attesters(directory: Path) -> Attesters:
+    key = directory / "sim.key"
+    made = Attesters(
+        key_path=key,
+        app=SimAttester(role="app", key_path=key),
+        cache=SimAttester(role="keycache", key_path=key),
+        serve=SimAttester(role="serve", key_path=key),
+    )
+    for attester in (made.app, made.cache, made.serve):
+        assert attester.mrenclave
+    return made
+
+
+@dataclass
+class KeyServerControl:
+    """A key server on a fixed Unix socket that tests can stop and start again."""
+
+    tmp: Path
+    store: Store
+    master: Any
+    attester: SimAttester
+    clock: FakeClock
+    settings: dict[str, Any] = field(default_factory=dict)
+    socket: Path = field(init=False)
+    running: KeyServerUnderTest | None = None
+    _stack: contextlib.ExitStack | None = None
+
+    def __post_init__(self) -> None:
+        self.socket = self.tmp / "ks.sock"
+
+    @property
+    def url(self) -> str:
+        return f"unix://{self.socket}"
+
+    def start(self) -> KeyServerUnderTest:
+        assert self.running is None
+        self.socket.unlink(missing_ok=True)
+        stack = contextlib.ExitStack()
+        self.running = stack.enter_context(
+            running_keyserver(
+                self.tmp,
+                store=self.store,
+                master=self.master,
+                attester=self.attester,
+                clock=self.clock,
+                uds=self.socket,
+                **self.settings,
+            )
+        )
+        self._stack = stack
+        return self.running
+
+    def stop(self) -> None:
+        if self._stack is not None:
+            self._stack.close()
+        self._stack = None
+        self.running = None
+        self.socket.unlink(missing_ok=True)
+
+    @property
+    def server(self) -> KeyServerUnderTest:
+        assert self.running is not None, "the key server is stopped"
+        return self.running
+
+
+@dataclass
+class CacheUnderTest:
+    """An in-process key cache serving the real app on a real Unix socket."""
+
+    cache: KeyCache
+    service: LocalReleaseService
+    app: KeyCacheApp
+    socket: Path
+    settings: KeyCacheSettings
+
+    @property
+    def url(self) -> str:
+        return f"unix://{self.socket}"
+
+    def client(self, attester: SimAttester, **options: Any) -> KeyReleaseClient:
+        return KeyReleaseClient(self.url, attester=attester, **options)
+
+    def http(self) -> httpx.Client:
+        return httpx.Client(
+            base_url="http://sealtorch.local", transport=httpx.HTTPTransport(uds=str(self.socket))
+        )
+
+
+def cache_settings(
+    tmp: Path, attesters: Attesters, keyserver_url: str, **changes: Any
+) -> KeyCacheSettings:
+    base = KeyCacheSettings(
+        keyserver_url=keyserver_url,
+        tee="sim",
+        sim_key=attesters.key_path,
+        socket_path=tmp / "kc.sock",
+        local_sim_trusted_keys=(attesters.public_key,),
+        refresh_interval=timedelta(seconds=60),
+        backoff_initial=1.0,
+        backoff_max=8.0,
+    )
+    return base.with_overrides(**changes)
+
+
+@contextlib.contextmanager
+def running_cache(
+    settings: KeyCacheSettings,
+    *,
+    clock: FakeClock,
+    attester: SimAttester | None = None,
+    start: bool = True,
+) -> Iterator[CacheUnderTest]:
+    """Build the cache (fake clock, no background thread: tests drive :meth:`KeyCache.tick`),
+    start it, and serve its app on ``settings.socket_path``."""
+    assert settings.socket_path is not None
+    cache, service = build_cache(settings, clock=clock, attester=attester)
+    if start:
+        cache.start()
+    app = KeyCacheApp(cache, service)
+    settings.socket_path.unlink(missing_ok=True)
+    try:
+        with ServerThread(app, uds=settings.socket_path):
+            yield CacheUnderTest(cache, service, app, settings.socket_path, settings)
+    finally:
+        cache.close()
+
+
+def release_body(
+    attester: SimAttester,
+    nonce: bytes,
+    *,
+    models: list[str] | None = None,
+    public_key: bytes | None = None,
+) -> tuple[dict[str, Any], hpke.HpkePrivateKey]:
+    """A release request as an enclave builds it (for tests that send raw requests)."""
+    private = hpke.generate_private_key(DEFAULT_HPKE_SUITE)
+    bound = private.public_key().encode()
+    evidence = attester.evidence(
+        report_data_for(nonce=nonce, hpke_suite=DEFAULT_HPKE_SUITE, public_key=bound)
+    )
+    body = {
+        "nonce": b64encode(nonce),
+        "evidence": {"type": evidence.type, "data": b64encode(evidence.data)},
+        "hpke": {
+            "suite": DEFAULT_HPKE_SUITE,
+            "public_key": b64encode(public_key if public_key is not None else bound),
+        },
+        "models": models,
+    }
+    return body, private
+
+
+def fresh_nonce(http: httpx.Client) -> bytes:
+    from sealtorch.protocol import b64decode
+
+    response = http.post("/v1/attestation/challenge", json={})
+    assert response.status_code == 200, response.text
+    return b64decode(response.json()["nonce"])
+
+
+def random_model_id(prefix: str = "m") -> str:
+    return f"{prefix}-{secrets.token_hex(4)}"
