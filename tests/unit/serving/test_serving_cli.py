@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 import sealtorch
 from sealtorch.cli import cli
-from sealtorch.errors import ConfigError
+from sealtorch.errors import ConfigError, KeyReleaseError
 from sealtorch.keys import write_key_file
 from sealtorch.serving.server import InferenceServer, SealedModelSource, ServerSettings
 
@@ -128,3 +128,44 @@ def test_the_port_must_be_free() -> None:
 
         with pytest.raises(ConfigError, match=f"cannot listen on 127.0.0.1:{port}"):
             _bind("127.0.0.1", port)
+
+
+class RefusingProvider:
+    """A key source whose key server denies the release (the attested client's failure mode)."""
+
+    def data_key(self, model_id: str, key_version: int) -> object:
+        raise KeyReleaseError(
+            f"the key server refused {model_id} v{key_version}",
+            reasons=("measurement_mismatch", "tcb_out_of_date"),
+            status_code=403,
+        )
+
+
+def test_a_denied_key_exits_non_zero_with_the_reasons(
+    sealed: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sealtorch.serving.keysource as keysource
+
+    def resolve(url: str, *, tee: str | None) -> RefusingProvider:
+        assert (url, tee) == ("https://127.0.0.1:7443", "sim")
+        return RefusingProvider()
+
+    monkeypatch.setattr(keysource, "resolve_key_source", resolve)
+    result = CliRunner().invoke(
+        cli,
+        [
+            "serve",
+            str(sealed[0]),
+            "--keys",
+            "https://127.0.0.1:7443",
+            "--tee",
+            "sim",
+            "--port",
+            "0",
+        ],
+    )
+    assert result.exit_code == 1, result.output
+    assert "listening on http://127.0.0.1:" in result.output
+    assert "ready on" not in result.output
+    assert "error: the key server refused plain-sd v1" in result.output
+    assert "reasons: measurement_mismatch, tcb_out_of_date" in result.output
