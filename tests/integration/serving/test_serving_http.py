@@ -309,9 +309,24 @@ def test_binary_image_bytes_and_binary_classification(client: httpx.Client) -> N
 
 
 def test_concurrent_requests_keep_answering_correctly(base_url: str, sealed_set: SealedSet) -> None:
+    photos = {"chelsea.png": "tabby", "coffee.png": "espresso"}
+
     def one(index: int) -> bool:
-        x = torch.randn(2, 6, generator=torch.Generator().manual_seed(1000 + index))
         with httpx.Client(base_url=base_url, timeout=120) as c:
+            if index % 8 == 0:  # images too: decoding runs in the worker threads as well
+                photo = list(photos)[index // 8 % 2]
+                document = _infer(
+                    c,
+                    "efficientnet-lite0",
+                    {
+                        "id": str(index),
+                        "inputs": [image_input(sample_image(photo))],
+                        "outputs": [{"name": "probabilities", "parameters": {"classification": 1}}],
+                    },
+                )
+                assert document["id"] == str(index)
+                return bool(document["outputs"][0]["data"][0].endswith(":" + photos[photo]))
+            x = torch.randn(2, 6, generator=torch.Generator().manual_seed(1000 + index))
             document = _infer(
                 c, "tiny-mlp", {"id": str(index), "inputs": [tensor_input("features", x)]}
             )

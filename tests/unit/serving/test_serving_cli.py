@@ -169,3 +169,18 @@ def test_a_denied_key_exits_non_zero_with_the_reasons(
     assert "ready on" not in result.output
     assert "error: the key server refused plain-sd v1" in result.output
     assert "reasons: measurement_mismatch, tcb_out_of_date" in result.output
+
+
+def test_command_modules_import_nothing_heavy() -> None:
+    """`sealtorch --help` imports these; PyTorch and the server stack load only to serve."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, sealtorch.serving, sealtorch.cli.serve, sealtorch.serving.keysource,"
+        " sealtorch.deploy.cli, sealtorch.deploy.gramine;"
+        "print(','.join(m for m in ('torch', 'fastapi', 'uvicorn', 'jinja2', 'numpy', 'PIL')"
+        " if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    assert done.stdout.strip() == ""
