@@ -149,7 +149,10 @@ class PlatformSealer:
                 f"{self.measurement[:16]}...): the code changed, so it is ignored and keys are "
                 "fetched from the key server"
             )
-        return self._key.open(blob[start + length :], aad=prefix, message=_OPEN_FAILED)
+        try:
+            return self._key.open(blob[start + length :], aad=prefix, message=_OPEN_FAILED)
+        except IntegrityError as exc:
+            raise StateRefused(_OPEN_FAILED) from exc
 
 
 class SealedState:
