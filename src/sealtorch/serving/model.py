@@ -212,14 +212,14 @@ def _flatten_outputs(value: object) -> list[tuple[str | None, torch.Tensor]]:
 
 
 def _synthetic_png(width: int, height: int) -> bytes:
+    """A deterministic, non-uniform test image (exercises decoding, resizing and cropping)."""
+    import numpy as np
     from PIL import Image
 
-    image = Image.new("RGB", (width, height))
-    image.putdata(
-        [((x * 7) % 256, (y * 5) % 256, (x + y) % 256) for y in range(height) for x in range(width)]
-    )
+    y, x = np.mgrid[0:height, 0:width]
+    pixels = np.stack([(x * 7) % 256, (y * 5) % 256, (x + y) % 256], axis=-1).astype(np.uint8)
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
+    Image.fromarray(pixels, "RGB").save(buffer, format="PNG")
     return buffer.getvalue()
 
 
@@ -616,6 +616,15 @@ def _resolve_inputs(
             raise PayloadError(
                 "image preprocessing needs a model with exactly one input tensor; "
                 f"this one declares {len(tensor_inputs)}"
+            )
+        (spec,) = tensor_inputs
+        expected = (3, preprocess.crop, preprocess.crop)
+        if len(spec.shape) != 4 or any(
+            want not in (-1, got) for want, got in zip(spec.shape[1:], expected, strict=True)
+        ):
+            raise PayloadError(
+                f"input {spec.name!r} is declared {shape_text(spec.shape)}, but the image "
+                f"preprocessing produces [batch, 3, {preprocess.crop}, {preprocess.crop}]"
             )
         names = {spec.name for spec in tensor_inputs}
         image_name = IMAGE_INPUT if IMAGE_INPUT not in names else f"{IMAGE_INPUT}_bytes"

@@ -306,6 +306,12 @@ def test_image_input_name_does_not_clash() -> None:
             SMALL_IMAGES,
             "exactly one input",
         ),
+        (
+            [TensorSpec("x", "FP32", (-1, 3, 32, 32))],
+            SMALL_IMAGES,
+            r"produces \[batch, 3, 16, 16\]",
+        ),
+        ([TensorSpec("x", "FP32", (-1, 768))], SMALL_IMAGES, "preprocessing produces"),
     ],
 )
 def test_image_declarations_that_cannot_be_served(
