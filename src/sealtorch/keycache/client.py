@@ -10,6 +10,7 @@ import httpx
 from pydantic import ValidationError
 
 from sealtorch.errors import ConfigError, KeyReleaseError, ProtocolError
+from sealtorch.keycache._uds import UnixSocketTransport
 from sealtorch.keycache.app import STATUS_PATH
 from sealtorch.keycache.status import CacheStatus
 
@@ -33,7 +34,7 @@ def fetch_status(
         where = f"unix://{Path(socket)}"
         client = httpx.Client(
             base_url="http://sealtorch.local",
-            transport=httpx.HTTPTransport(uds=str(socket)),
+            transport=UnixSocketTransport(str(socket)),
             timeout=timeout,
         )
     elif url is not None:

@@ -29,6 +29,7 @@ import httpx
 from sealtorch.attestation import EvidenceProvider
 from sealtorch.client import KeyReleaseClient, ReleaseResult
 from sealtorch.errors import Error, KeyReleaseError
+from sealtorch.keycache._uds import UnixSocketTransport
 from sealtorch.protocol import DEFAULT_HPKE_SUITE
 
 __all__ = ["AttestFailed", "Refresh", "Refused", "Unreachable", "Upstream"]
@@ -96,6 +97,8 @@ class Upstream:
     ) -> None:
         self.url = url
         self.models = tuple(models) if models is not None else None
+        if transport is None and url.startswith("unix://"):
+            transport = UnixSocketTransport(url[len("unix://") :])
         self._clock = clock
         self._client = KeyReleaseClient(
             url,

@@ -214,15 +214,6 @@ def test_local_nonce_expires(cache: CacheUnderTest, attesters: Attesters, clock:
     assert response.json()["error"]["code"] == "nonce_expired"
 
 
-#: httpcore's sync backend does not close a Unix socket whose connect() failed (the key server
-#: is down); CPython closes it when the exception is freed, with a ResourceWarning that pytest
-#: reports as unraisable. Not what these tests are about.
-_HTTPCORE_UDS_LEAK = pytest.mark.filterwarnings(
-    "ignore:Exception ignored in. <socket.socket:pytest.PytestUnraisableExceptionWarning"
-)
-
-
-@_HTTPCORE_UDS_LEAK
 def test_keyserver_outage_leases_then_lease_expired_then_recovery(
     cache: CacheUnderTest, keyserver: KeyServerControl, attesters: Attesters, clock: FakeClock
 ) -> None:
