@@ -239,6 +239,7 @@ class Listeners:
     unix: socket.socket | None = None
     tcp: socket.socket | None = None
     metrics: socket.socket | None = None
+    unix_path: Path | None = None
 
     @classmethod
     def bind(cls, settings: KeyCacheSettings) -> Listeners:
@@ -248,6 +249,7 @@ class Listeners:
                 bound.unix = listen_unix(
                     settings.socket_path, mode=settings.socket_mode, group=settings.socket_group
                 )
+                bound.unix_path = settings.socket_path
             if settings.tcp is not None:
                 bound.tcp = listen_tcp(*settings.tcp)
             if settings.metrics is not None:
@@ -259,8 +261,8 @@ class Listeners:
 
     def urls(self, *, tls: bool) -> list[str]:
         out = []
-        if self.unix is not None:
-            out.append(_url(self.unix, scheme="unix"))
+        if self.unix_path is not None:
+            out.append(f"unix://{self.unix_path}")
         if self.tcp is not None:
             out.append(_url(self.tcp, scheme="https" if tls else "http"))
         return out
@@ -269,14 +271,14 @@ class Listeners:
         return _url(self.metrics, scheme="http") if self.metrics is not None else None
 
     def close(self) -> None:
+        """Close every socket (uvicorn may have closed them already) and remove the socket
+        file."""
         for sock in (self.unix, self.tcp, self.metrics):
-            if sock is None:
-                continue
-            path = sock.getsockname() if sock.family == socket.AF_UNIX else None
-            sock.close()
-            if path:
-                with contextlib.suppress(OSError):
-                    Path(path).unlink()
+            if sock is not None:
+                sock.close()
+        if self.unix_path is not None:
+            with contextlib.suppress(OSError):
+                self.unix_path.unlink()
 
 
 # -- serving ---------------------------------------------------------------------------------
