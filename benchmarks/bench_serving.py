@@ -4,13 +4,14 @@ Targets from issue #6, measured against a plain baseline in the same run:
 
 * Throughput, batch 1 and 8: one server process serves the sealed ResNet-50 (decrypted in
   memory) and the same weights loaded from a plain safetensors file; a client alternates
-  requests between them (ABBA order, so drift hits both alike). Throughput ratio sealed/plain
-  = median plain latency / median sealed latency, target >= 0.98. p50/p99 latencies are
-  reported. Requests use the binary tensor data extension (raw FP32), so the figures are the
-  model's and the server's, not JSON's.
+  requests between them (ABBA order, so drift hits both alike). Throughput ratio
+  sealed/plain = median over back-to-back pairs of plain latency / sealed latency, target
+  >= 0.98. p50/p99 latencies are reported. Requests use the binary tensor data extension (raw
+  FP32), so the figures are the model's and the server's, not JSON's.
 * Start to ready: ``sealtorch serve sealed.sealed --key-file`` vs the same server loading the
   plain file (the benchmark-only entry below), each from process start to its "ready on" line
-  (decryption, model build and warm-up included); target sealed <= plain + 1 s.
+  (decryption, model build and warm-up included), best of 4 alternating runs each; target
+  sealed <= plain + 1 s.
 
 The plain model can only be served through this module's ``serve`` entry
 (``python -m benchmarks.bench_serving serve --plain FILE``): ``sealtorch serve`` accepts
@@ -218,12 +219,17 @@ def run(ctx: Context) -> list[Result]:
     )
     try:
         with httpx.Client(base_url=url, timeout=600) as client:
-            for batch, pairs in ((1, 12 if ctx.quick else 60), (8, 3 if ctx.quick else 15)):
+            for batch, pairs in ((1, 12 if ctx.quick else 60), (8, 3 if ctx.quick else 20)):
                 latencies, identical = _alternate(client, batch, pairs)
                 sealed_ms = [t * 1e3 for t in latencies["sealed"]]
                 plain_ms = [t * 1e3 for t in latencies["plain"]]
-                ratio = statistics.median(plain_ms) / statistics.median(sealed_ms)
+                # Each pair ran back to back, so it saw the same machine load: the median of the
+                # per-pair ratios is robust to load bursts that a ratio of medians is not.
+                ratio = statistics.median(p / s for p, s in zip(plain_ms, sealed_ms, strict=True))
                 details = {
+                    "ratio_of_medians": round(
+                        statistics.median(plain_ms) / statistics.median(sealed_ms), 3
+                    ),
                     "pairs": pairs,
                     "bit_identical": identical,
                     "sealed_p50_ms": round(percentile(sealed_ms, 50), 1),
@@ -280,23 +286,25 @@ def run(ctx: Context) -> list[Result]:
     ]
     plain_cmd = [*bench, "--plain", str(plain_path)]
     times: dict[str, list[float]] = {"sealed": [], "plain": []}
-    for index in range(1 if ctx.quick else 3):
+    for index in range(1 if ctx.quick else 4):
         order = (("sealed", sealed_cmd), ("plain", plain_cmd))
         for name, command in order if index % 2 == 0 else order[::-1]:
             process, _, elapsed = _start(command)
             _stop(process)
             times[name].append(elapsed)
-    sealed_s, plain_s = statistics.median(times["sealed"]), statistics.median(times["plain"])
+    # Best of the runs (as the harness's best_of): the cost itself, without the machine's load.
+    sealed_s, plain_s = min(times["sealed"]), min(times["plain"])
     results.append(
         result(
             "serving/resnet50-start",
-            "start to ready: sealed minus plain",
+            "start to ready: sealed minus plain (best of runs)",
             sealed_s - plain_s,
             "s",
             "<= 1",
             sealed_s=round(sealed_s, 2),
             plain_s=round(plain_s, 2),
-            runs=len(times["sealed"]),
+            sealed_runs=[round(t, 2) for t in times["sealed"]],
+            plain_runs=[round(t, 2) for t in times["plain"]],
         )
     )
     return results
