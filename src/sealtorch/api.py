@@ -47,6 +47,7 @@ from sealtorch.sealed.header import (
     DEFAULT_CHUNK_SIZE,
     FORMAT_VERSION,
     Header,
+    KeyBlock,
     check_chunk_size,
     check_key_version,
     check_model_id,
@@ -440,7 +441,7 @@ def _manifest_from_prefix(prefix: bytearray, total: int) -> Manifest | None:
 def rewrap(
     source: str | os.PathLike[str],
     *,
-    key: KeyLike,
+    key: KeyLike | None,
     new_key: KeyLike | ContentKeyWrapper,
     new_key_version: int | None = None,
     destination: str | os.PathLike[str] | None = None,
@@ -452,6 +453,10 @@ def rewrap(
     ``new_key_version``, default: the old version + 1) with a fresh salt and nonce; the body is
     copied byte for byte. In place by default (atomically: a reader sees the old or the new
     file, never a mix), or to ``destination``.
+
+    With ``key=None``, ``new_key`` rewraps remotely (``sealtorch.client.KeyServerWrapper``: the
+    key server unwraps with the old version and wraps under its current one, so the content
+    key never leaves it); ``new_key_version`` is then the server's choice.
     """
     source_path = Path(source)
     target = source_path if destination is None else Path(destination)
@@ -460,14 +465,24 @@ def rewrap(
         # The real file: replacing a symlink would leave the old file (still openable with
         # the old key) where the link pointed.
         target = source_path.resolve()
-    provider = _provider(key)
+    remote = getattr(new_key, "rewrap", None) if key is None else None
+    if key is None and not callable(remote):
+        raise ConfigError(
+            "rewrap needs key= (the current data key), unless new_key rewraps remotely "
+            "(sealtorch.client.KeyServerWrapper)"
+        )
     with SealedReader(source_path) as reader:
         old = reader.header
-        cek = reader.content_key(provider)
-        version = old.key_version + 1 if new_key_version is None else new_key_version
-        wrapper = _wrapper(new_key, model_id=old.model_id, key_version=version)
-        key_block = wrapper.wrap(model_id=old.model_id, body_digest=old.body.digest, cek=cek)
-        del cek
+        if key is None:
+            key_block = remote(old)  # type: ignore[misc]
+            if not isinstance(key_block, KeyBlock):
+                raise TypeError(f"{new_key!r}.rewrap() must return a KeyBlock")
+        else:
+            cek = reader.content_key(_provider(key))
+            version = old.key_version + 1 if new_key_version is None else new_key_version
+            wrapper = _wrapper(new_key, model_id=old.model_id, key_version=version)
+            key_block = wrapper.wrap(model_id=old.model_id, body_digest=old.body.digest, cek=cek)
+            del cek
         header = Header(body=old.body, key=key_block)
         with AtomicFile(target, overwrite=in_place or overwrite) as out:
             out.write(header.encode())

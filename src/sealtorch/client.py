@@ -846,3 +846,7 @@ class KeyServerWrapper:
 
     def rewrap(self, header: Header) -> KeyBlock:
         return self._admin.rewrap(header)
+
+    def close(self) -> None:
+        """Close the admin client's connections."""
+        self._admin.close()

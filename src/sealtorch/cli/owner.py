@@ -91,11 +91,30 @@ def _read_labels(path: Path | None) -> list[str] | None:
     return labels
 
 
-def _sealing_wrapper(*, key_file: Path, key_version: int) -> tuple[ContentKeyWrapper, str]:
-    """Who wraps the content key of a new or rewrapped file, and how to name it in summaries.
+def _sealing_wrapper(
+    *,
+    key_file: Path | None,
+    key_version: int,
+    keyserver: str | None = None,
+    ca: Path | None = None,
+    token_file: Path | None = None,
+    token_env: str = "SEALTORCH_ADMIN_TOKEN",  # noqa: S107 - a variable name, not a token
+) -> tuple[ContentKeyWrapper, str]:
+    """Who wraps the content key of a new or rewrapped file, and how to name it in summaries:
+    a local key file, or (``--keyserver URL``) the key server, which wraps under the model's
+    current data key version so that the data key never leaves it."""
+    if keyserver is not None:
+        import os
 
-    Today a local key file; a ``--keyserver URL`` option returns a remote wrapper here.
-    """
+        from sealtorch.client import AdminClient, KeyServerWrapper, read_token
+
+        if key_file is not None:
+            raise click.UsageError("give either --key-file or --keyserver, not both")
+        token = read_token(token=os.environ.get(token_env), token_file=token_file)
+        admin = AdminClient(keyserver, token=token, ca=ca)
+        return KeyServerWrapper(admin), f"wrapped by the key server {keyserver}"
+    if key_file is None:
+        raise click.UsageError("give --key-file FILE, or --keyserver URL to let the server wrap")
     from sealtorch.keys import read_key_file
     from sealtorch.sealed.header import check_key_version
     from sealtorch.sealed.keywrap import LocalKeyWrapper
@@ -103,6 +122,49 @@ def _sealing_wrapper(*, key_file: Path, key_version: int) -> tuple[ContentKeyWra
     dek: DataKey = read_key_file(key_file)
     wrapper = LocalKeyWrapper(dek, key_version=check_key_version(key_version))
     return wrapper, f"key fingerprint {dek.fingerprint}"
+
+
+@contextmanager
+def _closing(wrapper: object) -> Iterator[None]:
+    """Close a remote wrapper's connections when done (a local wrapper has nothing to close)."""
+    try:
+        yield
+    finally:
+        close = getattr(wrapper, "close", None)
+        if callable(close):
+            close()
+
+
+def _keyserver_options(function: Any) -> Any:
+    """``--keyserver``, ``--ca``, ``--token-file``, ``--token-env`` (for encrypt and rewrap)."""
+    options = [
+        click.option(
+            "--keyserver",
+            metavar="URL",
+            help="Let this key server wrap the file's content key under the model's current "
+            "data key version (the data key never leaves the server); needs an admin token.",
+        ),
+        click.option(
+            "--ca",
+            type=click.Path(exists=True, dir_okay=False, path_type=Path),
+            help="CA certificate of the key server (its DATA_DIR/tls/ca.crt).",
+        ),
+        click.option(
+            "--token-file",
+            type=click.Path(exists=True, dir_okay=False, path_type=Path),
+            help="File holding the key server admin token.",
+        ),
+        click.option(
+            "--token-env",
+            default="SEALTORCH_ADMIN_TOKEN",
+            show_default=True,
+            metavar="VAR",
+            help="Environment variable holding the admin token (used when set).",
+        ),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
 
 
 class _Progress:
@@ -204,6 +266,8 @@ Examples:
       --key-file resnet50.key --arch torchvision:resnet50
   sealtorch encrypt checkpoint.pth -o m.sealed --model-id fraud --key-file fraud.key \\
       --state-dict-key model --arch mypkg.models:build --arch-kwargs '{"layers": 12}'
+  sealtorch encrypt m.safetensors -o m.sealed --model-id m --arch mypkg:build \
+      --keyserver https://keys:8443 --ca ca.crt --token-file admin.token
   sealtorch encrypt traced.pt -o m.sealed --model-id m --key-file m.key     # TorchScript
   sealtorch encrypt program.pt2 -o m.sealed --model-id m --key-file m.key   # torch.export
   sealtorch encrypt effnet.safetensors -o effnet.sealed --model-id effnet \\
@@ -235,9 +299,8 @@ encrypted, including tensor names, shapes, the architecture and the metadata.
 )
 @click.option(
     "--key-file",
-    required=True,
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="The model's data key (from `sealtorch keygen`).",
+    help="The model's data key (from `sealtorch keygen`); or use --keyserver.",
 )
 @click.option(
     "--key-version",
@@ -246,6 +309,7 @@ encrypted, including tensor names, shapes, the architecture and the metadata.
     show_default=True,
     help="Version of the data key in --key-file (the key server's version number).",
 )
+@_keyserver_options
 @click.option(
     "--arch",
     help="Architecture to rebuild a state_dict with: torchvision:NAME, timm:NAME or "
@@ -295,7 +359,7 @@ def encrypt(
     source: Path,
     output: Path,
     model_id: str,
-    key_file: Path,
+    key_file: Path | None,
     key_version: int,
     arch: str | None,
     arch_kwargs: str | None,
@@ -308,6 +372,10 @@ def encrypt(
     chunk_size: str,
     skip_arch_check: bool,
     force: bool,
+    keyserver: str | None,
+    ca: Path | None,
+    token_file: Path | None,
+    token_env: str,
 ) -> None:
     """Seal a model into an encrypted, authenticated .sealed file."""
     from sealtorch.api import encrypt_model
@@ -320,8 +388,15 @@ def encrypt(
         raise click.BadParameter("must be a JSON object", param_hint="--arch-kwargs")
     if kwargs is not None and arch is None:
         raise click.BadParameter("needs --arch", param_hint="--arch-kwargs")
-    wrapper, key_description = _sealing_wrapper(key_file=key_file, key_version=key_version)
-    with _progress(ctx, f"sealing {source.name}") as progress:
+    wrapper, key_description = _sealing_wrapper(
+        key_file=key_file,
+        key_version=key_version,
+        keyserver=keyserver,
+        ca=ca,
+        token_file=token_file,
+        token_env=token_env,
+    )
+    with _closing(wrapper), _progress(ctx, f"sealing {source.name}") as progress:
         info = encrypt_model(
             source,
             output,
@@ -441,6 +516,8 @@ def decrypt(ctx: click.Context, file: Path, key_file: Path, output: Path, force:
 _REWRAP_EPILOG = """\b
 Examples:
   sealtorch rewrap resnet50.sealed --key-file v1.key --new-key-file v2.key
+  sealtorch rewrap resnet50.sealed --keyserver https://keys:8443 --ca ca.crt \
+      --token-file admin.token        # the server rewraps to the current version
   sealtorch rewrap resnet50.sealed --key-file v1.key --new-key-file v2.key \\
       --new-key-version 2 -o resnet50-v2.sealed
 
@@ -455,15 +532,13 @@ atomically. Afterwards the old key no longer opens the file.
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option(
     "--key-file",
-    required=True,
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="The current data key.",
+    help="The current data key (not with --keyserver).",
 )
 @click.option(
     "--new-key-file",
-    required=True,
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="The new data key.",
+    help="The new data key (not with --keyserver).",
 )
 @click.option(
     "--new-key-version",
@@ -478,15 +553,20 @@ atomically. Afterwards the old key no longer opens the file.
     help="Write the rewrapped file here instead of replacing FILE.",
 )
 @click.option("-f", "--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
+@_keyserver_options
 @click.pass_context
 def rewrap(
     ctx: click.Context,
     file: Path,
-    key_file: Path,
-    new_key_file: Path,
+    key_file: Path | None,
+    new_key_file: Path | None,
     new_key_version: int | None,
     output: Path | None,
     force: bool,
+    keyserver: str | None,
+    ca: Path | None,
+    token_file: Path | None,
+    token_env: str,
 ) -> None:
     """Rotate a sealed model to a new data key without re-encrypting it."""
     from sealtorch.api import inspect_sealed
@@ -495,15 +575,30 @@ def rewrap(
 
     old = inspect_sealed(file)
     version = old.key_version + 1 if new_key_version is None else new_key_version
-    wrapper, key_description = _sealing_wrapper(key_file=new_key_file, key_version=version)
-    info = rewrap_file(
-        file,
-        key=KeyFile(key_file),
-        new_key=wrapper,
-        new_key_version=version,
-        destination=output,
-        overwrite=force,
+    if keyserver is not None and (key_file is not None or new_key_version is not None):
+        raise click.UsageError(
+            "with --keyserver the server rewraps to the model's current key version; "
+            "drop --key-file and --new-key-version"
+        )
+    if keyserver is None and key_file is None:
+        raise click.UsageError("give --key-file and --new-key-file, or --keyserver URL")
+    wrapper, key_description = _sealing_wrapper(
+        key_file=new_key_file,
+        key_version=version,
+        keyserver=keyserver,
+        ca=ca,
+        token_file=token_file,
+        token_env=token_env,
     )
+    with _closing(wrapper):
+        info = rewrap_file(
+            file,
+            key=KeyFile(key_file) if key_file is not None else None,
+            new_key=wrapper,
+            new_key_version=version,
+            destination=output,
+            overwrite=force,
+        )
     if not _quiet(ctx):
         click.echo(
             f"rewrapped {file}{' -> ' + str(output) if output else ' in place'}: model "
