@@ -200,33 +200,31 @@ def serve_manifest(
 @gramine.command(
     "keycache",
     epilog="""\b
-Example (the words after each --arg are the `sealtorch keycache` command line):
+Example (everything after -- is the `sealtorch keycache` command line, fixed in the manifest):
   sealtorch deploy gramine keycache --keyserver-host keys.example.com \\
-      --trust /srv/sealtorch/keyserver-ca.pem --state-dir /srv/sealtorch/keycache \\
-      --arg serve --arg --keyserver --arg https://keys.example.com:8443 \\
-      --arg --tee --arg gramine -o keycache.manifest.template
+      --trust /srv/sealtorch/keyserver-ca.pem --trust /srv/sealtorch/cache.crt \\
+      --trust /srv/sealtorch/cache.key --state-dir /srv/sealtorch/keycache \\
+      -o keycache.manifest.template -- \\
+      serve --keyserver https://keys.example.com:8443 --ca /srv/sealtorch/keyserver-ca.pem \\
+      --tee gramine --tcp 127.0.0.1:7443 --tls-cert /srv/sealtorch/cache.crt \\
+      --tls-key /srv/sealtorch/cache.key --persist /srv/sealtorch/keycache/state.sealed \\
+      --pccs-url https://pccs.internal:8081/sgx/certification/v4
 """
     + _FLOW.replace("serve", "keycache"),
 )
-@click.option(
-    "--arg",
-    "args",
-    multiple=True,
-    required=True,
-    help="One word of the `sealtorch keycache` command line.",
-)
+@click.argument("args", nargs=-1, required=True, metavar="-- KEYCACHE_ARGS...")
 @click.option("--keyserver-host", help="The key server's host name (enables DNS if it is a name).")
 @click.option(
     "--trust",
     "trusted",
     multiple=True,
     type=click.Path(dir_okay=False, path_type=Path),
-    help="Extra trusted file (e.g. the key server CA certificate).",
+    help="Extra trusted file (key server CA, the cache's TLS certificate, a config file...).",
 )
 @click.option(
     "--state-dir",
     type=click.Path(file_okay=False, path_type=Path),
-    help="Directory of the sealed restart state.",
+    help="Directory of the sealed restart state (--persist).",
 )
 @_with_common
 def keycache_manifest(

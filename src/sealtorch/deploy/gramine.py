@@ -202,6 +202,18 @@ def _trusted(entries: Iterable[Path], layout: GramineLayout) -> list[str]:
     return list(dict.fromkeys(trusted))
 
 
+def _check_tee(args: Sequence[str]) -> None:
+    """In a Gramine manifest the TEE can only be gramine (sim evidence is for development)."""
+    for index, arg in enumerate(args):
+        value = None
+        if arg == "--tee" and index + 1 < len(args):
+            value = args[index + 1]
+        elif arg.startswith("--tee="):
+            value = arg.partition("=")[2]
+        if value is not None and value != "gramine":
+            raise ConfigError(f"--tee {value} in a Gramine-SGX manifest; it must be gramine")
+
+
 def _refuse_secrets(args: Sequence[str], files: Iterable[Path]) -> None:
     for arg in args:
         if arg == "--key-file" or arg.startswith("--key-file="):
@@ -326,6 +338,8 @@ def render_serve_manifest(config: ServeEnclave, *, runtime: PythonRuntime | None
     models = [Path(path).absolute() for path in config.models]
     trusted = [Path(path).absolute() for path in config.trusted]
     _refuse_secrets(config.extra_args, [*models, *trusted])
+    if any(arg == "--tee" or arg.startswith("--tee=") for arg in config.extra_args):
+        raise ConfigError("the manifest sets --tee gramine itself; drop --tee from the extra args")
     argv = _python_argv(runtime, "serve", *(str(m) for m in models))
     argv += ["--keys", config.keys_url, "--tee", "gramine"]
     argv += ["--host", config.host, "--port", str(config.port)]
@@ -390,6 +404,7 @@ def render_keycache_manifest(
         raise ConfigError("give the keycache command line (e.g. serve --keyserver URL ...)")
     trusted = [Path(path).absolute() for path in config.trusted]
     _refuse_secrets(config.args, trusted)
+    _check_tee(config.args)
     extra_mounts: list[Path] = list(trusted)
     allowed: list[str] = []
     if config.state_dir is not None:

@@ -220,6 +220,15 @@ def test_a_manifest_never_carries_a_key(tmp_path: Path) -> None:
         _serve(models=(key_file,), names=())
 
 
+def test_only_gramine_evidence_in_a_gramine_manifest() -> None:
+    with pytest.raises(ConfigError, match="--tee sim in a Gramine-SGX manifest"):
+        render_keycache_manifest(KeycacheEnclave(args=("serve", "--tee", "sim")), runtime=RUNTIME)
+    with pytest.raises(ConfigError, match="--tee tdx in a Gramine-SGX manifest"):
+        render_keycache_manifest(KeycacheEnclave(args=("serve", "--tee=tdx")), runtime=RUNTIME)
+    with pytest.raises(ConfigError, match="sets --tee gramine itself"):
+        _serve(extra_args=("--tee", "sim"))
+
+
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
@@ -273,8 +282,19 @@ def test_cli_writes_templates(tmp_path: Path) -> None:
     manifest = tomllib.loads(output.read_text())
     assert manifest["sgx"]["enclave_size"] == "16G"
     assert manifest["sgx"]["max_threads"] == 64
-    result = CliRunner().invoke(deploy, ["gramine", "keycache", "--arg", "serve"])
+    result = CliRunner().invoke(
+        deploy,
+        ["gramine", "keycache", "--", "serve", "--tee", "gramine", "--tcp", "127.0.0.1:7443"],
+    )
     assert result.exit_code == 0, result.output
-    assert tomllib.loads(result.output)["sgx"]["enclave_size"] == "2G"
+    keycache = tomllib.loads(result.output)
+    assert keycache["sgx"]["enclave_size"] == "2G"
+    assert keycache["loader"]["argv"][-5:] == [
+        "serve",
+        "--tee",
+        "gramine",
+        "--tcp",
+        "127.0.0.1:7443",
+    ]
     help_text = CliRunner().invoke(deploy, ["gramine", "serve", "--help"]).output
     assert "gramine-sgx-sign" in help_text
