@@ -201,6 +201,8 @@ _CURRENT_POLICY = (
     .order_by(t.policies.c.version.desc())
     .limit(1)
 )
+
+
 def _release_statements(restricted: bool) -> tuple[Any, Any, Any]:
     """(models, current policies, active keys) queries of ``release_material``; restricted
     ones take the model ids as the expanding parameter ``ids``."""
@@ -989,9 +991,7 @@ class SqlStore:
             params = {"ids": wanted}
         with self._read("reading release material") as conn:
             models = {row.model_id: _model(row) for row in conn.execute(models_query, params)}
-            policies = {
-                row.model_id: _policy(row) for row in conn.execute(policies_query, params)
-            }
+            policies = {row.model_id: _policy(row) for row in conn.execute(policies_query, params)}
             keys: dict[str, list[WrappedKey]] = {}
             for row in conn.execute(keys_query, params):
                 keys.setdefault(row.model_id, []).append(_wrapped_key(row))
