@@ -102,7 +102,7 @@ class _Release(_Section):
     )
     #: Threads per worker for verification and database work. Few is faster: SQLite has one
     #: writer, and more threads only contend for it and for the GIL (measured: 4 beats 16).
-    verify_threads: Annotated[int, Field(ge=1, le=256)] = 4
+    verify_threads: Annotated[int, Field(ge=1, le=256)] = 2
 
 
 class _ConfigFile(_Section):
@@ -157,7 +157,7 @@ class KeyServerSettings:
     lease_duration: timedelta = timedelta(hours=1)
     session_duration: timedelta = timedelta(hours=4)
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
-    verify_threads: int = 4
+    verify_threads: int = 2
     #: Where each setting came from (``"default"``, ``"file"``, ``"env:NAME"``, ``"option"``).
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)
 
