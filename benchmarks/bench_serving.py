@@ -219,7 +219,7 @@ def run(ctx: Context) -> list[Result]:
     )
     try:
         with httpx.Client(base_url=url, timeout=600) as client:
-            for batch, pairs in ((1, 12 if ctx.quick else 60), (8, 3 if ctx.quick else 20)):
+            for batch, pairs in ((1, 12 if ctx.quick else 60), (8, 5 if ctx.quick else 20)):
                 latencies, identical = _alternate(client, batch, pairs)
                 sealed_ms = [t * 1e3 for t in latencies["sealed"]]
                 plain_ms = [t * 1e3 for t in latencies["plain"]]
