@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -50,7 +51,9 @@ granted, or denied with reason codes), then serves the same release protocol as 
 server, enforcing on local enclaves the policy that came with each key. Stdout carries the
 machine-readable line "ready: URL... (N models)" once it serves (and "metrics: URL" before
 it with --metrics). A cache the key server refuses still starts, says so in the log and in
-`keycache status`, and serves nothing. SIGTERM/Ctrl-C stops; SIGHUP refreshes at once.
+`keycache status`, and serves nothing. Every local release is logged (one structured line:
+request id, client measurement, models granted/denied with reasons; no key material), also
+without -v; -q silences it. SIGTERM/Ctrl-C stops; SIGHUP refreshes at once.
 """
 
 
@@ -249,12 +252,24 @@ def serve(
     if backoff_max is not None:
         overrides["leases"].setdefault("backoff_initial_seconds", min(1.0, backoff_max))
     settings = load_settings(config_file, overrides=overrides)
+    _log_releases_by_default()
 
     def announce(line: str) -> None:
         click.echo(line)
         sys.stdout.flush()
 
     run(settings, announce=announce)
+
+
+def _log_releases_by_default() -> None:
+    """The per-model start-up outcome and every local release are the cache's audit trail:
+    logged at INFO even without -v (``-q`` silences them)."""
+    context = click.get_current_context()
+    root_context = context.find_root()
+    if isinstance(root_context.obj, dict) and root_context.obj.get("quiet"):
+        return
+    level = min(logging.getLogger().getEffectiveLevel(), logging.INFO)
+    logging.getLogger("sealtorch.keycache").setLevel(level)
 
 
 _STATUS_EPILOG = """\b

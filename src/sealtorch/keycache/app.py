@@ -1,4 +1,4 @@
-"""The key cache's HTTP endpoint: a small ASGI app, no web framework.
+"""The key cache's HTTP endpoint: routes, the protocol's error shape, metrics.
 
 It serves the key release protocol (``docs/protocol.md``) with the key server's exact request
 and response schemas and error shape, plus health, status and Prometheus metrics:
@@ -12,12 +12,13 @@ and response schemas and error shape, plus health, status and Prometheus metrics
 ``GET /metrics``                           Prometheus exposition
 ========================================  ==========================================
 
-The release path is the hot path (``benchmarks/bench_keycache.py``), so it avoids framework
-layers: the body is read once (capped), parsed with pydantic-core, handled by
-:class:`~sealtorch.keycache.service.LocalReleaseService` on the event loop for ``sim``
-evidence (~0.3 ms) and in a worker thread for DCAP evidence (collateral may need disk I/O), and
-the response is written in one message. A ``metrics_only`` app (the ``--metrics`` listener)
-serves only health, status and metrics.
+:class:`KeyCacheApp` is framework-free: :meth:`KeyCacheApp.dispatch` turns a
+:class:`~sealtorch.keycache._http.Request` into a :class:`~sealtorch.keycache._http.Response`.
+``sealtorch keycache serve`` runs it on the small HTTP server in
+:mod:`sealtorch.keycache._http` (the release path is the hot path); the app is also an ASGI
+application (``await app(scope, receive, send)``) for embedding in any ASGI server. ``sim``
+evidence is verified on the event loop (~0.15 ms); DCAP evidence in a worker thread. A
+``metrics_only`` app (the ``--metrics`` listener) serves only health, status and metrics.
 """
 
 from __future__ import annotations
@@ -32,12 +33,13 @@ from typing import Any, Final
 
 from pydantic import BaseModel, ValidationError
 
+from sealtorch.keycache._http import Request, Response
 from sealtorch.keycache.cache import KeyCache
 from sealtorch.keycache.metrics import CONTENT_TYPE, CacheMetrics
 from sealtorch.keycache.service import ErrorKind, LocalError, LocalReleaseService
 from sealtorch.protocol import API_PREFIX, ReleaseRequest, RenewRequest
 
-__all__ = ["STATUS_PATH", "KeyCacheApp"]
+__all__ = ["STATUS_PATH", "KeyCacheApp", "error_response"]
 
 _log = logging.getLogger("sealtorch.keycache")
 
@@ -55,27 +57,31 @@ Scope = Mapping[str, Any]
 Message = dict[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
-_Response = tuple[int, bytes, list[tuple[bytes, bytes]]]
+_Route = Callable[[Request], "Response | Awaitable[Response]"]
 
 
-def _error(
+def error_response(
     status: int,
     code: str,
     message: str,
     *,
     reasons: tuple[str, ...] | list[str] = (),
     headers: list[tuple[bytes, bytes]] | None = None,
-) -> _Response:
+) -> Response:
     """The protocol's one error shape: ``{"error": {"code", "message", "reasons"}}``."""
     body = json.dumps(
         {"error": {"code": code, "message": message, "reasons": list(reasons)}},
         separators=(",", ":"),
     ).encode()
-    return status, body, [_JSON, *(headers or [])]
+    return Response(status, body, [_JSON, *(headers or [])])
 
 
-def _ok(model: BaseModel) -> _Response:
-    return 200, model.model_dump_json().encode(), [_JSON]
+def _refusal(status: int, code: str, message: str) -> Response:
+    return error_response(status, code, message)
+
+
+def _ok(model: BaseModel) -> Response:
+    return Response(200, model.model_dump_json().encode(), [_JSON])
 
 
 def _validation_message(exc: ValidationError) -> str:
@@ -89,7 +95,7 @@ def _validation_message(exc: ValidationError) -> str:
 
 
 class KeyCacheApp:
-    """ASGI app of one key cache listener (see the module docstring)."""
+    """Routes of one key cache listener (see the module docstring)."""
 
     def __init__(
         self,
@@ -103,74 +109,112 @@ class KeyCacheApp:
         self.cache = cache
         self.service = service
         self.metrics: CacheMetrics = cache.metrics
-        self._cap = max_request_bytes
+        self.max_request_bytes = max_request_bytes
         self._executor = executor
-        handlers: dict[str, tuple[str, Callable[[Scope, bytes], Awaitable[_Response]]]] = {
+        routes: dict[str, tuple[str, _Route]] = {
             "/healthz": ("GET", self._healthz),
             "/readyz": ("GET", self._readyz),
             "/metrics": ("GET", self._metrics),
             STATUS_PATH: ("GET", self._status),
         }
         if not metrics_only:
-            handlers[f"{API_PREFIX}/attestation/challenge"] = ("POST", self._challenge)
-            handlers[f"{API_PREFIX}/keys/release"] = ("POST", self._release)
-            handlers[f"{API_PREFIX}/keys/renew"] = ("POST", self._renew)
-        self._handlers = handlers
+            routes[f"{API_PREFIX}/attestation/challenge"] = ("POST", self._challenge)
+            routes[f"{API_PREFIX}/keys/release"] = ("POST", self._release)
+            routes[f"{API_PREFIX}/keys/renew"] = ("POST", self._renew)
+        self._routes = routes
+        self.refusal = _refusal
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        kind = scope["type"]
-        if kind == "http":
-            await self._http(scope, receive, send)
-        elif kind == "lifespan":
-            await _lifespan(receive, send)
+    # -- dispatch -------------------------------------------------------------------------------
 
-    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+    def dispatch(self, request: Request) -> Response | Awaitable[Response]:
+        """The response to ``request``, or an awaitable of it (work done in a thread)."""
         started = time.perf_counter()
-        path: str = scope["path"]
-        route = path if path in self._handlers else "unmatched"
-        try:
-            response = await self._dispatch(scope, receive, path)
-        except Exception as exc:  # noqa: BLE001 - the last line of defence: never a stack trace
-            _log.error("internal error in %s %s: %s", scope["method"], route, type(exc).__name__)
-            response = _error(500, "internal_error", "internal error; see the key cache log")
-        status, body, headers = response
-        await send(
-            {
-                "type": "http.response.start",
-                "status": status,
-                "headers": [*headers, (b"content-length", str(len(body)).encode())],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
-        self.metrics.observe_request(route, status, time.perf_counter() - started)
-
-    async def _dispatch(self, scope: Scope, receive: Receive, path: str) -> _Response:
-        entry = self._handlers.get(path)
+        entry = self._routes.get(request.path)
         if entry is None:
-            return _error(404, "not_found", "Not Found")
-        method, handler = entry
-        if scope["method"] != method:
-            return _error(
+            return self._done("unmatched", error_response(404, "not_found", "Not Found"), started)
+        method, route = entry
+        if request.method != method:
+            refused = error_response(
                 405,
                 "method_not_allowed",
                 "Method Not Allowed",
                 headers=[(b"allow", method.encode())],
             )
-        body = b""
-        if method == "POST":
-            read = await self._read_body(scope, receive)
-            if read is None:
-                return _error(
-                    413, "request_too_large", f"request bodies are limited to {self._cap} bytes"
-                )
-            body = read
-        return await handler(scope, body)
+            return self._done(request.path, refused, started)
+        try:
+            outcome = route(request)
+        except Exception as exc:  # noqa: BLE001 - the last line of defence: never a stack trace
+            return self._done(request.path, self._internal(request, exc), started)
+        if isinstance(outcome, Response):
+            return self._done(request.path, outcome, started)
+        return self._finish(request, outcome, started)
+
+    async def _finish(
+        self, request: Request, pending: Awaitable[Response], started: float
+    ) -> Response:
+        try:
+            response = await pending
+        except Exception as exc:  # noqa: BLE001 - as above
+            response = self._internal(request, exc)
+        return self._done(request.path, response, started)
+
+    def _done(self, route: str, response: Response, started: float) -> Response:
+        self.metrics.observe_request(route, response.status, time.perf_counter() - started)
+        return response
+
+    def observe(self, route: str, status: int) -> None:
+        """Count a request the HTTP layer refused itself (malformed, too large)."""
+        self.metrics.observe_request(route, status, 0.0)
+
+    @staticmethod
+    def _internal(request: Request, exc: Exception) -> Response:
+        _log.error("internal error in %s %s: %s", request.method, request.path, type(exc).__name__)
+        return error_response(500, "internal_error", "internal error; see the key cache log")
+
+    # -- ASGI -----------------------------------------------------------------------------------
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "lifespan":
+            await _lifespan(receive, send)
+            return
+        if kind != "http":
+            return
+        body = await self._read_body(scope, receive)
+        if body is None:
+            response = error_response(
+                413,
+                "request_too_large",
+                f"request bodies are limited to {self.max_request_bytes} bytes",
+            )
+            self.observe("unmatched", 413)
+        else:
+            request = Request(
+                method=scope["method"],
+                path=scope["path"],
+                headers=[(name.lower(), value) for name, value in scope.get("headers", ())],
+                body=body,
+            )
+            outcome = self.dispatch(request)
+            response = outcome if isinstance(outcome, Response) else await outcome
+        await send(
+            {
+                "type": "http.response.start",
+                "status": response.status,
+                "headers": [
+                    *response.headers,
+                    (b"content-length", str(len(response.body)).encode()),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": response.body})
 
     async def _read_body(self, scope: Scope, receive: Receive) -> bytes | None:
+        cap = self.max_request_bytes
         for name, value in scope.get("headers", ()):
             if name == b"content-length":
                 try:
-                    if int(value) > self._cap:
+                    if int(value) > cap:
                         return None
                 except ValueError:
                     return None
@@ -182,7 +226,7 @@ class KeyCacheApp:
                 break
             chunk = message.get("body", b"")
             size += len(chunk)
-            if size > self._cap:
+            if size > cap:
                 return None
             chunks.append(chunk)
             if not message.get("more_body", False):
@@ -191,79 +235,82 @@ class KeyCacheApp:
 
     # -- protocol -------------------------------------------------------------------------------
 
-    async def _challenge(self, scope: Scope, body: bytes) -> _Response:
-        del scope, body  # the request is {} (ignored, as by the key server)
+    def _challenge(self, request: Request) -> Response:
+        del request  # the body is {} (ignored, as by the key server)
         return _ok(self.service.challenge())
 
-    async def _release(self, scope: Scope, body: bytes) -> _Response:
-        del scope
+    def _release(self, request: Request) -> Response | Awaitable[Response]:
         try:
-            request = ReleaseRequest.model_validate_json(body)
+            parsed = ReleaseRequest.model_validate_json(request.body)
         except ValidationError as exc:
-            return _error(400, "invalid_request", _validation_message(exc))
-        return await self._run(self.service.release, request, inline=request.evidence.type)
+            return error_response(400, "invalid_request", _validation_message(exc))
+        return self._run(self.service.release, parsed, inline=parsed.evidence.type)
 
-    async def _renew(self, scope: Scope, body: bytes) -> _Response:
-        token = _bearer(scope)
+    def _renew(self, request: Request) -> Response | Awaitable[Response]:
+        # Same order as the key server: the body is validated before the token is looked at.
+        try:
+            parsed = RenewRequest.model_validate_json(request.body)
+        except ValidationError as exc:
+            return error_response(400, "invalid_request", _validation_message(exc))
+        token = _bearer(request)
         if token is None:
-            return _error(
+            return error_response(
                 401,
                 "unauthenticated",
                 "this endpoint needs a session token (Authorization: Bearer ...)",
                 headers=[(b"www-authenticate", b'Bearer realm="sealtorch"')],
             )
-        try:
-            request = RenewRequest.model_validate_json(body)
-        except ValidationError as exc:
-            return _error(400, "invalid_request", _validation_message(exc))
-        return await self._run(self.service.renew, token, request, inline="sim")
+        return self._run(self.service.renew, token, parsed, inline="sim")
 
-    async def _run(self, function: Callable[..., BaseModel], *args: Any, inline: str) -> _Response:
-        try:
-            if inline in _INLINE_EVIDENCE or self._executor is None:
-                result = function(*args)
-            else:
-                loop = asyncio.get_running_loop()
-                result = await loop.run_in_executor(self._executor, function, *args)
-        except LocalError as exc:
-            return _error(_STATUS[exc.kind], exc.code, str(exc), reasons=exc.reasons)
-        return _ok(result)
+    def _run(
+        self, function: Callable[..., BaseModel], *args: Any, inline: str
+    ) -> Response | Awaitable[Response]:
+        if inline in _INLINE_EVIDENCE or self._executor is None:
+            return _call(function, *args)
+        loop = asyncio.get_running_loop()
+        return loop.run_in_executor(self._executor, _call, function, *args)
 
     # -- operations -----------------------------------------------------------------------------
 
-    async def _healthz(self, scope: Scope, body: bytes) -> _Response:
-        del scope, body
-        return 200, b'{"status":"ok"}', [_JSON]
+    def _healthz(self, request: Request) -> Response:
+        del request
+        return Response(200, b'{"status":"ok"}', [_JSON])
 
-    async def _readyz(self, scope: Scope, body: bytes) -> _Response:
-        del scope, body
+    def _readyz(self, request: Request) -> Response:
+        del request
         state = self.cache.state()
         if state in ("ready", "degraded"):
-            return 200, json.dumps({"status": state}).encode(), [_JSON]
-        return _error(
+            return Response(200, json.dumps({"status": state}).encode(), [_JSON])
+        return error_response(
             503,
             "not_ready",
             f"the key cache holds no usable key (state: {state}); see {STATUS_PATH}",
             reasons=[state],
         )
 
-    async def _status(self, scope: Scope, body: bytes) -> _Response:
-        del scope, body
+    def _status(self, request: Request) -> Response:
+        del request
         return _ok(self.cache.status())
 
-    async def _metrics(self, scope: Scope, body: bytes) -> _Response:
-        del scope, body
-        return 200, self.metrics.render(), [(b"content-type", CONTENT_TYPE.encode())]
+    def _metrics(self, request: Request) -> Response:
+        del request
+        return Response(200, self.metrics.render(), [(b"content-type", CONTENT_TYPE.encode())])
 
 
-def _bearer(scope: Scope) -> str | None:
-    for name, value in scope.get("headers", ()):
-        if name == b"authorization":
-            header: bytes = value
-            scheme, _, token = header.decode("latin-1").partition(" ")
-            if scheme.lower() == "bearer" and token.strip():
-                return token.strip()
-            return None
+def _call(function: Callable[..., BaseModel], *args: Any) -> Response:
+    try:
+        return _ok(function(*args))
+    except LocalError as exc:
+        return error_response(_STATUS[exc.kind], exc.code, str(exc), reasons=exc.reasons)
+
+
+def _bearer(request: Request) -> str | None:
+    value = request.header(b"authorization")
+    if value is None:
+        return None
+    scheme, _, token = value.decode("latin-1").partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
     return None
 
 

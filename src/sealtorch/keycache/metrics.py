@@ -26,6 +26,7 @@ class CacheMetrics:
     """Counters and gauges of one key cache."""
 
     def __init__(self) -> None:
+        self._children: dict[tuple[str, int], tuple[Counter, Histogram]] = {}
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(
@@ -94,8 +95,16 @@ class CacheMetrics:
         )
 
     def observe_request(self, route: str, status: int, seconds: float) -> None:
-        self.requests.labels(_label(route), str(status)).inc()
-        self.latency.labels(_label(route)).observe(seconds)
+        children = self._children.get((route, status))
+        if children is None:  # resolved once per (route, status): labels() is slow-ish
+            children = (
+                self.requests.labels(_label(route), str(status)),
+                self.latency.labels(_label(route)),
+            )
+            if len(self._children) < 256:
+                self._children[(route, status)] = children
+        children[0].inc()
+        children[1].observe(seconds)
 
     def observe_decision(self, action: str, decision: str, reasons: list[str], keys: int) -> None:
         self.decisions.labels(action, decision).inc()

@@ -6,7 +6,7 @@
 verifiers, sealed state). :func:`run` starts it: restore, attest and fetch, bind the listeners,
 print the ready line, serve until SIGTERM/SIGINT (SIGHUP refreshes at once).
 
-Listeners:
+Listeners (served by the small HTTP/1.1 server in :mod:`sealtorch.keycache._http`):
 
 * the Unix socket (``--socket``), created under a restrictive umask and then set to its mode
   (0600, or 0660 with ``--socket-group``) — never briefly open to everyone;
@@ -19,15 +19,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import functools
 import grp
 import logging
 import os
 import signal
 import socket
-import ssl
 import stat
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
@@ -38,6 +36,7 @@ import httpx
 
 from sealtorch.attestation import EvidenceProvider, attester_for, make_verifiers
 from sealtorch.errors import ConfigError
+from sealtorch.keycache._http import HttpServer
 from sealtorch.keycache.app import KeyCacheApp
 from sealtorch.keycache.cache import KeyCache
 from sealtorch.keycache.clock import MonotonicClock
@@ -284,46 +283,6 @@ class Listeners:
 # -- serving ---------------------------------------------------------------------------------
 
 
-def _server_class() -> type[Any]:
-    import uvicorn
-
-    class _Server(uvicorn.Server):
-        """uvicorn without its own signal handling: :func:`run` handles signals for all."""
-
-        @contextlib.contextmanager
-        def capture_signals(self) -> Generator[None, None, None]:
-            yield
-
-    return _Server
-
-
-def _ssl_factory(cert: str, key: str, config: Any, default: Any) -> ssl.SSLContext:
-    del config, default
-    from sealtorch._crypto.tls import server_ssl_context
-
-    return server_ssl_context(cert_path=cert, key_path=key)
-
-
-def _uvicorn_config(app: Any, **extra: Any) -> Any:
-    import uvicorn
-
-    options: dict[str, Any] = {
-        "lifespan": "off",
-        "log_config": None,
-        "access_log": False,
-        "server_header": False,
-        "date_header": False,
-        "timeout_keep_alive": 30,
-        "timeout_graceful_shutdown": 5,
-    }
-    with contextlib.suppress(ImportError):
-        import httptools  # noqa: F401
-
-        options["http"] = "httptools"
-    options.update(extra)
-    return uvicorn.Config(app, **options)
-
-
 async def serve(
     settings: KeyCacheSettings,
     cache: KeyCache,
@@ -332,45 +291,43 @@ async def serve(
     *,
     on_ready: Callable[[], None],
     stop: asyncio.Event,
+    grace: float = 5.0,
 ) -> None:
-    """Serve every listener until ``stop`` is set."""
-    server_class = _server_class()
+    """Serve every listener until ``stop`` is set, then finish the requests in progress."""
     executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="keycache-verify")
     full = KeyCacheApp(
         cache, service, max_request_bytes=settings.max_request_bytes, executor=executor
     )
-    plan: list[tuple[Any, list[socket.socket]]] = []
-    plain = [s for s in (listeners.unix,) if s is not None]
-    if listeners.tcp is not None and not settings.tcp_tls:
-        plain.append(listeners.tcp)
-    if plain:
-        plan.append((_uvicorn_config(full), plain))
-    if listeners.tcp is not None and settings.tls_cert and settings.tls_key:
-        factory = functools.partial(_ssl_factory, str(settings.tls_cert), str(settings.tls_key))
-        factory(None, None)  # fail fast on a bad certificate or key
-        plan.append((_uvicorn_config(full, ssl_context_factory=factory), [listeners.tcp]))
-    if listeners.metrics is not None:
-        metrics_app = KeyCacheApp(cache, service, metrics_only=True)
-        plan.append((_uvicorn_config(metrics_app), [listeners.metrics]))
-    servers = [server_class(config) for config, _ in plan]
-    tasks = [
-        asyncio.create_task(server.serve(sockets=socks))
-        for server, (_, socks) in zip(servers, plan, strict=True)
-    ]
+    servers: list[HttpServer] = []
     try:
-        while not all(s.started for s in servers):
-            if any(t.done() for t in tasks):
-                for task in tasks:
-                    if task.done() and task.exception() is not None:
-                        raise ConfigError(f"a listener failed to start: {task.exception()}")
-                raise ConfigError("a listener failed to start")
-            await asyncio.sleep(0.002)
+        main = HttpServer(
+            full.dispatch,
+            refusal=full.refusal,
+            observe=full.observe,
+            max_body=settings.max_request_bytes,
+        )
+        servers.append(main)
+        if listeners.unix is not None:
+            await main.listen(listeners.unix)
+        if listeners.tcp is not None:
+            context = None
+            if settings.tls_cert is not None and settings.tls_key is not None:
+                from sealtorch._crypto.tls import server_ssl_context
+
+                context = server_ssl_context(cert_path=settings.tls_cert, key_path=settings.tls_key)
+            await main.listen(listeners.tcp, ssl_context=context)
+        if listeners.metrics is not None:
+            metrics_app = KeyCacheApp(cache, service, metrics_only=True)
+            side = HttpServer(
+                metrics_app.dispatch, refusal=metrics_app.refusal, observe=metrics_app.observe
+            )
+            servers.append(side)
+            await side.listen(listeners.metrics)
         on_ready()
         await stop.wait()
     finally:
         for server in servers:
-            server.should_exit = True
-        await asyncio.gather(*tasks, return_exceptions=True)
+            await server.close(grace=grace)
         executor.shutdown(wait=False, cancel_futures=True)
 
 
@@ -407,7 +364,7 @@ def run(settings: KeyCacheSettings, *, announce: Callable[[str], None]) -> None:
     _log.info("key cache stopped")
 
 
-def _run_loop(main: Callable[[], Any]) -> None:
+def _run_loop(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
     factory = None
     with contextlib.suppress(ImportError):
         import uvloop

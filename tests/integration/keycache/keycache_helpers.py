@@ -3,8 +3,10 @@ the same Unix socket, and a key cache (real app, real socket) in front of it."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import secrets
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -14,11 +16,13 @@ from typing import Any
 import httpx
 
 from _fixtures.clock import FakeClock
-from _fixtures.keyserver import KeyServerUnderTest, ServerThread, running_keyserver
+from _fixtures.keyserver import KeyServerUnderTest, running_keyserver
 from sealtorch._crypto import hpke
 from sealtorch.attestation import SimAttester, report_data_for
 from sealtorch.client import KeyReleaseClient
 from sealtorch.keycache import KeyCache, KeyCacheApp, LocalReleaseService, build_cache
+from sealtorch.keycache._http import HttpServer
+from sealtorch.keycache.server import listen_unix
 from sealtorch.keycache.settings import KeyCacheSettings
 from sealtorch.keyserver.store import Store
 from sealtorch.protocol import DEFAULT_HPKE_SUITE, b64encode
@@ -154,6 +158,33 @@ def cache_settings(
     return base.with_overrides(**changes)
 
 
+class CacheServerThread:
+    """The production HTTP server (:mod:`sealtorch.keycache._http`) with ``app`` on a Unix
+    socket, in its own event loop thread."""
+
+    def __init__(self, app: KeyCacheApp, socket: Path) -> None:
+        self.app = app
+        self.socket = socket
+        self.loop = asyncio.new_event_loop()
+        self.server = HttpServer(
+            app.dispatch, refusal=app.refusal, observe=app.observe, max_body=app.max_request_bytes
+        )
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+
+    def __enter__(self) -> CacheServerThread:
+        sock = listen_unix(self.socket)
+        self.thread.start()
+        asyncio.run_coroutine_threadsafe(self.server.listen(sock), self.loop).result(30)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        asyncio.run_coroutine_threadsafe(self.server.close(grace=5), self.loop).result(30)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(30)
+        self.loop.close()
+        self.socket.unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
 def running_cache(
     settings: KeyCacheSettings,
@@ -169,9 +200,8 @@ def running_cache(
     if start:
         cache.start()
     app = KeyCacheApp(cache, service)
-    settings.socket_path.unlink(missing_ok=True)
     try:
-        with ServerThread(app, uds=settings.socket_path):
+        with CacheServerThread(app, settings.socket_path):
             yield CacheUnderTest(cache, service, app, settings.socket_path, settings)
     finally:
         cache.close()
