@@ -173,6 +173,8 @@ class _Connection(asyncio.Protocol):
             )
 
     def on_headers_complete(self) -> None:
+        if self._parser.should_upgrade():
+            self._refuse(400, "invalid_request", "protocol upgrades are not supported")
         cap = self._server.max_body
         for name, value in self._headers:
             if name == b"content-length":
