@@ -26,6 +26,7 @@ _COMMANDS: dict[str, str] = {
     "admin": "sealtorch.cli.admin:admin",
     "keycache": "sealtorch.cli.keycache:keycache",
     "serve": "sealtorch.cli.serve:serve",
+    "deploy": "sealtorch.deploy.cli:deploy",
 }
 
 # Order in `sealtorch --help`: the model owner's daily commands first.
@@ -33,6 +34,7 @@ _SECTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("Model owner", ("keygen", "encrypt", "inspect", "decrypt", "rewrap")),
     ("Services", ("keyserver", "admin", "keycache", "serve")),
     ("Attestation", ("attest",)),
+    ("Deployment", ("deploy",)),
     ("Try it", ("demo",)),
 )
 

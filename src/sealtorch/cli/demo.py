@@ -61,7 +61,8 @@ def _run(console: Console, workspace: Path, *, top: int) -> None:
         sample_image,
     )
     from sealtorch.keys import write_key_file
-    from sealtorch.serving.preprocess import ImagePreprocess, preprocess_image
+    from sealtorch.payloads.manifest import ImagePreprocessSpec
+    from sealtorch.serving.preprocess import preprocess_image
 
     console.rule("[bold]sealtorch demo[/bold]: a model that can be used but not seen")
     with console.status("loading the pretrained EfficientNet-Lite0 weights"):
@@ -116,7 +117,7 @@ def _run(console: Console, workspace: Path, *, top: int) -> None:
     plain = timm.create_model("efficientnet_lite0", pretrained=False)
     plain.load_state_dict(state_dict)
     plain.eval()
-    spec = ImagePreprocess.from_spec(IMAGENET_PREPROCESS)
+    spec = ImagePreprocessSpec.from_json(IMAGENET_PREPROCESS)
     console.print("4. classifying sample photos with the model loaded from the sealed file:")
     for photo in DEMO_PHOTOS:
         batch = preprocess_image(sample_image(photo), spec).unsqueeze(0)

@@ -68,6 +68,35 @@ Details: docs/serving.md; enclave deployment: docs/deployment.md.
     help="The TEE this server runs in, whose evidence is sent with --keys.",
 )
 @click.option(
+    "--keys-ca",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="CA certificate to trust for an https:// --keys URL (e.g. the key server's "
+    "generated ca.pem); default: the system trust store.",
+)
+@click.option(
+    "--sim-key",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="--tee sim: the simulated attestation key file (default: $SEALTORCH_SIM_KEY or "
+    "~/.local/share/sealtorch/sim-attestation.key).",
+)
+@click.option(
+    "--attestation-root",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="--tee gramine/tdx: the attestation device directory, if not the standard one "
+    "(/dev/attestation, /sys/kernel/config/tsm/report).",
+)
+@click.option(
+    "--hpke-suite",
+    type=click.Choice(
+        [
+            "DHKEM(X25519,HKDF-SHA256)/HKDF-SHA256/AES-256-GCM",
+            "MLKEM768-X25519/HKDF-SHA256/AES-256-GCM",
+        ]
+    ),
+    help="HPKE suite the key is sealed with (default X25519; MLKEM768-X25519 is the "
+    "post-quantum hybrid).",
+)
+@click.option(
     "--name",
     "names",
     multiple=True,
@@ -121,6 +150,10 @@ def serve(
     keys_url: str | None,
     key_file: Path | None,
     tee: str | None,
+    keys_ca: Path | None,
+    sim_key: Path | None,
+    attestation_root: Path | None,
+    hpke_suite: str | None,
     names: tuple[str, ...],
     host: str,
     port: int,
@@ -160,13 +193,23 @@ def serve(
     )
     provider: KeyProvider
     if key_file is not None:
-        if tee is not None:
-            raise click.UsageError("--tee applies to --keys; a --key-file involves no TEE")
+        if tee is not None or keys_ca or sim_key or attestation_root or hpke_suite:
+            raise click.UsageError(
+                "--tee, --keys-ca, --sim-key, --attestation-root and --hpke-suite apply to "
+                "--keys; a --key-file involves no TEE"
+            )
         click.secho(f"WARNING: {DEV_KEY_WARNING}", fg="yellow", bold=True, err=True)
         provider = dev_key_file(key_file)
     else:
         assert keys_url is not None  # noqa: S101 - checked above
-        provider = resolve_key_source(keys_url, tee=tee)
+        provider = resolve_key_source(
+            keys_url,
+            tee=tee,
+            ca=keys_ca,
+            attestation_root=attestation_root,
+            sim_key=sim_key,
+            hpke_suite=hpke_suite,
+        )
     sources = [
         SealedModelSource(path, key=provider, name=names[index] if names else None)
         for index, path in enumerate(models)
@@ -181,6 +224,10 @@ def serve(
         sys.stdout.flush()
 
     def ready(server: InferenceServer) -> None:
+        # Every model is decrypted: the keys are not needed any more, so forget them.
+        close = getattr(provider, "close", None)
+        if close is not None:
+            close()
         click.echo(f"ready on {server.url} ({', '.join(server.state.names)})")
         sys.stdout.flush()
 

@@ -19,10 +19,13 @@ import os
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from sealtorch.errors import ConfigError
 from sealtorch.keys import KeyFile, KeyProvider
+
+if TYPE_CHECKING:
+    from sealtorch.client import KeyReleaseClient
 
 __all__ = [
     "TEE_NAMES",
@@ -94,8 +97,25 @@ def parse_keys_url(url: str) -> KeyEndpoint:
     )
 
 
-def resolve_key_source(url: str, *, tee: str | None) -> KeyProvider:
-    """The attested key provider for ``--keys URL`` running in TEE ``tee``."""
+def resolve_key_source(
+    url: str,
+    *,
+    tee: str | None,
+    ca: str | os.PathLike[str] | None = None,
+    attestation_root: str | os.PathLike[str] | None = None,
+    sim_key: str | os.PathLike[str] | None = None,
+    hpke_suite: str | None = None,
+) -> KeyReleaseClient:
+    """The attested key provider for ``--keys URL`` running in TEE ``tee``.
+
+    ``ca`` is the CA certificate to trust for ``https://`` (default: the system store);
+    ``attestation_root`` overrides the gramine/tdx device directory (tests); ``sim_key`` is the
+    simulated TEE's attestation key file. The inference server attests as role ``serve``.
+    """
+    from sealtorch.attestation import attester_for
+    from sealtorch.client import KeyReleaseClient
+    from sealtorch.protocol import DEFAULT_HPKE_SUITE
+
     endpoint = parse_keys_url(url)
     if tee is None:
         raise ConfigError(
@@ -104,16 +124,18 @@ def resolve_key_source(url: str, *, tee: str | None) -> KeyProvider:
         )
     if tee not in TEE_NAMES:
         raise ConfigError(f"unknown TEE {tee!r}; choose one of {', '.join(TEE_NAMES)}")
-    return _attested_provider(endpoint, tee=tee)
-
-
-def _attested_provider(endpoint: KeyEndpoint, *, tee: str) -> KeyProvider:
-    """Where the key release client (``sealtorch.client``) plugs in."""
-    del tee
-    raise ConfigError(
-        f"--keys {endpoint}: attested key release is not available in this installation "
-        "(the key release client, sealtorch.client, is not part of it yet). For development, "
-        "serve with --key-file FILE instead."
+    if ca is not None and endpoint.scheme != "https":
+        raise ConfigError("--keys-ca applies to an https:// key source, not a Unix socket")
+    if sim_key is not None and tee != "sim":
+        raise ConfigError("--sim-key applies to --tee sim only")
+    if attestation_root is not None and tee == "sim":
+        raise ConfigError("--attestation-root applies to --tee gramine or tdx")
+    if tee == "sim":
+        attester = attester_for("sim", role="serve", key_path=sim_key)
+    else:
+        attester = attester_for(tee, root=attestation_root)
+    return KeyReleaseClient(
+        str(endpoint), attester=attester, ca=ca, suite=hpke_suite or DEFAULT_HPKE_SUITE
     )
 
 

@@ -75,6 +75,13 @@ class ServingMetrics:
             ["model"],
             registry=self.registry,
         )
+        self.load_phase_seconds = Gauge(
+            "sealtorch_model_load_phase_seconds",
+            "Model load time by phase: key_release (attestation and key release), "
+            "decrypt_and_build (authenticate, decrypt, build the module), warmup",
+            ["model", "phase"],
+            registry=self.registry,
+        )
         self.ready = Gauge(
             "sealtorch_model_ready",
             "1 when the model is decrypted, warmed up and serving",

@@ -20,10 +20,9 @@ threads at once.
 from __future__ import annotations
 
 import io
-from collections.abc import Mapping
 from typing import TYPE_CHECKING, Final
 
-from sealtorch.errors import ConfigError, PayloadError
+from sealtorch.errors import PayloadError
 from sealtorch.payloads.manifest import ImagePreprocessSpec
 
 if TYPE_CHECKING:
@@ -33,7 +32,6 @@ __all__ = [
     "IMAGE_FORMATS",
     "MAX_IMAGE_PIXELS",
     "ImageDecodeError",
-    "ImagePreprocess",
     "preprocess_image",
 ]
 
@@ -45,21 +43,6 @@ IMAGE_FORMATS: Final = ("PNG", "JPEG", "WEBP", "BMP", "GIF")
 
 class ImageDecodeError(PayloadError):
     """An input image could not be decoded (not an image, unsupported format, too large)."""
-
-
-class ImagePreprocess:
-    """Compatibility name for callers written before the manifest owned the spec type.
-
-    New code uses :meth:`ImagePreprocessSpec.from_json` directly; this only remains for
-    ``sealtorch.cli.demo`` and one payload test until they switch.
-    """
-
-    @staticmethod
-    def from_spec(spec: Mapping[str, object]) -> ImagePreprocessSpec:
-        try:
-            return ImagePreprocessSpec.from_json(spec)
-        except ConfigError as exc:
-            raise PayloadError(str(exc)) from exc
 
 
 def _resized(width: int, height: int, short_side: int) -> tuple[int, int]:

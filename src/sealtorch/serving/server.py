@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Protocol
 import uvicorn
 
 from sealtorch.errors import ConfigError
+from sealtorch.keys import DataKey, KeyProvider, as_key_provider
 from sealtorch.serving.app import AppLimits, create_app
 from sealtorch.serving.metrics import ServingMetrics
 from sealtorch.serving.model import DEFAULT_MAX_IMAGES, ServedModel, check_model_name
@@ -130,19 +131,41 @@ class SealedModelSource:
     def load(self, *, max_images: int) -> ServedModel:
         from sealtorch.api import load_sealed_model
 
+        timed = _TimedKeyProvider(as_key_provider(self._key))
         start = time.perf_counter()
-        sealed = load_sealed_model(self.path, key=self._key)
+        sealed = load_sealed_model(self.path, key=timed)
         decrypted = time.perf_counter()
         model = ServedModel.from_sealed(sealed, name=self._name, max_images=max_images)
         model.load_seconds = time.perf_counter() - start
+        model.load_phases = {
+            "key_release": timed.seconds,
+            "decrypt_and_build": decrypted - start - timed.seconds,
+            "warmup": model.load_seconds - (decrypted - start),
+        }
         _log.info(
-            "model %s: key, decryption and build %.2f s, warm-up %.2f s",
+            "model %s: key %.3f s, decryption and build %.3f s, warm-up %.3f s",
             self._name,
-            decrypted - start,
-            model.load_seconds - (decrypted - start),
+            model.load_phases["key_release"],
+            model.load_phases["decrypt_and_build"],
+            model.load_phases["warmup"],
             extra={"model": self._name, "load_seconds": model.load_seconds},
         )
         return model
+
+
+class _TimedKeyProvider:
+    """Counts the time spent obtaining keys (attestation and key release, or a key file)."""
+
+    def __init__(self, inner: KeyProvider) -> None:
+        self._inner = inner
+        self.seconds = 0.0
+
+    def data_key(self, model_id: str, key_version: int) -> DataKey:
+        start = time.perf_counter()
+        try:
+            return self._inner.data_key(model_id, key_version)
+        finally:
+            self.seconds += time.perf_counter() - start
 
 
 class _Uvicorn(uvicorn.Server):

@@ -51,6 +51,8 @@ class ServerState:
             self._all_loaded = set(self._models) == set(self.names)
         self.metrics.ready.labels(model.name).set(1)
         self.metrics.load_seconds.labels(model.name).set(model.load_seconds)
+        for phase, seconds in model.load_phases.items():
+            self.metrics.load_phase_seconds.labels(model.name, phase).set(seconds)
         self.metrics.info.labels(model.name, model.version, str(model.sealed).lower()).set(1)
 
     def close(self) -> None:

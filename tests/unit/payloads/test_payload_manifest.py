@@ -15,7 +15,6 @@ from sealtorch.payloads.manifest import (
     validate_arch_ref,
 )
 from sealtorch.sealed import canonical
-from sealtorch.serving.preprocess import ImagePreprocess
 
 FULL: dict[str, Any] = {
     "kind": "safetensors",
@@ -72,7 +71,7 @@ def test_offset_is_stable_across_length_boundaries(extra: int) -> None:
 def test_preprocess_is_what_the_inference_server_reads() -> None:
     spec = Manifest.build(**FULL).preprocess
     assert isinstance(spec, ImagePreprocessSpec)
-    served = ImagePreprocess.from_spec(spec.to_json())
+    served = ImagePreprocessSpec.from_json(spec.to_json())
     assert served.resize == 256
     assert served.crop == 224
     assert served.mean == pytest.approx((0.485, 0.456, 0.406))

@@ -52,7 +52,7 @@ def test_help_teaches_with_examples() -> None:
             ["--key-file", "k", "--name", "a", "--name", "b"],
             "--name was given 2 times for 1 models",
         ),
-        (["--key-file", "k", "--tee", "sim"], "--tee applies to --keys"),
+        (["--key-file", "k", "--tee", "sim"], "--hpke-suite apply to --keys"),
     ],
 )
 def test_usage_errors(sealed: tuple[Path, Path], extra: list[str], message: str) -> None:
@@ -146,7 +146,7 @@ def test_a_denied_key_exits_non_zero_with_the_reasons(
 ) -> None:
     import sealtorch.serving.keysource as keysource
 
-    def resolve(url: str, *, tee: str | None) -> RefusingProvider:
+    def resolve(url: str, *, tee: str | None, **options: object) -> RefusingProvider:
         assert (url, tee) == ("https://127.0.0.1:7443", "sim")
         return RefusingProvider()
 

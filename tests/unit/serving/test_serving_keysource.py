@@ -60,9 +60,33 @@ def test_resolving_needs_a_tee_and_says_what_is_missing() -> None:
         resolve_key_source("https://127.0.0.1:7443", tee=None)
     with pytest.raises(ConfigError, match="unknown TEE"):
         resolve_key_source("https://127.0.0.1:7443", tee="sev")
-    with pytest.raises(ConfigError, match="serve with --key-file FILE instead") as info:
-        resolve_key_source("unix:///run/keycache.sock", tee="gramine")
+    with pytest.raises(ConfigError, match="--keys-ca applies to an https://") as info:
+        resolve_key_source("unix:///run/keycache.sock", tee="gramine", ca="/etc/ca.pem")
     assert info.value.exit_code == 2
+    with pytest.raises(ConfigError, match="--sim-key applies to --tee sim"):
+        resolve_key_source("unix:///run/keycache.sock", tee="tdx", sim_key="/k")
+    with pytest.raises(ConfigError, match="--attestation-root applies"):
+        resolve_key_source("unix:///run/keycache.sock", tee="sim", attestation_root="/d")
+
+
+def test_resolving_builds_an_attested_client_for_the_serve_role(tmp_path: Path) -> None:
+    from sealtorch.attestation import measure
+    from sealtorch.attestation.sim import SimAttester
+    from sealtorch.client import KeyReleaseClient
+
+    client = resolve_key_source(
+        "unix:///run/keycache.sock", tee="sim", sim_key=tmp_path / "sim.key"
+    )
+    try:
+        assert isinstance(client, KeyReleaseClient)
+        assert client.url == "unix:///run/keycache.sock"
+        attester = client._attester
+        assert isinstance(attester, SimAttester)
+        assert attester.role == "serve"
+        assert attester.mrenclave == measure("serve")
+        assert attester.evidence(bytes(64)).type == "sim"
+    finally:
+        client.close()
 
 
 def test_the_development_key_file_warns_loudly(

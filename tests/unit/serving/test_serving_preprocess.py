@@ -11,12 +11,10 @@ import torch
 from PIL import Image
 
 from sealtorch._demo.pretrained import IMAGENET_PREPROCESS, sample_image
-from sealtorch.errors import PayloadError
 from sealtorch.payloads.manifest import ImagePreprocessSpec
 from sealtorch.serving.preprocess import (
     MAX_IMAGE_PIXELS,
     ImageDecodeError,
-    ImagePreprocess,
     preprocess_image,
 )
 
@@ -101,9 +99,3 @@ def test_grey_and_alpha_images_become_rgb() -> None:
     for mode in ("L", "RGBA", "P"):
         tensor = preprocess_image(_encoded(Image.new(mode, (256, 256)), "PNG"), SPEC)
         assert tensor.shape == (3, 224, 224)
-
-
-def test_compatibility_name_returns_the_manifest_spec() -> None:
-    assert ImagePreprocess.from_spec(IMAGENET_PREPROCESS) == SPEC
-    with pytest.raises(PayloadError, match="crop"):
-        ImagePreprocess.from_spec({**IMAGENET_PREPROCESS, "crop": 999})
