@@ -27,6 +27,7 @@ class CacheMetrics:
 
     def __init__(self) -> None:
         self._children: dict[tuple[str, int], tuple[Counter, Histogram]] = {}
+        self._decision_children: dict[tuple[str, str], Counter] = {}
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(
@@ -107,7 +108,11 @@ class CacheMetrics:
         children[1].observe(seconds)
 
     def observe_decision(self, action: str, decision: str, reasons: list[str], keys: int) -> None:
-        self.decisions.labels(action, decision).inc()
+        child = self._decision_children.get((action, decision))
+        if child is None:
+            child = self.decisions.labels(action, decision)
+            self._decision_children[(action, decision)] = child  # fixed vocabularies: bounded
+        child.inc()
         for reason in reasons:
             self.reasons.labels(_label(reason)).inc()
         if keys:

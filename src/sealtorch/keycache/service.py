@@ -172,7 +172,7 @@ class LocalReleaseService:
                 while len(self._nonces) >= self._max_nonces:
                     self._nonces.popitem(last=False)  # oldest first: they expire first anyway
             self._nonces[nonce] = expires_at
-        return ChallengeResponse.model_construct(
+        return ChallengeResponse(
             nonce=nonce,
             expires_at=expires_at,
             hpke_suites=HPKE_SUITES,
