@@ -45,6 +45,7 @@ from sealtorch.keycache.holdings import (
 from sealtorch.keycache.metrics import CacheMetrics
 from sealtorch.keycache.persist import SealedState, StateRefused
 from sealtorch.keycache.status import (
+    AttestationState,
     AttestationStatus,
     CacheStatus,
     DeniedStatus,
@@ -111,7 +112,11 @@ class KeyCache:
         self._last_contact: datetime | None = None
         self._last_error: str | None = None
         self._reachable: bool | None = None
-        self._attestation: tuple[str, tuple[str, ...], str | None] = ("pending", (), None)
+        self._attestation: tuple[AttestationState, tuple[str, ...], str | None] = (
+            "pending",
+            (),
+            None,
+        )
         self._restored = 0
         self._saved_at: datetime | None = None
         self._state_error: str | None = None
@@ -514,7 +519,7 @@ class KeyCache:
                 consecutive_failures=self._failures,
             ),
             attestation=AttestationStatus(
-                state=state,  # type: ignore[arg-type]
+                state=state,
                 reasons=reasons,
                 message=message,
                 tee=self._tee,

@@ -436,17 +436,22 @@ class LocalReleaseService:
         decision = "allow" if grants and not denials else "partial" if grants else "deny"
         self._observe(action, decision, [r for d in denials for r in d.reasons], released)
         if _log.isEnabledFor(logging.INFO):
+            granted = {m: [k.key_version for k in v] for m, v in grants}
+            denied = {d.model_id: list(d.reasons) for d in denials}
             _log.info(
-                "local %s decided",
+                "local %s %s: granted %s, denied %s",
                 action,
+                decision,
+                ", ".join(f"{m} v{','.join(map(str, v))}" for m, v in granted.items()) or "-",
+                ", ".join(f"{m} ({', '.join(r)})" for m, r in denied.items()) or "-",
                 extra={
                     "request_id": request_id,
                     "decision": decision,
                     "tee": claims.tee,
                     "measurement": claims.measurement,
                     "evidence_digest": claims.evidence_digest,
-                    "granted": {m: [k.key_version for k in v] for m, v in grants},
-                    "denied": {d.model_id: list(d.reasons) for d in denials},
+                    "granted": granted,
+                    "denied": denied,
                 },
             )
 

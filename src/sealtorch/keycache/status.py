@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict
 from sealtorch.protocol import UtcDatetime
 
 __all__ = [
+    "AttestationState",
     "AttestationStatus",
     "CacheStatus",
     "DeniedStatus",
@@ -29,6 +30,8 @@ __all__ = [
 #: ``empty``: attested, but no key was released to it. ``unavailable``: no keys and no key
 #: server. ``starting``: the first refresh has not finished.
 State = Literal["ready", "degraded", "denied", "empty", "unavailable", "starting"]
+#: The key server's verdict on the cache's own evidence at the last contact.
+AttestationState = Literal["pending", "granted", "denied", "error"]
 
 
 class _Status(BaseModel):
@@ -67,7 +70,7 @@ class KeyServerStatus(_Status):
 
 
 class AttestationStatus(_Status):
-    state: Literal["pending", "granted", "denied", "error"]
+    state: AttestationState
     reasons: tuple[str, ...] = ()
     message: str | None = None
     tee: str
