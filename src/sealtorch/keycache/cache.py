@@ -11,7 +11,7 @@ Schedule (all on the injectable clock):
   ``renew_fraction`` of the shortest held lease has passed (renew well before expiry);
 * after a failure, retry after a jittered exponential backoff (``backoff_initial`` doubling up
   to ``backoff_max``, "equal jitter": between half and all of it);
-* a lease that ends drops its key from memory at that moment; requests for it are refused with
+* a lease that ends drops its key from the holdings at that moment; requests for it are refused with
   ``lease_expired`` until a refresh succeeds again.
 
 A refresh *replaces* the holdings with what the key server just released: a revoked key version,

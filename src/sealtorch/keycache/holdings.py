@@ -87,7 +87,7 @@ class Holdings:
     keys: Mapping[str, tuple[HeldKey, ...]] = field(default_factory=_empty)
     #: model id -> the key server's denial of that model to this cache.
     denied: Mapping[str, ServerDenial] = field(default_factory=_empty)
-    #: model id -> when its lease ended (its keys were dropped from memory then).
+    #: model id -> when its lease ended (its keys were dropped then).
     expired: Mapping[str, datetime] = field(default_factory=_empty)
     #: Set when the key server refused this cache's own attestation: it then holds nothing.
     refusal: Refusal | None = None
@@ -138,7 +138,7 @@ class Holdings:
         return min(dues) if dues else None
 
     def without_expired(self, now: datetime) -> Holdings:
-        """This snapshot with every ended lease dropped (the key bytes leave memory with it)."""
+        """This snapshot with every ended lease dropped (and its key object released)."""
         kept: list[HeldKey] = []
         expired = dict(self.expired)
         changed = False
