@@ -147,7 +147,7 @@ class Deployment:
             "--port",
             str(self.port),
             log_dir=self.tmp / "logs",
-            env={"SEALTORCH_KEYSERVER_RELEASE_LEASE_SECONDS": "6"},
+            env={"SEALTORCH_KEYSERVER_RELEASE_LEASE_SECONDS": "8"},
         )
 
     def stop_server(self) -> None:
@@ -295,7 +295,7 @@ def test_outage_lease_expiry_recovery_revocation_and_sealed_restart(
     args = deployment.cache_args("--persist", str(tmp / "kc.sealed"))
     cache = start_keycache(tmp, *args)
     try:
-        # The key server goes away: the cache keeps serving until the 6 s lease ends.
+        # The key server goes away: the cache keeps serving until the 8 s lease ends.
         deployment.stop_server()
         cache.wait_status(lambda s: s["keyserver"]["reachable"] is False)
         with KeyReleaseClient(cache.url, attester=deployment.app) as client:
