@@ -82,7 +82,7 @@ class _Connection:
 
 async def _release_loop(
     path: str, attester: Any, deadline: float, warm_until: float, samples: list[float],
-    interval: float | None, offset: float, model: str,
+    interval: float | None, offset: float, model: str, failures: dict[str, int],
 ) -> int:  # fmt: skip
     import json
 
@@ -120,7 +120,7 @@ async def _release_loop(
                     "/v1/keys/release", json.dumps(request).encode()
                 )
                 if status != 200:
-                    raise RuntimeError(f"HTTP {status}")
+                    raise RuntimeError(f"HTTP {status}: {raw[:120]!r}")
                 body = json.loads(raw)
                 granted = body["granted"][0]
                 info = key_release_info(
@@ -137,13 +137,17 @@ async def _release_loop(
                 ):
                     raise RuntimeError("not a data key")
             except (OSError, ValueError, KeyError, IndexError, RuntimeError,
-                    asyncio.IncompleteReadError):  # fmt: skip
+                    asyncio.IncompleteReadError) as exc:  # fmt: skip
                 errors += 1
+                what = f"{type(exc).__name__}: {exc}"[:200]
+                failures[what] = failures.get(what, 0) + 1
                 connection.close()
                 connection = await _Connection.open(path)
                 continue
-            except Exception:  # noqa: BLE001 - e.g. a key that fails to open: an error too
+            except Exception as exc:  # noqa: BLE001 - e.g. a key that fails to open: an error too
                 errors += 1
+                what = f"{type(exc).__name__}: {exc}"[:200]
+                failures[what] = failures.get(what, 0) + 1
                 continue
             if start >= warm_until:
                 samples.append(time.perf_counter() - start)
@@ -163,6 +167,7 @@ async def _load(
     warm_until = now + warmup
     deadline = warm_until + seconds
     samples: list[float] = []
+    failures: dict[str, int] = {}
     cpu = time.process_time()
     interval = _CONCURRENCY / rate if rate else None
 
@@ -178,7 +183,7 @@ async def _load(
         *(
             _release_loop(
                 path, attester, deadline, warm_until, samples, interval,
-                (interval or 0) * n / _CONCURRENCY, f"model-{n % _MODELS}",
+                (interval or 0) * n / _CONCURRENCY, f"model-{n % _MODELS}", failures,
             )
             for n in range(_CONCURRENCY)
         )
@@ -189,6 +194,7 @@ async def _load(
     return {
         "samples": samples,
         "errors": sum(errors),
+        "failures": dict(sorted(failures.items(), key=lambda kv: -kv[1])[:5]),
         "seconds": measured,
         "client_cpu": cpu / (measured + warmup),
     }
@@ -231,13 +237,12 @@ def _run_load(
 
 def _keyserver(workdir: Path) -> tuple[subprocess.Popen[str], str, Path, Path]:
     """A real key server with _MODELS models whose policy admits the cache and the app."""
-    from sealtorch.attestation import SimAttester
+    from sealtorch.attestation import SIM_MRSIGNER, SimAttester
     from sealtorch.client import AdminClient
     from sealtorch.keyserver.datadir import init_data_dir
 
     key_path = workdir / "sim.key"
     app = SimAttester(role="app", key_path=key_path)
-    cache = SimAttester(role="keycache", key_path=key_path)
     created = init_data_dir(workdir / "ks", sim_trusted_keys=[app.public_key], database_url=None)
     process = subprocess.Popen(
         [sys.executable, "-m", "sealtorch", "-q", "keyserver", "serve", str(created.data_dir),
@@ -252,7 +257,9 @@ def _keyserver(workdir: Path) -> tuple[subprocess.Popen[str], str, Path, Path]:
         raise RuntimeError(f"keyserver serve did not start: {line!r}")
     url = match.group(1)
     ca = created.data_dir / "tls" / "ca.crt"
-    policy = {"allowed_tees": ["sim"], "sim": {"mrenclave": [app.mrenclave, cache.mrenclave]}}
+    # Signer + product pins (not MRENCLAVE): the processes measure the package files when they
+    # start, and the files may change while a benchmark runs on a shared checkout.
+    policy = {"allowed_tees": ["sim"], "sim": {"mrsigner": [SIM_MRSIGNER], "isv_prod_id": 0}}
     deadline = time.monotonic() + 30
     while True:
         try:
@@ -444,13 +451,14 @@ def run(ctx: Context) -> list[Result]:
         samples = stats["samples"]
         count = len(samples)
         if not samples:
-            raise RuntimeError(f"no release succeeded ({mode}): {stats['errors']} errors")
+            raise RuntimeError(f"no release succeeded ({mode}): {stats['failures']}")
         rate = count / stats["seconds"]
         cache_cpu = stats["cache_cpu_seconds"] / max(1, count)
         details = {
             "concurrency": _CONCURRENCY,
             "releases": count,
             "errors": stats["errors"],
+            "failures": stats["failures"],
             "load_generator_cpu_cores": round(stats["client_cpu"], 2),
             "cache_cpu_ms_per_release": round(cache_cpu * 1000, 3),
             "cache_user_cpu_ms_per_release": round(

@@ -24,7 +24,7 @@ import httpx
 import pytest
 
 from _fixtures.keyserver import ServeProcess, init_dir, sealtorch_command, start_serve
-from sealtorch.attestation import SimAttester
+from sealtorch.attestation import SIM_MRSIGNER, SimAttester
 from sealtorch.client import AdminClient, KeyReleaseClient, read_token
 from sealtorch.keys import generate_key
 
@@ -128,7 +128,6 @@ class Deployment:
     data: Path
     token: str
     app: SimAttester
-    cache_attester: SimAttester
     port: int
     dek: Any
     server: ServeProcess | None = None
@@ -169,26 +168,23 @@ class Deployment:
 @pytest.fixture
 def deployment(tmp_path: Path) -> Iterator[Deployment]:
     app = SimAttester(role="app", key_path=tmp_path / "sim.key")
-    cache_attester = SimAttester(role="keycache", key_path=tmp_path / "sim.key")
     data, token_file = init_dir(tmp_path, app)
     deployment = Deployment(
         tmp=tmp_path,
         data=data,
         token=read_token(token_file=token_file),
         app=app,
-        cache_attester=cache_attester,
         port=_free_port(),
         dek=generate_key(),
     )
     deployment.start_server()
     with deployment.admin() as admin:
         admin.create_model("resnet50", key=deployment.dek)
+        # Pinned by signer and product (not MRENCLAVE): the cache process measures the package
+        # files when it starts, and other work may be editing them while this test runs.
         admin.set_policy(
             "resnet50",
-            {
-                "allowed_tees": ["sim"],
-                "sim": {"mrenclave": [app.mrenclave, cache_attester.mrenclave]},
-            },
+            {"allowed_tees": ["sim"], "sim": {"mrsigner": [SIM_MRSIGNER], "isv_prod_id": 0}},
         )
     yield deployment
     if deployment.server is not None:

@@ -72,5 +72,7 @@ def cache(
     """A cache over the key server that holds two models (m1, m2) at start."""
     for model_id in ("m1", "m2"):
         keyserver.server.add_model(model_id, policy=attesters.policy())
-    with running_cache(cache_settings(tmp_path, attesters, keyserver.url), clock=clock) as running:
+    with running_cache(
+        cache_settings(tmp_path, attesters, keyserver.url), clock=clock, attester=attesters.cache
+    ) as running:
         yield running

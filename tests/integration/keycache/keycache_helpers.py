@@ -190,11 +190,15 @@ def running_cache(
     settings: KeyCacheSettings,
     *,
     clock: FakeClock,
-    attester: SimAttester | None = None,
+    attester: SimAttester,
     start: bool = True,
 ) -> Iterator[CacheUnderTest]:
     """Build the cache (fake clock, no background thread: tests drive :meth:`KeyCache.tick`),
-    start it, and serve its app on ``settings.socket_path``."""
+    start it, and serve its app on ``settings.socket_path``.
+
+    ``attester`` is the cache's own: pass the one whose measurement the policies were written
+    with (a sim measurement covers every package file, and other work may edit them meanwhile).
+    """
     assert settings.socket_path is not None
     cache, service = build_cache(settings, clock=clock, attester=attester)
     if start:

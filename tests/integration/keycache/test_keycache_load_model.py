@@ -36,7 +36,9 @@ def test_load_model_through_the_cache(
         arch="torch.nn:Linear",
         arch_kwargs={"in_features": 8, "out_features": 3},
     )
-    with running_cache(cache_settings(tmp_path, attesters, keyserver.url), clock=clock) as cache:
+    with running_cache(
+        cache_settings(tmp_path, attesters, keyserver.url), clock=clock, attester=attesters.cache
+    ) as cache:
         keyserver.stop()  # the cache alone releases the key now
         with KeyReleaseClient(cache.url, attester=attesters.app) as client:
             model = sealtorch.load_model(sealed, key=client)

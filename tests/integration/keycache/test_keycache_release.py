@@ -401,11 +401,11 @@ def test_keyserver_over_https_with_its_ca(
     ) as server:
         server.add_model("m1", policy=attesters.policy())
         good = cache_settings(tmp_path, attesters, server.url, keyserver_ca=tls.ca)
-        with running_cache(good, clock=clock) as running:
+        with running_cache(good, clock=clock, attester=attesters.cache) as running:
             assert running.cache.status().state == "ready"
         other = make_tls(tmp_path / "other-ca")
         bad = cache_settings(tmp_path, attesters, server.url, keyserver_ca=other.ca)
-        with running_cache(bad, clock=clock) as running:
+        with running_cache(bad, clock=clock, attester=attesters.cache) as running:
             status = running.cache.status()
             assert status.state == "unavailable"
             assert status.keyserver.reachable is False
@@ -442,7 +442,7 @@ def test_tampered_keyserver_response_is_not_used(
 
     transport = Weaken()
     settings = cache_settings(tmp_path, attesters, keyserver.url)
-    kc, service = build_cache(settings, clock=clock, transport=transport)
+    kc, service = build_cache(settings, clock=clock, transport=transport, attester=attesters.cache)
     try:
         kc.start()
         before = kc.holdings()
