@@ -224,12 +224,14 @@ def test_processes_end_to_end_status_metrics_and_a_refused_cache(deployment: Dep
         assert cache.metrics is not None
         metrics = httpx.get(cache.metrics, timeout=10).text
         assert "sealtorch_keycache_keys_released_total 2.0" in metrics  # release + renew
-        assert (
-            httpx.post(
-                cache.metrics.replace("/metrics", "/v1/attestation/challenge"), timeout=10
-            ).status_code
-            == 404
-        )  # the metrics listener releases nothing
+        metrics_base = cache.metrics.removesuffix("/metrics")
+        challenge = httpx.post(f"{metrics_base}/v1/attestation/challenge", timeout=10)
+        assert challenge.status_code == 404  # the metrics listener releases nothing
+        over_tcp = subprocess.run(
+            sealtorch_command("keycache", "status", "--url", metrics_base),
+            capture_output=True, text=True, timeout=60, check=True,
+        )  # fmt: skip
+        assert "resnet50" in over_tcp.stdout
 
         # A second cache whose host key the key server does not trust: it starts, says so,
         # and serves nothing.
