@@ -27,9 +27,10 @@ import io
 import logging
 import mmap
 import os
+import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
@@ -137,6 +138,9 @@ class SealedModel:
     module: nn.Module
     manifest: Manifest
     info: SealedInfo
+    #: Seconds spent obtaining the key and authenticating + decrypting the file
+    #: (``"decrypt"``), and building the module from the plaintext (``"build"``).
+    timings: Mapping[str, float] = field(default_factory=dict)
 
 
 # -- keys -----------------------------------------------------------------------------------
@@ -314,7 +318,9 @@ def load_sealed_model(
     from sealtorch.payloads.arch import load_into_module
     from sealtorch.payloads.tensors import tensors_from_buffer
 
+    start = time.perf_counter()
     info, manifest, buffer = _decrypt(source, key)
+    decrypted = time.perf_counter()
     module: nn.Module
     if manifest.kind == "safetensors":
         ref = arch if arch is not None else manifest.arch
@@ -337,7 +343,8 @@ def load_sealed_model(
         if arch is not None:
             raise ConfigError(f"a {manifest.kind} payload carries its own architecture")
         module = _load_program(manifest.kind, data)
-    return SealedModel(module=module, manifest=manifest, info=info)
+    timings = {"decrypt": decrypted - start, "build": time.perf_counter() - decrypted}
+    return SealedModel(module=module, manifest=manifest, info=info, timings=timings)
 
 
 def _load_program(kind: str, data: io.BytesIO) -> nn.Module:

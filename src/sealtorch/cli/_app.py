@@ -169,9 +169,13 @@ def cli(ctx: click.Context, verbose: int, quiet: bool, log_format: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point (``sealtorch``)."""
+    """Console entry point (``sealtorch``): exit 0 ok, 1 error, 2 usage, 130 interrupted."""
     try:
-        cli.main(args=argv, prog_name="sealtorch")
-    except KeyboardInterrupt:
+        result = cli.main(args=argv, prog_name="sealtorch", standalone_mode=False)
+    except (click.exceptions.Abort, KeyboardInterrupt):
         click.secho("interrupted", fg="yellow", err=True)
         sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    sys.exit(result if isinstance(result, int) else 0)

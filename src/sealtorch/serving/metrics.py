@@ -77,8 +77,8 @@ class ServingMetrics:
         )
         self.load_phase_seconds = Gauge(
             "sealtorch_model_load_phase_seconds",
-            "Model load time by phase: key_release (attestation and key release), "
-            "decrypt_and_build (authenticate, decrypt, build the module), warmup",
+            "Model load time by phase: key_release (attestation and key release), decrypt "
+            "(authenticate and decrypt), build (build the module), warmup",
             ["model", "phase"],
             registry=self.registry,
         )

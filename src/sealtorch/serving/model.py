@@ -266,7 +266,7 @@ class ServedModel:
         self.sealed = sealed
         self.max_images = max_images
         self.load_seconds = 0.0
-        #: Seconds per load phase: key_release, decrypt_and_build, warmup (sealed models).
+        #: Seconds per load phase: key_release, decrypt, build, warmup (sealed models).
         self.load_phases: dict[str, float] = {}
         self._output_index = {spec.name: i for i, spec in enumerate(outputs)}
 

@@ -139,14 +139,17 @@ class SealedModelSource:
         model.load_seconds = time.perf_counter() - start
         model.load_phases = {
             "key_release": timed.seconds,
-            "decrypt_and_build": decrypted - start - timed.seconds,
+            "decrypt": sealed.timings.get("decrypt", 0.0) - timed.seconds,
+            "build": sealed.timings.get("build", 0.0),
             "warmup": model.load_seconds - (decrypted - start),
         }
         _log.info(
-            "model %s: key %.3f s, decryption and build %.3f s, warm-up %.3f s",
+            "model %s: key %.3f s, authentication and decryption %.3f s, build %.3f s, "
+            "warm-up %.3f s",
             self._name,
             model.load_phases["key_release"],
-            model.load_phases["decrypt_and_build"],
+            model.load_phases["decrypt"],
+            model.load_phases["build"],
             model.load_phases["warmup"],
             extra={"model": self._name, "load_seconds": model.load_seconds},
         )
