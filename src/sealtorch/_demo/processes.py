@@ -116,5 +116,7 @@ class ServiceProcess:
                 os.killpg(self._process.pid, signal.SIGKILL)
                 self._process.wait()
         self._reader.join(timeout=2)
+        if self._process.stdout is not None:
+            self._process.stdout.close()
         self._log.close()
         return self._process.returncode

@@ -113,9 +113,9 @@ def test_a_model_that_fails_authentication_stops_the_server(
     ("args", "code", "message"),
     [
         (
-            ["--keys", "https://127.0.0.1:7443", "--tee", "sim"],
+            ["--keys", "unix:///run/kc.sock", "--tee", "sim", "--keys-ca", "{existing}"],
             2,
-            "attested key release is not available",
+            "--keys-ca applies to an https:// key source",
         ),
         (["--keys", "http://127.0.0.1:7443", "--tee", "sim"], 2, "plain http is refused"),
         (["--keys", "unix:///run/keycache.sock"], 2, "--keys needs --tee"),
@@ -125,6 +125,7 @@ def test_a_model_that_fails_authentication_stops_the_server(
 def test_key_source_errors_exit_before_serving(
     sealed_set: SealedSet, args: list[str], code: int, message: str
 ) -> None:
+    args = [arg.replace("{existing}", str(sealed_set.mlp)) for arg in args]
     result = subprocess.run(
         serve_command("serve", str(sealed_set.mlp), "--port", "0", *args),
         capture_output=True,
