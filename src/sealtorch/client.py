@@ -45,6 +45,7 @@ import httpx
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from sealtorch._crypto import hpke
+from sealtorch._uds import UnixSocketTransport
 from sealtorch.attestation.binding import report_data_for
 from sealtorch.attestation.evidence import EvidenceProvider
 from sealtorch.errors import (
@@ -53,6 +54,7 @@ from sealtorch.errors import (
     Error,
     IntegrityError,
     KeyReleaseError,
+    KeySourceUnreachableError,
     ProtocolError,
 )
 from sealtorch.keys import DataKey
@@ -209,7 +211,7 @@ def _client(
             raise ConfigError(f"{url!r}: a Unix socket URL is unix:///absolute/path")
         return httpx.Client(
             base_url=_UNIX_BASE,
-            transport=transport or httpx.HTTPTransport(uds=path),
+            transport=transport or UnixSocketTransport(path),
             timeout=timeout,
             limits=limits,
         )
@@ -285,6 +287,9 @@ class KeyReleaseClient:
     ``ca``: a CA file to trust for HTTPS (default: the system trust store).
     ``suite``: the HPKE suite (default X25519; ``MLKEM768-X25519/...`` for post-quantum).
     ``session``: ask for a renewal session with each release (then :meth:`renew` works).
+    ``remember``: keep released keys in memory while their leases last, so that
+    :meth:`data_key` for several files of one model attests once; ``False`` keeps no copy (the
+    caller holds what :meth:`release` returns). :meth:`forget` drops the copies at any time.
     """
 
     def __init__(
@@ -301,6 +306,7 @@ class KeyReleaseClient:
         transport: httpx.BaseTransport | None = None,
         allow_insecure_http: bool = False,
         sleep: Callable[[float], None] = time.sleep,
+        remember: bool = True,
     ) -> None:
         hpke.get_suite(suite)  # ProtocolError for an unknown suite, now rather than later
         self.url = url
@@ -318,6 +324,7 @@ class KeyReleaseClient:
             allow_insecure_http=allow_insecure_http,
         )
         self._lock = threading.Lock()
+        self._remember_keys = remember
         self._cache: dict[tuple[str, int], _CachedKey] = {}
         self._session: Session | None = None
         self._session_key: hpke.HpkePrivateKey | None = None
@@ -330,6 +337,11 @@ class KeyReleaseClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def forget(self) -> None:
+        """Drop every released key this client remembers (the session stays)."""
+        with self._lock:
+            self._cache.clear()
 
     def close(self) -> None:
         """Close connections and forget every key and session held in memory."""
@@ -352,7 +364,7 @@ class KeyReleaseClient:
                 return attempt()
             except _RETRYABLE as exc:
                 if number == self._retries:
-                    raise KeyReleaseError(
+                    raise KeySourceUnreachableError(
                         f"cannot reach the key server at {self.url} for {what} "
                         f"({type(exc).__name__}) after {number + 1} attempt(s); check the URL, "
                         "the network and that the server runs"
@@ -535,6 +547,8 @@ class KeyReleaseClient:
         )
 
     def _remember(self, result: ReleaseResult) -> None:
+        if not self._remember_keys:
+            return
         now = time.monotonic()
         for released in result.keys:
             remaining = (released.lease_expires_at - result.server_time).total_seconds()

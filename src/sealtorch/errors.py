@@ -27,6 +27,7 @@ __all__ = [
     "IntegrityError",
     "KeyAccessError",
     "KeyReleaseError",
+    "KeySourceUnreachableError",
     "PayloadError",
     "PolicyDenied",
     "PolicyError",
@@ -132,6 +133,13 @@ class KeyReleaseError(Error):
         super().__init__(message)
         self.reasons: tuple[str, ...] = tuple(reasons)
         self.status_code = status_code
+
+
+class KeySourceUnreachableError(KeyReleaseError):
+    """The key server or key cache could not be reached (connection refused, timeout, TLS).
+
+    Unlike a refusal, this says nothing about the enclave's evidence: retrying later may work.
+    """
 
 
 class ProtocolError(Error):

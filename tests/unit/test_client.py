@@ -16,7 +16,12 @@ import pytest
 from _fixtures.keyserver import KeyServerUnderTest, parse_time, running_keyserver
 from sealtorch.attestation import SimAttester
 from sealtorch.client import KeyReleaseClient
-from sealtorch.errors import ConfigError, KeyReleaseError, ProtocolError
+from sealtorch.errors import (
+    ConfigError,
+    KeyReleaseError,
+    KeySourceUnreachableError,
+    ProtocolError,
+)
 from sealtorch.keys import KeyProvider, generate_key
 from sealtorch.keyserver.masterkey import FileMasterKey
 from sealtorch.keyserver.store import open_store, sqlite_url
@@ -251,3 +256,28 @@ def test_renew_without_a_session_is_an_error(server: KeyServerUnderTest) -> None
     with server.client() as client, pytest.raises(KeyReleaseError) as caught:
         client.renew()
     assert caught.value.reasons == ("no_session",)
+
+
+def test_remembered_keys_can_be_forgotten_or_never_kept(server: KeyServerUnderTest) -> None:
+    dek = generate_key()
+    server.add_model("m", key=dek)
+    with server.client() as client:
+        assert client.data_key("m", 1) == dek
+        assert client._cache, "data_key remembers the key for the lease"
+        client.forget()
+        assert not client._cache
+    with KeyReleaseClient(server.url, attester=server.attester, remember=False) as client:
+        assert client.data_key("m", 1) == dek
+        assert client.release(["m"]).key("m") == dek
+        assert not client._cache
+
+
+def test_an_unreachable_key_source_is_its_own_error(tmp_path: Path, attester: SimAttester) -> None:
+    """Nobody listens: a KeySourceUnreachableError (retry later), not a refusal, and no socket
+    is leaked (warnings are errors in this suite: a leak would fail as a ResourceWarning)."""
+    missing = tmp_path / "nobody.sock"
+    client = KeyReleaseClient(f"unix://{missing}", attester=attester, retries=1, backoff=0)
+    with client, pytest.raises(KeySourceUnreachableError, match="cannot reach") as info:
+        client.data_key("m", 1)
+    assert isinstance(info.value, KeyReleaseError)
+    assert info.value.reasons == ()

@@ -9,8 +9,8 @@ from typing import Any
 import httpx
 from pydantic import ValidationError
 
+from sealtorch._uds import UnixSocketTransport
 from sealtorch.errors import ConfigError, KeyReleaseError, ProtocolError
-from sealtorch.keycache._uds import UnixSocketTransport
 from sealtorch.keycache.app import STATUS_PATH
 from sealtorch.keycache.status import CacheStatus
 

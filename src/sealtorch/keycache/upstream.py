@@ -26,10 +26,10 @@ from typing import Final
 
 import httpx
 
+from sealtorch._uds import UnixSocketTransport
 from sealtorch.attestation import EvidenceProvider
 from sealtorch.client import KeyReleaseClient, ReleaseResult
-from sealtorch.errors import Error, KeyReleaseError
-from sealtorch.keycache._uds import UnixSocketTransport
+from sealtorch.errors import Error, KeyReleaseError, KeySourceUnreachableError
 from sealtorch.protocol import DEFAULT_HPKE_SUITE
 
 __all__ = ["AttestFailed", "Refresh", "Refused", "Unreachable", "Upstream"]
@@ -107,6 +107,7 @@ class Upstream:
             session=True,
             timeout=timeout,
             retries=0,  # the cache schedules its own retries (jittered exponential backoff)
+            remember=False,  # the cache's holdings are the only copy; revoked keys vanish
             transport=transport,
             suite=suite,
         )
@@ -156,7 +157,7 @@ class Upstream:
 def _classify(exc: KeyReleaseError, url: str) -> Error:
     status = exc.status_code
     if status is None:
-        if isinstance(exc.__cause__, httpx.TransportError):
+        if isinstance(exc, KeySourceUnreachableError):
             return Unreachable(f"cannot reach the key server at {url}: {exc}")
         return AttestFailed(f"this key cache could not attest: {exc}")
     if status >= 500:

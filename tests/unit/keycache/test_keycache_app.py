@@ -207,7 +207,7 @@ def test_help_teaches_with_examples() -> None:
 def test_unix_transport_closes_sockets_whose_connect_failed(tmp_path: Path) -> None:
     import gc
 
-    from sealtorch.keycache._uds import UnixSocketTransport
+    from sealtorch._uds import UnixSocketTransport
 
     transport = UnixSocketTransport(str(tmp_path / "nobody-listens.sock"))
     with (

@@ -1,10 +1,10 @@
 """An httpx transport over a Unix socket that closes the socket when ``connect()`` fails.
 
 httpcore's synchronous backend leaves a Unix socket whose ``connect()`` failed (nobody listens,
-permission denied) to the garbage collector, with a ``ResourceWarning``. The key cache retries
-an unreachable key server for as long as it is down, and ``keycache status`` reports a missing
-cache, so both use this transport for ``unix://`` endpoints instead. Responses are small
-(protocol JSON), so they are read whole.
+permission denied) to the garbage collector, with a ``ResourceWarning``. The key release client
+(``unix://`` key caches), the key cache (which retries an unreachable key server for as long as
+it is down) and ``keycache status`` use this transport instead. Responses are small (protocol
+JSON), so they are read whole.
 """
 
 from __future__ import annotations
