@@ -23,7 +23,7 @@ class _Context:
     def __init__(
         self,
         *,
-        server: str,
+        server: str | None,
         ca: Path | None,
         token_file: Path | None,
         token_env: str,
@@ -38,6 +38,12 @@ class _Context:
     def client(self) -> AdminClient:
         from sealtorch.client import AdminClient, read_token
 
+        if not self.server:
+            # Checked here rather than by click, so that `admin SUBCOMMAND --help` works alone.
+            raise click.UsageError(
+                "which key server? give --server https://HOST:PORT (before the subcommand) "
+                "or set SEALTORCH_KEYSERVER_URL"
+            )
         token = read_token(token=os.environ.get(self.token_env), token_file=self.token_file)
         return AdminClient(self.server, token=token, ca=self.ca)
 
@@ -82,9 +88,8 @@ The token comes from --token-file FILE, or from the environment variable named b
 @click.option(
     "--server",
     envvar="SEALTORCH_KEYSERVER_URL",
-    required=True,
     metavar="URL",
-    help="Key server URL, https://HOST:PORT (env SEALTORCH_KEYSERVER_URL).",
+    help="Key server URL, https://HOST:PORT (env SEALTORCH_KEYSERVER_URL). Required.",
 )
 @click.option(
     "--ca",
@@ -110,7 +115,7 @@ The token comes from --token-file FILE, or from the environment variable named b
 @click.pass_context
 def admin(
     ctx: click.Context,
-    server: str,
+    server: str | None,
     ca: Path | None,
     token_file: Path | None,
     token_env: str,

@@ -5,6 +5,7 @@ import logging
 import subprocess
 import sys
 
+import click
 from click.testing import CliRunner
 
 from sealtorch.cli import cli
@@ -47,3 +48,30 @@ def test_json_log_lines_carry_extra_fields() -> None:
     assert line["message"] == "granted m1"
     assert line["model_id"] == "m1"
     assert line["level"] == "info"
+
+
+def test_every_subcommand_help_works_without_configuration() -> None:
+    """`--help` anywhere must work on a fresh machine with no server, key or env configured."""
+    runner = CliRunner(env={"SEALTORCH_KEYSERVER_URL": None})
+
+    def walk(command: click.Command, path: list[str]) -> None:
+        result = runner.invoke(cli, [*path, "--help"])
+        assert result.exit_code == 0, (path, result.output)
+        assert "Usage:" in result.output
+        if isinstance(command, click.Group):
+            ctx = click.Context(command)
+            for name in command.list_commands(ctx):
+                sub = command.get_command(ctx, name)
+                assert sub is not None
+                walk(sub, [*path, name])
+
+    walk(cli, [])
+
+
+def test_admin_without_a_server_says_how_to_give_one() -> None:
+    result = CliRunner(env={"SEALTORCH_KEYSERVER_URL": None}).invoke(
+        cli, ["admin", "model", "list"]
+    )
+    assert result.exit_code == 2
+    assert "--server https://HOST:PORT" in result.output
+    assert "SEALTORCH_KEYSERVER_URL" in result.output
