@@ -161,13 +161,15 @@ class ReleaseResult:
     keys: tuple[ReleasedKey, ...]
     denied: tuple[Denial, ...]
     session: Session | None = None
+    #: Who answered (the client's URL), for messages.
+    source: str = "the key server"
 
     def key(self, model_id: str, key_version: int | None = None) -> DataKey:
         """The key of ``model_id`` (newest released version by default), or KeyReleaseError."""
         for denial in self.denied:
             if denial.model_id == model_id:
                 raise KeyReleaseError(
-                    f"the key server denied model {model_id!r}: {denial.message}",
+                    f"{self.source} denied model {model_id!r}: {denial.message}",
                     reasons=denial.reasons,
                 )
         matches = [
@@ -178,7 +180,7 @@ class ReleaseResult:
         if not matches:
             what = f"version {key_version} of " if key_version is not None else ""
             raise KeyReleaseError(
-                f"the key server did not release {what}model {model_id!r} (no such active key "
+                f"{self.source} did not release {what}model {model_id!r} (no such active key "
                 "version: it may be revoked, or the model may not exist)",
                 reasons=("key_version_unavailable",),
             )
@@ -189,7 +191,7 @@ class ReleaseResult:
         if self.denied:
             reasons = tuple(dict.fromkeys(r for d in self.denied for r in d.reasons))
             names = ", ".join(f"{d.model_id} ({', '.join(d.reasons)})" for d in self.denied)
-            raise KeyReleaseError(f"the key server denied: {names}", reasons=reasons)
+            raise KeyReleaseError(f"{self.source} denied: {names}", reasons=reasons)
         return self
 
 
@@ -504,6 +506,7 @@ class KeyReleaseClient:
             keys=tuple(keys),
             denied=denied,
             session=session,
+            source=self.url,
         )
 
     def _open_one(
