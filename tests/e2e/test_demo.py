@@ -89,6 +89,7 @@ def test_ctrl_c_stops_every_service_and_removes_the_workspace() -> None:
     assert "interrupted" in rest
     assert not workspace.exists()
     for pid in children:
-        assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(
-            f"/proc/{pid}/status"
-        ).read_text().lower(), f"service process {pid} survived Ctrl-C"
+        assert (
+            not Path(f"/proc/{pid}").exists()
+            or "zombie" in Path(f"/proc/{pid}/status").read_text().lower()
+        ), f"service process {pid} survived Ctrl-C"
