@@ -8,6 +8,13 @@ once) and starts a task that purges expired nonces and sessions.
 
 HTTP concerns live here and in :mod:`sealtorch.keyserver.routes`; the logic is in
 :class:`~sealtorch.keyserver.service.KeyService`.
+
+The two requests of every key release (``POST /v1/attestation/challenge`` and ``POST
+/v1/keys/release``) take a short path: the app answers them before FastAPI's middleware,
+routing and dependency machinery (which costs about as much CPU as the protocol work itself),
+with the same body cap, error shape, metrics and access log. Their FastAPI route declarations
+(``routes/release.py``) remain: they document the operations in the OpenAPI schema and answer
+exactly the same way.
 """
 
 from __future__ import annotations
@@ -15,9 +22,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, TypeVar
@@ -117,8 +125,55 @@ def open_verifiers(
     )
 
 
+async def _read_body(scope: Scope, receive: Receive, cap: int) -> bytes | None:
+    """The whole request body, or ``None`` when it is (announced as) larger than ``cap``."""
+    for name, value in scope.get("headers", ()):
+        if name == b"content-length":
+            try:
+                if int(value) > cap:
+                    return None
+            except ValueError:
+                return None
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            break
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > cap:
+            return None
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            break
+    return b"".join(chunks)
+
+
+def _observe(runtime: Runtime, scope: Scope, template: str, status: int, elapsed: float) -> None:
+    """Metrics and the access log of one answered request."""
+    runtime.metrics.observe_request(template, scope["method"], status, elapsed)
+    if _access.isEnabledFor(logging.INFO):
+        client = scope.get("client")
+        _access.info(
+            "%s %s %d",
+            scope["method"],
+            template,
+            status,
+            extra={
+                "client_address": client[0] if client else None,
+                "duration_ms": round(elapsed * 1000, 3),
+            },
+        )
+
+
+def _too_large(cap: int) -> JSONResponse:
+    return error_response(413, "request_too_large", f"request bodies are limited to {cap} bytes")
+
+
 class _Guard:
-    """Outermost ASGI layer: request body cap (413), timing, metrics and the access log.
+    """Outermost layer of the FastAPI routes: request body cap (413), timing, metrics and the
+    access log.
 
     Bodies are read here, up to the cap, before the app sees them (they are small: evidence and
     JSON), so a chunked body without Content-Length is capped as well.
@@ -144,57 +199,80 @@ class _Guard:
 
         try:
             if scope["method"] in _BODY_METHODS:
-                body = await self._read_body(scope, receive)
+                body = await _read_body(scope, receive, self.cap)
                 if body is None:
-                    response = error_response(
-                        413,
-                        "request_too_large",
-                        f"request bodies are limited to {self.cap} bytes",
-                    )
-                    await response(scope, receive, send_tracking)
+                    await _too_large(self.cap)(scope, receive, send_tracking)
                     return
                 receive = _replay(body, receive)
             await self.app(scope, receive, send_tracking)
         finally:
-            elapsed = time.perf_counter() - started
             route = scope.get("route")
             template = getattr(route, "path", None) or "unmatched"
-            self.runtime.metrics.observe_request(template, scope["method"], status, elapsed)
-            if _access.isEnabledFor(logging.INFO):
-                client = scope.get("client")
-                _access.info(
-                    "%s %s %d",
-                    scope["method"],
-                    template,
-                    status,
-                    extra={
-                        "client_address": client[0] if client else None,
-                        "duration_ms": round(elapsed * 1000, 3),
-                    },
-                )
+            _observe(self.runtime, scope, template, status, time.perf_counter() - started)
 
-    async def _read_body(self, scope: Scope, receive: Receive) -> bytes | None:
-        for name, value in scope.get("headers", ()):
-            if name == b"content-length":
-                try:
-                    if int(value) > self.cap:
-                        return None
-                except ValueError:
-                    return None
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":
-                break
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.cap:
-                return None
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        return b"".join(chunks)
+
+#: A short-path handler: ``(runtime, scope, body) -> (status, JSON body)``; raises
+#: :class:`ServiceError` (or ``RequestValidationError``) like a route.
+FastHandler = Callable[[Runtime, Scope, bytes], Awaitable[tuple[int, bytes]]]
+
+
+class _KeyServerApp(FastAPI):
+    """FastAPI, plus the short path for the key release protocol (see the module docstring)."""
+
+    runtime: Runtime
+    fast_routes: dict[tuple[str, str], FastHandler]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            handler = self.fast_routes.get((scope["method"], scope["path"]))
+            if handler is not None:
+                await self._answer(handler, scope, receive, send)
+                return
+        await super().__call__(scope, receive, send)
+
+    async def _answer(
+        self, handler: FastHandler, scope: Scope, receive: Receive, send: Send
+    ) -> None:
+        started = time.perf_counter()
+        runtime = self.runtime
+        cap = runtime.settings.max_request_bytes
+        body = await _read_body(scope, receive, cap)
+        headers: list[tuple[bytes, bytes]] = [(b"content-type", b"application/json")]
+        if body is None:
+            status, content = 413, _too_large(cap).body
+        else:
+            try:
+                status, content = await handler(runtime, scope, body)
+            except ServiceError as exc:
+                status, content = STATUS[exc.kind], _error_body(exc.code, str(exc), exc.reasons)
+                if exc.kind is ErrorKind.UNAUTHENTICATED:
+                    headers.append((b"www-authenticate", b'Bearer realm="sealtorch"'))
+            except RequestValidationError as exc:
+                status = 400
+                content = _error_body("invalid_request", _validation_message(exc), ())
+            except Exception as exc:  # noqa: BLE001 - the protocol's error shape, as in FastAPI
+                _log.error(
+                    "internal error in %s %s: %s",
+                    scope["method"],
+                    scope["path"],
+                    type(exc).__name__,
+                )
+                status = 500
+                content = _error_body("internal_error", "internal error; see the server log", ())
+        headers.append((b"content-length", b"%d" % len(content)))
+        try:
+            await send({"type": "http.response.start", "status": status, "headers": headers})
+            await send({"type": "http.response.body", "body": content})
+        finally:
+            _observe(runtime, scope, scope["path"], status, time.perf_counter() - started)
+
+
+def _error_body(code: str, message: str, reasons: tuple[str, ...] | list[str]) -> bytes:
+    return json.dumps(
+        {"error": {"code": code, "message": message, "reasons": list(reasons)}},
+        ensure_ascii=False,
+        separators=(",", ":"),
+    ).encode()
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:
@@ -246,7 +324,13 @@ def create_app(
 
     def build(s: Store, m: MasterKey, v: VerifierSet) -> KeyService:
         return KeyService(
-            settings, store=s, master_key=m, verifiers=v, clock=clock, observer=observe
+            settings,
+            store=s,
+            master_key=m,
+            verifiers=v,
+            clock=clock,
+            observer=observe,
+            offload=runtime.run,
         )
 
     if store is not None and master_key is not None and verifiers is not None:
@@ -272,7 +356,7 @@ def create_app(
                     resource.close()
             runtime.owned.clear()
 
-    app = FastAPI(
+    app = _KeyServerApp(
         title="sealtorch key server",
         version=__version__,
         description="Attested key release (docs/protocol.md) and key administration "
@@ -283,6 +367,8 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.runtime = runtime
+    app.runtime = runtime
+    app.fast_routes = dict(release.FAST_ROUTES)
 
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, exc: ServiceError) -> Response:

@@ -238,11 +238,23 @@ class AuditRecord:
         }
 
 
-def build_record(entry: AuditEntry, *, seq: int, at: datetime, prev_hash: str) -> AuditRecord:
-    """The record for ``entry`` at position ``seq`` after ``prev_hash`` (used by the store)."""
+def build_record(
+    entry: AuditEntry,
+    *,
+    seq: int,
+    at: datetime,
+    prev_hash: str,
+    encoded: Mapping[str, str | None] | None = None,
+) -> AuditRecord:
+    """The record for ``entry`` at position ``seq`` after ``prev_hash`` (used by the store).
+
+    ``encoded``: ``entry.encoded()`` computed earlier (a store that batches appends encodes each
+    entry when it is submitted, so a malformed one fails alone, not the whole batch).
+    """
     if seq < 1:
         raise ValueError("audit sequence numbers start at 1")
-    encoded = entry.encoded()
+    if encoded is None:
+        encoded = entry.encoded()
     at = _from_micros(_to_micros(at))  # truncate to what the database stores
     fields: dict[str, Any] = {
         "seq": seq,

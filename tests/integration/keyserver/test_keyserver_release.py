@@ -19,6 +19,7 @@ from sealtorch._crypto import hpke
 from sealtorch.attestation import SimAttester, report_data_for
 from sealtorch.errors import IntegrityError, KeyReleaseError
 from sealtorch.keys import generate_key
+from sealtorch.keyserver.audit import AuditEntry, AuditKind
 from sealtorch.protocol import HPKE_SUITE_MLKEM768_X25519, b64decode, b64encode, key_release_info
 
 SUITE = hpke.DEFAULT_SUITE
@@ -266,25 +267,31 @@ def test_revoked_key_versions_are_never_released(keyserver: KeyServerUnderTest) 
 
 
 def test_a_revocation_racing_a_release_wins(keyserver: KeyServerUnderTest) -> None:
-    """The release snapshot is re-checked inside the audit transaction."""
+    """A revocation that commits after the release request was verified, just before the
+    release's own commit, wins: the keys are read inside the commit that writes the audit
+    record (share-locked on PostgreSQL, under the write lock on SQLite)."""
     keyserver.add_model("m")
     store = keyserver.store
-    original = store.release_material
+    original = store.submit
 
-    def revoke_after_snapshot(model_ids: Any) -> Any:
-        material = original(model_ids)
-        with keyserver.admin() as admin:  # commits between snapshot and audit transaction
-            admin.revoke_key("m", 1)
-        return material
+    def revoke_first(work: Any, *, durable: bool = True) -> Any:
+        if durable:  # the release's decision (the challenge's nonce is not durable)
+            with store.transaction() as tx:
+                tx.revoke_key_version("m", 1)
+                tx.append_audit(
+                    AuditEntry(kind=AuditKind.ADMIN, action="key.revoke", decision="ok")
+                )
+        return original(work, durable=durable)
 
-    store.release_material = revoke_after_snapshot  # type: ignore[method-assign]
+    store.submit = revoke_first  # type: ignore[method-assign]
     try:
         with keyserver.client() as client:
             result = client.release(["m"])
     finally:
-        del store.release_material
+        del store.submit
     assert result.keys == ()
     assert result.denied[0].reasons == ("no_active_key",)
+    assert _audit(keyserver)[-1].action == "release"  # decided after the revocation
 
 
 def test_asking_for_every_model_reveals_no_other_model(keyserver: KeyServerUnderTest) -> None:

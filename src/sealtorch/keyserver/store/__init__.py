@@ -9,6 +9,12 @@ replicas on one database). Reads are methods of the store; every change goes thr
         model, key = tx.create_model("resnet50", wrap=wrap_new_key)
         tx.append_audit(AuditEntry(kind=AuditKind.ADMIN, action="model.create", ...))
 
+The key release hot path uses *group commit* instead: :meth:`Store.submit` hands a unit of work
+(``work(tx) -> result`` on a :class:`GroupTransaction`) to a committer thread that runs every
+unit waiting at that moment in one transaction with one disk flush, and resolves each unit's
+future only after the commit. Under load many releases share a commit; each still learns its
+outcome only once its audit record is durable (fail closed per request).
+
 A transaction commits only if it changed nothing or appended an audit record *after* its last
 change — otherwise it rolls back with :class:`~sealtorch.errors.AuditError` — so state changes
 and their audit records are atomic, and the audit record is always the transaction's last write
@@ -25,10 +31,11 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
 from contextlib import AbstractContextManager
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from sealtorch.keyserver.audit import AuditEntry, AuditHead, AuditRecord
 from sealtorch.keyserver.records import (
@@ -43,10 +50,19 @@ from sealtorch.keyserver.records import (
     WrappedKey,
 )
 
-__all__ = ["Clock", "Store", "StoreTransaction", "open_store", "sqlite_url"]
+__all__ = [
+    "Clock",
+    "GroupTransaction",
+    "Store",
+    "StoreTransaction",
+    "open_store",
+    "sqlite_url",
+]
 
 #: Returns the current time as an aware UTC datetime (injectable for tests).
 Clock = Callable[[], datetime]
+
+_T = TypeVar("_T")
 
 
 class StoreTransaction(Protocol):
@@ -118,6 +134,46 @@ class StoreTransaction(Protocol):
         ...
 
 
+class GroupTransaction(Protocol):
+    """The transaction a unit of work submitted with :meth:`Store.submit` runs on, shared with
+    the other units of its group. Models, keys and policies never change within a group.
+
+    ``consume_nonce`` and the reads run at once; new nonces, sessions and audit records are
+    written when the group commits (the audit records last, in submission order, as one piece
+    of the chain). If a unit of work raises, what it buffered is dropped and its caller gets the
+    exception; a nonce it consumed stays consumed (as if consumed in its own transaction).
+    """
+
+    def add_nonce(self, nonce: bytes, *, expires_at: datetime) -> None: ...
+
+    def consume_nonce(self, nonce: bytes, *, now: datetime) -> NonceStatus:
+        """Delete the nonce atomically (exactly one caller, in any process, gets CONSUMED)."""
+        ...
+
+    def release_material(self, model_ids: Sequence[str] | None) -> list[ReleaseMaterial]:
+        """:meth:`Store.release_material` inside the transaction: key versions read here are
+        share-locked until the commit, so a revocation committed before it is honoured and one
+        committed after it is ordered after this release."""
+        ...
+
+    def create_session(
+        self,
+        *,
+        token_id: str,
+        digest: bytes,
+        hpke_suite: str,
+        public_key: bytes,
+        claims_json: str,
+        evidence_digest: str | None,
+        model_ids: Sequence[str] | None,
+        expires_at: datetime,
+    ) -> SessionRecord: ...
+
+    def append_audit(self, entry: AuditEntry) -> None:
+        """Append to the audit chain when the group commits (each unit's records, in order)."""
+        ...
+
+
 class Store(Protocol):
     """Persistent state of the key server (see the module docstring)."""
 
@@ -145,6 +201,16 @@ class Store(Protocol):
     def close(self) -> None: ...
 
     def transaction(self) -> AbstractContextManager[StoreTransaction]: ...
+
+    def submit(self, work: Callable[[GroupTransaction], _T], *, durable: bool = True) -> Future[_T]:
+        """Run ``work(tx)`` in the next group commit; the future resolves after the commit.
+
+        ``durable=False`` (issuing challenge nonces) lets a group with no durable work commit
+        without waiting for the disk. The future's exception is :class:`StorageError` /
+        :class:`AuditError` when the group could not be committed (nothing of it was), or what
+        ``work`` raised.
+        """
+        ...
 
     # -- models and keys --
 

@@ -26,10 +26,12 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
 from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy import event
@@ -61,11 +63,15 @@ __all__ = ["SqlStore"]
 
 _log = logging.getLogger(__name__)
 
+_T = TypeVar("_T")
+
 # SQLAlchemy's Row is generic over its column types; the converters below read by name.
 _Row = Any
 
 _WRITE = "sealtorch_write"
 _AUDIT_BATCH = 500
+#: Most submitted units of work committed together in one group (one transaction).
+_MAX_GROUP = 256
 _TOKEN_ID = re.compile(r"^[0-9a-f]{16}$")
 _SYNC_MODES = ("FULL", "NORMAL", "EXTRA")
 
@@ -240,6 +246,15 @@ def _release_statements(restricted: bool) -> tuple[Any, Any, Any]:
 
 _RELEASE_ALL = _release_statements(restricted=False)
 _RELEASE_SOME = _release_statements(restricted=True)
+# Inside a write transaction: the key rows under a share lock (PostgreSQL; SQLite's write
+# transaction excludes every other writer anyway), so a revocation waits for our commit.
+_LOCKED_RELEASE = {
+    restricted: (models, policies, keys.with_for_update(read=True, of=t.key_versions))
+    for restricted, (models, policies, keys) in (
+        (False, _RELEASE_ALL),
+        (True, _RELEASE_SOME),
+    )
+}
 _STILL_ACTIVE = (
     sa.select(t.key_versions.c.model_id, t.key_versions.c.version)
     .join(t.models, t.models.c.model_id == t.key_versions.c.model_id)
@@ -257,11 +272,59 @@ _LOCK_AUDIT_HEAD = (
     .with_for_update()
 )
 _INSERT_AUDIT = sa.insert(t.audit_log)
+_INSERT_SESSION = sa.insert(t.sessions)
 _UPDATE_AUDIT_HEAD = (
     sa.update(t.audit_head)
     .where(t.audit_head.c.id == 1)
     .values(seq=sa.bindparam("new_seq"), hash=sa.bindparam("new_hash"))
 )
+
+
+def _read_release_material(
+    conn: sa.Connection, model_ids: Sequence[str] | None, *, locked: bool
+) -> list[ReleaseMaterial]:
+    """``Store.release_material`` on ``conn`` (``locked``: inside a write transaction)."""
+    wanted = None if model_ids is None else list(dict.fromkeys(model_ids))
+    if wanted is not None and not wanted:
+        return []
+    statements = _LOCKED_RELEASE if locked else {False: _RELEASE_ALL, True: _RELEASE_SOME}
+    models_query, policies_query, keys_query = statements[wanted is not None]
+    params: dict[str, Any] = {} if wanted is None else {"ids": wanted}
+    models = {row.model_id: _model(row) for row in conn.execute(models_query, params)}
+    policies = {row.model_id: _policy(row) for row in conn.execute(policies_query, params)}
+    keys: dict[str, list[WrappedKey]] = {}
+    for row in conn.execute(keys_query, params):
+        keys.setdefault(row.model_id, []).append(_wrapped_key(row))
+    order = wanted if wanted is not None else sorted(models)
+    return [
+        ReleaseMaterial(
+            model_id=model_id,
+            model=models.get(model_id),
+            policy=policies.get(model_id) if model_id in models else None,
+            keys=tuple(keys.get(model_id, ())),
+        )
+        for model_id in order
+    ]
+
+
+def _audit_row(record: AuditRecord) -> dict[str, Any]:
+    return {
+        "seq": record.seq,
+        "at": record.at_micros,
+        "kind": record.kind,
+        "action": record.action,
+        "decision": record.decision,
+        "actor": record.actor,
+        "client_address": record.client_address,
+        "request_id": record.request_id,
+        "evidence_digest": record.evidence_digest,
+        "claims": record.claims_json,
+        "model_ids": record.model_ids_json,
+        "reasons": record.reasons_json,
+        "details": record.details_json,
+        "prev_hash": record.prev_hash,
+        "hash": record.hash,
+    }
 
 
 # --- the transaction --------------------------------------------------------------------------
@@ -613,26 +676,7 @@ class _SqlTransaction:
         try:
             head = self._conn.execute(_LOCK_AUDIT_HEAD).one()
             record = build_record(entry, seq=int(head.seq) + 1, at=self._now(), prev_hash=head.hash)
-            self._conn.execute(
-                _INSERT_AUDIT,
-                {
-                    "seq": record.seq,
-                    "at": record.at_micros,
-                    "kind": record.kind,
-                    "action": record.action,
-                    "decision": record.decision,
-                    "actor": record.actor,
-                    "client_address": record.client_address,
-                    "request_id": record.request_id,
-                    "evidence_digest": record.evidence_digest,
-                    "claims": record.claims_json,
-                    "model_ids": record.model_ids_json,
-                    "reasons": record.reasons_json,
-                    "details": record.details_json,
-                    "prev_hash": record.prev_hash,
-                    "hash": record.hash,
-                },
-            )
+            self._conn.execute(_INSERT_AUDIT, _audit_row(record))
             self._conn.execute(_UPDATE_AUDIT_HEAD, {"new_seq": record.seq, "new_hash": record.hash})
         except sa_exc.SQLAlchemyError as exc:
             raise AuditError(
@@ -640,6 +684,203 @@ class _SqlTransaction:
             ) from exc
         self.audited = True
         return record
+
+
+class _GroupTransaction:
+    """The transaction shared by one group of submitted work (see ``Store.submit``).
+
+    Reads and the nonce deletion run at once; new nonces, sessions and audit records are
+    buffered and written by :meth:`flush` just before the commit, the audit records last and
+    under the chain lock (one lock order for every writer). :meth:`mark` / :meth:`undo` drop
+    what one unit of work buffered when it fails.
+    """
+
+    def __init__(self, conn: sa.Connection, clock: Callable[[], datetime]) -> None:
+        self._conn = conn
+        self._clock = clock
+        self._nonces: list[dict[str, Any]] = []
+        self._sessions: list[dict[str, Any]] = []
+        self._entries: list[tuple[AuditEntry, dict[str, str | None]]] = []
+        self._material: dict[tuple[str, ...] | None, list[ReleaseMaterial]] = {}
+        self.records: list[AuditRecord] = []
+
+    def add_nonce(self, nonce: bytes, *, expires_at: datetime) -> None:
+        if not 16 <= len(nonce) <= 64:
+            raise ValueError("a nonce is 16 to 64 bytes")
+        self._nonces.append(
+            {"nonce": bytes(nonce), "created_at": utc(self._clock()), "expires_at": utc(expires_at)}
+        )
+
+    def consume_nonce(self, nonce: bytes, *, now: datetime) -> NonceStatus:
+        row = self._conn.execute(_CONSUME_NONCE, {"nonce_value": bytes(nonce)}).first()
+        if row is None:
+            return NonceStatus.UNKNOWN
+        if utc(now) >= row.expires_at:
+            return NonceStatus.EXPIRED
+        return NonceStatus.CONSUMED
+
+    def release_material(self, model_ids: Sequence[str] | None) -> list[ReleaseMaterial]:
+        # Nothing in a group changes models, keys or policies: one read per distinct request.
+        key = None if model_ids is None else tuple(model_ids)
+        material = self._material.get(key)
+        if material is None:
+            material = _read_release_material(self._conn, model_ids, locked=True)
+            self._material[key] = material
+        return material
+
+    def create_session(
+        self,
+        *,
+        token_id: str,
+        digest: bytes,
+        hpke_suite: str,
+        public_key: bytes,
+        claims_json: str,
+        evidence_digest: str | None,
+        model_ids: Sequence[str] | None,
+        expires_at: datetime,
+    ) -> SessionRecord:
+        _check_token_fields(token_id, digest)
+        try:
+            claims = json.loads(claims_json)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError("session claims must be JSON text") from exc
+        if not isinstance(claims, dict):
+            raise ConfigError("session claims must be a JSON object")
+        ids = None if model_ids is None else tuple(check_model_id(m) for m in model_ids)
+        record = SessionRecord(
+            token_id=token_id,
+            hpke_suite=hpke_suite,
+            public_key=bytes(public_key),
+            claims_json=claims_json,
+            claims_digest=hashlib.sha256(claims_json.encode("utf-8")).hexdigest(),
+            evidence_digest=evidence_digest,
+            model_ids=ids,
+            created_at=utc(self._clock()),
+            expires_at=utc(expires_at),
+        )
+        self._sessions.append(
+            {
+                "token_id": token_id,
+                "digest": bytes(digest),
+                "hpke_suite": hpke_suite,
+                "public_key": record.public_key,
+                "claims": claims_json,
+                "claims_digest": record.claims_digest,
+                "evidence_digest": evidence_digest,
+                "model_ids": None if ids is None else json.dumps(list(ids)),
+                "created_at": record.created_at,
+                "expires_at": record.expires_at,
+            }
+        )
+        return record
+
+    def append_audit(self, entry: AuditEntry) -> None:
+        # Encode now: a malformed entry fails its own unit of work, not the group.
+        self._entries.append((entry, entry.encoded()))
+
+    def mark(self) -> tuple[int, int, int]:
+        return len(self._nonces), len(self._sessions), len(self._entries)
+
+    def undo(self, mark: tuple[int, int, int]) -> None:
+        del self._nonces[mark[0] :]
+        del self._sessions[mark[1] :]
+        del self._entries[mark[2] :]
+
+    def flush(self) -> None:
+        """Write what was buffered; the audit records last, under the chain lock."""
+        if self._nonces:
+            try:
+                self._conn.execute(_ADD_NONCE, self._nonces)
+            except sa_exc.IntegrityError as exc:  # pragma: no cover - 256-bit random nonces
+                raise ConflictError("a nonce was issued twice; retry") from exc
+        if self._sessions:
+            self._conn.execute(_INSERT_SESSION, self._sessions)
+        if not self._entries:
+            return
+        try:
+            head = self._conn.execute(_LOCK_AUDIT_HEAD).one()
+            seq, prev_hash = int(head.seq), str(head.hash)
+            at = utc(self._clock())
+            for entry, encoded in self._entries:
+                record = build_record(
+                    entry, seq=seq + 1, at=at, prev_hash=prev_hash, encoded=encoded
+                )
+                self.records.append(record)
+                seq, prev_hash = record.seq, record.hash
+            self._conn.execute(_INSERT_AUDIT, [_audit_row(r) for r in self.records])
+            self._conn.execute(_UPDATE_AUDIT_HEAD, {"new_seq": seq, "new_hash": prev_hash})
+        except sa_exc.SQLAlchemyError as exc:
+            raise AuditError(
+                f"the audit records could not be written ({_first_line(exc)}); nothing was "
+                "committed"
+            ) from exc
+
+
+@dataclass(frozen=True, slots=True)
+class _Work:
+    function: Callable[[Any], Any]
+    durable: bool
+    future: Future[Any]
+
+
+class _GroupCommitter:
+    """One thread that commits submitted work in groups (group commit).
+
+    Work submitted while a group is being committed waits for the next group, so under load
+    many requests share one transaction and one disk flush, and at low load a request is
+    committed at once (no timer). The committer first takes the store's write lock, then takes
+    every waiting unit of work (up to ``_MAX_GROUP``), runs each in order on one transaction
+    (:class:`_GroupTransaction`), flushes and commits, and only then completes the futures:
+    a caller learns its result only once it is durable (or that nothing was committed).
+    """
+
+    def __init__(self, store: SqlStore) -> None:
+        self._store = store
+        self._pending: list[_Work] = []
+        self._condition = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    def submit(self, function: Callable[[Any], _T], *, durable: bool) -> Future[_T]:
+        future: Future[_T] = Future()
+        with self._condition:
+            if self._closed:
+                raise StorageError("the key store is closed")
+            self._pending.append(_Work(function, durable, future))
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="sealtorch-keystore-commit", daemon=True
+                )
+                self._thread.start()
+            self._condition.notify()
+        return future
+
+    def _take(self) -> list[_Work]:
+        with self._condition:
+            taken = self._pending[:_MAX_GROUP]
+            del self._pending[:_MAX_GROUP]
+            return taken
+
+    def _run(self) -> None:
+        while True:
+            with self._condition:
+                while not self._pending and not self._closed:
+                    self._condition.wait()
+                if not self._pending:
+                    return
+            self._store._commit_group(self._take)
+
+    def close(self, timeout: float = 30.0) -> None:
+        with self._condition:
+            self._closed = True
+            self._condition.notify()
+            thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+        failed = self._take()
+        for work in failed:
+            work.future.set_exception(StorageError("the key store was closed"))
 
 
 def _check_token_fields(token_id: str, digest: bytes) -> None:
@@ -760,6 +1001,7 @@ class SqlStore:
             if backend == "sqlite"
             else contextlib.nullcontext()
         )
+        self._committer = _GroupCommitter(self)
 
     @staticmethod
     def _sqlite_engine(parsed: sa.URL, timeout_ms: int, synchronous: str) -> sa.Engine:
@@ -883,6 +1125,90 @@ class SqlStore:
                 ) from exc
             self._fail(exc, "writing")
 
+    def submit(self, work: Callable[[Any], _T], *, durable: bool = True) -> Future[_T]:
+        return self._committer.submit(work, durable=durable)
+
+    def _commit_group(self, take: Callable[[], list[_Work]]) -> None:
+        """Commit one group (the committer thread's body; see :class:`_GroupCommitter`)."""
+        group: list[_Work] = []
+        outcomes: list[tuple[_Work, bool, Any]] = []
+        try:
+            with self._write_lock:  # SQLite: before taking the group, so it grows meanwhile
+                group = take()
+                if group:
+                    self._run_group(group, outcomes)
+        except (sa_exc.SQLAlchemyError, StorageError) as exc:
+            self._fail_group(group or take(), exc)
+            return
+        except Exception as exc:  # noqa: BLE001 - the committer must survive; callers learn it
+            _log.error("group commit failed unexpectedly: %s", type(exc).__name__)
+            self._fail_group(group or take(), exc)
+            return
+        for work, ok, value in outcomes:
+            if ok:
+                work.future.set_result(value)
+            else:
+                work.future.set_exception(value)
+
+    def _run_group(self, group: list[_Work], outcomes: list[tuple[_Work, bool, Any]]) -> None:
+        durable = any(work.durable for work in group)
+        relaxed = not durable and self._backend == "sqlite" and self._synchronous != "NORMAL"
+        with self._engine.connect().execution_options(**{_WRITE: True}) as conn:
+            if relaxed:
+                conn.connection.dbapi_connection.execute(  # type: ignore[union-attr]
+                    "PRAGMA synchronous = NORMAL"
+                )
+            tx: _GroupTransaction | None = None
+            try:
+                with conn.begin():
+                    if not durable and self._backend == "postgresql":
+                        conn.exec_driver_sql("SET LOCAL synchronous_commit TO OFF")
+                    tx = _GroupTransaction(conn, self._clock)
+                    for work in group:
+                        mark = tx.mark()
+                        try:
+                            outcomes.append((work, True, work.function(tx)))
+                        except sa_exc.SQLAlchemyError:
+                            raise  # the transaction is broken: the whole group fails
+                        except Exception as exc:  # noqa: BLE001 - handed to that caller
+                            tx.undo(mark)
+                            outcomes.append((work, False, exc))
+                    tx.flush()
+            except sa_exc.SQLAlchemyError as exc:
+                if tx is not None and tx.records:
+                    raise AuditError(
+                        f"the audit records could not be committed ({_first_line(exc)}); "
+                        "nothing was committed"
+                    ) from exc
+                raise
+            finally:
+                if relaxed:
+                    try:
+                        conn.connection.dbapi_connection.execute(  # type: ignore[union-attr]
+                            f"PRAGMA synchronous = {self._synchronous}"
+                        )
+                    except sqlite3.Error:  # never return a relaxed connection to the pool
+                        conn.invalidate()
+                        raise
+
+    def _fail_group(self, group: list[_Work], exc: BaseException) -> None:
+        """Every caller of a failed group gets its own error (nothing of it was committed)."""
+        for work in group:
+            error: StorageError
+            if isinstance(exc, AuditError):
+                error = AuditError(str(exc))
+            elif isinstance(exc, StorageError):
+                error = StorageError(str(exc))
+            elif isinstance(exc, sa_exc.SQLAlchemyError):
+                error = StorageError(
+                    f"the key store ({self._backend}) failed while committing "
+                    f"({_first_line(exc)}); check that the database is reachable"
+                )
+            else:
+                error = StorageError("the key store failed while committing (internal error)")
+            error.__cause__ = exc
+            work.future.set_exception(error)
+
     # -- lifecycle --
 
     def migrate(self) -> int:
@@ -913,6 +1239,7 @@ class SqlStore:
             conn.execute(sa.text("SELECT 1")).scalar()
 
     def close(self) -> None:
+        self._committer.close()
         self._engine.dispose()
 
     # -- models and keys --
@@ -980,31 +1307,8 @@ class SqlStore:
             return [_wrapped_key(row) for row in rows]
 
     def release_material(self, model_ids: Sequence[str] | None) -> list[ReleaseMaterial]:
-        wanted = None if model_ids is None else list(dict.fromkeys(model_ids))
-        if wanted is not None and not wanted:
-            return []
-        if wanted is None:
-            models_query, policies_query, keys_query = _RELEASE_ALL
-            params: dict[str, Any] = {}
-        else:
-            models_query, policies_query, keys_query = _RELEASE_SOME
-            params = {"ids": wanted}
         with self._read("reading release material") as conn:
-            models = {row.model_id: _model(row) for row in conn.execute(models_query, params)}
-            policies = {row.model_id: _policy(row) for row in conn.execute(policies_query, params)}
-            keys: dict[str, list[WrappedKey]] = {}
-            for row in conn.execute(keys_query, params):
-                keys.setdefault(row.model_id, []).append(_wrapped_key(row))
-        order = wanted if wanted is not None else sorted(models)
-        return [
-            ReleaseMaterial(
-                model_id=model_id,
-                model=models.get(model_id),
-                policy=policies.get(model_id) if model_id in models else None,
-                keys=tuple(keys.get(model_id, ())),
-            )
-            for model_id in order
-        ]
+            return _read_release_material(conn, model_ids, locked=False)
 
     # -- policies --
 
