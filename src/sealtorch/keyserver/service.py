@@ -422,7 +422,7 @@ class KeyService:
             )
             return _Decided(grants, denials, lease_end, session)
 
-        outcome = await self._commit(decide)
+        outcome = await self._commit(decide, nonce=request.nonce)
         if isinstance(outcome, _Refusal):
             self._refused(context, outcome)
         assert checked.recipient is not None  # noqa: S101 - a decision implies a valid key
@@ -575,10 +575,34 @@ class KeyService:
 
     # -- release helpers ------------------------------------------------------------------------
 
-    async def _commit(self, work: Callable[[GroupTransaction], _T], *, durable: bool = True) -> _T:
-        """Run ``work`` in the store's next group commit; storage failures become 503s."""
+    async def _commit(
+        self,
+        work: Callable[[GroupTransaction], _T],
+        *,
+        durable: bool = True,
+        nonce: bytes | None = None,
+    ) -> _T:
+        """Run ``work`` in the store's next group commit; storage failures become 503s.
+
+        A unit still waiting for the database after the busy timeout is withdrawn (it never
+        runs) and the request gets ``store_unavailable``; one already running is waited for.
+        """
         try:
-            return await asyncio.wrap_future(self._store.submit(work, durable=durable))
+            future = self._store.submit(work, durable=durable, nonce=nonce)
+            outcome = asyncio.wrap_future(future)
+            try:
+                return await asyncio.wait_for(
+                    asyncio.shield(outcome), timeout=self._settings.busy_timeout
+                )
+            except TimeoutError:
+                if not future.cancel():
+                    return await outcome
+                _log.error("the key store did not take a request within the busy timeout")
+                raise ServiceError(
+                    ErrorKind.UNAVAILABLE,
+                    "store_unavailable",
+                    "the key store is busy; retry later",
+                ) from None
         except StorageError as exc:
             raise _unavailable(exc) from exc
 

@@ -274,14 +274,14 @@ def test_a_revocation_racing_a_release_wins(keyserver: KeyServerUnderTest) -> No
     store = keyserver.store
     original = store.submit
 
-    def revoke_first(work: Any, *, durable: bool = True) -> Any:
+    def revoke_first(work: Any, *, durable: bool = True, nonce: bytes | None = None) -> Any:
         if durable:  # the release's decision (the challenge's nonce is not durable)
             with store.transaction() as tx:
                 tx.revoke_key_version("m", 1)
                 tx.append_audit(
                     AuditEntry(kind=AuditKind.ADMIN, action="key.revoke", decision="ok")
                 )
-        return original(work, durable=durable)
+        return original(work, durable=durable, nonce=nonce)
 
     store.submit = revoke_first  # type: ignore[method-assign]
     try:

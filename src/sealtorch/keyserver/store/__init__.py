@@ -202,11 +202,19 @@ class Store(Protocol):
 
     def transaction(self) -> AbstractContextManager[StoreTransaction]: ...
 
-    def submit(self, work: Callable[[GroupTransaction], _T], *, durable: bool = True) -> Future[_T]:
+    def submit(
+        self,
+        work: Callable[[GroupTransaction], _T],
+        *,
+        durable: bool = True,
+        nonce: bytes | None = None,
+    ) -> Future[_T]:
         """Run ``work(tx)`` in the next group commit; the future resolves after the commit.
 
         ``durable=False`` (issuing challenge nonces) lets a group with no durable work commit
-        without waiting for the disk. The future's exception is :class:`StorageError` /
+        without waiting for the disk. ``nonce``: the nonce ``work`` will consume
+        (``tx.consume_nonce``); the group consumes every declared nonce in one statement. The
+        future's exception is :class:`StorageError` /
         :class:`AuditError` when the group could not be committed (nothing of it was), or what
         ``work`` raised.
         """

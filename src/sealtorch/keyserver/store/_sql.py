@@ -191,6 +191,20 @@ _CONSUME_NONCE = (
     .where(t.nonces.c.nonce == sa.bindparam("nonce_value"))
     .returning(t.nonces.c.expires_at)
 )
+# A group's nonces, consumed in one statement. The rows are locked in nonce order first
+# (PostgreSQL), so two replicas consuming overlapping sets (a replayed nonce) cannot deadlock.
+_DOOMED_NONCES = (
+    sa.select(t.nonces.c.nonce)
+    .where(t.nonces.c.nonce.in_(sa.bindparam("nonce_values", expanding=True)))
+    .order_by(t.nonces.c.nonce)
+    .with_for_update()
+    .cte("doomed")
+)
+_CONSUME_NONCES = (
+    sa.delete(t.nonces)
+    .where(t.nonces.c.nonce.in_(sa.select(_DOOMED_NONCES.c.nonce)))
+    .returning(t.nonces.c.nonce, t.nonces.c.expires_at)
+)
 _ACTIVE_WRAPPED_KEYS = (
     sa.select(*_KEY_COLUMNS, t.key_versions.c.wrapped_dek)
     .join(t.models, t.models.c.model_id == t.key_versions.c.model_id)
@@ -695,9 +709,17 @@ class _GroupTransaction:
     what one unit of work buffered when it fails.
     """
 
-    def __init__(self, conn: sa.Connection, clock: Callable[[], datetime]) -> None:
+    def __init__(
+        self, conn: sa.Connection, clock: Callable[[], datetime], nonces: Sequence[bytes] = ()
+    ) -> None:
         self._conn = conn
         self._clock = clock
+        # The nonces the group's work declared: consumed up front, in one statement.
+        self._declared = frozenset(bytes(n) for n in nonces)
+        self._consumed: dict[bytes, datetime] = {}
+        if self._declared:
+            rows = conn.execute(_CONSUME_NONCES, {"nonce_values": sorted(self._declared)})
+            self._consumed = {bytes(row.nonce): row.expires_at for row in rows}
         self._nonces: list[dict[str, Any]] = []
         self._sessions: list[dict[str, Any]] = []
         self._entries: list[tuple[AuditEntry, dict[str, str | None]]] = []
@@ -712,10 +734,15 @@ class _GroupTransaction:
         )
 
     def consume_nonce(self, nonce: bytes, *, now: datetime) -> NonceStatus:
-        row = self._conn.execute(_CONSUME_NONCE, {"nonce_value": bytes(nonce)}).first()
-        if row is None:
+        nonce = bytes(nonce)
+        if nonce in self._declared:
+            expires_at = self._consumed.pop(nonce, None)  # a second use in the group: unknown
+        else:
+            row = self._conn.execute(_CONSUME_NONCE, {"nonce_value": nonce}).first()
+            expires_at = None if row is None else row.expires_at
+        if expires_at is None:
             return NonceStatus.UNKNOWN
-        if utc(now) >= row.expires_at:
+        if utc(now) >= expires_at:
             return NonceStatus.EXPIRED
         return NonceStatus.CONSUMED
 
@@ -822,6 +849,7 @@ class _Work:
     function: Callable[[Any], Any]
     durable: bool
     future: Future[Any]
+    nonce: bytes | None = None
 
 
 class _GroupCommitter:
@@ -842,12 +870,14 @@ class _GroupCommitter:
         self._thread: threading.Thread | None = None
         self._closed = False
 
-    def submit(self, function: Callable[[Any], _T], *, durable: bool) -> Future[_T]:
+    def submit(
+        self, function: Callable[[Any], _T], *, durable: bool, nonce: bytes | None
+    ) -> Future[_T]:
         future: Future[_T] = Future()
         with self._condition:
             if self._closed:
                 raise StorageError("the key store is closed")
-            self._pending.append(_Work(function, durable, future))
+            self._pending.append(_Work(function, durable, future, nonce))
             if self._thread is None:
                 self._thread = threading.Thread(
                     target=self._run, name="sealtorch-keystore-commit", daemon=True
@@ -857,10 +887,12 @@ class _GroupCommitter:
         return future
 
     def _take(self) -> list[_Work]:
+        """Up to ``_MAX_GROUP`` waiting units; those whose caller gave up are dropped (a taken
+        unit can no longer be cancelled: its caller waits for the outcome)."""
         with self._condition:
-            taken = self._pending[:_MAX_GROUP]
+            waiting = self._pending[:_MAX_GROUP]
             del self._pending[:_MAX_GROUP]
-            return taken
+        return [work for work in waiting if work.future.set_running_or_notify_cancel()]
 
     def _run(self) -> None:
         while True:
@@ -878,9 +910,11 @@ class _GroupCommitter:
             thread = self._thread
         if thread is not None:
             thread.join(timeout)
-        failed = self._take()
-        for work in failed:
-            work.future.set_exception(StorageError("the key store was closed"))
+        with self._condition:
+            left, self._pending = self._pending, []
+        for work in left:
+            if work.future.set_running_or_notify_cancel():
+                work.future.set_exception(StorageError("the key store was closed"))
 
 
 def _check_token_fields(token_id: str, digest: bytes) -> None:
@@ -906,6 +940,21 @@ class _SqliteWriteLock:
         self._depth = 0
 
     def __enter__(self) -> None:
+        self._acquire(patient=False)
+
+    @contextmanager
+    def patient(self) -> Iterator[None]:
+        """The lock for the group committer: it waits for another process without polling
+        (the kernel wakes it the moment the holder lets go, so two worker processes take turns
+        instead of one starving while it sleeps between polls) and without a time limit — its
+        callers time out on their own and withdraw the work that has not started."""
+        self._acquire(patient=True)
+        try:
+            yield
+        finally:
+            self.__exit__()
+
+    def _acquire(self, *, patient: bool) -> None:
         if not self._thread_lock.acquire(timeout=self._timeout):
             raise StorageError("the key store is busy (timed out waiting for the write lock)")
         self._depth += 1
@@ -914,7 +963,10 @@ class _SqliteWriteLock:
         try:
             if self._fd is None:
                 self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o600)
-            _flock(self._fd, self._timeout)
+            if patient:
+                fcntl.flock(self._fd, fcntl.LOCK_EX)
+            else:
+                _flock(self._fd, self._timeout)
         except BaseException:
             self._depth -= 1
             self._thread_lock.release()
@@ -996,10 +1048,13 @@ class SqlStore:
         # SQLite has one writer at a time. Writers (threads, and processes sharing the file)
         # queue on a lock instead of in SQLite's busy handler, whose sleeps (up to 100 ms each)
         # make a long latency tail under concurrent requests.
-        self._write_lock: AbstractContextManager[Any] = (
+        self._sqlite_lock = (
             _SqliteWriteLock(Path(str(parsed.database)), busy_timeout)
             if backend == "sqlite"
-            else contextlib.nullcontext()
+            else None
+        )
+        self._write_lock: AbstractContextManager[Any] = (
+            self._sqlite_lock or contextlib.nullcontext()
         )
         self._committer = _GroupCommitter(self)
 
@@ -1125,15 +1180,18 @@ class SqlStore:
                 ) from exc
             self._fail(exc, "writing")
 
-    def submit(self, work: Callable[[Any], _T], *, durable: bool = True) -> Future[_T]:
-        return self._committer.submit(work, durable=durable)
+    def submit(
+        self, work: Callable[[Any], _T], *, durable: bool = True, nonce: bytes | None = None
+    ) -> Future[_T]:
+        return self._committer.submit(work, durable=durable, nonce=nonce)
 
     def _commit_group(self, take: Callable[[], list[_Work]]) -> None:
         """Commit one group (the committer thread's body; see :class:`_GroupCommitter`)."""
         group: list[_Work] = []
         outcomes: list[tuple[_Work, bool, Any]] = []
         try:
-            with self._write_lock:  # SQLite: before taking the group, so it grows meanwhile
+            # SQLite: the write lock before taking the group, so that it grows meanwhile.
+            with self._sqlite_lock.patient() if self._sqlite_lock else contextlib.nullcontext():
                 group = take()
                 if group:
                     self._run_group(group, outcomes)
@@ -1163,7 +1221,8 @@ class SqlStore:
                 with conn.begin():
                     if not durable and self._backend == "postgresql":
                         conn.exec_driver_sql("SET LOCAL synchronous_commit TO OFF")
-                    tx = _GroupTransaction(conn, self._clock)
+                    nonces = [work.nonce for work in group if work.nonce is not None]
+                    tx = _GroupTransaction(conn, self._clock, nonces)
                     for work in group:
                         mark = tx.mark()
                         try:
