@@ -11,14 +11,18 @@ import json
 import signal
 import sqlite3
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
+import httpx
+import psutil
 import pytest
 from click.testing import CliRunner
 
 from _fixtures.keyserver import ServeProcess, init_dir, sealtorch_command, start_serve
 from _fixtures.softhsm import SoftHsmToken
+from sealtorch._crypto.tls import client_ssl_context
 from sealtorch.attestation import SimAttester
 from sealtorch.cli import cli
 from sealtorch.client import AdminClient, KeyReleaseClient, read_token
@@ -226,31 +230,82 @@ def test_pkcs11_master_key_end_to_end(
           {"v1": keys[0].key.material, "v2": keys[1].key.material})  # fmt: skip
 
 
-def test_workers_share_one_socket_and_aggregate_metrics(
+def _workers(server: ServeProcess) -> list[psutil.Process]:
+    found = []
+    for child in psutil.Process(server.process.pid).children():
+        try:
+            if "spawn_main" in " ".join(child.cmdline()):
+                found.append(child)
+        except psutil.Error:  # exited (a zombie until its parent reaps it)
+            continue
+    return found
+
+
+def _listening(worker: psutil.Process, port: int) -> bool:
+    return any(
+        c.status == psutil.CONN_LISTEN and c.laddr.port == port
+        for c in worker.net_connections(kind="tcp")
+    )
+
+
+def test_workers_listen_on_one_port_restart_and_aggregate_metrics(
     tmp_path: Path, attester: SimAttester
 ) -> None:
     data, token_file = init_dir(tmp_path, attester)
     server = start_serve(data, "--workers", "2", log_dir=tmp_path / "logs")
+    ca = data / "tls" / "ca.crt"
+    verify = client_ssl_context(ca_path=ca)
+    port = int(server.url.rsplit(":", 1)[1])
     try:
-        ca = data / "tls" / "ca.crt"
         with AdminClient(server.url, token=read_token(token_file=token_file), ca=ca) as admin:
             admin.create_model("m")
             admin.set_policy(
                 "m", {"allowed_tees": ["sim"], "sim": {"mrenclave": [attester.mrenclave]}}
             )
+        workers = _workers(server)
+        assert len(workers) == 2
+        assert all(_listening(w, port) for w in workers)  # each its own socket (SO_REUSEPORT)
+        assert not _listening(psutil.Process(server.process.pid), port)  # the parent only binds
         for _ in range(6):  # new connections: spread over both workers
             with KeyReleaseClient(server.url, attester=attester, ca=ca) as client:
                 assert client.release(["m"]).keys
-        import httpx
-
-        from sealtorch._crypto.tls import client_ssl_context
-
-        metrics = httpx.get(
-            f"{server.url}/metrics", verify=client_ssl_context(ca_path=ca), timeout=10
-        ).text
+        metrics = httpx.get(f"{server.url}/metrics", verify=verify, timeout=10).text
         assert "sealtorch_keyserver_keys_released_total 6.0" in metrics
+
+        workers[0].kill()  # a crashed worker is replaced; the other keeps serving
+        deadline = time.monotonic() + 60
+        while True:
+            current = _workers(server)
+            replaced = len(current) == 2 and workers[0].pid not in {w.pid for w in current}
+            if replaced and all(_listening(w, port) for w in current):
+                break
+            assert time.monotonic() < deadline, "the killed worker was not replaced"
+            time.sleep(0.1)
+        for _ in range(4):
+            with KeyReleaseClient(server.url, attester=attester, ca=ca) as client:
+                assert client.release(["m"]).keys
     finally:
         assert server.stop() in (0, -signal.SIGTERM)
-    started = [line for line in server.logs().splitlines() if "Started server process" in line]
-    assert len(started) == 2  # two workers, JSON-logging like the parent
+    logs = server.logs()
+    started = [line for line in logs.splitlines() if "Started server process" in line]
+    assert len(started) == 3  # two workers and the replacement, JSON-logging like the parent
     assert all(json.loads(line)["level"] == "info" for line in started)
+    assert "starting another" in logs
+    assert logs.count("Application shutdown complete") == 2  # graceful on SIGTERM
+
+
+def test_a_worker_that_cannot_start_stops_the_server(tmp_path: Path) -> None:
+    from sealtorch.errors import ConfigError
+    from sealtorch.keyserver._workers import WorkerSpec, listen_reusable, run_workers
+
+    holder = listen_reusable("127.0.0.1", 0, listen=False)
+    try:
+        spec = WorkerSpec(
+            app="sealtorch_no_such_module:app",
+            options={"log_config": None},
+            address=holder.getsockname()[:2],
+        )
+        with pytest.raises(ConfigError, match="could not start"):
+            run_workers(spec, count=2, grace=1.0)
+    finally:
+        holder.close()

@@ -232,7 +232,8 @@ SIGTERM or Ctrl-C shuts down gracefully (in-flight requests finish). Endpoints: 
 @click.option(
     "--workers",
     type=click.IntRange(1, 64),
-    help="Worker processes sharing the socket (config: [server] workers; 1).",
+    help="Worker processes, each with its own listening socket on the port "
+    "(config: [server] workers; 1).",
 )
 @click.option(
     "--unix-socket",
@@ -249,6 +250,7 @@ def serve(
     """Run the key server over HTTPS (uvicorn)."""
     import uvicorn
 
+    from sealtorch.keyserver._workers import WorkerSpec, listen_reusable, run_workers
     from sealtorch.keyserver.app import create_app, open_verifiers
     from sealtorch.keyserver.masterkey import open_master_key
     from sealtorch.keyserver.metrics import MULTIPROC_ENV
@@ -268,7 +270,13 @@ def serve(
     master = open_master_key(settings.master_key)
     verifiers = open_verifiers(settings)
 
-    sock = _listen_unix(unix_socket) if unix_socket else _listen(settings.host, settings.port)
+    many = settings.workers > 1
+    if unix_socket:
+        sock = _listen_unix(unix_socket)
+    elif many:  # the parent only holds the port; each worker listens on it (SO_REUSEPORT)
+        sock = listen_reusable(settings.host, settings.port, listen=False)
+    else:
+        sock = _listen(settings.host, settings.port)
     if unix_socket:
         url = f"unix://{unix_socket.absolute()}"
     else:
@@ -300,8 +308,6 @@ def serve(
         else:
             store.close()
             master.close()
-            from uvicorn.supervisors import Multiprocess
-
             metrics_dir = tempfile.mkdtemp(prefix="sealtorch-metrics-")
             os.environ[MULTIPROC_ENV] = metrics_dir
             os.environ[_DIR_ENV] = str(data_dir.absolute())
@@ -311,15 +317,15 @@ def serve(
             for key, value in overrides["server"].items():
                 if value is not None:
                     os.environ[f"SEALTORCH_KEYSERVER_SERVER_{key.upper()}"] = str(value)
-            config = uvicorn.Config(
-                "sealtorch.cli.keyserver:_worker_app",
-                factory=True,
-                workers=settings.workers,
-                **options,
+            spec = WorkerSpec(
+                app="sealtorch.cli.keyserver:_worker_app",
+                options=options,
+                address=None if unix_socket else sock.getsockname()[:2],
+                shared=sock if unix_socket else None,
             )
             click.echo(f"listening on {url}", nl=True)
             sys.stdout.flush()
-            Multiprocess(config, sockets=[sock]).run()
+            run_workers(spec, count=settings.workers, grace=settings.graceful_timeout)
     finally:
         sock.close()
         if unix_socket is not None:
