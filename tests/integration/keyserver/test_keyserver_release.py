@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import secrets
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
@@ -129,6 +131,47 @@ def test_a_nonce_is_single_use(keyserver: KeyServerUnderTest) -> None:
     assert "sealed_key" not in replay.text
     record = _audit(keyserver)[-1]
     assert (record.decision, record.reasons) == ("refuse", ("nonce_invalid",))
+
+
+def test_a_nonce_replayed_concurrently_releases_once(keyserver: KeyServerUnderTest) -> None:
+    """The same request sent 8 times at once (concurrent releases share commits): one key."""
+    keyserver.add_model("m")
+    with keyserver.http() as http:
+        nonce = _challenge(http)
+    public = hpke.generate_private_key(SUITE).public_key().encode()
+    body = json.dumps(_request(keyserver.attester, nonce, public, models=["m"])).encode()
+    barrier = threading.Barrier(8)
+
+    def send() -> httpx.Response:
+        with keyserver.http() as http:
+            barrier.wait(30)
+            return http.post(
+                "/v1/keys/release", content=body, headers={"content-type": "application/json"}
+            )
+
+    with ThreadPoolExecutor(8) as pool:
+        responses = list(pool.map(lambda _: send(), range(8)))
+    assert sorted(r.status_code for r in responses) == [200] + [403] * 7
+    assert {_error(r, 403) for r in responses if r.status_code != 200} == {"nonce_invalid"}
+    decisions = sorted(r.decision for r in _audit(keyserver) if r.action == "release")
+    assert decisions == ["allow"] + ["refuse"] * 7
+
+
+def test_release_bodies_must_be_json(keyserver: KeyServerUnderTest) -> None:
+    keyserver.add_model("m")
+    with keyserver.http() as http:
+        nonce = _challenge(http)
+        public = hpke.generate_private_key(SUITE).public_key().encode()
+        body = json.dumps(_request(keyserver.attester, nonce, public, models=["m"]))
+        for content, media_type in ((body, "text/plain"), ("", "application/json")):
+            response = http.post(
+                "/v1/keys/release", content=content, headers={"content-type": media_type}
+            )
+            assert _error(response, 400) == "invalid_request"
+        ok = http.post(
+            "/v1/keys/release", content=body, headers={"content-type": "application/json"}
+        )
+    assert ok.status_code == 200  # the refused attempts did not use up the nonce
 
 
 def test_a_never_issued_nonce_is_refused(keyserver: KeyServerUnderTest) -> None:

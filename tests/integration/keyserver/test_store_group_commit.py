@@ -1,0 +1,181 @@
+"""Group commit (``Store.submit``) on a real SQLite file and a real PostgreSQL database.
+
+Units of work that wait together share one transaction; each still gets exactly its own outcome,
+a failing unit leaves nothing behind, a group that cannot write its audit records commits
+nothing, and a nonce is consumed once however many units present it.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from contextlib import contextmanager
+from datetime import timedelta
+from typing import Any
+
+import pytest
+
+from _fixtures.clock import FakeClock
+from _fixtures.keystore import release_entry
+from sealtorch.errors import AuditError
+from sealtorch.keyserver.audit import verify_chain
+from sealtorch.keyserver.records import NonceStatus
+from sealtorch.keyserver.store import GroupTransaction, Store
+
+NONCE = b"\x11" * 32
+
+
+@contextmanager
+def _held(store: Store) -> Iterator[None]:
+    """Keep the committer busy, so that everything submitted meanwhile forms the next group."""
+    entered, leave = threading.Event(), threading.Event()
+
+    def block(tx: GroupTransaction) -> None:
+        del tx
+        entered.set()
+        assert leave.wait(30)
+
+    blocker = store.submit(block, durable=False)
+    assert entered.wait(30)
+    try:
+        yield
+    finally:
+        leave.set()
+        blocker.result(30)
+
+
+def _results(futures: list[Future[Any]]) -> list[Any]:
+    out: list[Any] = []
+    for future in futures:
+        try:
+            out.append(future.result(30))
+        except Exception as exc:  # noqa: BLE001 - the outcome under test
+            out.append(exc)
+    return out
+
+
+def _consume(clock: FakeClock) -> Callable[[GroupTransaction], NonceStatus]:
+    return lambda tx: tx.consume_nonce(NONCE, now=clock.now)
+
+
+def test_a_nonce_presented_by_many_units_of_one_group_is_consumed_once(
+    store: Store, clock: FakeClock
+) -> None:
+    store.add_nonce(NONCE, expires_at=clock.now + timedelta(seconds=30))
+    with _held(store):
+        futures = [store.submit(_consume(clock), nonce=NONCE) for _ in range(5)]
+        futures.append(store.submit(_consume(clock)))  # undeclared: its own statement
+    statuses = _results(futures)
+    assert statuses.count(NonceStatus.CONSUMED) == 1
+    assert statuses.count(NonceStatus.UNKNOWN) == 5
+
+
+def test_expired_and_never_issued_nonces_in_a_group(store: Store, clock: FakeClock) -> None:
+    store.add_nonce(NONCE, expires_at=clock.now + timedelta(seconds=30))
+    late = clock.now + timedelta(seconds=30)
+    with _held(store):
+        expired = store.submit(lambda tx: tx.consume_nonce(NONCE, now=late), nonce=NONCE)
+        unknown = store.submit(
+            lambda tx: tx.consume_nonce(b"\x12" * 32, now=clock.now), nonce=b"\x12" * 32
+        )
+    assert expired.result(30) is NonceStatus.EXPIRED
+    assert unknown.result(30) is NonceStatus.UNKNOWN
+    assert store.consume_nonce(NONCE, now=clock.now) is NonceStatus.UNKNOWN  # gone either way
+
+
+def test_a_failing_unit_leaves_nothing_and_the_others_commit_in_order(
+    store: Store, clock: FakeClock
+) -> None:
+    issued = b"\x13" * 32
+
+    def failing(tx: GroupTransaction) -> None:
+        tx.add_nonce(issued, expires_at=clock.now + timedelta(seconds=30))
+        tx.append_audit(release_entry("m", request_id="failed"))
+        raise ValueError("this unit fails")
+
+    with _held(store):
+        futures = [
+            store.submit(lambda tx: tx.append_audit(release_entry("m", request_id="first"))),
+            store.submit(failing),
+            store.submit(lambda tx: tx.append_audit(release_entry("m", request_id="third"))),
+        ]
+    outcomes = _results(futures)
+    assert outcomes[0] is None
+    assert outcomes[2] is None
+    assert isinstance(outcomes[1], ValueError)
+    records = list(store.iter_audit())
+    assert [r.request_id for r in records] == ["first", "third"]
+    assert verify_chain(records, head=store.audit_head()).count == 2
+    assert store.consume_nonce(issued, now=clock.now) is NonceStatus.UNKNOWN
+
+
+def test_a_group_whose_audit_records_cannot_be_written_commits_nothing(
+    store: Store, clock: FakeClock
+) -> None:
+    """Fail closed for every unit of the group: no unit is told it succeeded."""
+    store.add_nonce(NONCE, expires_at=clock.now + timedelta(seconds=30))
+    engine = store._engine  # type: ignore[attr-defined]
+    if store.backend == "sqlite":
+        ddl = [
+            (
+                "CREATE TRIGGER refuse_audit BEFORE INSERT ON audit_log "
+                "BEGIN SELECT RAISE(ABORT, 'audit disk full'); END"
+            )
+        ]
+    else:
+        ddl = [
+            (
+                "CREATE FUNCTION refuse_audit() RETURNS trigger AS $$ BEGIN "
+                "RAISE EXCEPTION 'audit disk full'; END $$ LANGUAGE plpgsql"
+            ),
+            (
+                "CREATE TRIGGER refuse_audit BEFORE INSERT ON audit_log "
+                "FOR EACH ROW EXECUTE FUNCTION refuse_audit()"
+            ),
+        ]
+    with engine.begin() as conn:
+        for statement in ddl:
+            conn.exec_driver_sql(statement)
+
+    def decide(tx: GroupTransaction) -> NonceStatus:
+        status = tx.consume_nonce(NONCE, now=clock.now)
+        tx.append_audit(release_entry("m"))
+        return status
+
+    with _held(store):
+        futures = [store.submit(decide, nonce=NONCE) for _ in range(3)]
+    for outcome in _results(futures):
+        assert isinstance(outcome, AuditError)
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            "DROP TRIGGER refuse_audit" + ("" if store.backend == "sqlite" else " ON audit_log")
+        )
+    assert store.consume_nonce(NONCE, now=clock.now) is NonceStatus.CONSUMED  # rolled back
+    assert list(store.iter_audit()) == []
+
+
+def test_work_withdrawn_before_it_started_never_runs(store: Store) -> None:
+    ran = threading.Event()
+
+    def work(tx: GroupTransaction) -> None:
+        ran.set()
+        tx.append_audit(release_entry("m", request_id="withdrawn"))
+
+    with _held(store):
+        withdrawn = store.submit(work)
+        assert withdrawn.cancel()  # still waiting: its caller gave up (busy timeout)
+    store.submit(lambda tx: tx.append_audit(release_entry("m", request_id="later"))).result(30)
+    assert not ran.is_set()
+    assert [r.request_id for r in store.iter_audit()] == ["later"]
+
+
+def test_a_closed_store_refuses_new_work(tmp_path: Any) -> None:
+    from sealtorch.errors import StorageError
+    from sealtorch.keyserver.store import open_store, sqlite_url
+
+    opened = open_store(sqlite_url(tmp_path / "closed.db"))
+    opened.migrate()
+    opened.close()
+    with pytest.raises(StorageError, match="closed"):
+        opened.submit(lambda tx: None)
