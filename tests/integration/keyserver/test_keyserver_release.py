@@ -461,3 +461,35 @@ def test_nothing_is_released_when_the_audit_record_cannot_be_written(
     assert _error(response, 503) == "audit_unavailable"
     assert "sealed_key" not in response.text
     assert json.loads(response.text)["error"]["message"].startswith("the audit record")
+
+
+def test_a_busy_store_answers_503_and_the_request_leaves_no_trace(
+    store: Any, master: Any, sim_attester: SimAttester, tls_files: Any, tmp_path: Any
+) -> None:
+    """A request whose commit cannot start within the busy timeout is withdrawn (it never
+    runs) and answered 503; the server serves again once the store is free."""
+    from _fixtures.keyserver import running_keyserver
+
+    with running_keyserver(
+        tmp_path, store=store, master=master, attester=sim_attester, tls=tls_files,
+        busy_timeout=0.3,
+    ) as server:  # fmt: skip
+        entered, leave = threading.Event(), threading.Event()
+
+        def block(tx: Any) -> None:
+            del tx
+            entered.set()
+            leave.wait(30)
+
+        blocker = store.submit(block, durable=False)
+        assert entered.wait(30)
+        try:
+            with server.http() as http:
+                busy = http.post("/v1/attestation/challenge", json={})
+        finally:
+            leave.set()
+            blocker.result(30)
+        assert _error(busy, 503) == "store_unavailable"
+        with server.http() as http:
+            assert http.post("/v1/attestation/challenge", json={}).status_code == 200
+    assert [r.action for r in store.iter_audit()] == ["token.create"]
