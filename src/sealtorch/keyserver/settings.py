@@ -100,8 +100,9 @@ class _Release(_Section):
     max_request_bytes: Annotated[int, Field(ge=4096, le=16 * 1024 * 1024)] = (
         DEFAULT_MAX_REQUEST_BYTES
     )
-    #: Threads per worker for verification and database work. Few is faster: SQLite has one
-    #: writer, and more threads only contend for it and for the GIL (measured: 4 beats 16).
+    #: Threads per worker for blocking work: DCAP verification, PKCS#11 master key operations,
+    #: the admin API and health checks. (Sim evidence is verified on the event loop; release
+    #: decisions are committed by the store's group-commit thread.)
     verify_threads: Annotated[int, Field(ge=1, le=256)] = 2
 
 
