@@ -10,6 +10,13 @@ from typing import Any
 
 import click
 
+from sealtorch.cli._options import (
+    SIM_KEY_DEFAULT,
+    sim_key_option,
+    tee_option,
+    tee_root_option,
+    trust_sim_key_option,
+)
 from sealtorch.errors import AttestationError, ConfigError
 
 _EXIT_REFUSED = 1
@@ -125,23 +132,14 @@ Exit status: 0 verified and allowed; 1 refused (the reason codes are printed);
     metavar="HEX",
     help="Expected report_data (128 hex digits); a difference is binding_mismatch.",
 )
-@click.option(
-    "--trust-sim-key",
-    "sim_keys",
-    multiple=True,
-    metavar="ed25519:HEX",
-    help="Trust this simulated attestation public key (repeatable).",
-)
+@trust_sim_key_option("Trust this simulated attestation public key (repeatable).")
 @click.option(
     "--trust-local-sim-key",
     is_flag=True,
     help="Trust this host's simulated attestation key (see `attest sim-key`).",
 )
-@click.option(
-    "--sim-key-file",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="This host's sim key file  [default: $SEALTORCH_SIM_KEY or "
-    "~/.local/share/sealtorch/sim-attestation.key]",
+@sim_key_option(
+    f"This host's sim key file, for --trust-local-sim-key  [default: {SIM_KEY_DEFAULT}]"
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
 @click.pass_context
@@ -157,7 +155,7 @@ def verify_cmd(
     report_data: str | None,
     sim_keys: tuple[str, ...],
     trust_local_sim_key: bool,
-    sim_key_file: Path | None,
+    sim_key: Path | None,
     as_json: bool,
 ) -> None:
     """Verify a quote or sim evidence and evaluate it against a release policy.
@@ -178,9 +176,7 @@ def verify_cmd(
 
     trusted = list(sim_keys)
     if trust_local_sim_key:
-        trusted.append(
-            att.format_sim_public_key(att.load_or_create_sim_key(sim_key_file).public_key)
-        )
+        trusted.append(att.format_sim_public_key(att.load_or_create_sim_key(sim_key).public_key))
     if not sources and not trusted:
         verifier_set = att.VerifierSet()  # the check below says what to pass
     else:
@@ -300,12 +296,7 @@ Examples:
 
 
 @attest.command("evidence", epilog=_EVIDENCE_EPILOG)
-@click.option(
-    "--tee",
-    type=click.Choice(["sim", "gramine", "tdx"]),
-    required=True,
-    help="Which TEE to ask: sim (software, development), gramine (SGX), tdx.",
-)
+@tee_option("Which TEE to ask: sim (software, development), gramine (SGX), tdx.", required=True)
 @click.option("--report-data", metavar="HEX", required=True, help="64 bytes as 128 hex digits.")
 @click.option(
     "-o",
@@ -322,38 +313,33 @@ Examples:
     show_default=True,
     help="raw bytes, hex text, or the JSON wire form {type, data}.",
 )
-@click.option(
-    "--root",
-    type=click.Path(file_okay=False, path_type=Path),
-    help="Device root for gramine (/dev/attestation) or tdx (/sys/kernel/config/tsm/report).",
-)
+@tee_root_option()
 @click.option("--role", help="sim only: the measured role (keycache, serve, app).")
-@click.option(
-    "--sim-key-file",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="sim only: the simulated attestation key file (created if missing).",
+@sim_key_option(
+    f"--tee sim: the simulated attestation key file, created if missing (default: "
+    f"{SIM_KEY_DEFAULT})."
 )
 def evidence_cmd(
     tee: str,
     report_data: str,
     output: Path,
     fmt: str,
-    root: Path | None,
+    tee_root: Path | None,
     role: str | None,
-    sim_key_file: Path | None,
+    sim_key: Path | None,
 ) -> None:
     """Ask this machine's TEE for evidence binding REPORT_DATA and write it to a file."""
     from sealtorch.attestation import attester_for
 
     data = _parse_report_data(report_data)
     if tee == "sim":
-        if root is not None:
-            raise click.UsageError("--root applies to gramine and tdx, not sim")
-        provider = attester_for("sim", role=role, key_path=sim_key_file)
+        if tee_root is not None:
+            raise click.UsageError("--tee-root applies to gramine and tdx, not sim")
+        provider = attester_for("sim", role=role, key_path=sim_key)
     else:
-        if role is not None or sim_key_file is not None:
-            raise click.UsageError("--role and --sim-key-file apply to --tee sim only")
-        provider = attester_for(tee, root=root)
+        if role is not None or sim_key is not None:
+            raise click.UsageError("--role and --sim-key apply to --tee sim only")
+        provider = attester_for(tee, root=tee_root)
     evidence = provider.evidence(data)
     if fmt == "raw":
         payload = evidence.data

@@ -11,6 +11,13 @@ from typing import Any
 
 import click
 
+from sealtorch.cli._options import (
+    sim_key_option,
+    tee_option,
+    tee_root_option,
+    trust_sim_key_option,
+)
+
 
 @click.group(
     epilog="""\b
@@ -83,23 +90,9 @@ without -v; -q silences it. SIGTERM/Ctrl-C stops; SIGHUP refreshes at once.
     help="Hold only this model (repeatable). Default: every model the key server releases "
     "to this cache. Listing models makes denials visible with their reasons.",
 )
-@click.option(
-    "--tee",
-    type=click.Choice(["sim", "gramine", "tdx"]),
-    help="The TEE this cache runs in; its evidence goes to the key server.",
-)
-@click.option(
-    "--sim-key",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="sim only: the host's simulated attestation key (default: $SEALTORCH_SIM_KEY or "
-    "~/.local/share/sealtorch/sim-attestation.key).",
-)
-@click.option(
-    "--tee-root",
-    type=click.Path(file_okay=False, path_type=Path),
-    help="gramine/tdx: the attestation device directory (default /dev/attestation or "
-    "/sys/kernel/config/tsm/report).",
-)
+@tee_option("The TEE this cache runs in; its evidence goes to the key server.")
+@sim_key_option()
+@tee_root_option()
 @click.option(
     "--socket",
     "socket_path",
@@ -137,12 +130,8 @@ without -v; -q silences it. SIGTERM/Ctrl-C stops; SIGHUP refreshes at once.
     metavar="HOST:PORT",
     help="Loopback listener for /metrics, /healthz, /readyz and status only (no keys).",
 )
-@click.option(
-    "--trust-sim-key",
-    "sim_keys",
-    multiple=True,
-    metavar="ed25519:HEX",
-    help="Accept sim evidence from local clients signed by this key (development; repeatable).",
+@trust_sim_key_option(
+    "Accept sim evidence from local clients signed by this key (development; repeatable)."
 )
 @click.option("--pccs-url", metavar="URL", help="PCCS for verifying local SGX/TDX quotes.")
 @click.option(

@@ -16,6 +16,7 @@ from typing import Any
 
 import click
 
+from sealtorch.cli._options import trust_sim_key_option
 from sealtorch.errors import ConfigError
 
 _log = logging.getLogger("sealtorch.keyserver")
@@ -72,12 +73,8 @@ keys: back it up and protect it like the keys themselves.
     "(postgresql+psycopg://USER:PW@HOST/DB) lets several servers run as replicas.",
 )
 @click.option("--port", type=click.IntRange(0, 65535), help="Port written to the config.")
-@click.option(
-    "--trust-sim-key",
-    "sim_keys",
-    multiple=True,
-    metavar="ed25519:HEX",
-    help="Trust evidence of the simulated TEE signed by this key (development only; repeatable).",
+@trust_sim_key_option(
+    "Trust evidence of the simulated TEE signed by this key (development only; repeatable)."
 )
 @click.option(
     "--admin-token-file",

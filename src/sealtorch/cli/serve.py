@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from sealtorch.cli._options import sim_key_option, tee_option, tee_root_option
 from sealtorch.cli.owner import _parse_size
 from sealtorch.errors import ConfigError
 
@@ -62,29 +63,15 @@ Details: docs/serving.md; enclave deployment: docs/deployment.md.
     help="DEVELOPMENT ONLY: read the data key from this file (`sealtorch keygen`); no "
     "attestation takes place.",
 )
-@click.option(
-    "--tee",
-    type=click.Choice(["sim", "gramine", "tdx"]),
-    help="The TEE this server runs in, whose evidence is sent with --keys.",
-)
+@tee_option("The TEE this server runs in, whose evidence is sent with --keys.")
 @click.option(
     "--keys-ca",
     type=click.Path(dir_okay=False, exists=True, path_type=Path),
     help="CA certificate to trust for an https:// --keys URL (e.g. the key server's "
     "generated ca.pem); default: the system trust store.",
 )
-@click.option(
-    "--sim-key",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="--tee sim: the simulated attestation key file (default: $SEALTORCH_SIM_KEY or "
-    "~/.local/share/sealtorch/sim-attestation.key).",
-)
-@click.option(
-    "--attestation-root",
-    type=click.Path(file_okay=False, path_type=Path),
-    help="--tee gramine/tdx: the attestation device directory, if not the standard one "
-    "(/dev/attestation, /sys/kernel/config/tsm/report).",
-)
+@sim_key_option()
+@tee_root_option()
 @click.option(
     "--hpke-suite",
     type=click.Choice(
@@ -152,7 +139,7 @@ def serve(
     tee: str | None,
     keys_ca: Path | None,
     sim_key: Path | None,
-    attestation_root: Path | None,
+    tee_root: Path | None,
     hpke_suite: str | None,
     names: tuple[str, ...],
     host: str,
@@ -193,9 +180,9 @@ def serve(
     )
     provider: KeyProvider
     if key_file is not None:
-        if tee is not None or keys_ca or sim_key or attestation_root or hpke_suite:
+        if tee is not None or keys_ca or sim_key or tee_root or hpke_suite:
             raise click.UsageError(
-                "--tee, --keys-ca, --sim-key, --attestation-root and --hpke-suite apply to "
+                "--tee, --keys-ca, --sim-key, --tee-root and --hpke-suite apply to "
                 "--keys; a --key-file involves no TEE"
             )
         click.secho(f"WARNING: {DEV_KEY_WARNING}", fg="yellow", bold=True, err=True)
@@ -206,7 +193,7 @@ def serve(
             keys_url,
             tee=tee,
             ca=keys_ca,
-            attestation_root=attestation_root,
+            tee_root=tee_root,
             sim_key=sim_key,
             hpke_suite=hpke_suite,
         )

@@ -102,14 +102,14 @@ def resolve_key_source(
     *,
     tee: str | None,
     ca: str | os.PathLike[str] | None = None,
-    attestation_root: str | os.PathLike[str] | None = None,
+    tee_root: str | os.PathLike[str] | None = None,
     sim_key: str | os.PathLike[str] | None = None,
     hpke_suite: str | None = None,
 ) -> KeyReleaseClient:
     """The attested key provider for ``--keys URL`` running in TEE ``tee``.
 
     ``ca`` is the CA certificate to trust for ``https://`` (default: the system store);
-    ``attestation_root`` overrides the gramine/tdx device directory (tests); ``sim_key`` is the
+    ``tee_root`` overrides the gramine/tdx device directory (tests); ``sim_key`` is the
     simulated TEE's attestation key file. The inference server attests as role ``serve``.
     """
     from sealtorch.attestation import attester_for
@@ -128,12 +128,12 @@ def resolve_key_source(
         raise ConfigError("--keys-ca applies to an https:// key source, not a Unix socket")
     if sim_key is not None and tee != "sim":
         raise ConfigError("--sim-key applies to --tee sim only")
-    if attestation_root is not None and tee == "sim":
-        raise ConfigError("--attestation-root applies to --tee gramine or tdx")
+    if tee_root is not None and tee == "sim":
+        raise ConfigError("--tee-root applies to --tee gramine or tdx")
     if tee == "sim":
         attester = attester_for("sim", role="serve", key_path=sim_key)
     else:
-        attester = attester_for(tee, root=attestation_root)
+        attester = attester_for(tee, root=tee_root)
     return KeyReleaseClient(
         str(endpoint), attester=attester, ca=ca, suite=hpke_suite or DEFAULT_HPKE_SUITE
     )

@@ -231,7 +231,7 @@ def test_sim_flow_end_to_end(tmp_path: Path) -> None:
         "sim",
         "--role",
         "serve",
-        "--sim-key-file",
+        "--sim-key",
         str(key_file),
         "--report-data",
         "11" * 64,
@@ -256,7 +256,7 @@ def test_sim_flow_end_to_end(tmp_path: Path) -> None:
     )
     assert ok.exit_code == 0, ok.output
     assert "sim_role" in ok.output
-    local = run("verify", str(evidence), "--trust-local-sim-key", "--sim-key-file", str(key_file))
+    local = run("verify", str(evidence), "--trust-local-sim-key", "--sim-key", str(key_file))
     assert local.exit_code == 0, local.output
 
     # signed by another host's key
@@ -283,7 +283,7 @@ def test_evidence_formats_are_all_readable_by_verify(tmp_path: Path, fmt: str) -
         "evidence",
         "--tee",
         "sim",
-        "--sim-key-file",
+        "--sim-key",
         str(key_file),
         "--report-data",
         "22" * 64,
@@ -293,9 +293,7 @@ def test_evidence_formats_are_all_readable_by_verify(tmp_path: Path, fmt: str) -
         fmt,
     )
     assert made.exit_code == 0, made.output
-    result = run(
-        "verify", str(out), "--trust-local-sim-key", "--sim-key-file", str(key_file), "--json"
-    )
+    result = run("verify", str(out), "--trust-local-sim-key", "--sim-key", str(key_file), "--json")
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["claims"]["report_data"] == "22" * 64
 
@@ -310,7 +308,7 @@ def test_evidence_from_gramine_and_failures(tmp_path: Path, samples: Path) -> No
         "evidence",
         "--tee",
         "gramine",
-        "--root",
+        "--tee-root",
         str(root),
         "--report-data",
         SGX_REPORT_DATA.hex(),
@@ -323,7 +321,7 @@ def test_evidence_from_gramine_and_failures(tmp_path: Path, samples: Path) -> No
         "evidence",
         "--tee",
         "tdx",
-        "--root",
+        "--tee-root",
         str(tmp_path / "none"),
         "--report-data",
         "00" * 64,

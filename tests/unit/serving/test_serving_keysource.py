@@ -65,8 +65,8 @@ def test_resolving_needs_a_tee_and_says_what_is_missing() -> None:
     assert info.value.exit_code == 2
     with pytest.raises(ConfigError, match="--sim-key applies to --tee sim"):
         resolve_key_source("unix:///run/keycache.sock", tee="tdx", sim_key="/k")
-    with pytest.raises(ConfigError, match="--attestation-root applies"):
-        resolve_key_source("unix:///run/keycache.sock", tee="sim", attestation_root="/d")
+    with pytest.raises(ConfigError, match="--tee-root applies"):
+        resolve_key_source("unix:///run/keycache.sock", tee="sim", tee_root="/d")
 
 
 def test_resolving_builds_an_attested_client_for_the_serve_role(tmp_path: Path) -> None:
