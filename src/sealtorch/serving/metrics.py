@@ -9,14 +9,9 @@ from __future__ import annotations
 
 from typing import Final
 
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    generate_latest,
-)
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from sealtorch._metrics import MetricsRegistry
 
 __all__ = ["CONTENT_TYPE", "ServingMetrics"]
 
@@ -39,67 +34,54 @@ _LATENCY_BUCKETS: Final = (
 )
 
 
-class ServingMetrics:
+class ServingMetrics(MetricsRegistry):
     """Request counts, latencies, in-flight requests and model load figures."""
 
     def __init__(self) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
-        self.requests = Counter(
+        super().__init__()
+        self.requests = self.counter(
             "sealtorch_inference_requests",
             "Inference requests by model and HTTP status",
             ["model", "status"],
-            registry=self.registry,
         )
-        self.latency = Histogram(
+        self.latency = self.histogram(
             "sealtorch_inference_request_seconds",
             "Inference request latency (body read, queue, decode, model, encode)",
             ["model"],
             buckets=_LATENCY_BUCKETS,
-            registry=self.registry,
         )
-        self.compute = Histogram(
+        self.compute = self.histogram(
             "sealtorch_inference_compute_seconds",
             "Time spent in the model's forward pass",
             ["model"],
             buckets=_LATENCY_BUCKETS,
-            registry=self.registry,
         )
-        self.in_flight = Gauge(
-            "sealtorch_inference_in_flight",
-            "Inference requests being processed or queued",
-            registry=self.registry,
+        self.in_flight = self.gauge(
+            "sealtorch_inference_in_flight", "Inference requests being processed or queued"
         )
-        self.load_seconds = Gauge(
+        self.load_seconds = self.gauge(
             "sealtorch_model_load_seconds",
             "Time to obtain the key, decrypt, build and warm up the model",
             ["model"],
-            registry=self.registry,
         )
-        self.load_phase_seconds = Gauge(
+        self.load_phase_seconds = self.gauge(
             "sealtorch_model_load_phase_seconds",
             "Model load time by phase: key_release (attestation and key release), decrypt "
             "(authenticate and decrypt), build (build the module), warmup",
             ["model", "phase"],
-            registry=self.registry,
         )
-        self.ready = Gauge(
+        self.ready = self.gauge(
             "sealtorch_model_ready",
             "1 when the model is decrypted, warmed up and serving",
             ["model"],
-            registry=self.registry,
         )
-        self.info = Gauge(
+        self.info = self.gauge(
             "sealtorch_model_info",
             "Served models (sealed=false only for plain models served through the Python API)",
             ["model", "version", "sealed"],
-            registry=self.registry,
         )
-        self.http = Counter(
+        self.http = self.counter(
             "sealtorch_http_requests",
             "HTTP requests by route template, method and status",
             ["route", "method", "status"],
-            registry=self.registry,
         )
-
-    def render(self) -> bytes:
-        return generate_latest(self.registry)
