@@ -24,366 +24,27 @@ twice (shared machine) and the better run is reported; every run is in the detai
 
 from __future__ import annotations
 
-import asyncio
-import multiprocessing
+import importlib
 import os
-import re
-import signal
-import subprocess
 import sys
-import time
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from benchmarks._harness import Context, Result, percentile, result
+from benchmarks._harness import Context, Result, result
+from benchmarks._processes import stop_process
+from benchmarks._release_load import (
+    Endpoint,
+    Load,
+    LoadRun,
+    bare_release_seconds,
+    run_load,
+    sim_signer_policy,
+    start_keyserver,
+)
 
 _REPO = Path(__file__).resolve().parents[1]
 _CONCURRENCY = 32
 _TARGET_RATE = 300.0
-_LISTENING = re.compile(r"^listening on (\S+)$")
-
-
-# -- load generator (runs in its own process) ---------------------------------------------------
-
-
-class _Connection:
-    """A minimal HTTP/1.1 keep-alive client over asyncio TLS streams.
-
-    httpx's async pool costs about 3 ms of CPU per request with 32 connections, which would make
-    the load generator, not the server, the bottleneck on 2 cores; this costs about 0.1 ms.
-    """
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, host: str):
-        self.reader = reader
-        self.writer = writer
-        self.host = host
-
-    @classmethod
-    async def open(cls, url: str, ssl_context: Any) -> _Connection:
-        from urllib.parse import urlsplit
-
-        parts = urlsplit(url)
-        reader, writer = await asyncio.open_connection(
-            parts.hostname, parts.port, ssl=ssl_context, server_hostname=parts.hostname
-        )
-        return cls(reader, writer, parts.netloc)
-
-    async def post(self, path: str, body: bytes) -> tuple[int, bytes]:
-        self.writer.write(
-            f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n".encode()
-            + body
-        )
-        head = await self.reader.readuntil(b"\r\n\r\n")
-        status = int(head[9:12])
-        length = 0
-        for line in head.split(b"\r\n")[1:]:
-            name, _, value = line.partition(b":")
-            if name.strip().lower() == b"content-length":
-                length = int(value)
-        return status, await self.reader.readexactly(length)
-
-    def close(self) -> None:
-        self.writer.close()
-
-
-async def _release_loop(
-    url: str, ssl_context: Any, attester: Any, deadline: float, warm_until: float,
-    samples: list[float], interval: float | None, offset: float,
-) -> int:  # fmt: skip
-    import json
-    from datetime import datetime
-
-    from sealtorch._crypto import hpke
-    from sealtorch.attestation import report_data_for
-    from sealtorch.protocol import b64decode, b64encode, key_release_info
-
-    suite = hpke.DEFAULT_SUITE
-    errors = 0
-    connection = await _Connection.open(url, ssl_context)
-    next_start = time.perf_counter() + offset
-    try:
-        while time.perf_counter() < deadline:
-            if interval is not None:  # paced: a fixed offered rate, not as fast as possible
-                wait = next_start - time.perf_counter()
-                if wait > 0:
-                    await asyncio.sleep(wait)
-                next_start += interval
-            start = time.perf_counter()
-            try:
-                status, raw = await connection.post("/v1/attestation/challenge", b"{}")
-                nonce = b64decode(json.loads(raw)["nonce"])
-                private = hpke.generate_private_key(suite)
-                public = private.public_key().encode()
-                evidence = attester.evidence(
-                    report_data_for(nonce=nonce, hpke_suite=suite, public_key=public)
-                )
-                request = {
-                    "nonce": b64encode(nonce),
-                    "evidence": evidence.to_wire(),
-                    "hpke": {"suite": suite, "public_key": b64encode(public)},
-                    "models": ["bench"],
-                }
-                status, raw = await connection.post(
-                    "/v1/keys/release", json.dumps(request).encode()
-                )
-                if status != 200:
-                    raise RuntimeError(f"HTTP {status}")
-                body = json.loads(raw)
-                granted = body["granted"][0]
-                info = key_release_info(
-                    model_id="bench",
-                    key_version=granted["key_version"],
-                    request_id=body["request_id"],
-                    request_nonce=nonce,
-                    policy_digest=granted["policy_digest"],
-                    lease_expires_at=datetime.fromisoformat(granted["lease_expires_at"]),
-                )
-                hpke.open(suite, private, b64decode(granted["sealed_key"]), info=info)
-            except (OSError, ValueError, KeyError, RuntimeError, asyncio.IncompleteReadError):
-                errors += 1
-                connection.close()
-                connection = await _Connection.open(url, ssl_context)
-                continue
-            except Exception:  # noqa: BLE001 - e.g. a key that fails to open: an error too
-                errors += 1
-                continue
-            if start >= warm_until:
-                samples.append(time.perf_counter() - start)
-    finally:
-        connection.close()
-    return errors
-
-
-async def _load(
-    url: str, ca: str, key_path: str, seconds: float, warmup: float, rate: float | None, out: Any
-) -> dict[str, Any]:
-    from sealtorch._crypto.tls import client_ssl_context
-    from sealtorch.attestation import SimAttester
-
-    attester = SimAttester(role="app", key_path=key_path)
-    attester.evidence(b"\0" * 64)  # load the key and measure before the clock starts
-    ssl_context = client_ssl_context(ca_path=ca)
-    now = time.perf_counter()
-    warm_until = now + warmup
-    deadline = warm_until + seconds
-    samples: list[float] = []
-    cpu = time.process_time()
-    interval = _CONCURRENCY / rate if rate else None
-
-    async def mark(at: float, what: str) -> None:  # tells the parent to read the server's CPU
-        await asyncio.sleep(max(0.0, at - time.perf_counter()))
-        out.put((what, None))
-
-    marks = [
-        asyncio.create_task(mark(warm_until, "start")),
-        asyncio.create_task(mark(deadline, "end")),
-    ]
-    errors = await asyncio.gather(
-        *(
-            _release_loop(
-                url, ssl_context, attester, deadline, warm_until, samples, interval,
-                (interval or 0) * n / _CONCURRENCY,
-            )
-            for n in range(_CONCURRENCY)
-        )
-    )  # fmt: skip
-    measured = time.perf_counter() - warm_until
-    cpu = time.process_time() - cpu
-    await asyncio.gather(*marks)
-    return {
-        "samples": samples,
-        "errors": sum(errors),
-        "seconds": measured,
-        "client_cpu": cpu / (measured + warmup),
-    }
-
-
-def _load_process(
-    url: str, ca: str, key_path: str, seconds: float, warmup: float, rate: float | None, out: Any
-) -> None:
-    out.put(("done", asyncio.run(_load(url, ca, key_path, seconds, warmup, rate, out))))
-
-
-# -- server -------------------------------------------------------------------------------------
-
-
-def _init(workdir: Path, database_url: str | None) -> tuple[Path, str, Path]:
-    from sealtorch.attestation import SimAttester
-    from sealtorch.keyserver.datadir import init_data_dir
-
-    key_path = workdir / "sim.key"
-    attester = SimAttester(role="app", key_path=key_path)
-    created = init_data_dir(
-        workdir / "ks", sim_trusted_keys=[attester.public_key], database_url=database_url
-    )
-    return created.data_dir, created.admin_token, key_path
-
-
-def _serve(data_dir: Path, workers: int, env: dict[str, str]) -> tuple[subprocess.Popen[str], str]:
-    process = subprocess.Popen(
-        [sys.executable, "-m", "sealtorch", "-q", "keyserver", "serve", str(data_dir),
-         "--port", "0", "--workers", str(workers)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        env={**os.environ, **env},
-    )  # fmt: skip
-    assert process.stdout is not None
-    line = process.stdout.readline().strip()
-    match = _LISTENING.match(line)
-    if not match:
-        process.kill()
-        raise RuntimeError(f"keyserver serve did not start: {line!r}")
-    return process, match.group(1)
-
-
-def _prepare_model(url: str, ca: Path, token: str) -> None:
-    from sealtorch.attestation import SIM_MRSIGNER
-    from sealtorch.client import AdminClient
-
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            with AdminClient(url, token=token, ca=ca) as admin:
-                if not any(m.model_id == "bench" for m in admin.list_models()):
-                    admin.create_model("bench")
-                    admin.set_policy(
-                        "bench",
-                        {
-                            "allowed_tees": ["sim"],
-                            "sim": {"mrsigner": [SIM_MRSIGNER], "isv_prod_id": 0},
-                        },
-                    )
-                return
-        except Exception:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
-
-
-def _run_load(
-    url: str,
-    ca: Path,
-    key_path: Path,
-    seconds: float,
-    warmup: float,
-    rate: float | None,
-    server_pid: int,
-) -> dict[str, Any]:
-    import psutil
-
-    server = psutil.Process(server_pid)
-    spawn = multiprocessing.get_context("spawn")
-    out = spawn.Queue()
-    loader = spawn.Process(
-        target=_load_process, args=(url, str(ca), str(key_path), seconds, warmup, rate, out)
-    )
-    loader.start()
-    times: dict[str, float] = {}
-    while True:
-        what, value = out.get(timeout=seconds + warmup + 120)
-        if what == "done":
-            stats: dict[str, Any] = value
-            break
-        times[what] = _tree_cpu(server)  # the measured window only (after the warm-up)
-    loader.join(timeout=30)
-    stats["server_cpu_seconds"] = times["end"] - times["start"]
-    return stats
-
-
-def _tree_cpu(process: Any) -> float:
-    """User + system CPU seconds of a process and its children (the workers)."""
-    import psutil
-
-    total = 0.0
-    for each in [process, *process.children(recursive=True)]:
-        try:
-            times = each.cpu_times()
-        except psutil.Error:  # a child that just exited
-            continue
-        total += times.user + times.system
-    return total
-
-
-def _bare_release_seconds(key_path: Path, runs: int) -> float:
-    """CPU seconds of the bare protocol work of one release (best of three loops)."""
-    import secrets
-
-    from sealtorch._crypto import hpke
-    from sealtorch.attestation import (
-        SIM_MRSIGNER,
-        Evidence,
-        Policy,
-        SimAttester,
-        binding_reasons,
-        make_verifiers,
-        report_data_for,
-    )
-    from sealtorch.protocol import GrantedKey, ReleaseRequest, ReleaseResponse, key_release_info
-
-    app = SimAttester(role="app", key_path=key_path)
-    verifiers = make_verifiers(sim_trusted_keys=[app.public_key])
-    policy = Policy.from_dict(
-        {"allowed_tees": ["sim"], "sim": {"mrsigner": [SIM_MRSIGNER], "isv_prod_id": 0}}
-    )
-    document = policy.to_dict()
-    key = secrets.token_bytes(32)
-    bodies = []
-    for _ in range(64):
-        nonce = secrets.token_bytes(32)
-        public = hpke.generate_private_key().public_key().encode()
-        evidence = app.evidence(
-            report_data_for(nonce=nonce, hpke_suite=hpke.DEFAULT_SUITE, public_key=public)
-        )
-        bodies.append(
-            ReleaseRequest.model_validate(
-                {
-                    "nonce": nonce,
-                    "evidence": {"type": "sim", "data": evidence.data},
-                    "hpke": {"suite": hpke.DEFAULT_SUITE, "public_key": public},
-                    "models": ["bench"],
-                }
-            ).model_dump_json()
-        )
-    now = datetime.now(UTC)
-    lease = now + timedelta(hours=1)
-
-    def one(raw: str) -> bytes:
-        request = ReleaseRequest.model_validate_json(raw)
-        claims = verifiers.verify(
-            Evidence(type=request.evidence.type, data=request.evidence.data), now=now
-        )
-        expected = report_data_for(
-            nonce=request.nonce, hpke_suite=request.hpke.suite, public_key=request.hpke.public_key
-        )
-        if binding_reasons(claims, expected) or not policy.evaluate(claims, now=now).allowed:
-            raise RuntimeError("the bare release was refused")
-        info = key_release_info(
-            model_id="bench", key_version=1, request_id="r" * 32, request_nonce=request.nonce,
-            policy_digest=policy.digest, lease_expires_at=lease,
-        )  # fmt: skip
-        sealed = hpke.seal(request.hpke.suite, request.hpke.public_key, key, info=info)
-        granted = GrantedKey(
-            model_id="bench", key_version=1, sealed_key=sealed, lease_expires_at=lease,
-            policy=document, policy_version=1, policy_digest=policy.digest,
-        )  # fmt: skip
-        return (
-            ReleaseResponse(request_id="r" * 32, server_time=now, granted=(granted,), denied=())
-            .model_dump_json()
-            .encode()
-        )
-
-    for raw in bodies:
-        one(raw)
-    best = float("inf")
-    for _ in range(3):
-        start = time.process_time()
-        for n in range(runs):
-            one(bodies[n % len(bodies)])
-        best = min(best, (time.process_time() - start) / runs)
-    return best
 
 
 def _measure(
@@ -402,31 +63,24 @@ def _measure(
     ``paced`` releases/s offered by the same 32 clients (the latency at that load)."""
     workdir = ctx.workdir / name
     workdir.mkdir(parents=True)
-    data_dir, token, key_path = _init(workdir, database_url)
-    env = {"SEALTORCH_KEYSERVER_DATABASE_SQLITE_SYNCHRONOUS": synchronous}
-    process, url = _serve(data_dir, workers, env)
-    ca = data_dir / "tls" / "ca.crt"
+    server = start_keyserver(
+        workdir, models=["bench"], database_url=database_url, workers=workers,
+        env={"SEALTORCH_KEYSERVER_DATABASE_SQLITE_SYNCHRONOUS": synchronous},
+    )  # fmt: skip
     seconds, warmup = (3.0, 1.0) if ctx.quick else (10.0, 2.0)
-    runs: dict[str, list[dict[str, Any]]] = {"closed loop": []}
+    endpoint = Endpoint(server.url, ca=str(server.ca))
+
+    def load(rate: float | None) -> LoadRun:
+        spec = Load(endpoint, str(server.key_path), ("bench",), _CONCURRENCY, seconds, warmup, rate)
+        return run_load(spec, server_pid=server.process.pid)
+
+    runs: dict[str, list[LoadRun]] = {}
     try:
-        _prepare_model(url, ca, token)
-        for _ in range(tries):
-            runs["closed loop"].append(
-                _run_load(url, ca, key_path, seconds, warmup, None, process.pid)
-            )
+        runs["closed loop"] = [load(None) for _ in range(tries)]
         if paced:
-            runs[f"at {paced:.0f}/s"] = [
-                _run_load(url, ca, key_path, seconds, warmup, paced, process.pid)
-            ]
+            runs[f"at {paced:.0f}/s"] = [load(paced)]
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        if process.stdout is not None:
-            process.stdout.close()
+        stop_process(server.process)
     results = []
     for mode, tried in runs.items():
         summaries = [_summary(stats) for stats in tried]
@@ -459,18 +113,16 @@ def _measure(
     return results
 
 
-def _summary(stats: dict[str, Any]) -> dict[str, Any]:
-    samples = stats["samples"]
-    count = max(1, len(samples))
+def _summary(run: LoadRun) -> dict[str, Any]:
     return {
-        "rate": round(len(samples) / stats["seconds"], 1),
-        "p50": round(percentile(samples, 50) * 1000, 2) if samples else float("inf"),
-        "p99": round(percentile(samples, 99) * 1000, 2) if samples else float("inf"),
-        "errors": stats["errors"],
-        "releases": len(samples),
-        "client_cores": round(stats["client_cpu"], 2),
-        "server_cores": round(stats["server_cpu_seconds"] / stats["seconds"], 2),
-        "server_ms": round(stats["server_cpu_seconds"] / count * 1000, 3),
+        "rate": round(run.rate, 1),
+        "p50": round(run.latency_ms(50), 2),
+        "p99": round(run.latency_ms(99), 2),
+        "errors": run.errors,
+        "releases": len(run.samples),
+        "client_cores": round(run.client_cpu, 2),
+        "server_cores": round(run.server_cpu_seconds / run.seconds, 2),
+        "server_ms": round(run.server_cpu_seconds / max(1, len(run.samples)) * 1000, 3),
     }
 
 
@@ -478,11 +130,11 @@ def _postgres_url(ctx: Context) -> tuple[Any, str] | None:
     """A private PostgreSQL cluster (the test suite's), or None when PostgreSQL is missing."""
     sys.path.insert(0, str(_REPO / "tests"))
     try:
-        from _fixtures.postgres import PostgresCluster, find_bindir
+        fixtures = importlib.import_module("_fixtures.postgres")
     except ImportError:
         return None
     try:
-        cluster = PostgresCluster(find_bindir())
+        cluster = fixtures.PostgresCluster(fixtures.find_bindir())
         cluster.start()
     except BaseException:  # noqa: BLE001 - pytest.fail outside pytest: no PostgreSQL here
         return None
@@ -490,7 +142,10 @@ def _postgres_url(ctx: Context) -> tuple[Any, str] | None:
 
 
 def run(ctx: Context) -> list[Result]:
-    bare = _bare_release_seconds(ctx.workdir / "bare-sim.key", 200 if ctx.quick else 2000)
+    bare = bare_release_seconds(
+        ctx.workdir / "bare-sim.key", runs=200 if ctx.quick else 2000,
+        policy=sim_signer_policy(), model_id="bench", check_binding=True,
+    )  # fmt: skip
     results = [
         result("keyserver/bare protocol work", "CPU per release", bare * 1000, "ms",
                note="parse, verify sim evidence, policy, HPKE seal, response; no HTTP/TLS/DB"),

@@ -22,24 +22,25 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
+import re
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import httpx
 import torch
 
 import sealtorch
 from benchmarks._harness import Context, Result, percentile, result
+from benchmarks._processes import start_process, stop_process
 from sealtorch.keys import write_key_file
 
 _REPO = Path(__file__).resolve().parents[1]
 _ARCH = "torchvision:resnet50"
+_READY = re.compile(r"^ready on (\S+)")
 
 
 # -- the benchmark-only server entry (plain models) --------------------------------------------
@@ -106,49 +107,10 @@ def serve_main(argv: list[str]) -> None:
 # -- measurements ------------------------------------------------------------------------------
 
 
-def _wait_line(stream: IO[str], prefix: str, timeout: float) -> str:
-    found: list[str] = []
-
-    def read() -> None:
-        for line in stream:
-            if line.startswith(prefix):
-                found.append(line.strip())
-                return
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
-    reader.join(timeout)
-    if not found:
-        raise RuntimeError(f"the server printed no {prefix!r} line within {timeout} s")
-    return found[0]
-
-
 def _start(command: list[str]) -> tuple[subprocess.Popen[str], str, float]:
     """Start a server; return it, its URL and the seconds from start to its ready line."""
-    start = time.perf_counter()
-    process = subprocess.Popen(
-        command, cwd=_REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
-    )
-    assert process.stdout is not None
-    try:
-        line = _wait_line(process.stdout, "ready on ", timeout=600)
-    except BaseException:
-        process.kill()
-        process.wait()
-        raise
-    elapsed = time.perf_counter() - start
-    return process, line.split()[2], elapsed
-
-
-def _stop(process: subprocess.Popen[str]) -> None:
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(60)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-    if process.stdout is not None:
-        process.stdout.close()
+    process, match, elapsed = start_process(command, ready=_READY, timeout=600, cwd=_REPO)
+    return process, match.group(1), elapsed
 
 
 def _binary_request(x: torch.Tensor) -> tuple[bytes, dict[str, str]]:
@@ -272,7 +234,7 @@ def run(ctx: Context) -> list[Result]:
                         )
                     )
     finally:
-        _stop(process)
+        stop_process(process, timeout=60)
 
     # -- process start to ready ----------------------------------------------------------------
     sealed_cmd = [
@@ -292,7 +254,7 @@ def run(ctx: Context) -> list[Result]:
         order = (("sealed", sealed_cmd), ("plain", plain_cmd))
         for name, command in order if index % 2 == 0 else order[::-1]:
             process, _, elapsed = _start(command)
-            _stop(process)
+            stop_process(process, timeout=60)
             times[name].append(elapsed)
     # Best of the runs (as the harness's best_of): the cost itself, without the machine's load.
     sealed_s, plain_s = min(times["sealed"]), min(times["plain"])
