@@ -20,6 +20,7 @@ Release, stopping at the first failure:
    id, nonce, policy digest, lease) and the *remaining* lease of the cache's own key.
 
 Every decision is logged (structured, without secrets) and reported to an observer (metrics).
+The steps and codes shared with the key server are in :mod:`sealtorch._release`.
 """
 
 from __future__ import annotations
@@ -32,22 +33,28 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from enum import StrEnum
-from typing import NoReturn
 
 from sealtorch._crypto import hpke
-from sealtorch.attestation import (
-    Claims,
-    Evidence,
-    VerifierSet,
-    binding_reasons,
-    reason_for_error,
-    report_data_for,
+from sealtorch._release import (
+    MAX_DENIAL_MESSAGE,
+    NONCE_EXPIRED,
+    NONCE_INVALID,
+    DecisionObserver,
+    ErrorKind,
+    OutcomeReporter,
+    Refusal,
+    RequestError,
+    check_release_request,
+    collateral_cap,
+    new_challenge,
+    policy_denial,
+    release_response,
+    seal_key,
+    session_models,
 )
-from sealtorch.errors import AttestationError, Error, ProtocolError
+from sealtorch.attestation import Claims, VerifierSet
 from sealtorch.keycache.holdings import MODEL_LEVEL_REASONS, HeldKey, Holdings
 from sealtorch.protocol import (
-    HPKE_SUITES,
     ChallengeResponse,
     DeniedModel,
     GrantedKey,
@@ -55,7 +62,6 @@ from sealtorch.protocol import (
     ReleaseResponse,
     RenewRequest,
     SessionGrant,
-    key_release_info,
 )
 
 __all__ = [
@@ -77,37 +83,12 @@ CACHE_REASON_CODES = {
     "not_in_session": "a renewal asked for a model outside the session's original release",
 }
 
-_NONCE_SIZE = 32
-_MAX_MESSAGE = 2000
 
+class LocalError(RequestError):
+    """A local request the cache refuses; ``code`` is the key server's code for the same case.
 
-class ErrorKind(StrEnum):
-    """What kind of failure a :class:`LocalError` is (the app maps it to an HTTP status)."""
-
-    INVALID = "invalid"  # 400
-    UNAUTHENTICATED = "unauthenticated"  # 401
-    FORBIDDEN = "forbidden"  # 403
-    UNAVAILABLE = "unavailable"  # 503
-
-
-class LocalError(Error):
-    """A local request the cache refuses; ``code`` is the key server's code for the same case."""
-
-    def __init__(
-        self, kind: ErrorKind, code: str, message: str, *, reasons: Sequence[str] = ()
-    ) -> None:
-        super().__init__(message)
-        self.kind = kind
-        self.code = code
-        self.reasons = tuple(reasons)
-
-
-#: Told about every local release/renew outcome: ``(action, decision, reasons, keys released)``.
-DecisionObserver = Callable[[str, str, list[str], int], None]
-
-
-def _ignore(action: str, decision: str, reasons: list[str], keys: int) -> None:
-    del action, decision, reasons, keys
+    ``kind`` is an :class:`ErrorKind` (the app maps it to an HTTP status).
+    """
 
 
 @dataclass(frozen=True)
@@ -120,6 +101,14 @@ class _Session:
 
 
 _Grant = tuple[str, tuple[HeldKey, ...]]
+
+
+_SESSION_INVALID = Refusal(
+    ErrorKind.FORBIDDEN,
+    "session_invalid",
+    "the session token is unknown or expired (key cache sessions do not survive a restart); "
+    "release again with fresh evidence",
+)
 
 
 class LocalReleaseService:
@@ -146,7 +135,7 @@ class LocalReleaseService:
         self._clock = clock
         self._nonce_ttl = nonce_ttl
         self._session_duration = session_duration
-        self._observe: DecisionObserver = observer or _ignore
+        self._report = OutcomeReporter(_log, observer, error=LocalError, label="local ")
         self._max_nonces = max_nonces
         self._max_sessions = max_sessions
         self._lock = threading.Lock()
@@ -164,20 +153,16 @@ class LocalReleaseService:
     # -- challenge ------------------------------------------------------------------------------
 
     def challenge(self) -> ChallengeResponse:
-        nonce = secrets.token_bytes(_NONCE_SIZE)
-        expires_at = self.now() + self._nonce_ttl
+        challenge = new_challenge(
+            now=self.now(), ttl=self._nonce_ttl, evidence_types=self._evidence_types
+        )
         with self._lock:
             if len(self._nonces) >= self._max_nonces:
                 self._purge_nonces(self.now())
                 while len(self._nonces) >= self._max_nonces:
                     self._nonces.popitem(last=False)  # oldest first: they expire first anyway
-            self._nonces[nonce] = expires_at
-        return ChallengeResponse(
-            nonce=nonce,
-            expires_at=expires_at,
-            hpke_suites=HPKE_SUITES,
-            evidence_types=self._evidence_types,
-        )
+            self._nonces[challenge.nonce] = challenge.expires_at
+        return challenge
 
     def _purge_nonces(self, now: datetime) -> None:
         for stale in [n for n, end in self._nonces.items() if end <= now]:
@@ -187,55 +172,21 @@ class LocalReleaseService:
         with self._lock:
             expires_at = self._nonces.pop(nonce, None)
         if expires_at is None:
-            self._refuse(
-                "release",
-                request_id,
-                ErrorKind.FORBIDDEN,
-                "nonce_invalid",
-                "the challenge nonce is unknown or was already used; request a new challenge "
-                "and attest again",
-            )
+            self._report.refuse("release", request_id, NONCE_INVALID)
         if self.now() >= expires_at:
-            self._refuse(
-                "release",
-                request_id,
-                ErrorKind.FORBIDDEN,
-                "nonce_expired",
-                "the challenge nonce expired before the release request; request a new "
-                "challenge and attest again promptly",
-            )
+            self._report.refuse("release", request_id, NONCE_EXPIRED)
 
     # -- release --------------------------------------------------------------------------------
 
     def release(self, request: ReleaseRequest) -> ReleaseResponse:
         request_id = secrets.token_hex(16)
         self._consume_nonce(request.nonce, request_id)
-        suite = request.hpke.suite
-        try:
-            recipient = hpke.HpkePublicKey.decode(suite, request.hpke.public_key)
-        except ProtocolError as exc:
-            self._refuse("release", request_id, ErrorKind.INVALID, "invalid_public_key", str(exc))
         now = self.now()
-        try:
-            evidence = Evidence(type=request.evidence.type, data=request.evidence.data)
-            claims = self._verifiers.verify(evidence, now=now)
-        except AttestationError as exc:
-            code = reason_for_error(exc)
-            self._refuse(
-                "release", request_id, ErrorKind.FORBIDDEN, code, f"evidence refused: {exc}"
-            )
-        expected = report_data_for(
-            nonce=request.nonce, hpke_suite=suite, public_key=request.hpke.public_key
-        )
-        if binding_reasons(claims, expected):
-            self._refuse(
-                "release",
-                request_id,
-                ErrorKind.FORBIDDEN,
-                "binding_mismatch",
-                "the evidence's report_data does not bind this request's nonce, HPKE suite and "
-                "public key (evidence made for another request, or the key was swapped)",
-            )
+        checked = check_release_request(request, self._verifiers, now=now)
+        if checked.refusal is not None:
+            self._report.refuse("release", request_id, checked.refusal)
+        recipient, claims = checked.accepted()
+        suite = request.hpke.suite
         holdings = self._holdings()
         grants, denials = self._decide(request.models, claims, now, holdings)
         session: SessionGrant | None = None
@@ -247,15 +198,15 @@ class LocalReleaseService:
             recipient=recipient,
             request_id=request_id,
             request_nonce=request.nonce,
-            cap=_cap(claims),
+            claims=claims,
         )
         self._log_decision("release", request_id, claims, grants, denials, len(granted))
-        return ReleaseResponse(
+        return release_response(
             request_id=request_id,
             server_time=now,
             granted=granted,
-            # Asking for "every model" must not reveal the ids of models one may not have.
-            denied=tuple(denials) if request.models is not None else (),
+            denials=denials,
+            requested=request.models,
             session=session,
         )
 
@@ -270,10 +221,7 @@ class LocalReleaseService:
         now: datetime,
     ) -> SessionGrant:
         token = "kcs_" + secrets.token_urlsafe(32)
-        expires_at = now + self._session_duration
-        cap = _cap(claims)
-        if cap is not None:
-            expires_at = min(expires_at, cap)
+        expires_at = collateral_cap(now + self._session_duration, claims)
         with self._lock:
             if len(self._sessions) >= self._max_sessions:
                 for digest in [d for d, s in self._sessions.items() if s.expires_at <= now]:
@@ -301,31 +249,8 @@ class LocalReleaseService:
                 del self._sessions[digest]
                 session = None
         if session is None:
-            self._refuse(
-                "renew",
-                request_id,
-                ErrorKind.FORBIDDEN,
-                "session_invalid",
-                "the session token is unknown or expired (key cache sessions do not survive a "
-                "restart); release again with fresh evidence",
-            )
-        models = request.models
-        outside: list[DeniedModel] = []
-        if session.models is not None:
-            allowed = set(session.models)
-            if models is None:
-                models = session.models
-            else:
-                outside = [
-                    DeniedModel(
-                        model_id=model_id,
-                        reasons=("not_in_session",),
-                        message=f"model {model_id!r} was not part of this session's release",
-                    )
-                    for model_id in models
-                    if model_id not in allowed
-                ]
-                models = tuple(m for m in models if m in allowed)
+            self._report.refuse("renew", request_id, _SESSION_INVALID)
+        models, outside = session_models(request.models, session.models)
         grants, denials = self._decide(models, session.claims, now, self._holdings())
         denials = outside + denials
         granted = self._seal(
@@ -334,15 +259,15 @@ class LocalReleaseService:
             recipient=session.recipient,
             request_id=request_id,
             request_nonce=request.nonce,
-            cap=_cap(session.claims),
+            claims=session.claims,
         )
         self._log_decision("renew", request_id, session.claims, grants, denials, len(granted))
-        return ReleaseResponse(
+        return release_response(
             request_id=request_id,
             server_time=now,
             granted=granted,
-            denied=tuple(denials) if request.models is not None else (),
-            session=None,
+            denials=denials,
+            requested=request.models,
         )
 
     # -- decisions ------------------------------------------------------------------------------
@@ -367,13 +292,7 @@ class LocalReleaseService:
             if decision.allowed:
                 grants.append((model_id, versions))
             else:
-                denials.append(
-                    DeniedModel(
-                        model_id=model_id,
-                        reasons=decision.reasons,
-                        message=decision.message[:_MAX_MESSAGE],
-                    )
-                )
+                denials.append(policy_denial(model_id, decision))
         return grants, denials
 
     def _seal(
@@ -384,45 +303,29 @@ class LocalReleaseService:
         recipient: hpke.HpkePublicKey,
         request_id: str,
         request_nonce: bytes,
-        cap: datetime | None,
+        claims: Claims,
     ) -> tuple[GrantedKey, ...]:
-        out: list[GrantedKey] = []
-        for model_id, versions in grants:
-            for held in versions:
-                lease_end = held.expires_at if cap is None else min(held.expires_at, cap)
-                info = key_release_info(
-                    model_id=model_id,
-                    key_version=held.key_version,
-                    request_id=request_id,
-                    request_nonce=request_nonce,
-                    policy_digest=held.policy_digest,
-                    lease_expires_at=lease_end,
-                )
-                out.append(
-                    GrantedKey(
-                        model_id=model_id,
-                        key_version=held.key_version,
-                        sealed_key=hpke.seal(suite, recipient, held.key.material, info=info),
-                        lease_expires_at=lease_end,
-                        policy=dict(held.policy_document),
-                        policy_version=held.policy_version,
-                        policy_digest=held.policy_digest,
-                    )
-                )
-        return tuple(out)
+        """Each granted version, with the *remaining* lease of the cache's own key (never past
+        the freshness of the collateral that verified the client)."""
+        return tuple(
+            seal_key(
+                held.key.material,
+                suite=suite,
+                recipient=recipient,
+                model_id=model_id,
+                key_version=held.key_version,
+                request_id=request_id,
+                request_nonce=request_nonce,
+                policy=dict(held.policy_document),
+                policy_version=held.policy_version,
+                policy_digest=held.policy_digest,
+                lease_expires_at=collateral_cap(held.expires_at, claims),
+            )
+            for model_id, versions in grants
+            for held in versions
+        )
 
     # -- logging --------------------------------------------------------------------------------
-
-    def _refuse(
-        self, action: str, request_id: str, kind: ErrorKind, code: str, message: str
-    ) -> NoReturn:
-        _log.info(
-            "local %s refused",
-            action,
-            extra={"request_id": request_id, "code": code},
-        )
-        self._observe(action, "refuse", [code], 0)
-        raise LocalError(kind, code, message, reasons=(code,))
 
     def _log_decision(
         self,
@@ -433,8 +336,9 @@ class LocalReleaseService:
         denials: list[DeniedModel],
         released: int,
     ) -> None:
-        decision = "allow" if grants and not denials else "partial" if grants else "deny"
-        self._observe(action, decision, [r for d in denials for r in d.reasons], released)
+        decision = self._report.decided(
+            action, granted=bool(grants), denials=denials, released=released
+        )
         if _log.isEnabledFor(logging.INFO):
             granted = {m: [k.key_version for k in v] for m, v in grants}
             denied = {d.model_id: list(d.reasons) for d in denials}
@@ -454,13 +358,6 @@ class LocalReleaseService:
                     "denied": denied,
                 },
             )
-
-
-def _cap(claims: Claims) -> datetime | None:
-    """Local leases never outlive the freshness of the collateral that verified the client."""
-    if claims.collateral_next_update is not None:
-        return claims.collateral_next_update.astimezone(UTC)
-    return None
 
 
 def _token_digest(token: str) -> bytes:
@@ -484,7 +381,9 @@ def _unavailable(model_id: str, holdings: Holdings, now: datetime) -> DeniedMode
     if server is not None:
         if set(server.reasons) <= MODEL_LEVEL_REASONS:
             return DeniedModel(
-                model_id=model_id, reasons=server.reasons, message=server.message[:_MAX_MESSAGE]
+                model_id=model_id,
+                reasons=server.reasons,
+                message=server.message[:MAX_DENIAL_MESSAGE],
             )
         return DeniedModel(
             model_id=model_id,
