@@ -20,7 +20,8 @@ The release path (``docs/protocol.md``), in order, stopping at the first failure
 3. only then unwrap each data key with the master key and HPKE-seal it to the enclave's key,
    with ``key_release_info`` binding model, version, request, nonce, policy and lease.
 
-Refused requests are audited in the same commit (their nonce is consumed as well).
+Refused requests are audited in the same commit (their nonce is consumed as well). The steps
+and codes shared with the key cache are in :mod:`sealtorch._release`.
 """
 
 from __future__ import annotations
@@ -33,21 +34,31 @@ import logging
 import secrets
 import threading
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from enum import StrEnum
-from typing import Any, Final, NoReturn, Protocol, TypeVar
+from typing import Any, NoReturn, Protocol, TypeVar
 
 from sealtorch._crypto import hpke
-from sealtorch.attestation import (
-    Claims,
-    Evidence,
-    Policy,
-    VerifierSet,
-    binding_reasons,
-    reason_for_error,
-    report_data_for,
+from sealtorch._release import (
+    INLINE_EVIDENCE,
+    NONCE_EXPIRED,
+    NONCE_INVALID,
+    CheckedRequest,
+    DecisionObserver,
+    ErrorKind,
+    OutcomeReporter,
+    Refusal,
+    RequestError,
+    check_release_request,
+    collateral_cap,
+    decision_name,
+    new_challenge,
+    policy_denial,
+    release_response,
+    seal_key,
+    session_models,
 )
+from sealtorch.attestation import Claims, Policy, VerifierSet
 from sealtorch.errors import (
     AttestationError,
     AuditError,
@@ -97,7 +108,6 @@ from sealtorch.keyserver.tokens import (
     issue_token,
 )
 from sealtorch.protocol import (
-    HPKE_SUITES,
     ChallengeResponse,
     DeniedModel,
     GrantedKey,
@@ -105,7 +115,6 @@ from sealtorch.protocol import (
     ReleaseResponse,
     RenewRequest,
     SessionGrant,
-    key_release_info,
 )
 
 __all__ = [
@@ -118,40 +127,17 @@ __all__ = [
 
 _log = logging.getLogger(__name__)
 
-_NONCE_SIZE = 32
 _POLICY_CACHE_SIZE = 512
 _MAX_AUDIT_PAGE = 1000
-#: Evidence verified on the event loop (~0.15 ms); anything else (DCAP, ~1 ms) in a thread.
-_INLINE_EVIDENCE: Final = frozenset({"sim"})
-_BINDING_MISMATCH: Final = (
-    "the evidence's report_data does not bind this request's nonce, HPKE suite and public key "
-    "(evidence made for another request, or the key was swapped)"
-)
 
 _T = TypeVar("_T")
 
 
-class ErrorKind(StrEnum):
-    """What kind of failure a :class:`ServiceError` is (the routes map it to an HTTP status)."""
+class ServiceError(RequestError):
+    """A request the service refuses or cannot serve; ``code`` is stable (``docs/protocol.md``).
 
-    INVALID = "invalid"  # 400
-    UNAUTHENTICATED = "unauthenticated"  # 401
-    FORBIDDEN = "forbidden"  # 403
-    NOT_FOUND = "not_found"  # 404
-    CONFLICT = "conflict"  # 409
-    UNAVAILABLE = "unavailable"  # 503
-
-
-class ServiceError(Error):
-    """A request the service refuses or cannot serve; ``code`` is stable (``docs/protocol.md``)."""
-
-    def __init__(
-        self, kind: ErrorKind, code: str, message: str, *, reasons: Sequence[str] = ()
-    ) -> None:
-        super().__init__(message)
-        self.kind = kind
-        self.code = code
-        self.reasons = tuple(reasons)
+    ``kind`` is an :class:`ErrorKind` (the routes map it to an HTTP status).
+    """
 
 
 @dataclass(frozen=True)
@@ -160,14 +146,6 @@ class Actor:
 
     token_id: str
     client_address: str | None = None
-
-
-#: Told about every release/renew outcome: ``(action, decision, reason codes, keys released)``.
-DecisionObserver = Callable[[str, str, list[str], int], None]
-
-
-def _ignore_decision(action: str, decision: str, reasons: list[str], keys: int) -> None:
-    del action, decision, reasons, keys
 
 
 @dataclass(frozen=True)
@@ -186,22 +164,14 @@ class Offload(Protocol):
     ) -> Awaitable[_T]: ...
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class _Checked:
-    """What a release request's own checks found (before the database is involved)."""
+    """What a release request's own checks found (before the database is involved), with the
+    claims as the audit record and a session store them."""
 
-    claims: Claims | None = None
+    request: CheckedRequest
     claims_dict: dict[str, Any] | None = None
     claims_json: str = ""
-    recipient: hpke.HpkePublicKey | None = None
-    refusal: tuple[ErrorKind, str, str] | None = None
-
-
-@dataclass(frozen=True)
-class _Refusal:
-    kind: ErrorKind
-    code: str
-    message: str
 
 
 @dataclass(frozen=True)
@@ -212,7 +182,7 @@ class _Decided:
     session: SessionGrant | None
 
 
-def _refusal_entry(context: dict[str, Any], refusal: _Refusal) -> AuditEntry:
+def _refusal_entry(context: dict[str, Any], refusal: Refusal) -> AuditEntry:
     return AuditEntry(
         kind=context["kind"],
         action=context["action"],
@@ -227,11 +197,8 @@ def _refusal_entry(context: dict[str, Any], refusal: _Refusal) -> AuditEntry:
     )
 
 
-def _refusal(
-    tx: GroupTransaction, context: dict[str, Any], kind: ErrorKind, code: str, message: str
-) -> _Refusal:
+def _refusal(tx: GroupTransaction, context: dict[str, Any], refusal: Refusal) -> Refusal:
     """Audit a refused request in its commit; :meth:`KeyService._refused` raises afterwards."""
-    refusal = _Refusal(kind, code, message)
     tx.append_audit(_refusal_entry(context, refusal))
     return refusal
 
@@ -292,7 +259,7 @@ class KeyService:
     ) -> None:
         self._settings = settings
         self._offload: Offload = offload or asyncio.to_thread
-        self._observe: DecisionObserver = observer or _ignore_decision
+        self._report = OutcomeReporter(_log, observer, error=ServiceError)
         self._store = store
         self._master = master_key
         self._verifiers = verifiers
@@ -327,20 +294,16 @@ class KeyService:
     # -- challenge ------------------------------------------------------------------------------
 
     async def challenge(self) -> ChallengeResponse:
-        nonce = secrets.token_bytes(_NONCE_SIZE)
-        expires_at = self.now() + self._settings.nonce_ttl
+        challenge = new_challenge(
+            now=self.now(), ttl=self._settings.nonce_ttl, evidence_types=self._evidence_types
+        )
 
         def issue(tx: GroupTransaction) -> None:
-            tx.add_nonce(nonce, expires_at=expires_at)
+            tx.add_nonce(challenge.nonce, expires_at=challenge.expires_at)
 
         # Not durable: a nonce lost in a power cut only makes its client ask again.
         await self._commit(issue, durable=False)
-        return ChallengeResponse(
-            nonce=nonce,
-            expires_at=expires_at,
-            hpke_suites=HPKE_SUITES,
-            evidence_types=self._evidence_types,
-        )
+        return challenge
 
     # -- release --------------------------------------------------------------------------------
 
@@ -359,46 +322,30 @@ class KeyService:
             "model_ids": tuple(request.models) if request.models is not None else (),
         }
         now = self.now()
-        if request.evidence.type in _INLINE_EVIDENCE:
+        if request.evidence.type in INLINE_EVIDENCE:
             checked = self._check_release(request, now)
         else:
             checked = await self._offload(self._check_release, request, now)
 
-        def decide(tx: GroupTransaction) -> _Decided | _Refusal:
+        def decide(tx: GroupTransaction) -> _Decided | Refusal:
             status = tx.consume_nonce(request.nonce, now=self.now())
             if status is NonceStatus.UNKNOWN:
-                return _refusal(
-                    tx,
-                    context,
-                    ErrorKind.FORBIDDEN,
-                    "nonce_invalid",
-                    "the challenge nonce is unknown or was already used; request a new "
-                    "challenge and attest again",
-                )
+                return _refusal(tx, context, NONCE_INVALID)
             if status is NonceStatus.EXPIRED:
-                return _refusal(
-                    tx,
-                    context,
-                    ErrorKind.FORBIDDEN,
-                    "nonce_expired",
-                    "the challenge nonce expired before the release request; request a new "
-                    "challenge and attest again promptly",
-                )
-            if checked.claims is not None:
+                return _refusal(tx, context, NONCE_EXPIRED)
+            if checked.claims_dict is not None:
                 context["claims"] = checked.claims_dict
-            if checked.refusal is not None:
-                kind, code, message = checked.refusal
-                return _refusal(tx, context, kind, code, message)
-            claims = checked.claims
-            assert claims is not None  # noqa: S101 - set whenever there is no refusal
-            lease_end = self._cap(now + self._settings.lease_duration, claims)
+            if checked.request.refusal is not None:
+                return _refusal(tx, context, checked.request.refusal)
+            _, claims = checked.request.accepted()
+            lease_end = collateral_cap(now + self._settings.lease_duration, claims)
             grants, denials = self._decide(tx.release_material(request.models), claims, now)
             session: SessionGrant | None = None
             session_id: str | None = None
             if request.session and grants and self._settings.session_duration > timedelta(0):
                 issued = issue_token(TokenKind.SESSION)
                 session_id = issued.token_id
-                session_end = self._cap(now + self._settings.session_duration, claims)
+                session_end = collateral_cap(now + self._settings.session_duration, claims)
                 tx.create_session(
                     token_id=issued.token_id,
                     digest=issued.digest,
@@ -423,59 +370,34 @@ class KeyService:
             return _Decided(grants, denials, lease_end, session)
 
         outcome = await self._commit(decide, nonce=request.nonce)
-        if isinstance(outcome, _Refusal):
+        if isinstance(outcome, Refusal):
             self._refused(context, outcome)
-        assert checked.recipient is not None  # noqa: S101 - a decision implies a valid key
+        recipient, _ = checked.request.accepted()
         granted = await self._sealed(
             outcome.grants,
             suite=request.hpke.suite,
-            recipient=checked.recipient,
+            recipient=recipient,
             request_id=request_id,
             request_nonce=request.nonce,
             lease_end=outcome.lease_end,
         )
         self._log_decision("release", request_id, outcome.grants, outcome.denials, len(granted))
-        return ReleaseResponse(
+        return release_response(
             request_id=request_id,
             server_time=now,
             granted=granted,
-            # Asking for "every model" must not reveal the ids of models one may not have.
-            denied=tuple(outcome.denials) if request.models is not None else (),
+            denials=outcome.denials,
+            requested=request.models,
             session=outcome.session,
         )
 
     def _check_release(self, request: ReleaseRequest, now: datetime) -> _Checked:
         """The request's own checks (no database): public key, evidence, binding."""
-        suite = request.hpke.suite
-        public_key = request.hpke.public_key
-        try:
-            recipient = hpke.HpkePublicKey.decode(suite, public_key)
-        except ProtocolError as exc:
-            return _Checked(refusal=(ErrorKind.INVALID, "invalid_public_key", str(exc)))
-        try:
-            evidence = Evidence(type=request.evidence.type, data=request.evidence.data)
-            claims = self._verifiers.verify(evidence, now=now)
-        except AttestationError as exc:
-            code = reason_for_error(exc)
-            return _Checked(refusal=(ErrorKind.FORBIDDEN, code, f"evidence refused: {exc}"))
-        claims_dict = claims.to_dict()
-        checked = _Checked(
-            claims=claims,
-            claims_dict=claims_dict,
-            claims_json=canonical_json(claims_dict),
-            recipient=recipient,
-        )
-        expected = report_data_for(nonce=request.nonce, hpke_suite=suite, public_key=public_key)
-        if binding_reasons(claims, expected):
-            return replace(
-                checked,
-                refusal=(
-                    ErrorKind.FORBIDDEN,
-                    "binding_mismatch",
-                    _BINDING_MISMATCH,
-                ),
-            )
-        return checked
+        checked = check_release_request(request, self._verifiers, now=now)
+        if checked.claims is None:
+            return _Checked(checked)
+        claims_dict = checked.claims.to_dict()
+        return _Checked(checked, claims_dict, canonical_json(claims_dict))
 
     async def renew(
         self, token: str, request: RenewRequest, *, client_address: str | None
@@ -496,7 +418,7 @@ class KeyService:
                 "evidence_digest": None,
                 "model_ids": tuple(request.models or ()),
             }
-            refusal = _Refusal(ErrorKind.FORBIDDEN, "session_invalid", str(exc))
+            refusal = Refusal(ErrorKind.FORBIDDEN, "session_invalid", str(exc))
             try:  # best effort: refused either way
                 await self._commit(lambda tx: tx.append_audit(_refusal_entry(context, refusal)))
             except ServiceError:
@@ -511,23 +433,7 @@ class KeyService:
             raise ServiceError(
                 ErrorKind.UNAVAILABLE, "session_corrupt", "the stored session is unusable"
             ) from exc
-        models = request.models
-        outside: list[DeniedModel] = []
-        if session.model_ids is not None:
-            allowed = set(session.model_ids)
-            if models is None:
-                models = session.model_ids
-            else:
-                outside = [
-                    DeniedModel(
-                        model_id=model_id,
-                        reasons=("not_in_session",),
-                        message=f"model {model_id!r} was not part of this session's release",
-                    )
-                    for model_id in models
-                    if model_id not in allowed
-                ]
-                models = tuple(m for m in models if m in allowed)
+        models, outside = session_models(request.models, session.model_ids)
         context = {
             "kind": AuditKind.RELEASE,
             "action": "renew",
@@ -538,7 +444,7 @@ class KeyService:
             "model_ids": tuple(request.models or ()),
             "claims": claims.to_dict(),
         }
-        lease_end = self._cap(now + self._settings.lease_duration, claims)
+        lease_end = collateral_cap(now + self._settings.lease_duration, claims)
 
         def decide(tx: GroupTransaction) -> _Decided:
             grants, denials = self._decide(tx.release_material(models), claims, now)
@@ -565,12 +471,12 @@ class KeyService:
             lease_end=lease_end,
         )
         self._log_decision("renew", request_id, outcome.grants, outcome.denials, len(granted))
-        return ReleaseResponse(
+        return release_response(
             request_id=request_id,
             server_time=now,
             granted=granted,
-            denied=tuple(outcome.denials) if request.models is not None else (),
-            session=None,
+            denials=outcome.denials,
+            requested=request.models,
         )
 
     # -- release helpers ------------------------------------------------------------------------
@@ -605,13 +511,6 @@ class KeyService:
                 ) from None
         except StorageError as exc:
             raise _unavailable(exc) from exc
-
-    def _cap(self, end: datetime, claims: Claims) -> datetime:
-        """Leases and sessions never outlive the freshness of the collateral that verified
-        the evidence."""
-        if claims.collateral_next_update is not None:
-            return min(end, claims.collateral_next_update.astimezone(UTC))
-        return end
 
     def _policy(self, record: PolicyRecord) -> Policy:
         cached = self._policies.get(record.digest)
@@ -668,13 +567,7 @@ class KeyService:
             if decision.allowed:
                 grants.append(_Grant(item, policy, item.policy, item.keys))
             else:
-                denials.append(
-                    DeniedModel(
-                        model_id=item.model_id,
-                        reasons=decision.reasons,
-                        message=decision.message[:2000],
-                    )
-                )
+                denials.append(policy_denial(item.model_id, decision))
         return grants, denials
 
     def _decision_entry(
@@ -687,7 +580,7 @@ class KeyService:
         suite: str,
         session_id: str | None,
     ) -> AuditEntry:
-        decision = "allow" if grants and not denials else "partial" if grants else "deny"
+        decision = decision_name(granted=bool(grants), denied=bool(denials))
         reasons = sorted({reason for denial in denials for reason in denial.reasons})
         details = {
             "granted": [
@@ -746,27 +639,22 @@ class KeyService:
                         "a data key could not be unwrapped by the master key; the operator "
                         "must check the master key configuration",
                     ) from exc
-                info = key_release_info(
-                    model_id=model_id,
-                    key_version=key.version,
-                    request_id=request_id,
-                    request_nonce=request_nonce,
-                    policy_digest=grant.policy.digest,
-                    lease_expires_at=lease_end,
-                )
-                sealed = hpke.seal(suite, recipient, dek.material, info=info)
-                del dek
                 granted.append(
-                    GrantedKey(
+                    seal_key(
+                        dek.material,
+                        suite=suite,
+                        recipient=recipient,
                         model_id=model_id,
                         key_version=key.version,
-                        sealed_key=sealed,
-                        lease_expires_at=lease_end,
+                        request_id=request_id,
+                        request_nonce=request_nonce,
                         policy=document,
                         policy_version=grant.policy_record.version,
                         policy_digest=grant.policy.digest,
+                        lease_expires_at=lease_end,
                     )
                 )
+                del dek
         return tuple(granted)
 
     async def _sealed(self, grants: list[_Grant], **options: Any) -> tuple[GrantedKey, ...]:
@@ -779,15 +667,9 @@ class KeyService:
         sealed: tuple[GrantedKey, ...] = await self._offload(self._seal, grants, **options)
         return sealed
 
-    def _refused(self, context: dict[str, Any], refusal: _Refusal) -> NoReturn:
+    def _refused(self, context: dict[str, Any], refusal: Refusal) -> NoReturn:
         """Log and count a refused request (audited in its commit), then raise."""
-        _log.info(
-            "%s refused",
-            context["action"],
-            extra={"request_id": context["request_id"], "code": refusal.code},
-        )
-        self._observe(context["action"], "refuse", [refusal.code], 0)
-        raise ServiceError(refusal.kind, refusal.code, refusal.message, reasons=(refusal.code,))
+        self._report.refuse(context["action"], context["request_id"], refusal)
 
     def _log_decision(
         self,
@@ -797,8 +679,7 @@ class KeyService:
         denials: list[DeniedModel],
         released: int,
     ) -> None:
-        decision = "allow" if grants and not denials else "partial" if grants else "deny"
-        self._observe(action, decision, [r for denial in denials for r in denial.reasons], released)
+        self._report.decided(action, granted=bool(grants), denials=denials, released=released)
         if _log.isEnabledFor(logging.INFO):
             _log.info(
                 "%s decided",
