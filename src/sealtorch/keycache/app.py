@@ -33,10 +33,18 @@ from typing import Any, Final
 
 from pydantic import BaseModel, ValidationError
 
+from sealtorch._release import INLINE_EVIDENCE
+from sealtorch._release_http import (
+    BEARER_CHALLENGE,
+    HTTP_STATUS,
+    error_body,
+    read_body,
+    validation_message,
+)
 from sealtorch.keycache._http import Request, Response
 from sealtorch.keycache.cache import KeyCache
 from sealtorch.keycache.metrics import CONTENT_TYPE, CacheMetrics
-from sealtorch.keycache.service import ErrorKind, LocalError, LocalReleaseService
+from sealtorch.keycache.service import LocalError, LocalReleaseService
 from sealtorch.protocol import API_PREFIX, ReleaseRequest, RenewRequest
 
 __all__ = ["STATUS_PATH", "KeyCacheApp", "error_response"]
@@ -44,14 +52,7 @@ __all__ = ["STATUS_PATH", "KeyCacheApp", "error_response"]
 _log = logging.getLogger("sealtorch.keycache")
 
 STATUS_PATH: Final = f"{API_PREFIX}/keycache/status"
-_STATUS: Final[dict[ErrorKind, int]] = {
-    ErrorKind.INVALID: 400,
-    ErrorKind.UNAUTHENTICATED: 401,
-    ErrorKind.FORBIDDEN: 403,
-    ErrorKind.UNAVAILABLE: 503,
-}
 _JSON: Final = (b"content-type", b"application/json")
-_INLINE_EVIDENCE: Final = frozenset({"sim"})
 
 Scope = Mapping[str, Any]
 Message = dict[str, Any]
@@ -69,11 +70,7 @@ def error_response(
     headers: list[tuple[bytes, bytes]] | None = None,
 ) -> Response:
     """The protocol's one error shape: ``{"error": {"code", "message", "reasons"}}``."""
-    body = json.dumps(
-        {"error": {"code": code, "message": message, "reasons": list(reasons)}},
-        separators=(",", ":"),
-    ).encode()
-    return Response(status, body, [_JSON, *(headers or [])])
+    return Response(status, error_body(code, message, reasons), [_JSON, *(headers or [])])
 
 
 def _refusal(status: int, code: str, message: str) -> Response:
@@ -84,14 +81,9 @@ def _ok(model: BaseModel) -> Response:
     return Response(200, model.model_dump_json().encode(), [_JSON])
 
 
-def _validation_message(exc: ValidationError) -> str:
-    """Where and what, never the offending input (it may be a token or a key)."""
-    parts = []
-    for error in exc.errors(include_url=False, include_input=False)[:5]:
-        location = ".".join(str(p) for p in error.get("loc", ()))
-        message = str(error.get("msg", "invalid")).removeprefix("Value error, ")
-        parts.append(f"{location}: {message}" if location else message)
-    return "the request is not valid: " + "; ".join(parts)[:1000]
+def _invalid(exc: ValidationError) -> Response:
+    errors = exc.errors(include_url=False, include_input=False)
+    return error_response(400, "invalid_request", validation_message(errors))
 
 
 class KeyCacheApp:
@@ -180,7 +172,7 @@ class KeyCacheApp:
             return
         if kind != "http":
             return
-        body = await self._read_body(scope, receive)
+        body = await read_body(scope, receive, self.max_request_bytes)
         if body is None:
             response = error_response(
                 413,
@@ -209,30 +201,6 @@ class KeyCacheApp:
         )
         await send({"type": "http.response.body", "body": response.body})
 
-    async def _read_body(self, scope: Scope, receive: Receive) -> bytes | None:
-        cap = self.max_request_bytes
-        for name, value in scope.get("headers", ()):
-            if name == b"content-length":
-                try:
-                    if int(value) > cap:
-                        return None
-                except ValueError:
-                    return None
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":
-                break
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > cap:
-                return None
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        return b"".join(chunks)
-
     # -- protocol -------------------------------------------------------------------------------
 
     def _challenge(self, request: Request) -> Response:
@@ -243,7 +211,7 @@ class KeyCacheApp:
         try:
             parsed = ReleaseRequest.model_validate_json(request.body)
         except ValidationError as exc:
-            return error_response(400, "invalid_request", _validation_message(exc))
+            return _invalid(exc)
         return self._run(self.service.release, parsed, inline=parsed.evidence.type)
 
     def _renew(self, request: Request) -> Response | Awaitable[Response]:
@@ -251,21 +219,21 @@ class KeyCacheApp:
         try:
             parsed = RenewRequest.model_validate_json(request.body)
         except ValidationError as exc:
-            return error_response(400, "invalid_request", _validation_message(exc))
+            return _invalid(exc)
         token = _bearer(request)
         if token is None:
             return error_response(
                 401,
                 "unauthenticated",
                 "this endpoint needs a session token (Authorization: Bearer ...)",
-                headers=[(b"www-authenticate", b'Bearer realm="sealtorch"')],
+                headers=[BEARER_CHALLENGE],
             )
         return self._run(self.service.renew, token, parsed, inline="sim")
 
     def _run(
         self, function: Callable[..., BaseModel], *args: Any, inline: str
     ) -> Response | Awaitable[Response]:
-        if inline in _INLINE_EVIDENCE or self._executor is None:
+        if inline in INLINE_EVIDENCE or self._executor is None:
             return _call(function, *args)
         loop = asyncio.get_running_loop()
         return loop.run_in_executor(self._executor, _call, function, *args)
@@ -301,7 +269,7 @@ def _call(function: Callable[..., BaseModel], *args: Any) -> Response:
     try:
         return _ok(function(*args))
     except LocalError as exc:
-        return error_response(_STATUS[exc.kind], exc.code, str(exc), reasons=exc.reasons)
+        return error_response(HTTP_STATUS[exc.kind], exc.code, str(exc), reasons=exc.reasons)
 
 
 def _bearer(request: Request) -> str | None:

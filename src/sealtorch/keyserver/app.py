@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -39,6 +38,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sealtorch import __version__
+from sealtorch._release_http import (
+    BEARER_CHALLENGE,
+    HTTP_STATUS,
+    error_body,
+    error_document,
+    read_body,
+    validation_message,
+)
 from sealtorch.attestation import VerifierSet, make_verifiers
 from sealtorch.keyserver.masterkey import MasterKey, open_master_key
 from sealtorch.keyserver.metrics import Metrics
@@ -53,14 +60,6 @@ _access = logging.getLogger("sealtorch.keyserver.access")
 
 _T = TypeVar("_T")
 
-STATUS: dict[ErrorKind, int] = {
-    ErrorKind.INVALID: 400,
-    ErrorKind.UNAUTHENTICATED: 401,
-    ErrorKind.FORBIDDEN: 403,
-    ErrorKind.NOT_FOUND: 404,
-    ErrorKind.CONFLICT: 409,
-    ErrorKind.UNAVAILABLE: 503,
-}
 _PURGE_INTERVAL = 60.0
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
@@ -95,11 +94,7 @@ def error_response(
     headers: Mapping[str, str] | None = None,
 ) -> JSONResponse:
     """The protocol's one error shape: ``{"error": {"code", "message", "reasons"}}``."""
-    return JSONResponse(
-        {"error": {"code": code, "message": message, "reasons": list(reasons)}},
-        status_code=status,
-        headers=headers,
-    )
+    return JSONResponse(error_document(code, message, reasons), status_code=status, headers=headers)
 
 
 def open_verifiers(
@@ -123,31 +118,6 @@ def open_verifiers(
         sim_trusted_keys=settings.sim_trusted_keys,
         **options,
     )
-
-
-async def _read_body(scope: Scope, receive: Receive, cap: int) -> bytes | None:
-    """The whole request body, or ``None`` when it is (announced as) larger than ``cap``."""
-    for name, value in scope.get("headers", ()):
-        if name == b"content-length":
-            try:
-                if int(value) > cap:
-                    return None
-            except ValueError:
-                return None
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        message = await receive()
-        if message["type"] != "http.request":
-            break
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > cap:
-            return None
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            break
-    return b"".join(chunks)
 
 
 def _observe(runtime: Runtime, scope: Scope, template: str, status: int, elapsed: float) -> None:
@@ -199,7 +169,7 @@ class _Guard:
 
         try:
             if scope["method"] in _BODY_METHODS:
-                body = await _read_body(scope, receive, self.cap)
+                body = await read_body(scope, receive, self.cap)
                 if body is None:
                     await _too_large(self.cap)(scope, receive, send_tracking)
                     return
@@ -236,7 +206,7 @@ class _KeyServerApp(FastAPI):
         started = time.perf_counter()
         runtime = self.runtime
         cap = runtime.settings.max_request_bytes
-        body = await _read_body(scope, receive, cap)
+        body = await read_body(scope, receive, cap)
         headers: list[tuple[bytes, bytes]] = [(b"content-type", b"application/json")]
         if body is None:
             status, content = 413, _too_large(cap).body
@@ -244,12 +214,12 @@ class _KeyServerApp(FastAPI):
             try:
                 status, content = await handler(runtime, scope, body)
             except ServiceError as exc:
-                status, content = STATUS[exc.kind], _error_body(exc.code, str(exc), exc.reasons)
+                status, content = HTTP_STATUS[exc.kind], error_body(exc.code, str(exc), exc.reasons)
                 if exc.kind is ErrorKind.UNAUTHENTICATED:
-                    headers.append((b"www-authenticate", b'Bearer realm="sealtorch"'))
+                    headers.append(BEARER_CHALLENGE)
             except RequestValidationError as exc:
                 status = 400
-                content = _error_body("invalid_request", _validation_message(exc), ())
+                content = error_body("invalid_request", validation_message(exc.errors()))
             except Exception as exc:  # noqa: BLE001 - the protocol's error shape, as in FastAPI
                 _log.error(
                     "internal error in %s %s: %s",
@@ -258,21 +228,13 @@ class _KeyServerApp(FastAPI):
                     type(exc).__name__,
                 )
                 status = 500
-                content = _error_body("internal_error", "internal error; see the server log", ())
+                content = error_body("internal_error", "internal error; see the server log")
         headers.append((b"content-length", b"%d" % len(content)))
         try:
             await send({"type": "http.response.start", "status": status, "headers": headers})
             await send({"type": "http.response.body", "body": content})
         finally:
             _observe(runtime, scope, scope["path"], status, time.perf_counter() - started)
-
-
-def _error_body(code: str, message: str, reasons: tuple[str, ...] | list[str]) -> bytes:
-    return json.dumps(
-        {"error": {"code": code, "message": message, "reasons": list(reasons)}},
-        ensure_ascii=False,
-        separators=(",", ":"),
-    ).encode()
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:
@@ -286,16 +248,6 @@ def _replay(body: bytes, receive: Receive) -> Receive:
         return await receive()
 
     return replay
-
-
-def _validation_message(exc: RequestValidationError) -> str:
-    """Where and what, never the offending input (it may be a token or a key)."""
-    parts = []
-    for error in exc.errors()[:5]:
-        location = ".".join(str(p) for p in error.get("loc", ()) if p != "body")
-        message = str(error.get("msg", "invalid")).removeprefix("Value error, ")
-        parts.append(f"{location}: {message}" if location else message)
-    return "the request is not valid: " + "; ".join(parts)[:1000]
 
 
 def create_app(
@@ -379,13 +331,13 @@ def create_app(
             else None
         )
         return error_response(
-            STATUS[exc.kind], exc.code, str(exc), reasons=exc.reasons, headers=headers
+            HTTP_STATUS[exc.kind], exc.code, str(exc), reasons=exc.reasons, headers=headers
         )
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> Response:
         del request
-        return error_response(400, "invalid_request", _validation_message(exc))
+        return error_response(400, "invalid_request", validation_message(exc.errors()))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
