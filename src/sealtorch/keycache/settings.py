@@ -53,15 +53,16 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Final, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator
 
+from sealtorch._settings import Section as _Section
+from sealtorch._settings import format_errors, read_toml, resolve_path
 from sealtorch.errors import ConfigError
 from sealtorch.protocol import DEFAULT_HPKE_SUITE, HPKE_SUITES, MODEL_ID_PATTERN
 
@@ -76,10 +77,6 @@ __all__ = [
 TeeName = Literal["sim", "gramine", "tdx"]
 DEFAULT_MAX_REQUEST_BYTES: Final = 64 * 1024
 _MODEL_ID = re.compile(MODEL_ID_PATTERN)
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class _KeyServer(_Section):
@@ -297,40 +294,6 @@ def _parse_mode(text: str) -> int:
     return int(text.strip(), 8)
 
 
-def _read_file(path: Path) -> dict[str, Any]:
-    try:
-        with open(path, "rb") as handle:
-            return tomllib.load(handle)
-    except FileNotFoundError as exc:
-        raise ConfigError(f"key cache config {path} does not exist") from exc
-    except OSError as exc:
-        raise ConfigError(f"cannot read {path}: {exc.strerror}") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
-
-
-def _format_errors(exc: ValidationError, source: str) -> str:
-    lines = []
-    for error in exc.errors(include_url=False):
-        location = ".".join(str(part) for part in error["loc"])
-        message = (
-            "unknown setting (check the spelling; see docs/keycache.md)"
-            if error["type"] == "extra_forbidden"
-            else str(error["msg"]).removeprefix("Value error, ")
-        )
-        lines.append(f"{location}: {message}")
-    return f"{source} has invalid settings:\n  " + "\n  ".join(lines)
-
-
-def _resolve(base: Path | None, value: str | os.PathLike[str] | None) -> Path | None:
-    if value is None or value == "":
-        return None
-    path = Path(value).expanduser()
-    if not path.is_absolute():
-        path = (base / path) if base is not None else path.absolute()
-    return path
-
-
 def load_settings(
     config: str | os.PathLike[str] | None = None,
     *,
@@ -347,7 +310,7 @@ def load_settings(
     if config is not None:
         path = Path(config).absolute()
         base = path.parent
-        raw = _read_file(path)
+        raw = read_toml(path, missing=f"key cache config {path} does not exist")
         source = str(path)
         for section, values in raw.items():
             if isinstance(values, dict):
@@ -370,10 +333,13 @@ def load_settings(
     try:
         parsed = _ConfigFile.model_validate(merged)
     except ValidationError as exc:
-        raise ConfigError(_format_errors(exc, source)) from exc
+        raise ConfigError(format_errors(exc, source, docs="docs/keycache.md")) from exc
 
     def path_of(section: str, key: str, value: str | None) -> Path | None:
-        return _resolve(None if f"{section}.{key}" in option_paths else base, value)
+        """Relative paths from the file against its directory, from options against the
+        working directory."""
+        from_file = base is not None and f"{section}.{key}" not in option_paths
+        return resolve_path(base if from_file else Path.cwd(), value)
 
     ks, tee, listen, local, leases, persist = (
         parsed.keyserver,

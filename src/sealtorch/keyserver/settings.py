@@ -14,15 +14,16 @@ Nothing here opens a database, a key or a socket: :func:`load_settings` returns 
 from __future__ import annotations
 
 import os
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Final, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field, ValidationError
 
+from sealtorch._settings import Section as _Section
+from sealtorch._settings import format_errors, read_toml, resolve_path
 from sealtorch.errors import ConfigError
 from sealtorch.keyserver.masterkey import (
     PIN_ENV,
@@ -49,10 +50,6 @@ DEFAULT_MAX_REQUEST_BYTES: Final = 64 * 1024
 
 
 # -- the config file schema --------------------------------------------------------------------
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class _Server(_Section):
@@ -218,43 +215,6 @@ def _coerce_env(model: type[_Section], key: str, text: str) -> Any:
     return text
 
 
-def _read_file(path: Path) -> dict[str, Any]:
-    try:
-        with open(path, "rb") as handle:
-            return tomllib.load(handle)
-    except FileNotFoundError as exc:
-        raise ConfigError(
-            f"{path} does not exist; create a key server data directory with "
-            "`sealtorch keyserver init DIR`"
-        ) from exc
-    except OSError as exc:
-        raise ConfigError(f"cannot read {path}: {exc.strerror}") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
-
-
-def _format_errors(exc: ValidationError, source: str) -> str:
-    lines = []
-    for error in exc.errors(include_url=False):
-        location = ".".join(str(part) for part in error["loc"])
-        message = (
-            "unknown setting (check the spelling; see docs/keyserver.md)"
-            if error["type"] == "extra_forbidden"
-            else str(error["msg"])
-        )
-        lines.append(f"{location}: {message}")
-    return f"{source} has invalid settings:\n  " + "\n  ".join(lines)
-
-
-def _resolve(base: Path | None, value: str | None) -> Path | None:
-    if value is None or value == "":
-        return None
-    path = Path(value).expanduser()
-    if not path.is_absolute() and base is not None:
-        path = base / path
-    return path
-
-
 def _resolve_database(base: Path | None, url: str) -> str:
     prefix = "sqlite:///"
     if url.startswith(prefix):
@@ -279,7 +239,11 @@ def load_settings(
     sources: dict[str, str] = {}
     if base is not None:
         config_path = base / CONFIG_FILE
-        raw = _read_file(config_path)
+        raw = read_toml(
+            config_path,
+            missing=f"{config_path} does not exist; create a key server data directory with "
+            "`sealtorch keyserver init DIR`",
+        )
         source = str(config_path)
         for section, values in raw.items():
             if isinstance(values, dict):
@@ -306,7 +270,7 @@ def load_settings(
     try:
         config = _ConfigFile.model_validate(merged)
     except ValidationError as exc:
-        raise ConfigError(_format_errors(exc, source)) from exc
+        raise ConfigError(format_errors(exc, source, docs="docs/keyserver.md")) from exc
     return _build(config, base, sources)
 
 
@@ -324,7 +288,7 @@ def _build(config: _ConfigFile, base: Path | None, sources: dict[str, str]) -> K
             pin_env=config.master_key.pin_env,
         )
     else:
-        path = _resolve(base, config.master_key.path)
+        path = resolve_path(base, config.master_key.path)
         if path is None:  # pragma: no cover - the schema gives a default
             raise ConfigError("master_key.path is required for a file master key")
         master = FileMasterKeyConfig(path=path)
@@ -337,17 +301,17 @@ def _build(config: _ConfigFile, base: Path | None, sources: dict[str, str]) -> K
         busy_timeout=config.database.busy_timeout,
         pool_size=config.database.pool_size,
         master_key=master,
-        tls_cert=_resolve(base, tls.cert) if tls.enabled else None,
-        tls_key=_resolve(base, tls.key) if tls.enabled else None,
-        tls_ca=_resolve(base, tls.ca) if tls.enabled else None,
+        tls_cert=resolve_path(base, tls.cert) if tls.enabled else None,
+        tls_key=resolve_path(base, tls.key) if tls.enabled else None,
+        tls_ca=resolve_path(base, tls.ca) if tls.enabled else None,
         host=config.server.host,
         port=config.server.port,
         workers=config.server.workers,
         graceful_timeout=config.server.graceful_timeout,
         sim_trusted_keys=config.attestation.sim_trusted_keys,
         pccs_url=config.attestation.pccs_url,
-        collateral_path=_resolve(base, config.attestation.collateral_path),
-        collateral_cache_dir=_resolve(base, config.attestation.collateral_cache_dir),
+        collateral_path=resolve_path(base, config.attestation.collateral_path),
+        collateral_cache_dir=resolve_path(base, config.attestation.collateral_cache_dir),
         nonce_ttl=timedelta(seconds=release.nonce_ttl_seconds),
         lease_duration=timedelta(seconds=release.lease_seconds),
         session_duration=timedelta(seconds=release.session_seconds),

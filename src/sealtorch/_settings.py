@@ -1,0 +1,65 @@
+"""Config file handling shared by the key server and key cache settings.
+
+Both read a TOML file into pydantic sections that forbid unknown keys, report every invalid
+setting in one :class:`~sealtorch.errors.ConfigError`, and resolve relative paths against a base
+directory. Which file, which sections and which base are each side's own.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from sealtorch.errors import ConfigError
+
+__all__ = ["Section", "format_errors", "read_toml", "resolve_path"]
+
+
+class Section(BaseModel):
+    """A table of a config file: immutable, and an unknown key is an error (a typo, never a
+    silently ignored setting)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def read_toml(path: Path, *, missing: str) -> dict[str, Any]:
+    """The TOML document at ``path``; ``missing`` is the error message when there is none."""
+    try:
+        with open(path, "rb") as handle:
+            return tomllib.load(handle)
+    except FileNotFoundError as exc:
+        raise ConfigError(missing) from exc
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
+
+
+def format_errors(exc: ValidationError, source: str, *, docs: str) -> str:
+    """Every invalid setting of ``source``, one per line (``section.key: what is wrong``);
+    unknown keys point to ``docs``, where the settings are described."""
+    lines = []
+    for error in exc.errors(include_url=False):
+        location = ".".join(str(part) for part in error["loc"])
+        message = (
+            f"unknown setting (check the spelling; see {docs})"
+            if error["type"] == "extra_forbidden"
+            else str(error["msg"]).removeprefix("Value error, ")
+        )
+        lines.append(f"{location}: {message}")
+    return f"{source} has invalid settings:\n  " + "\n  ".join(lines)
+
+
+def resolve_path(base: Path | None, value: str | os.PathLike[str] | None) -> Path | None:
+    """``value`` as a path (``~`` expanded), relative ones against ``base`` when given; an empty
+    value is no path."""
+    if value is None or value == "":
+        return None
+    path = Path(value).expanduser()
+    if not path.is_absolute() and base is not None:
+        path = base / path
+    return path
