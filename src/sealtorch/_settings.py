@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,14 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from sealtorch.errors import ConfigError
 
-__all__ = ["Section", "format_errors", "read_toml", "resolve_path"]
+__all__ = [
+    "Section",
+    "VerifierSection",
+    "file_sources",
+    "format_errors",
+    "read_toml",
+    "resolve_path",
+]
 
 
 class Section(BaseModel):
@@ -24,6 +32,17 @@ class Section(BaseModel):
     silently ignored setting)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class VerifierSection(Section):
+    """How evidence is verified (the arguments of
+    :func:`~sealtorch.attestation.make_verifiers`): the key server's ``[attestation]``, the key
+    cache's ``[local]``."""
+
+    sim_trusted_keys: tuple[str, ...] = ()
+    pccs_url: str | None = None
+    collateral_path: str | None = None
+    collateral_cache_dir: str | None = None
 
 
 def read_toml(path: Path, *, missing: str) -> dict[str, Any]:
@@ -37,6 +56,16 @@ def read_toml(path: Path, *, missing: str) -> dict[str, Any]:
         raise ConfigError(f"cannot read {path}: {exc.strerror}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
+
+
+def file_sources(raw: Mapping[str, Any]) -> dict[str, str]:
+    """``{"section.key": "file"}`` for every key of every table of a config document."""
+    return {
+        f"{section}.{key}": "file"
+        for section, values in raw.items()
+        if isinstance(values, dict)
+        for key in values
+    }
 
 
 def format_errors(exc: ValidationError, source: str, *, docs: str) -> str:

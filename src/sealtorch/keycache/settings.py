@@ -62,7 +62,13 @@ from typing import Annotated, Any, Final, Literal
 from pydantic import Field, ValidationError, field_validator
 
 from sealtorch._settings import Section as _Section
-from sealtorch._settings import format_errors, read_toml, resolve_path
+from sealtorch._settings import (
+    VerifierSection,
+    file_sources,
+    format_errors,
+    read_toml,
+    resolve_path,
+)
 from sealtorch.errors import ConfigError
 from sealtorch.protocol import DEFAULT_HPKE_SUITE, HPKE_SUITES, MODEL_ID_PATTERN
 
@@ -124,11 +130,7 @@ class _Listen(_Section):
     metrics: str | None = None
 
 
-class _Local(_Section):
-    sim_trusted_keys: tuple[str, ...] = ()
-    pccs_url: str | None = None
-    collateral_path: str | None = None
-    collateral_cache_dir: str | None = None
+class _Local(VerifierSection):
     nonce_ttl_seconds: Annotated[float, Field(gt=0, le=600)] = 30.0
     session_seconds: Annotated[float, Field(ge=0, le=86400)] = 600.0
     max_request_bytes: Annotated[int, Field(ge=4096, le=1024 * 1024)] = DEFAULT_MAX_REQUEST_BYTES
@@ -312,10 +314,7 @@ def load_settings(
         base = path.parent
         raw = read_toml(path, missing=f"key cache config {path} does not exist")
         source = str(path)
-        for section, values in raw.items():
-            if isinstance(values, dict):
-                for key in values:
-                    sources[f"{section}.{key}"] = "file"
+        sources.update(file_sources(raw))
     option_paths: set[str] = set()
     merged: dict[str, Any] = {
         name: dict(value) if isinstance(value, dict) else value for name, value in raw.items()

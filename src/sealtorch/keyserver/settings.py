@@ -23,7 +23,13 @@ from typing import Annotated, Any, Final, Literal
 from pydantic import Field, ValidationError
 
 from sealtorch._settings import Section as _Section
-from sealtorch._settings import format_errors, read_toml, resolve_path
+from sealtorch._settings import (
+    VerifierSection,
+    file_sources,
+    format_errors,
+    read_toml,
+    resolve_path,
+)
 from sealtorch.errors import ConfigError
 from sealtorch.keyserver.masterkey import (
     PIN_ENV,
@@ -83,11 +89,8 @@ class _Tls(_Section):
     ca: str | None = "tls/ca.crt"
 
 
-class _Attestation(_Section):
-    sim_trusted_keys: tuple[str, ...] = ()
-    pccs_url: str | None = None
-    collateral_path: str | None = None
-    collateral_cache_dir: str | None = None
+class _Attestation(VerifierSection):
+    """How the evidence of release requests is verified."""
 
 
 class _Release(_Section):
@@ -245,10 +248,7 @@ def load_settings(
             "`sealtorch keyserver init DIR`",
         )
         source = str(config_path)
-        for section, values in raw.items():
-            if isinstance(values, dict):
-                for key in values:
-                    sources[f"{section}.{key}"] = "file"
+        sources.update(file_sources(raw))
     else:
         source = "the environment"
     merged: dict[str, dict[str, Any]] = {
