@@ -25,10 +25,11 @@ import re
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
@@ -151,6 +152,10 @@ def _session(row: _Row) -> SessionRecord:
     )
 
 
+def _digest(row: _Row) -> bytes:
+    return bytes(row.digest)
+
+
 def _audit(row: _Row) -> AuditRecord:
     return AuditRecord(
         seq=int(row.seq),
@@ -183,6 +188,20 @@ _KEY_COLUMNS = (
 _ADMIN_COLUMNS = tuple(c for c in t.admin_tokens.c if c.name != "digest")
 _SESSION_COLUMNS = tuple(c for c in t.sessions.c if c.name != "digest")
 
+
+def _version_is(model_id: str, version: int) -> sa.ColumnElement[bool]:
+    return sa.and_(t.key_versions.c.model_id == model_id, t.key_versions.c.version == version)
+
+
+def _active_keys(*columns: Any) -> sa.Select[Any]:
+    """``columns`` of the active key versions of live (not deleted) models."""
+    return (
+        sa.select(*columns)
+        .join(t.models, t.models.c.model_id == t.key_versions.c.model_id)
+        .where(t.key_versions.c.state == KeyState.ACTIVE.value, t.models.c.deleted_at.is_(None))
+    )
+
+
 # Hot-path statements (challenge, release, audit) are built once: constructing SQLAlchemy
 # statements costs more than executing them on SQLite.
 _ADD_NONCE = sa.insert(t.nonces)
@@ -206,13 +225,8 @@ _CONSUME_NONCES = (
     .returning(t.nonces.c.nonce, t.nonces.c.expires_at)
 )
 _ACTIVE_WRAPPED_KEYS = (
-    sa.select(*_KEY_COLUMNS, t.key_versions.c.wrapped_dek)
-    .join(t.models, t.models.c.model_id == t.key_versions.c.model_id)
-    .where(
-        t.key_versions.c.model_id == sa.bindparam("model"),
-        t.key_versions.c.state == KeyState.ACTIVE.value,
-        t.models.c.deleted_at.is_(None),
-    )
+    _active_keys(*_KEY_COLUMNS, t.key_versions.c.wrapped_dek)
+    .where(t.key_versions.c.model_id == sa.bindparam("model"))
     .order_by(t.key_versions.c.version)
 )
 _CURRENT_POLICY = (
@@ -230,14 +244,8 @@ def _release_statements(restricted: bool) -> tuple[Any, Any, Any]:
     latest = sa.select(
         t.policies.c.model_id, sa.func.max(t.policies.c.version).label("version")
     ).group_by(t.policies.c.model_id)
-    keys_query = (
-        sa.select(*_KEY_COLUMNS, t.key_versions.c.wrapped_dek)
-        .join(t.models, t.models.c.model_id == t.key_versions.c.model_id)
-        .where(
-            t.key_versions.c.state == KeyState.ACTIVE.value,
-            t.models.c.deleted_at.is_(None),
-        )
-        .order_by(t.key_versions.c.model_id, t.key_versions.c.version)
+    keys_query = _active_keys(*_KEY_COLUMNS, t.key_versions.c.wrapped_dek).order_by(
+        t.key_versions.c.model_id, t.key_versions.c.version
     )
     if restricted:
         models_query = models_query.where(
@@ -270,13 +278,8 @@ _LOCKED_RELEASE = {
     )
 }
 _STILL_ACTIVE = (
-    sa.select(t.key_versions.c.model_id, t.key_versions.c.version)
-    .join(t.models, t.models.c.model_id == t.key_versions.c.model_id)
-    .where(
-        t.key_versions.c.model_id.in_(sa.bindparam("ids", expanding=True)),
-        t.key_versions.c.state == KeyState.ACTIVE.value,
-        t.models.c.deleted_at.is_(None),
-    )
+    _active_keys(t.key_versions.c.model_id, t.key_versions.c.version)
+    .where(t.key_versions.c.model_id.in_(sa.bindparam("ids", expanding=True)))
     .with_for_update(read=True, of=t.key_versions)
 )
 
@@ -341,20 +344,126 @@ def _audit_row(record: AuditRecord) -> dict[str, Any]:
     }
 
 
-# --- the transaction --------------------------------------------------------------------------
+def _write_audit(
+    conn: sa.Connection,
+    entries: Sequence[tuple[AuditEntry, Mapping[str, str | None] | None]],
+    *,
+    at: datetime,
+) -> list[AuditRecord]:
+    """Append ``(entry, entry.encoded() or None)`` to the chain, in order, under the lock of the
+    chain's head row; the records written."""
+    head = conn.execute(_LOCK_AUDIT_HEAD).one()
+    seq, prev_hash = int(head.seq), str(head.hash)
+    records: list[AuditRecord] = []
+    for entry, encoded in entries:
+        record = build_record(entry, seq=seq + 1, at=at, prev_hash=prev_hash, encoded=encoded)
+        records.append(record)
+        seq, prev_hash = record.seq, record.hash
+    conn.execute(_INSERT_AUDIT, [_audit_row(record) for record in records])
+    conn.execute(_UPDATE_AUDIT_HEAD, {"new_seq": seq, "new_hash": prev_hash})
+    return records
 
 
-class _SqlTransaction:
-    """A write transaction (see ``StoreTransaction``)."""
+def _nonce_row(nonce: bytes, *, created_at: datetime, expires_at: datetime) -> dict[str, Any]:
+    if not 16 <= len(nonce) <= 64:
+        raise ValueError("a nonce is 16 to 64 bytes")
+    return {"nonce": bytes(nonce), "created_at": utc(created_at), "expires_at": utc(expires_at)}
+
+
+def _nonce_status(expires_at: datetime | None, *, now: datetime) -> NonceStatus:
+    """What consuming a nonce found: its expiry time, or ``None`` when there was no such row."""
+    if expires_at is None:
+        return NonceStatus.UNKNOWN
+    if utc(now) >= expires_at:
+        return NonceStatus.EXPIRED
+    return NonceStatus.CONSUMED
+
+
+def _check_token_fields(token_id: str, digest: bytes) -> None:
+    if not _TOKEN_ID.fullmatch(token_id):
+        raise ConfigError("a token id is 16 lowercase hex characters")
+    if len(digest) != 32:
+        raise ConfigError("a token digest is 32 bytes (SHA-256)")
+
+
+# --- the transactions -------------------------------------------------------------------------
+
+
+class _Transaction(ABC):
+    """What both transactions share: connection, clock and ``create_session`` (a session row is
+    inserted at once by a :class:`_SqlTransaction`, buffered by a :class:`_GroupTransaction`)."""
 
     def __init__(self, conn: sa.Connection, clock: Callable[[], datetime]) -> None:
         self._conn = conn
         self._clock = clock
-        self.changed = False
-        self.audited = False
 
     def _now(self) -> datetime:
         return utc(self._clock())
+
+    @abstractmethod
+    def _change(self) -> None:
+        """Called before each change."""
+
+    @abstractmethod
+    def _store_session(self, row: dict[str, Any]) -> None:
+        """Write (or buffer) a new session row."""
+
+    def create_session(
+        self,
+        *,
+        token_id: str,
+        digest: bytes,
+        hpke_suite: str,
+        public_key: bytes,
+        claims_json: str,
+        evidence_digest: str | None,
+        model_ids: Sequence[str] | None,
+        expires_at: datetime,
+    ) -> SessionRecord:
+        self._change()
+        _check_token_fields(token_id, digest)
+        try:
+            claims = json.loads(claims_json)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError("session claims must be JSON text") from exc
+        if not isinstance(claims, dict):
+            raise ConfigError("session claims must be a JSON object")
+        ids = None if model_ids is None else tuple(check_model_id(m) for m in model_ids)
+        record = SessionRecord(
+            token_id=token_id,
+            hpke_suite=hpke_suite,
+            public_key=bytes(public_key),
+            claims_json=claims_json,
+            claims_digest=hashlib.sha256(claims_json.encode("utf-8")).hexdigest(),
+            evidence_digest=evidence_digest,
+            model_ids=ids,
+            created_at=self._now(),
+            expires_at=utc(expires_at),
+        )
+        self._store_session(
+            {
+                "token_id": token_id,
+                "digest": bytes(digest),
+                "hpke_suite": hpke_suite,
+                "public_key": record.public_key,
+                "claims": claims_json,
+                "claims_digest": record.claims_digest,
+                "evidence_digest": evidence_digest,
+                "model_ids": None if ids is None else json.dumps(list(ids)),
+                "created_at": record.created_at,
+                "expires_at": record.expires_at,
+            }
+        )
+        return record
+
+
+class _SqlTransaction(_Transaction):
+    """A write transaction (see ``StoreTransaction``)."""
+
+    def __init__(self, conn: sa.Connection, clock: Callable[[], datetime]) -> None:
+        super().__init__(conn, clock)
+        self.changed = False
+        self.audited = False
 
     def _change(self) -> None:
         if self.audited:
@@ -437,61 +546,40 @@ class _SqlTransaction:
         version = int(highest or 0) + 1
         return self._insert_key(model_id, version, wrap(version))
 
-    def _locked_version(self, model_id: str, version: int) -> _Row:
+    def _locked_version(self, model_id: str, version: int) -> KeyVersionRecord:
         self._lock_live_model(model_id)
         row = self._conn.execute(
-            sa.select(*_KEY_COLUMNS)
-            .where(t.key_versions.c.model_id == model_id, t.key_versions.c.version == version)
-            .with_for_update()
+            sa.select(*_KEY_COLUMNS).where(_version_is(model_id, version)).with_for_update()
         ).first()
         if row is None:
             raise NotFoundError(f"model {model_id!r} has no key version {version}")
-        return row
+        return _key_version(row)
+
+    def _update_version(self, record: KeyVersionRecord, **values: Any) -> None:
+        self._conn.execute(
+            sa.update(t.key_versions)
+            .where(_version_is(record.model_id, record.version))
+            .values(**values)
+        )
 
     def revoke_key_version(self, model_id: str, version: int) -> KeyVersionRecord:
         self._change()
-        row = self._locked_version(model_id, version)
-        if row.state != KeyState.ACTIVE.value:
-            raise ConflictError(f"key version {version} of {model_id!r} is already {row.state}")
+        record = self._locked_version(model_id, version)
+        if record.state is not KeyState.ACTIVE:
+            raise ConflictError(f"key version {version} of {model_id!r} is already {record.state}")
         now = self._now()
-        self._conn.execute(
-            sa.update(t.key_versions)
-            .where(t.key_versions.c.model_id == model_id, t.key_versions.c.version == version)
-            .values(state=KeyState.REVOKED.value, revoked_at=now)
-        )
-        record = _key_version(row)
-        return KeyVersionRecord(
-            model_id=record.model_id,
-            version=record.version,
-            state=KeyState.REVOKED,
-            wrap_key_id=record.wrap_key_id,
-            fingerprint=record.fingerprint,
-            created_at=record.created_at,
-            revoked_at=now,
-        )
+        self._update_version(record, state=KeyState.REVOKED.value, revoked_at=now)
+        return replace(record, state=KeyState.REVOKED, revoked_at=now)
 
     def replace_wrapped_key(
         self, model_id: str, version: int, *, blob: bytes, wrap_key_id: str
     ) -> KeyVersionRecord:
         self._change()
-        row = self._locked_version(model_id, version)
-        if row.state == KeyState.DESTROYED.value or not blob:
+        record = self._locked_version(model_id, version)
+        if record.state is KeyState.DESTROYED or not blob:
             raise ConflictError(f"key version {version} of {model_id!r} was destroyed")
-        self._conn.execute(
-            sa.update(t.key_versions)
-            .where(t.key_versions.c.model_id == model_id, t.key_versions.c.version == version)
-            .values(wrapped_dek=bytes(blob), wrap_key_id=wrap_key_id)
-        )
-        record = _key_version(row)
-        return KeyVersionRecord(
-            model_id=record.model_id,
-            version=record.version,
-            state=record.state,
-            wrap_key_id=wrap_key_id,
-            fingerprint=record.fingerprint,
-            created_at=record.created_at,
-            revoked_at=record.revoked_at,
-        )
+        self._update_version(record, wrapped_dek=bytes(blob), wrap_key_id=wrap_key_id)
+        return replace(record, wrap_key_id=wrap_key_id)
 
     def delete_model(self, model_id: str) -> ModelRecord:
         self._change()
@@ -574,105 +662,37 @@ class _SqlTransaction:
             raise ConflictError(f"admin token {token_id} already exists") from exc
         return record
 
-    def revoke_admin_token(self, token_id: str) -> AdminTokenRecord:
+    def _revoke_token(
+        self, table: sa.Table, columns: Sequence[Any], token_id: str, *, what: str
+    ) -> tuple[_Row, datetime]:
+        """Mark the ``what`` (admin token or session) revoked: its row before, and the time."""
         self._change()
         row = self._conn.execute(
-            sa.select(*_ADMIN_COLUMNS)
-            .where(t.admin_tokens.c.token_id == token_id)
-            .with_for_update()
+            sa.select(*columns).where(table.c.token_id == token_id).with_for_update()
         ).first()
         if row is None:
-            raise NotFoundError(f"there is no admin token {token_id!r}")
+            raise NotFoundError(f"there is no {what} {token_id!r}")
         if row.revoked_at is not None:
-            raise ConflictError(f"admin token {token_id} is already revoked")
+            raise ConflictError(f"{what} {token_id} is already revoked")
         now = self._now()
         self._conn.execute(
-            sa.update(t.admin_tokens)
-            .where(t.admin_tokens.c.token_id == token_id)
-            .values(revoked_at=now)
+            sa.update(table).where(table.c.token_id == token_id).values(revoked_at=now)
         )
-        record = _admin_token(row)
-        return AdminTokenRecord(
-            token_id=record.token_id,
-            name=record.name,
-            created_at=record.created_at,
-            expires_at=record.expires_at,
-            revoked_at=now,
-        )
+        return row, now
 
-    def create_session(
-        self,
-        *,
-        token_id: str,
-        digest: bytes,
-        hpke_suite: str,
-        public_key: bytes,
-        claims_json: str,
-        evidence_digest: str | None,
-        model_ids: Sequence[str] | None,
-        expires_at: datetime,
-    ) -> SessionRecord:
-        self._change()
-        _check_token_fields(token_id, digest)
+    def revoke_admin_token(self, token_id: str) -> AdminTokenRecord:
+        row, now = self._revoke_token(t.admin_tokens, _ADMIN_COLUMNS, token_id, what="admin token")
+        return replace(_admin_token(row), revoked_at=now)
+
+    def _store_session(self, row: dict[str, Any]) -> None:
         try:
-            claims = json.loads(claims_json)
-        except (TypeError, ValueError) as exc:
-            raise ConfigError("session claims must be JSON text") from exc
-        if not isinstance(claims, dict):
-            raise ConfigError("session claims must be a JSON object")
-        ids = None if model_ids is None else tuple(check_model_id(m) for m in model_ids)
-        record = SessionRecord(
-            token_id=token_id,
-            hpke_suite=hpke_suite,
-            public_key=bytes(public_key),
-            claims_json=claims_json,
-            claims_digest=hashlib.sha256(claims_json.encode("utf-8")).hexdigest(),
-            evidence_digest=evidence_digest,
-            model_ids=ids,
-            created_at=self._now(),
-            expires_at=utc(expires_at),
-        )
-        try:
-            self._conn.execute(
-                sa.insert(t.sessions).values(
-                    token_id=token_id,
-                    digest=bytes(digest),
-                    hpke_suite=hpke_suite,
-                    public_key=record.public_key,
-                    claims=claims_json,
-                    claims_digest=record.claims_digest,
-                    evidence_digest=evidence_digest,
-                    model_ids=None if ids is None else json.dumps(list(ids)),
-                    created_at=record.created_at,
-                    expires_at=record.expires_at,
-                )
-            )
+            self._conn.execute(_INSERT_SESSION, row)
         except sa_exc.IntegrityError as exc:
-            raise ConflictError(f"session {token_id} already exists") from exc
-        return record
+            raise ConflictError(f"session {row['token_id']} already exists") from exc
 
     def revoke_session(self, token_id: str) -> SessionRecord:
-        self._change()
-        row = self._conn.execute(
-            sa.select(*_SESSION_COLUMNS).where(t.sessions.c.token_id == token_id).with_for_update()
-        ).first()
-        if row is None:
-            raise NotFoundError(f"there is no session {token_id!r}")
-        if row.revoked_at is not None:
-            raise ConflictError(f"session {token_id} is already revoked")
-        now = self._now()
-        self._conn.execute(
-            sa.update(t.sessions).where(t.sessions.c.token_id == token_id).values(revoked_at=now)
-        )
-        record = _session(row)
-        return SessionRecord(
-            **{
-                name: getattr(record, name)
-                for name in SessionRecord.__dataclass_fields__
-                if name != "revoked_at"
-            },
-            revoked_at=now,
-        )
+        row, now = self._revoke_token(t.sessions, _SESSION_COLUMNS, token_id, what="session")
+        return replace(_session(row), revoked_at=now)
 
     def still_active(self, keys: Sequence[tuple[str, int]]) -> frozenset[tuple[str, int]]:
         if self.audited:
@@ -688,10 +708,7 @@ class _SqlTransaction:
 
     def append_audit(self, entry: AuditEntry) -> AuditRecord:
         try:
-            head = self._conn.execute(_LOCK_AUDIT_HEAD).one()
-            record = build_record(entry, seq=int(head.seq) + 1, at=self._now(), prev_hash=head.hash)
-            self._conn.execute(_INSERT_AUDIT, _audit_row(record))
-            self._conn.execute(_UPDATE_AUDIT_HEAD, {"new_seq": record.seq, "new_hash": record.hash})
+            [record] = _write_audit(self._conn, [(entry, None)], at=self._now())
         except sa_exc.SQLAlchemyError as exc:
             raise AuditError(
                 f"the audit record could not be written ({_first_line(exc)}); nothing was committed"
@@ -700,7 +717,7 @@ class _SqlTransaction:
         return record
 
 
-class _GroupTransaction:
+class _GroupTransaction(_Transaction):
     """The transaction shared by one group of submitted work (see ``Store.submit``).
 
     Reads and the nonce deletion run at once; new nonces, sessions and audit records are
@@ -712,8 +729,7 @@ class _GroupTransaction:
     def __init__(
         self, conn: sa.Connection, clock: Callable[[], datetime], nonces: Sequence[bytes] = ()
     ) -> None:
-        self._conn = conn
-        self._clock = clock
+        super().__init__(conn, clock)
         # The nonces the group's work declared: consumed up front, in one statement.
         self._declared = frozenset(bytes(n) for n in nonces)
         self._consumed: dict[bytes, datetime] = {}
@@ -726,12 +742,11 @@ class _GroupTransaction:
         self._material: dict[tuple[str, ...] | None, list[ReleaseMaterial]] = {}
         self.records: list[AuditRecord] = []
 
+    def _change(self) -> None:
+        """Nothing to check: :meth:`flush` writes the audit records after everything else."""
+
     def add_nonce(self, nonce: bytes, *, expires_at: datetime) -> None:
-        if not 16 <= len(nonce) <= 64:
-            raise ValueError("a nonce is 16 to 64 bytes")
-        self._nonces.append(
-            {"nonce": bytes(nonce), "created_at": utc(self._clock()), "expires_at": utc(expires_at)}
-        )
+        self._nonces.append(_nonce_row(nonce, created_at=self._clock(), expires_at=expires_at))
 
     def consume_nonce(self, nonce: bytes, *, now: datetime) -> NonceStatus:
         nonce = bytes(nonce)
@@ -740,11 +755,7 @@ class _GroupTransaction:
         else:
             row = self._conn.execute(_CONSUME_NONCE, {"nonce_value": nonce}).first()
             expires_at = None if row is None else row.expires_at
-        if expires_at is None:
-            return NonceStatus.UNKNOWN
-        if utc(now) >= expires_at:
-            return NonceStatus.EXPIRED
-        return NonceStatus.CONSUMED
+        return _nonce_status(expires_at, now=now)
 
     def release_material(self, model_ids: Sequence[str] | None) -> list[ReleaseMaterial]:
         # Nothing in a group changes models, keys or policies: one read per distinct request.
@@ -755,52 +766,8 @@ class _GroupTransaction:
             self._material[key] = material
         return material
 
-    def create_session(
-        self,
-        *,
-        token_id: str,
-        digest: bytes,
-        hpke_suite: str,
-        public_key: bytes,
-        claims_json: str,
-        evidence_digest: str | None,
-        model_ids: Sequence[str] | None,
-        expires_at: datetime,
-    ) -> SessionRecord:
-        _check_token_fields(token_id, digest)
-        try:
-            claims = json.loads(claims_json)
-        except (TypeError, ValueError) as exc:
-            raise ConfigError("session claims must be JSON text") from exc
-        if not isinstance(claims, dict):
-            raise ConfigError("session claims must be a JSON object")
-        ids = None if model_ids is None else tuple(check_model_id(m) for m in model_ids)
-        record = SessionRecord(
-            token_id=token_id,
-            hpke_suite=hpke_suite,
-            public_key=bytes(public_key),
-            claims_json=claims_json,
-            claims_digest=hashlib.sha256(claims_json.encode("utf-8")).hexdigest(),
-            evidence_digest=evidence_digest,
-            model_ids=ids,
-            created_at=utc(self._clock()),
-            expires_at=utc(expires_at),
-        )
-        self._sessions.append(
-            {
-                "token_id": token_id,
-                "digest": bytes(digest),
-                "hpke_suite": hpke_suite,
-                "public_key": record.public_key,
-                "claims": claims_json,
-                "claims_digest": record.claims_digest,
-                "evidence_digest": evidence_digest,
-                "model_ids": None if ids is None else json.dumps(list(ids)),
-                "created_at": record.created_at,
-                "expires_at": record.expires_at,
-            }
-        )
-        return record
+    def _store_session(self, row: dict[str, Any]) -> None:
+        self._sessions.append(row)
 
     def append_audit(self, entry: AuditEntry) -> None:
         # Encode now: a malformed entry fails its own unit of work, not the group.
@@ -826,17 +793,7 @@ class _GroupTransaction:
         if not self._entries:
             return
         try:
-            head = self._conn.execute(_LOCK_AUDIT_HEAD).one()
-            seq, prev_hash = int(head.seq), str(head.hash)
-            at = utc(self._clock())
-            for entry, encoded in self._entries:
-                record = build_record(
-                    entry, seq=seq + 1, at=at, prev_hash=prev_hash, encoded=encoded
-                )
-                self.records.append(record)
-                seq, prev_hash = record.seq, record.hash
-            self._conn.execute(_INSERT_AUDIT, [_audit_row(r) for r in self.records])
-            self._conn.execute(_UPDATE_AUDIT_HEAD, {"new_seq": seq, "new_hash": prev_hash})
+            self.records = _write_audit(self._conn, self._entries, at=self._now())
         except sa_exc.SQLAlchemyError as exc:
             raise AuditError(
                 f"the audit records could not be written ({_first_line(exc)}); nothing was "
@@ -915,13 +872,6 @@ class _GroupCommitter:
         for work in left:
             if work.future.set_running_or_notify_cancel():
                 work.future.set_exception(StorageError("the key store was closed"))
-
-
-def _check_token_fields(token_id: str, digest: bytes) -> None:
-    if not _TOKEN_ID.fullmatch(token_id):
-        raise ConfigError("a token id is 16 lowercase hex characters")
-    if len(digest) != 32:
-        raise ConfigError("a token digest is 32 bytes (SHA-256)")
 
 
 # --- the store --------------------------------------------------------------------------------
@@ -1122,37 +1072,56 @@ class SqlStore:
         except sa_exc.SQLAlchemyError as exc:
             self._fail(exc, what)
 
+    def _one(
+        self, what: str, convert: Callable[[_Row], _T], query: Any, params: Any = None
+    ) -> _T | None:
+        """The first row of ``query`` as ``convert`` makes it, or ``None`` if there is none."""
+        with self._read(what) as conn:
+            row = conn.execute(query, params).first()
+        return None if row is None else convert(row)
+
+    def _all(
+        self, what: str, convert: Callable[[_Row], _T], query: Any, params: Any = None
+    ) -> list[_T]:
+        with self._read(what) as conn:
+            return [convert(row) for row in conn.execute(query, params)]
+
+    @contextmanager
+    def _begin_write(self, *, durable: bool = True) -> Iterator[sa.Connection]:
+        """A connection in a write transaction (the caller holds the write lock).
+
+        ``durable=False`` (challenge nonces only) commits without waiting for the disk: SQLite
+        ``synchronous=NORMAL`` / PostgreSQL ``synchronous_commit = off`` for that transaction.
+        Losing such a commit in a power cut is harmless: an issued nonce is lost (the client
+        asks again), and a consumed nonce is always followed, in the same request, by a durable
+        audit commit that flushes the log up to and including it."""
+        relaxed = not durable and self._backend == "sqlite" and self._synchronous != "NORMAL"
+        with self._engine.connect().execution_options(**{_WRITE: True}) as conn:
+            if relaxed:
+                conn.connection.dbapi_connection.execute(  # type: ignore[union-attr]
+                    "PRAGMA synchronous = NORMAL"
+                )
+            try:
+                with conn.begin():
+                    if not durable and self._backend == "postgresql":
+                        conn.exec_driver_sql("SET LOCAL synchronous_commit TO OFF")
+                    yield conn
+            finally:
+                if relaxed:
+                    try:
+                        conn.connection.dbapi_connection.execute(  # type: ignore[union-attr]
+                            f"PRAGMA synchronous = {self._synchronous}"
+                        )
+                    except sqlite3.Error:  # never return a relaxed connection to the pool
+                        conn.invalidate()
+                        raise
+
     @contextmanager
     def _write(self, what: str, *, durable: bool = True) -> Iterator[sa.Connection]:
-        """A write transaction. ``durable=False`` (challenge nonces only) commits without
-        waiting for the disk: SQLite ``synchronous=NORMAL`` / PostgreSQL ``synchronous_commit
-        = off`` for that transaction. Losing such a commit in a power cut is harmless: an issued
-        nonce is lost (the client asks again), and a consumed nonce is always followed, in the
-        same request, by a durable audit commit that flushes the log up to and including it."""
-        relaxed = not durable and self._backend == "sqlite" and self._synchronous != "NORMAL"
+        """A write transaction of its own (see :meth:`_begin_write` for ``durable``)."""
         try:
-            with (
-                self._write_lock,
-                self._engine.connect().execution_options(**{_WRITE: True}) as conn,
-            ):
-                if relaxed:
-                    conn.connection.dbapi_connection.execute(  # type: ignore[union-attr]
-                        "PRAGMA synchronous = NORMAL"
-                    )
-                try:
-                    with conn.begin():
-                        if not durable and self._backend == "postgresql":
-                            conn.exec_driver_sql("SET LOCAL synchronous_commit TO OFF")
-                        yield conn
-                finally:
-                    if relaxed:
-                        try:
-                            conn.connection.dbapi_connection.execute(  # type: ignore[union-attr]
-                                f"PRAGMA synchronous = {self._synchronous}"
-                            )
-                        except sqlite3.Error:  # never return a relaxed connection to the pool
-                            conn.invalidate()
-                            raise
+            with self._write_lock, self._begin_write(durable=durable) as conn:
+                yield conn
         except sa_exc.SQLAlchemyError as exc:
             self._fail(exc, what)
 
@@ -1160,11 +1129,7 @@ class SqlStore:
     def transaction(self) -> Iterator[_SqlTransaction]:
         tx: _SqlTransaction | None = None
         try:
-            with (
-                self._write_lock,
-                self._engine.connect().execution_options(**{_WRITE: True}) as conn,
-                conn.begin(),
-            ):
+            with self._write_lock, self._begin_write() as conn:
                 tx = _SqlTransaction(conn, self._clock)
                 yield tx
                 if tx.changed and not tx.audited:
@@ -1209,46 +1174,28 @@ class SqlStore:
                 work.future.set_exception(value)
 
     def _run_group(self, group: list[_Work], outcomes: list[tuple[_Work, bool, Any]]) -> None:
-        durable = any(work.durable for work in group)
-        relaxed = not durable and self._backend == "sqlite" and self._synchronous != "NORMAL"
-        with self._engine.connect().execution_options(**{_WRITE: True}) as conn:
-            if relaxed:
-                conn.connection.dbapi_connection.execute(  # type: ignore[union-attr]
-                    "PRAGMA synchronous = NORMAL"
-                )
-            tx: _GroupTransaction | None = None
-            try:
-                with conn.begin():
-                    if not durable and self._backend == "postgresql":
-                        conn.exec_driver_sql("SET LOCAL synchronous_commit TO OFF")
-                    nonces = [work.nonce for work in group if work.nonce is not None]
-                    tx = _GroupTransaction(conn, self._clock, nonces)
-                    for work in group:
-                        mark = tx.mark()
-                        try:
-                            outcomes.append((work, True, work.function(tx)))
-                        except sa_exc.SQLAlchemyError:
-                            raise  # the transaction is broken: the whole group fails
-                        except Exception as exc:  # noqa: BLE001 - handed to that caller
-                            tx.undo(mark)
-                            outcomes.append((work, False, exc))
-                    tx.flush()
-            except sa_exc.SQLAlchemyError as exc:
-                if tx is not None and tx.records:
-                    raise AuditError(
-                        f"the audit records could not be committed ({_first_line(exc)}); "
-                        "nothing was committed"
-                    ) from exc
-                raise
-            finally:
-                if relaxed:
+        tx: _GroupTransaction | None = None
+        try:
+            with self._begin_write(durable=any(work.durable for work in group)) as conn:
+                nonces = [work.nonce for work in group if work.nonce is not None]
+                tx = _GroupTransaction(conn, self._clock, nonces)
+                for work in group:
+                    mark = tx.mark()
                     try:
-                        conn.connection.dbapi_connection.execute(  # type: ignore[union-attr]
-                            f"PRAGMA synchronous = {self._synchronous}"
-                        )
-                    except sqlite3.Error:  # never return a relaxed connection to the pool
-                        conn.invalidate()
-                        raise
+                        outcomes.append((work, True, work.function(tx)))
+                    except sa_exc.SQLAlchemyError:
+                        raise  # the transaction is broken: the whole group fails
+                    except Exception as exc:  # noqa: BLE001 - handed to that caller
+                        tx.undo(mark)
+                        outcomes.append((work, False, exc))
+                tx.flush()
+        except sa_exc.SQLAlchemyError as exc:
+            if tx is not None and tx.records:
+                raise AuditError(
+                    f"the audit records could not be committed ({_first_line(exc)}); "
+                    "nothing was committed"
+                ) from exc
+            raise
 
     def _fail_group(self, group: list[_Work], exc: BaseException) -> None:
         """Every caller of a failed group gets its own error (nothing of it was committed)."""
@@ -1304,18 +1251,16 @@ class SqlStore:
     # -- models and keys --
 
     def get_model(self, model_id: str, *, include_deleted: bool = False) -> ModelRecord | None:
-        with self._read("reading a model") as conn:
-            row = conn.execute(sa.select(t.models).where(t.models.c.model_id == model_id)).first()
-        if row is None or (row.deleted_at is not None and not include_deleted):
-            return None
-        return _model(row)
+        query = sa.select(t.models).where(t.models.c.model_id == model_id)
+        if not include_deleted:
+            query = query.where(t.models.c.deleted_at.is_(None))
+        return self._one("reading a model", _model, query)
 
     def list_models(self, *, include_deleted: bool = False) -> list[ModelRecord]:
         query = sa.select(t.models).order_by(t.models.c.model_id)
         if not include_deleted:
             query = query.where(t.models.c.deleted_at.is_(None))
-        with self._read("listing models") as conn:
-            return [_model(row) for row in conn.execute(query)]
+        return self._all("listing models", _model, query)
 
     def list_key_versions(self, model_id: str) -> list[KeyVersionRecord]:
         query = (
@@ -1323,47 +1268,31 @@ class SqlStore:
             .where(t.key_versions.c.model_id == model_id)
             .order_by(t.key_versions.c.version)
         )
-        with self._read("listing key versions") as conn:
-            return [_key_version(row) for row in conn.execute(query)]
+        return self._all("listing key versions", _key_version, query)
 
     def get_key_version(self, model_id: str, version: int) -> KeyVersionRecord | None:
-        query = sa.select(*_KEY_COLUMNS).where(
-            t.key_versions.c.model_id == model_id, t.key_versions.c.version == version
-        )
-        with self._read("reading a key version") as conn:
-            row = conn.execute(query).first()
-        return None if row is None else _key_version(row)
+        query = sa.select(*_KEY_COLUMNS).where(_version_is(model_id, version))
+        return self._one("reading a key version", _key_version, query)
 
     def current_key_version(self, model_id: str) -> KeyVersionRecord | None:
         query = (
-            sa.select(*_KEY_COLUMNS)
-            .join(t.models, t.models.c.model_id == t.key_versions.c.model_id)
-            .where(
-                t.key_versions.c.model_id == model_id,
-                t.key_versions.c.state == KeyState.ACTIVE.value,
-                t.models.c.deleted_at.is_(None),
-            )
+            _active_keys(*_KEY_COLUMNS)
+            .where(t.key_versions.c.model_id == model_id)
             .order_by(t.key_versions.c.version.desc())
             .limit(1)
         )
-        with self._read("reading the current key version") as conn:
-            row = conn.execute(query).first()
-        return None if row is None else _key_version(row)
+        return self._one("reading the current key version", _key_version, query)
 
     def get_wrapped_key(self, model_id: str, version: int) -> WrappedKey | None:
         query = sa.select(*_KEY_COLUMNS, t.key_versions.c.wrapped_dek).where(
-            t.key_versions.c.model_id == model_id,
-            t.key_versions.c.version == version,
-            t.key_versions.c.state != KeyState.DESTROYED.value,
+            _version_is(model_id, version), t.key_versions.c.state != KeyState.DESTROYED.value
         )
-        with self._read("reading a wrapped key") as conn:
-            row = conn.execute(query).first()
-        return None if row is None else _wrapped_key(row)
+        return self._one("reading a wrapped key", _wrapped_key, query)
 
     def active_wrapped_keys(self, model_id: str) -> list[WrappedKey]:
-        with self._read("reading wrapped keys") as conn:
-            rows = conn.execute(_ACTIVE_WRAPPED_KEYS, {"model": model_id})
-            return [_wrapped_key(row) for row in rows]
+        return self._all(
+            "reading wrapped keys", _wrapped_key, _ACTIVE_WRAPPED_KEYS, {"model": model_id}
+        )
 
     def release_material(self, model_ids: Sequence[str] | None) -> list[ReleaseMaterial]:
         with self._read("reading release material") as conn:
@@ -1372,17 +1301,13 @@ class SqlStore:
     # -- policies --
 
     def current_policy(self, model_id: str) -> PolicyRecord | None:
-        with self._read("reading a policy") as conn:
-            row = conn.execute(_CURRENT_POLICY, {"model": model_id}).first()
-        return None if row is None else _policy(row)
+        return self._one("reading a policy", _policy, _CURRENT_POLICY, {"model": model_id})
 
     def get_policy(self, model_id: str, version: int) -> PolicyRecord | None:
         query = sa.select(t.policies).where(
             t.policies.c.model_id == model_id, t.policies.c.version == version
         )
-        with self._read("reading a policy") as conn:
-            row = conn.execute(query).first()
-        return None if row is None else _policy(row)
+        return self._one("reading a policy", _policy, query)
 
     def list_policies(self, model_id: str) -> list[PolicyRecord]:
         query = (
@@ -1390,24 +1315,15 @@ class SqlStore:
             .where(t.policies.c.model_id == model_id)
             .order_by(t.policies.c.version)
         )
-        with self._read("listing policies") as conn:
-            return [_policy(row) for row in conn.execute(query)]
+        return self._all("listing policies", _policy, query)
 
     # -- nonces --
 
     def add_nonce(self, nonce: bytes, *, expires_at: datetime) -> None:
-        if not 16 <= len(nonce) <= 64:
-            raise ValueError("a nonce is 16 to 64 bytes")
+        row = _nonce_row(nonce, created_at=self._clock(), expires_at=expires_at)
         try:
             with self._write("storing a nonce", durable=False) as conn:
-                conn.execute(
-                    _ADD_NONCE,
-                    {
-                        "nonce": bytes(nonce),
-                        "created_at": utc(self._clock()),
-                        "expires_at": utc(expires_at),
-                    },
-                )
+                conn.execute(_ADD_NONCE, row)
         except StorageError as exc:
             if isinstance(exc.__cause__, sa_exc.IntegrityError):
                 raise ConflictError("this nonce was already issued") from exc.__cause__
@@ -1416,11 +1332,7 @@ class SqlStore:
     def consume_nonce(self, nonce: bytes, *, now: datetime) -> NonceStatus:
         with self._write("consuming a nonce", durable=False) as conn:
             row = conn.execute(_CONSUME_NONCE, {"nonce_value": bytes(nonce)}).first()
-        if row is None:
-            return NonceStatus.UNKNOWN
-        if utc(now) >= row.expires_at:
-            return NonceStatus.EXPIRED
-        return NonceStatus.CONSUMED
+        return _nonce_status(None if row is None else row.expires_at, now=now)
 
     def purge_expired(self, *, now: datetime) -> int:
         moment = utc(now)
@@ -1433,32 +1345,23 @@ class SqlStore:
 
     def get_admin_token(self, token_id: str) -> AdminTokenRecord | None:
         query = sa.select(*_ADMIN_COLUMNS).where(t.admin_tokens.c.token_id == token_id)
-        with self._read("reading an admin token") as conn:
-            row = conn.execute(query).first()
-        return None if row is None else _admin_token(row)
+        return self._one("reading an admin token", _admin_token, query)
 
     def admin_token_digest(self, token_id: str) -> bytes | None:
         query = sa.select(t.admin_tokens.c.digest).where(t.admin_tokens.c.token_id == token_id)
-        with self._read("reading an admin token") as conn:
-            value = conn.execute(query).scalar()
-        return None if value is None else bytes(value)
+        return self._one("reading an admin token", _digest, query)
 
     def list_admin_tokens(self) -> list[AdminTokenRecord]:
         query = sa.select(*_ADMIN_COLUMNS).order_by(t.admin_tokens.c.created_at)
-        with self._read("listing admin tokens") as conn:
-            return [_admin_token(row) for row in conn.execute(query)]
+        return self._all("listing admin tokens", _admin_token, query)
 
     def get_session(self, token_id: str) -> SessionRecord | None:
         query = sa.select(*_SESSION_COLUMNS).where(t.sessions.c.token_id == token_id)
-        with self._read("reading a session") as conn:
-            row = conn.execute(query).first()
-        return None if row is None else _session(row)
+        return self._one("reading a session", _session, query)
 
     def session_digest(self, token_id: str) -> bytes | None:
         query = sa.select(t.sessions.c.digest).where(t.sessions.c.token_id == token_id)
-        with self._read("reading a session") as conn:
-            value = conn.execute(query).scalar()
-        return None if value is None else bytes(value)
+        return self._one("reading a session", _digest, query)
 
     # -- audit --
 
@@ -1490,8 +1393,7 @@ class SqlStore:
             )
             if up_to_seq is not None:
                 query = query.where(t.audit_log.c.seq <= up_to_seq)
-            with self._read("reading the audit log") as conn:
-                batch = [_audit(row) for row in conn.execute(query)]
+            batch = self._all("reading the audit log", _audit, query)
             yield from batch
             if len(batch) < _AUDIT_BATCH:
                 return
