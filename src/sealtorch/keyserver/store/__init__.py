@@ -65,7 +65,29 @@ Clock = Callable[[], datetime]
 _T = TypeVar("_T")
 
 
-class StoreTransaction(Protocol):
+class _SessionWriter(Protocol):
+    """What both kinds of transaction offer for sessions."""
+
+    def create_session(
+        self,
+        *,
+        token_id: str,
+        digest: bytes,
+        hpke_suite: str,
+        public_key: bytes,
+        claims_json: str,
+        evidence_digest: str | None,
+        model_ids: Sequence[str] | None,
+        expires_at: datetime,
+    ) -> SessionRecord:
+        """A renewal session, bound to the HPKE key and claims of the release that opens it.
+
+        ConfigError (nothing written) for a malformed token id, digest or claims.
+        """
+        ...
+
+
+class StoreTransaction(_SessionWriter, Protocol):
     """One atomic unit of change. Obtain it from :meth:`Store.transaction`."""
 
     def create_model(
@@ -105,19 +127,6 @@ class StoreTransaction(Protocol):
 
     def revoke_admin_token(self, token_id: str) -> AdminTokenRecord: ...
 
-    def create_session(
-        self,
-        *,
-        token_id: str,
-        digest: bytes,
-        hpke_suite: str,
-        public_key: bytes,
-        claims_json: str,
-        evidence_digest: str | None,
-        model_ids: Sequence[str] | None,
-        expires_at: datetime,
-    ) -> SessionRecord: ...
-
     def revoke_session(self, token_id: str) -> SessionRecord: ...
 
     def still_active(self, keys: Sequence[tuple[str, int]]) -> frozenset[tuple[str, int]]:
@@ -134,7 +143,7 @@ class StoreTransaction(Protocol):
         ...
 
 
-class GroupTransaction(Protocol):
+class GroupTransaction(_SessionWriter, Protocol):
     """The transaction a unit of work submitted with :meth:`Store.submit` runs on, shared with
     the other units of its group. Models, keys and policies never change within a group.
 
@@ -155,19 +164,6 @@ class GroupTransaction(Protocol):
         share-locked until the commit, so a revocation committed before it is honoured and one
         committed after it is ordered after this release."""
         ...
-
-    def create_session(
-        self,
-        *,
-        token_id: str,
-        digest: bytes,
-        hpke_suite: str,
-        public_key: bytes,
-        claims_json: str,
-        evidence_digest: str | None,
-        model_ids: Sequence[str] | None,
-        expires_at: datetime,
-    ) -> SessionRecord: ...
 
     def append_audit(self, entry: AuditEntry) -> None:
         """Append to the audit chain when the group commits (each unit's records, in order)."""
