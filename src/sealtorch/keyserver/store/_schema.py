@@ -56,6 +56,20 @@ class UtcMicros(TypeDecorator[datetime]):
         return None if value is None else from_micros(int(value))
 
 
+def _model_version_key() -> tuple[sa.Column[Any], sa.Column[Any]]:
+    """The primary key of a versioned row of a model: ``(model_id, version)``. Models are never
+    deleted (only marked), so the foreign key restricts."""
+    return (
+        sa.Column(
+            "model_id",
+            sa.String(128),
+            sa.ForeignKey("models.model_id", ondelete="RESTRICT"),
+            primary_key=True,
+        ),
+        sa.Column("version", sa.Integer, primary_key=True, autoincrement=False),
+    )
+
+
 metadata = sa.MetaData()
 
 schema_migrations = sa.Table(
@@ -77,13 +91,7 @@ models = sa.Table(
 key_versions = sa.Table(
     "key_versions",
     metadata,
-    sa.Column(
-        "model_id",
-        sa.String(128),
-        sa.ForeignKey("models.model_id", ondelete="RESTRICT"),
-        primary_key=True,
-    ),
-    sa.Column("version", sa.Integer, primary_key=True, autoincrement=False),
+    *_model_version_key(),
     sa.Column("state", sa.String(16), nullable=False),
     sa.Column("wrapped_dek", sa.LargeBinary, nullable=True),
     sa.Column("wrap_key_id", sa.String(200), nullable=False),
@@ -102,13 +110,7 @@ key_versions = sa.Table(
 policies = sa.Table(
     "policies",
     metadata,
-    sa.Column(
-        "model_id",
-        sa.String(128),
-        sa.ForeignKey("models.model_id", ondelete="RESTRICT"),
-        primary_key=True,
-    ),
-    sa.Column("version", sa.Integer, primary_key=True, autoincrement=False),
+    *_model_version_key(),
     sa.Column("document", sa.Text, nullable=False),
     sa.Column("digest", sa.String(64), nullable=False),
     sa.Column("created_at", UtcMicros, nullable=False),
