@@ -20,7 +20,7 @@ lint: setup-dev  ## ruff lint + format check
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/ruff format --check src tests benchmarks
 
-typecheck: setup-dev  ## mypy --strict on src/
+typecheck: setup-dev  ## mypy --strict on src/ and benchmarks/
 	$(VENV)/bin/mypy
 
 check: lint typecheck  ## lint and type checks

@@ -353,11 +353,11 @@ def run_load(load: Load, *, server_pid: int) -> LoadRun:
 
 
 def bare_release_seconds(
-    key_path: Path, *, runs: int, policy: dict[str, Any], model_id: str, check_binding: bool
+    key_path: Path, *, runs: int, policy: dict[str, Any], model_id: str
 ) -> float:
     """CPU seconds of the bare server-side work of one release (best of three loops of
     ``runs``): parse the request, verify the sim evidence (signed with the key in ``key_path``),
-    check its report_data binding if ``check_binding``, evaluate ``policy``, HPKE-seal a key for
+    check its report_data binding, evaluate ``policy``, HPKE-seal a key for
     ``model_id``, build the response."""
     import secrets
 
@@ -402,14 +402,13 @@ def bare_release_seconds(
         claims = verifiers.verify(
             Evidence(type=request.evidence.type, data=request.evidence.data), now=now
         )
-        if check_binding:
-            expected = report_data_for(
-                nonce=request.nonce,
-                hpke_suite=request.hpke.suite,
-                public_key=request.hpke.public_key,
-            )
-            if binding_reasons(claims, expected):
-                raise RuntimeError("the bare release was refused: binding")
+        expected = report_data_for(
+            nonce=request.nonce,
+            hpke_suite=request.hpke.suite,
+            public_key=request.hpke.public_key,
+        )
+        if binding_reasons(claims, expected):
+            raise RuntimeError("the bare release was refused: binding")
         if not checked.evaluate(claims, now=now).allowed:
             raise RuntimeError("the bare release was refused: policy")
         info = key_release_info(

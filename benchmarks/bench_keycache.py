@@ -81,7 +81,6 @@ def run(ctx: Context) -> list[Result]:
             runs=300 if ctx.quick else 1000,
             policy={"allowed_tees": ["sim"], "sim": {"mrenclave": [app.mrenclave]}},
             model_id="m",
-            check_binding=False,
         )
         public_key = app.public_key
         starts = []

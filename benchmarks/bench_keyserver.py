@@ -144,7 +144,7 @@ def _postgres_url(ctx: Context) -> tuple[Any, str] | None:
 def run(ctx: Context) -> list[Result]:
     bare = bare_release_seconds(
         ctx.workdir / "bare-sim.key", runs=200 if ctx.quick else 2000,
-        policy=sim_signer_policy(), model_id="bench", check_binding=True,
+        policy=sim_signer_policy(), model_id="bench",
     )  # fmt: skip
     results = [
         result("keyserver/bare protocol work", "CPU per release", bare * 1000, "ms",
