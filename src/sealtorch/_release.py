@@ -48,8 +48,10 @@ from sealtorch.protocol import (
 
 __all__ = [
     "INLINE_EVIDENCE",
+    "MAX_DENIAL_MESSAGE",
     "NONCE_EXPIRED",
     "NONCE_INVALID",
+    "NONCE_SIZE",
     "CheckedRequest",
     "DecisionObserver",
     "ErrorKind",
