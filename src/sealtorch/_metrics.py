@@ -18,13 +18,21 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.metrics import MetricWrapperBase
 
-__all__ = ["CONTENT_TYPE", "MULTIPROC_ENV", "LabelCache", "MetricsRegistry", "bounded_label"]
+__all__ = [
+    "CONTENT_TYPE",
+    "MULTIPROC_ENV",
+    "LabelCache",
+    "MetricsRegistry",
+    "RequestObserver",
+    "bounded_label",
+]
 
 #: The exposition format of ``render()`` (Prometheus text format 0.0.4).
 CONTENT_TYPE: Final = CONTENT_TYPE_PLAIN_0_0_4
 #: Set by ``keyserver serve --workers N`` to a directory where every worker writes its values.
 MULTIPROC_ENV: Final = "PROMETHEUS_MULTIPROC_DIR"
 _MAX_LABEL: Final = 64
+_MAX_CHILDREN: Final = 256
 
 _M = TypeVar("_M", bound=MetricWrapperBase)
 
@@ -79,7 +87,7 @@ class LabelCache(Generic[_M]):
     on a hot path). At most ``limit`` children are remembered; others are resolved each time.
     """
 
-    def __init__(self, metric: _M, *, limit: int = 256) -> None:
+    def __init__(self, metric: _M, *, limit: int = _MAX_CHILDREN) -> None:
         self._metric = metric
         self._limit = limit
         self._children: dict[tuple[str, ...], _M] = {}
@@ -91,3 +99,29 @@ class LabelCache(Generic[_M]):
             if len(self._children) < self._limit:
                 self._children[values] = child
         return child
+
+
+class RequestObserver:
+    """Counts a request (``requests``: labels route, then ``labels``) and observes its duration
+    (``latency``: label route). The route is bounded (:func:`bounded_label`); both children are
+    resolved once per distinct ``(route, *labels)`` — this runs for every request.
+    """
+
+    def __init__(
+        self, requests: Counter, latency: Histogram, *, limit: int = _MAX_CHILDREN
+    ) -> None:
+        self._requests = requests
+        self._latency = latency
+        self._limit = limit
+        self._children: dict[tuple[object, ...], tuple[Counter, Histogram]] = {}
+
+    def __call__(self, seconds: float, route: str, *labels: object) -> None:
+        key = (route, *labels)
+        children = self._children.get(key)
+        if children is None:
+            label = bounded_label(route)
+            children = (self._requests.labels(label, *labels), self._latency.labels(label))
+            if len(self._children) < self._limit:
+                self._children[key] = children
+        children[0].inc()
+        children[1].observe(seconds)

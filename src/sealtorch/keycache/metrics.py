@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Final
 
-from sealtorch._metrics import CONTENT_TYPE, LabelCache, MetricsRegistry
+from sealtorch._metrics import CONTENT_TYPE, LabelCache, MetricsRegistry, RequestObserver
 from sealtorch._metrics import bounded_label as _label
 
 __all__ = ["CONTENT_TYPE", "CacheMetrics"]
@@ -71,14 +71,11 @@ class CacheMetrics(MetricsRegistry):
             "sealtorch_keycache_last_renewal_timestamp_seconds",
             "Unix time of the last successful refresh from the key server",
         )
-        self._request_children = LabelCache(self.requests)
-        self._latency_children = LabelCache(self.latency)
+        self._observe_request = RequestObserver(self.requests, self.latency)
         self._decision_children = LabelCache(self.decisions)
 
     def observe_request(self, route: str, status: int, seconds: float) -> None:
-        label = _label(route)
-        self._request_children(label, str(status)).inc()
-        self._latency_children(label).observe(seconds)
+        self._observe_request(seconds, route, status)
 
     def observe_decision(self, action: str, decision: str, reasons: list[str], keys: int) -> None:
         self._decision_children(action, decision).inc()

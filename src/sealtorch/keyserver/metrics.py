@@ -13,7 +13,13 @@ from __future__ import annotations
 
 from typing import Final
 
-from sealtorch._metrics import CONTENT_TYPE, MULTIPROC_ENV, LabelCache, MetricsRegistry
+from sealtorch._metrics import (
+    CONTENT_TYPE,
+    MULTIPROC_ENV,
+    LabelCache,
+    MetricsRegistry,
+    RequestObserver,
+)
 from sealtorch._metrics import bounded_label as _label
 
 __all__ = ["CONTENT_TYPE", "MULTIPROC_ENV", "Metrics"]
@@ -56,14 +62,11 @@ class Metrics(MetricsRegistry):
             "Admin requests refused for a missing or invalid bearer token",
             ["status"],
         )
-        self._request_children = LabelCache(self.requests)
-        self._latency_children = LabelCache(self.latency)
+        self._observe_request = RequestObserver(self.requests, self.latency)
         self._decision_children = LabelCache(self.decisions)
 
     def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
-        label = _label(route)
-        self._request_children(label, method, str(status)).inc()
-        self._latency_children(label).observe(seconds)
+        self._observe_request(seconds, route, method, status)
 
     def observe_decision(self, action: str, decision: str, reasons: list[str]) -> None:
         self._decision_children(action, decision).inc()
