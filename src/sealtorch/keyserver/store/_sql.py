@@ -371,7 +371,7 @@ def _nonce_row(nonce: bytes, *, created_at: datetime, expires_at: datetime) -> d
 
 
 def _nonce_status(expires_at: datetime | None, *, now: datetime) -> NonceStatus:
-    """What consuming a nonce found: its expiry time, or ``None`` when there was no such row."""
+    """The outcome of consuming a nonce, from the deleted row's expiry (``None``: no row)."""
     if expires_at is None:
         return NonceStatus.UNKNOWN
     if utc(now) >= expires_at:
@@ -402,7 +402,8 @@ class _Transaction(ABC):
 
     @abstractmethod
     def _change(self) -> None:
-        """Called before each change."""
+        """Called before each change (a :class:`_SqlTransaction` refuses one after its audit
+        record; a group writes its audit records last anyway)."""
 
     @abstractmethod
     def _store_session(self, row: dict[str, Any]) -> None:
