@@ -115,6 +115,10 @@ def parse_token(kind: TokenKind, presented: str) -> tuple[str, bytes]:
         raise InvalidTokenError(kind, "malformed") from exc
     if len(secret) != _SECRET_BYTES:  # pragma: no cover - 43 base64url chars are 32 bytes
         raise InvalidTokenError(kind, "malformed")
+    # 43 base64url characters carry 258 bits: the last one has 2 unused bits, so four
+    # spellings decode to the same secret. Only the one we issue is a token.
+    if base64.urlsafe_b64encode(secret)[:-1].decode("ascii") != match.group(3):
+        raise InvalidTokenError(kind, "malformed")
     return match.group(2), secret
 
 

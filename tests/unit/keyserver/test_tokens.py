@@ -143,6 +143,21 @@ def test_wrong_admin_tokens_are_refused_alike(
     assert issued.token_id not in str(info.value)
 
 
+def test_only_the_issued_spelling_of_a_secret_is_accepted(store: Store, clock: FakeClock) -> None:
+    # The last of 43 base64url characters carries 2 unused bits: three other spellings decode
+    # to the same secret. A token is a string; none of them is the token that was issued.
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    issued = _admin(store, clock)
+    index = alphabet.index(issued.token[-1])
+    others = [alphabet[(index & ~3) | low] for low in range(4) if (index & ~3) | low != index]
+    assert len(others) == 3
+    for last in others:
+        with pytest.raises(InvalidTokenError) as info:
+            authenticate_admin(store, issued.token[:-1] + last, now=clock.now)
+        assert info.value.reason == "malformed"
+    assert authenticate_admin(store, issued.token, now=clock.now).token_id == issued.token_id
+
+
 def test_revoked_and_expired_admin_tokens_are_refused(store: Store, clock: FakeClock) -> None:
     expiring = _admin(store, clock, expires_at=clock.now + timedelta(hours=1))
     assert authenticate_admin(store, expiring.token, now=clock.now)
