@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import json
 import signal
+import socket
 import sqlite3
 import subprocess
 import time
@@ -292,6 +293,26 @@ def test_workers_listen_on_one_port_restart_and_aggregate_metrics(
     assert all(json.loads(line)["level"] == "info" for line in started)
     assert "starting another" in logs
     assert logs.count("Application shutdown complete") == 2  # graceful on SIGTERM
+
+
+def test_workers_stop_when_the_supervisor_is_killed(tmp_path: Path, attester: SimAttester) -> None:
+    # SIGKILL gives the supervisor no chance to stop its workers: they must notice on their own,
+    # or orphans would keep serving on the port (with what may be an old configuration).
+    data, _ = init_dir(tmp_path, attester)
+    server = start_serve(data, "--workers", "2", log_dir=tmp_path / "logs")
+    port = int(server.url.rsplit(":", 1)[1])
+    deadline = time.monotonic() + 60
+    while len(workers := _workers(server)) < 2 or not all(_listening(w, port) for w in workers):
+        assert time.monotonic() < deadline, "the workers did not start"
+        time.sleep(0.1)
+    assert server.stop(signal.SIGKILL) == -signal.SIGKILL
+    _, alive = psutil.wait_procs(workers, timeout=30)
+    assert not alive, f"orphaned workers still running: {[w.pid for w in alive]}"
+    logs = server.logs()
+    assert logs.count("supervisor") == 2  # each worker says why it stopped...
+    assert logs.count("Application shutdown complete") == 2  # ... and stopped gracefully
+    with socket.socket() as probe:  # nobody holds the port any more
+        probe.bind(("127.0.0.1", port))
 
 
 def test_a_worker_that_cannot_start_stops_the_server(tmp_path: Path) -> None:

@@ -10,6 +10,8 @@ releases/s and a 50 % higher p99 in such a run). A Unix socket is shared as it i
 The parent holds the port without listening on it (so ``--port 0`` picks one free port for all
 workers), restarts a worker that dies, stops everything when one cannot start, and on
 SIGTERM/SIGINT asks every worker to finish its requests (``graceful_timeout``) and waits.
+A worker whose parent is gone — killed with SIGKILL, say — stops the same graceful way, so no
+orphan keeps serving on the port with what may be an old configuration.
 ``SO_REUSEPORT`` groups only admit sockets of the same user.
 """
 
@@ -35,6 +37,8 @@ _log = logging.getLogger("sealtorch.keyserver")
 _STARTUP_FAILURE: Final = 3
 _BACKLOG: Final = 2048
 _RESTART_PAUSE: Final = 1.0
+#: How often a worker checks that its parent is alive.
+_PARENT_CHECK_SECONDS: Final = 0.5
 
 
 def listen_reusable(host: str, port: int, *, listen: bool) -> socket.socket:
@@ -65,11 +69,27 @@ class WorkerSpec:
     address: tuple[str, int] | None = None
     #: ... or an already listening socket to share (a Unix socket).
     shared: socket.socket | None = field(default=None, repr=False)
+    #: The supervisor's process id: a worker stops when it is gone.
+    parent: int = field(default_factory=os.getpid)
+
+
+def _stop_when_orphaned(parent: int) -> None:
+    """SIGTERM this process (uvicorn's graceful shutdown) once ``parent`` is no longer its
+    parent: the supervisor died without stopping its workers (SIGKILL, OOM killer)."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(_PARENT_CHECK_SECONDS)
+        _log.warning("the key server's supervisor [%d] is gone; stopping this worker", parent)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="sealtorch-parent-watch", daemon=True).start()
 
 
 def _worker(spec: WorkerSpec) -> None:  # pragma: no cover - runs in the spawned process
     import uvicorn
 
+    _stop_when_orphaned(spec.parent)
     if spec.address is not None:
         sock = listen_reusable(*spec.address, listen=True)
     elif spec.shared is not None:
