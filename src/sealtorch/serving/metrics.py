@@ -9,13 +9,10 @@ from __future__ import annotations
 
 from typing import Final
 
-from prometheus_client import CONTENT_TYPE_LATEST
-
-from sealtorch._metrics import MetricsRegistry
+from sealtorch._metrics import CONTENT_TYPE, MetricsRegistry
 
 __all__ = ["CONTENT_TYPE", "ServingMetrics"]
 
-CONTENT_TYPE: Final = CONTENT_TYPE_LATEST
 _LATENCY_BUCKETS: Final = (
     0.001,
     0.0025,
