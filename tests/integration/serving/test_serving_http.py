@@ -345,7 +345,9 @@ def test_metrics_count_by_model_and_status_with_bounded_labels(client: httpx.Cli
     assert client.post("/v2/models/tiny-mlp/infer", content=b"{").status_code == 400
     assert client.post("/v2/models/attacker-chosen-name/infer", json={}).status_code == 404
     assert client.get("/v2/attacker-chosen-route").status_code == 404
-    text = client.get("/metrics").text
+    response = client.get("/metrics")
+    assert response.headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
+    text = response.text
     assert 'sealtorch_inference_requests_total{model="tiny-mlp",status="200"}' in text
     assert 'sealtorch_inference_requests_total{model="tiny-mlp",status="400"}' in text
     assert 'sealtorch_inference_requests_total{model="",status="404"}' in text
