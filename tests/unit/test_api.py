@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import base64
+import errno
 import logging
+import os
 import random
 import sys
 import warnings
@@ -151,6 +153,60 @@ def test_torchscript_and_export_payloads(tmp_path: Path, mlp: torch.nn.Module) -
         reloaded = torch.jit.load(tmp_path / "plain.pt")
     assert torch.equal(reloaded(example), mlp(example))
     assert torch.equal(torch.export.load(tmp_path / "plain.pt2").module()(example), mlp(example))
+
+
+def _memfds() -> list[str]:
+    found = []
+    for entry in Path("/proc/self/fd").iterdir():
+        try:
+            target = str(entry.readlink())
+        except OSError:  # closed while listing (the listing's own descriptor)
+            continue
+        if target.startswith("/memfd:"):
+            found.append(target)
+    return found
+
+
+@pytest.mark.parametrize("memfd", ["available", "missing", "refused"])
+def test_programs_load_through_memory_only(
+    tmp_path: Path, mlp: torch.nn.Module, memfd: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Programs reach PyTorch's loaders through an anonymous in-memory file (never a path in a
+    # file system), or as bytes where there are no memfds (other systems, library OSes).
+    example = torch.randn(3, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        scripted = torch.jit.trace(mlp, example)
+    sealtorch.encrypt_model(scripted, tmp_path / "ts.sealed", model_id="ts", key=KEY)
+    sealtorch.encrypt_model(
+        torch.export.export(mlp, (example,)), tmp_path / "ep.sealed", model_id="ep", key=KEY
+    )
+    created: list[int] = []
+    if memfd == "available":
+        real = os.memfd_create
+
+        def spy(name: str, flags: int = 0) -> int:
+            fd = real(name, flags)
+            created.append(fd)
+            return fd
+
+        monkeypatch.setattr(os, "memfd_create", spy)
+    elif memfd == "missing":
+        monkeypatch.delattr(os, "memfd_create")
+    else:
+
+        def refuse(name: str, flags: int = 0) -> int:
+            raise OSError(errno.ENOSYS, "memfd_create is not implemented")
+
+        monkeypatch.setattr(os, "memfd_create", refuse)
+    before = sorted(tmp_path.iterdir())
+    for name in ("ts", "ep"):
+        model = sealtorch.load_model(tmp_path / f"{name}.sealed", key=KEY)
+        with torch.inference_mode():
+            assert torch.equal(model(example), mlp(example)), name
+    assert len(created) == (2 if memfd == "available" else 0)
+    assert _memfds() == []  # closed once loaded
+    assert sorted(tmp_path.iterdir()) == before  # nothing written next to the sealed files
 
 
 def test_sealing_rejects_arch_for_programs(tmp_path: Path, mlp: torch.nn.Module) -> None:
