@@ -367,9 +367,9 @@ class KeyReleaseClient:
             except _RETRYABLE as exc:
                 if number == self._retries:
                     raise KeySourceUnreachableError(
-                        f"cannot reach the key server at {self.url} for {what} "
+                        f"cannot reach {self.url} (key cache or key server) for {what} "
                         f"({type(exc).__name__}) after {number + 1} attempt(s); check the URL, "
-                        "the network and that the server runs"
+                        "the network and that the service runs"
                     ) from exc
                 delay = self._backoff * (2**number) * (0.5 + random.random())  # noqa: S311
                 _log.info("%s: %s; retrying in %.2f s", what, type(exc).__name__, delay)

@@ -423,7 +423,8 @@ def encrypt(
             f"  model id     {info.model_id} (key version {info.key_version}, "
             f"{key_description})\n"
             f"  size         {_human(info.plaintext_size)} plaintext, "
-            f"{_human(info.file_size)} sealed, {info.chunk_count} chunks of "
+            f"{_human(info.file_size)} sealed, {info.chunk_count} "
+            f"chunk{'s' if info.chunk_count != 1 else ''} of "
             f"{_human(info.chunk_size)}\n"
             f"  time         {elapsed:.2f} s ({rate:.2f} GB/s)"
         )
