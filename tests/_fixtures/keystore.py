@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from sealtorch.keys import DataKey, generate_key
 from sealtorch.keyserver.audit import AuditEntry, AuditKind
 from sealtorch.keyserver.masterkey import MasterKey, wrap_aad
@@ -46,3 +48,31 @@ def release_entry(*model_ids: str, decision: str = "allow", request_id: str = "r
         model_ids=model_ids,
         reasons=() if decision == "allow" else ("measurement_mismatch",),
     )
+
+
+def refuse_audit_inserts(store: Any) -> Any:
+    """Make the store's database refuse every audit insert ("disk full"), as a trigger;
+    returns the engine (tests drop the trigger ``refuse_audit`` with it)."""
+    if store.backend == "sqlite":
+        ddl = [
+            (
+                "CREATE TRIGGER refuse_audit BEFORE INSERT ON audit_log "
+                "BEGIN SELECT RAISE(ABORT, 'audit disk full'); END"
+            )
+        ]
+    else:
+        ddl = [
+            (
+                "CREATE FUNCTION refuse_audit() RETURNS trigger AS $$ BEGIN "
+                "RAISE EXCEPTION 'audit disk full'; END $$ LANGUAGE plpgsql"
+            ),
+            (
+                "CREATE TRIGGER refuse_audit BEFORE INSERT ON audit_log "
+                "FOR EACH ROW EXECUTE FUNCTION refuse_audit()"
+            ),
+        ]
+    engine = store._engine
+    with engine.begin() as conn:
+        for statement in ddl:
+            conn.exec_driver_sql(statement)
+    return engine

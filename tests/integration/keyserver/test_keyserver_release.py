@@ -17,6 +17,7 @@ import pytest
 
 from _fixtures.clock import FakeClock
 from _fixtures.keyserver import KeyServerUnderTest, parse_time
+from _fixtures.keystore import refuse_audit_inserts
 from sealtorch._crypto import hpke
 from sealtorch.attestation import SimAttester, report_data_for
 from sealtorch.errors import IntegrityError, KeyReleaseError
@@ -430,28 +431,7 @@ def test_nothing_is_released_when_the_audit_record_cannot_be_written(
 ) -> None:
     """Fail closed: a database that refuses the audit insert means no key leaves."""
     keyserver.add_model("m")
-    if keyserver.store.backend == "sqlite":
-        ddl = [
-            (
-                "CREATE TRIGGER refuse_audit BEFORE INSERT ON audit_log "
-                "BEGIN SELECT RAISE(ABORT, 'audit disk full'); END"
-            )
-        ]
-    else:
-        ddl = [
-            (
-                "CREATE FUNCTION refuse_audit() RETURNS trigger AS $$ BEGIN "
-                "RAISE EXCEPTION 'audit disk full'; END $$ LANGUAGE plpgsql"
-            ),
-            (
-                "CREATE TRIGGER refuse_audit BEFORE INSERT ON audit_log "
-                "FOR EACH ROW EXECUTE FUNCTION refuse_audit()"
-            ),
-        ]
-    engine = keyserver.store._engine  # type: ignore[attr-defined]
-    with engine.begin() as conn:
-        for statement in ddl:
-            conn.exec_driver_sql(statement)
+    refuse_audit_inserts(keyserver.store)
     with keyserver.http() as http:
         nonce = _challenge(http)
         public = hpke.generate_private_key(SUITE).public_key().encode()

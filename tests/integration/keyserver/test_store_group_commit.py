@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from _fixtures.clock import FakeClock
-from _fixtures.keystore import release_entry
+from _fixtures.keystore import refuse_audit_inserts, release_entry
 from sealtorch.errors import AuditError
 from sealtorch.keyserver.audit import verify_chain
 from sealtorch.keyserver.records import NonceStatus
@@ -115,28 +115,7 @@ def test_a_group_whose_audit_records_cannot_be_written_commits_nothing(
 ) -> None:
     """Fail closed for every unit of the group: no unit is told it succeeded."""
     store.add_nonce(NONCE, expires_at=clock.now + timedelta(seconds=30))
-    engine = store._engine  # type: ignore[attr-defined]
-    if store.backend == "sqlite":
-        ddl = [
-            (
-                "CREATE TRIGGER refuse_audit BEFORE INSERT ON audit_log "
-                "BEGIN SELECT RAISE(ABORT, 'audit disk full'); END"
-            )
-        ]
-    else:
-        ddl = [
-            (
-                "CREATE FUNCTION refuse_audit() RETURNS trigger AS $$ BEGIN "
-                "RAISE EXCEPTION 'audit disk full'; END $$ LANGUAGE plpgsql"
-            ),
-            (
-                "CREATE TRIGGER refuse_audit BEFORE INSERT ON audit_log "
-                "FOR EACH ROW EXECUTE FUNCTION refuse_audit()"
-            ),
-        ]
-    with engine.begin() as conn:
-        for statement in ddl:
-            conn.exec_driver_sql(statement)
+    engine = refuse_audit_inserts(store)
 
     def decide(tx: GroupTransaction) -> NonceStatus:
         status = tx.consume_nonce(NONCE, now=clock.now)
