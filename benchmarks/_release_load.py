@@ -71,6 +71,7 @@ def start_keyserver(
     serve it on a free port and create ``models`` with :func:`sim_signer_policy`."""
     from sealtorch.attestation import SimAttester
     from sealtorch.client import AdminClient
+    from sealtorch.errors import Error
     from sealtorch.keyserver.datadir import init_data_dir
 
     key_path = workdir / "sim.key"
@@ -95,7 +96,7 @@ def start_keyserver(
                             admin.create_model(model)
                             admin.set_policy(model, sim_signer_policy())
                 break
-            except Exception:
+            except Error:  # not answering yet (AdminError "unreachable"), or refusing
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.2)
@@ -205,6 +206,7 @@ async def _release_loop(
 
     from sealtorch._crypto import hpke
     from sealtorch.attestation import report_data_for
+    from sealtorch.errors import Error
     from sealtorch.protocol import b64decode, b64encode, key_release_info
 
     suite = hpke.DEFAULT_SUITE
@@ -264,7 +266,7 @@ async def _release_loop(
                 connection.close()
                 connection = await _Connection.open(load.endpoint, ssl_context)
                 continue
-            except Exception as exc:  # noqa: BLE001 - e.g. a key that fails to open: an error too
+            except Error as exc:  # e.g. a key that fails to open (IntegrityError): an error too
                 errors += 1
                 what = f"{type(exc).__name__}: {exc}"[:200]
                 failures[what] = failures.get(what, 0) + 1
