@@ -10,7 +10,6 @@ baseline, to show sealtorch's own overhead.
 
 from __future__ import annotations
 
-import os
 import shutil
 import socket
 import time
@@ -40,9 +39,8 @@ _SAMPLES = {
 
 
 def _samples_dir() -> Path:
-    configured = os.environ.get("SEALTORCH_SHARED_DIR")
-    shared = Path(configured) if configured else _REPO.parent / "shared"
-    return shared / "attestation-samples"
+    """The real quotes and collateral the tests use (provenance in their README.md)."""
+    return _REPO / "tests" / "data" / "attestation"
 
 
 def _closed_port() -> int:

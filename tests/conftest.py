@@ -8,8 +8,6 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, settings
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
 pytest_plugins = ["_fixtures.postgres", "_fixtures.softhsm"]
 
 settings.register_profile(
@@ -19,18 +17,8 @@ settings.register_profile("ci", parent=settings.get_profile("default"), derandom
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 
-def _shared_dir() -> Path:
-    configured = os.environ.get("SEALTORCH_SHARED_DIR")
-    return Path(configured) if configured else REPO_ROOT.parent / "shared"
-
-
 @pytest.fixture(scope="session")
 def attestation_samples() -> Path:
-    """The real Intel-signed quotes and collateral in ../shared/attestation-samples (read-only)."""
-    path = _shared_dir() / "attestation-samples"
-    if not (path / "sgx_quote").is_file():
-        pytest.fail(
-            f"attestation samples not found at {path}; the repository must sit next to the "
-            "'shared' directory, or set SEALTORCH_SHARED_DIR"
-        )
-    return path
+    """The real Intel-signed quotes and collateral in tests/data/attestation (provenance in its
+    README.md). Read-only: a test that needs a damaged copy writes one under tmp_path."""
+    return Path(__file__).resolve().parent / "data" / "attestation"

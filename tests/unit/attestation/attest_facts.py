@@ -1,4 +1,4 @@
-"""Facts about the real samples in ../shared/attestation-samples (from their README)."""
+"""Facts about the real samples in tests/data/attestation (from their README.md)."""
 
 from __future__ import annotations
 
