@@ -63,6 +63,7 @@ class _LazyGroup(click.Group):
             command = getattr(importlib.import_module(module_name), attr)
             if not isinstance(command, click.Command):  # pragma: no cover - programming error
                 raise TypeError(f"{self._lazy[cmd_name]} is not a click command")
+            _add_output_options(command)
             return command
         return super().get_command(ctx, cmd_name)
 
@@ -101,6 +102,66 @@ class _LazyGroup(click.Group):
             ctx.exit(exc.exit_code)
 
 
+# -- output options (-v/-q) -------------------------------------------------------------------
+#
+# `sealtorch -q encrypt ...` and `sealtorch encrypt ... -q` mean the same: the root command and
+# every subcommand accept -v/-q, and each occurrence updates the settings the root keeps in its
+# context object and reconfigures logging.
+
+_VERBOSE_HELP = "More log output (-v: info, -vv: debug)."
+_QUIET_HELP = "Only errors; no progress bars or informational output."
+
+
+def _configure_output(ctx: click.Context, *, verbose: int = 0, quiet: bool = False) -> None:
+    """Add ``verbose``/``quiet`` to the root's output settings and configure logging by them."""
+    root = ctx.find_root()
+    settings = root.ensure_object(dict)
+    settings["verbose"] = settings.get("verbose", 0) + verbose
+    settings["quiet"] = bool(settings.get("quiet")) or quiet
+    levels = (logging.WARNING, logging.INFO, logging.DEBUG)
+    level = logging.ERROR if settings["quiet"] else levels[min(settings["verbose"], 2)]
+    configure_logging(level=level, json_format=settings.get("log_format") == "json")
+
+
+def _more_verbose(ctx: click.Context, param: click.Parameter, value: int) -> None:
+    del param
+    if value:
+        _configure_output(ctx, verbose=value)
+
+
+def _be_quiet(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    del param
+    if value:
+        _configure_output(ctx, quiet=True)
+
+
+def _add_output_options(command: click.Command) -> None:
+    """Let ``command`` and, for a group, each of its subcommands take -v/-q (once)."""
+    names = {name for param in command.params for name in param.opts}
+    if "--quiet" not in names:
+        command.params.extend(
+            [
+                click.Option(
+                    ["-v", "--verbose"],
+                    count=True,
+                    expose_value=False,
+                    callback=_more_verbose,
+                    help=_VERBOSE_HELP,
+                ),
+                click.Option(
+                    ["-q", "--quiet"],
+                    is_flag=True,
+                    expose_value=False,
+                    callback=_be_quiet,
+                    help=_QUIET_HELP,
+                ),
+            ]
+        )
+    if isinstance(command, click.Group):
+        for sub in command.commands.values():
+            _add_output_options(sub)
+
+
 def _report(exc: Error) -> None:
     message = str(exc)
     click.secho(f"error: {message}", fg="red", err=True)
@@ -135,15 +196,8 @@ Docs: docs/format.md, docs/protocol.md, docs/policy.md, docs/deployment.md.
     epilog=_EPILOG,
 )
 @click.version_option(__version__, "-V", "--version", prog_name="sealtorch")
-@click.option(
-    "-v",
-    "--verbose",
-    count=True,
-    help="More log output (-v: info, -vv: debug).",
-)
-@click.option(
-    "-q", "--quiet", is_flag=True, help="Only errors; no progress bars or informational output."
-)
+@click.option("-v", "--verbose", count=True, help=_VERBOSE_HELP + " Also after the command.")
+@click.option("-q", "--quiet", is_flag=True, help=_QUIET_HELP + " Also after the command.")
 @click.option(
     "--log-format",
     type=click.Choice(["text", "json"]),
@@ -160,12 +214,8 @@ def cli(ctx: click.Context, verbose: int, quiet: bool, log_format: str) -> None:
     that proves, by remote attestation, what code it runs; the enclave decrypts the model in
     memory and serves predictions.
     """
-    level = (
-        logging.ERROR if quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)]
-    )
-    configure_logging(level=level, json_format=log_format == "json")
-    ctx.ensure_object(dict)
-    ctx.obj["quiet"] = quiet
+    ctx.ensure_object(dict)["log_format"] = log_format
+    _configure_output(ctx, verbose=verbose, quiet=quiet)
 
 
 def main(argv: list[str] | None = None) -> None:

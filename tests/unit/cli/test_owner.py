@@ -111,19 +111,14 @@ def test_encrypt_summary_and_no_secrets(
     assert b"vision" not in blob
 
 
-def test_encrypt_quiet(tmp_path: Path, model_file: Path, keys: tuple[Path, Path]) -> None:
-    result = run(
-        "-q",
-        "encrypt",
-        model_file,
-        "-o",
-        tmp_path / "q.sealed",
-        "--model-id",
-        "q",
-        "--key-file",
-        keys[0],
-    )
-    assert result.exit_code == 0
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_encrypt_quiet(
+    tmp_path: Path, model_file: Path, keys: tuple[Path, Path], where: str
+) -> None:
+    args = ["encrypt", model_file, "-o", tmp_path / "q.sealed", "--model-id", "q"]
+    args += ["--key-file", keys[0]]
+    result = run(*(["-q", *args] if where == "before" else [*args, "-q"]))
+    assert result.exit_code == 0, result.output
     assert result.output == ""
 
 

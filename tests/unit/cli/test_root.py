@@ -4,8 +4,11 @@ import json
 import logging
 import subprocess
 import sys
+from collections.abc import Iterator
+from pathlib import Path
 
 import click
+import pytest
 from click.testing import CliRunner
 
 from sealtorch.cli import cli
@@ -75,3 +78,45 @@ def test_admin_without_a_server_says_how_to_give_one() -> None:
     assert result.exit_code == 2
     assert "--server https://HOST:PORT" in result.output
     assert "SEALTORCH_KEYSERVER_URL" in result.output
+
+
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    yield
+    root.setLevel(level)
+    root.handlers[:] = handlers
+
+
+@pytest.mark.usefixtures("restore_logging")
+@pytest.mark.parametrize(
+    ("before", "after", "level"),
+    [
+        ([], [], logging.WARNING),
+        (["-v"], [], logging.INFO),
+        ([], ["-v"], logging.INFO),
+        ([], ["-vv"], logging.DEBUG),
+        (["-v"], ["-v"], logging.DEBUG),
+        ([], ["-q"], logging.ERROR),
+        (["-v"], ["--quiet"], logging.ERROR),
+    ],
+)
+def test_verbosity_options_work_before_and_after_the_command(
+    tmp_path: Path, before: list[str], after: list[str], level: int
+) -> None:
+    args = [*before, "keygen", "-o", str(tmp_path / "m.key"), *after]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    assert logging.getLogger().level == level
+    assert ("wrote a new" in result.output) is (level != logging.ERROR)
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_quiet_after_a_nested_command(tmp_path: Path) -> None:
+    """Groups pass -q/-v on too: `sealtorch admin model list -q` is `sealtorch -q admin ...`."""
+    result = CliRunner(env={"SEALTORCH_KEYSERVER_URL": None}).invoke(
+        cli, ["admin", "model", "list", "-q"]
+    )
+    assert "No such option" not in result.output
+    assert logging.getLogger().level == logging.ERROR
