@@ -159,7 +159,7 @@ def serve(
     non-zero exit status.
     """
     from sealtorch.keys import KeyProvider
-    from sealtorch.serving.keysource import DEV_KEY_WARNING, dev_key_file, resolve_key_source
+    from sealtorch.serving.keysource import dev_key_file, resolve_key_source
     from sealtorch.serving.server import InferenceServer, SealedModelSource, ServerSettings
 
     if (keys_url is None) == (key_file is None):
@@ -185,8 +185,7 @@ def serve(
                 "--tee, --keys-ca, --sim-key, --tee-root and --hpke-suite apply to "
                 "--keys; a --key-file involves no TEE"
             )
-        click.secho(f"WARNING: {DEV_KEY_WARNING}", fg="yellow", bold=True, err=True)
-        provider = dev_key_file(key_file)
+        provider = dev_key_file(key_file)  # logs the development warning (once)
     else:
         assert keys_url is not None  # noqa: S101 - checked above
         provider = resolve_key_source(
