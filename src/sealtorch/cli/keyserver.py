@@ -16,6 +16,7 @@ from typing import Any
 
 import click
 
+from sealtorch._listen import listen_error
 from sealtorch.cli._options import trust_sim_key_option
 from sealtorch.errors import ConfigError
 
@@ -198,7 +199,7 @@ def _listen(host: str, port: int) -> socket.socket:
         sock.bind((host, port))
     except OSError as exc:
         sock.close()
-        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
+        raise listen_error(f"{host}:{port}", exc, free_port="--port 0") from exc
     sock.listen(2048)
     sock.set_inheritable(True)
     return sock
@@ -212,7 +213,7 @@ def _listen_unix(path: Path) -> socket.socket:
         sock.bind(str(path))
     except OSError as exc:
         sock.close()
-        raise ConfigError(f"cannot listen on {path}: {exc.strerror}") from exc
+        raise listen_error(str(path), exc) from exc
     path.chmod(0o660)
     sock.listen(2048)
     sock.set_inheritable(True)

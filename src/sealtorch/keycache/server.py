@@ -34,6 +34,7 @@ from typing import Any
 
 import httpx
 
+from sealtorch._listen import listen_error
 from sealtorch.attestation import EvidenceProvider, attester_for, make_verifiers
 from sealtorch.errors import ConfigError
 from sealtorch.keycache._http import HttpServer
@@ -185,7 +186,7 @@ def listen_unix(path: Path, *, mode: int = 0o600, group: str | None = None) -> s
         sock.listen(1024)
     except OSError as exc:
         sock.close()
-        raise ConfigError(f"cannot listen on {path}: {exc.strerror}") from exc
+        raise listen_error(str(path), exc) from exc
     sock.set_inheritable(False)
     return sock
 
@@ -210,7 +211,8 @@ def _remove_stale_socket(path: Path) -> None:
         probe.close()
 
 
-def listen_tcp(host: str, port: int) -> socket.socket:
+def listen_tcp(host: str, port: int, *, option: str = "--tcp") -> socket.socket:
+    """A listening TCP socket; ``option`` names the setting in errors (``--tcp``, ``--metrics``)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -219,7 +221,8 @@ def listen_tcp(host: str, port: int) -> socket.socket:
         sock.listen(1024)
     except OSError as exc:
         sock.close()
-        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
+        shown = f"[{host}]" if ":" in host else host
+        raise listen_error(f"{shown}:{port}", exc, free_port=f"{option} {shown}:0") from exc
     return sock
 
 
@@ -252,7 +255,7 @@ class Listeners:
             if settings.tcp is not None:
                 bound.tcp = listen_tcp(*settings.tcp)
             if settings.metrics is not None:
-                bound.metrics = listen_tcp(*settings.metrics)
+                bound.metrics = listen_tcp(*settings.metrics, option="--metrics")
         except ConfigError:
             bound.close()
             raise

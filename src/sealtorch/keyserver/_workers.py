@@ -27,6 +27,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from sealtorch._listen import listen_error
 from sealtorch.errors import ConfigError
 
 __all__ = ["WorkerSpec", "listen_reusable", "run_workers"]
@@ -53,7 +54,7 @@ def listen_reusable(host: str, port: int, *, listen: bool) -> socket.socket:
             sock.listen(_BACKLOG)
     except OSError as exc:
         sock.close()
-        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
+        raise listen_error(f"{host}:{port}", exc, free_port="--port 0") from exc
     return sock
 
 

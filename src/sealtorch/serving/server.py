@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import uvicorn
 
+from sealtorch._listen import listen_error
 from sealtorch.errors import ConfigError
 from sealtorch.keys import DataKey, KeyProvider, as_key_provider
 from sealtorch.serving.app import AppLimits, create_app
@@ -218,7 +219,7 @@ def _bind(host: str, port: int) -> socket.socket:
         sock.set_inheritable(True)
     except OSError as exc:
         sock.close()
-        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
+        raise listen_error(f"{host}:{port}", exc, free_port="--port 0") from exc
     return sock
 
 

@@ -117,19 +117,6 @@ def test_a_server_needs_distinct_models(sealed: tuple[Path, Path]) -> None:
         InferenceServer(ServerSettings(), [source, source])
 
 
-def test_the_port_must_be_free() -> None:
-    import socket
-
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
-        from sealtorch.serving.server import _bind
-
-        with pytest.raises(ConfigError, match=f"cannot listen on 127.0.0.1:{port}"):
-            _bind("127.0.0.1", port)
-
-
 class RefusingProvider:
     """A key source whose key server denies the release (the attested client's failure mode)."""
 
