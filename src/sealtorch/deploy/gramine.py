@@ -125,28 +125,52 @@ class PythonRuntime:
     def current(cls) -> PythonRuntime:
         """This process's runtime (run it with the Python that will run in the enclave)."""
         paths = sysconfig.get_paths()
-        stdlib = Path(paths["stdlib"]).resolve()
-        site = [Path(paths[name]).resolve() for name in ("purelib", "platlib")]
+        libpython: Path | None = None
+        if sysconfig.get_config_var("Py_ENABLE_SHARED"):
+            libpython = Path(str(sysconfig.get_config_var("LIBDIR"))) / str(
+                sysconfig.get_config_var("LDLIBRARY")
+            )
+        return cls.from_paths(
+            interpreter=Path(sys.executable),
+            stdlib=Path(paths["stdlib"]),
+            site_packages=(Path(paths["purelib"]), Path(paths["platlib"])),
+            import_path=sys.path,
+            libpython=libpython,
+        )
+
+    @classmethod
+    def from_paths(
+        cls,
+        *,
+        interpreter: Path,
+        stdlib: Path,
+        site_packages: Iterable[Path],
+        import_path: Iterable[str] = (),
+        libpython: Path | None = None,
+    ) -> PythonRuntime:
+        """The runtime whose parts are at these paths (:meth:`current` passes this process's).
+
+        Symbolic links are followed (a virtual environment's interpreter is the base one).
+        Entries of ``import_path`` outside the standard library and site-packages are trusted
+        too, if they are directories (not zip files, not the working directory). ``libpython``
+        is left out if it is not a file.
+        """
+        stdlib = stdlib.resolve()
+        site = [path.resolve() for path in site_packages]
         extra = []
-        for entry in sys.path:
+        for entry in import_path:
             if not entry or entry.endswith(".zip"):
                 continue
             path = Path(entry).resolve()
             if path.is_dir() and not _inside(path, [stdlib, *site]) and path != Path.cwd():
                 extra.append(path)
-        libpython: Path | None = None
-        if sysconfig.get_config_var("Py_ENABLE_SHARED"):
-            candidate = Path(str(sysconfig.get_config_var("LIBDIR"))) / str(
-                sysconfig.get_config_var("LDLIBRARY")
-            )
-            if candidate.is_file():
-                libpython = candidate.resolve()
-        directories = _unique_roots([stdlib, *site, *extra])
         return cls(
-            interpreter=Path(os.path.realpath(sys.executable)),
-            directories=directories,
+            interpreter=Path(os.path.realpath(interpreter)),
+            directories=_unique_roots([stdlib, *site, *extra]),
             pythonpath=tuple(dict.fromkeys([*site, *extra])),
-            libpython=libpython,
+            libpython=(
+                libpython.resolve() if libpython is not None and libpython.is_file() else None
+            ),
         )
 
 

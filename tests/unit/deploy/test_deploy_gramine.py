@@ -3,7 +3,14 @@ nothing a production enclave must not have (debug, host argv/env, secrets)."""
 
 from __future__ import annotations
 
+import dataclasses
+import os
+import shutil
+import sys
+import sysconfig
+import tempfile
 import tomllib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -184,14 +191,132 @@ def test_keycache_manifest() -> None:
     assert "allowed_files" not in without_state["sgx"]
 
 
-def test_this_machine_s_runtime_renders() -> None:
+def test_this_machine_s_runtime() -> None:
     runtime = PythonRuntime.current()
+    assert runtime.interpreter == Path(os.path.realpath(sys.executable))
     assert runtime.interpreter.is_file()
-    assert runtime.directories
+    paths = sysconfig.get_paths()
+    stdlib = Path(paths["stdlib"]).resolve()
+    assert any(stdlib.is_relative_to(root) for root in runtime.directories)
+    assert Path(paths["purelib"]).resolve() in runtime.pythonpath
+    for entry in sys.path:  # everything this process imports from is trusted
+        path = Path(entry).resolve() if entry and not entry.endswith(".zip") else None
+        if path is not None and path.is_dir() and path != Path.cwd():
+            assert any(path.is_relative_to(root) for root in runtime.directories), path
+    # Rendered, it is refused exactly when part of it is under /tmp (say, a checkout there).
+    config = ServeEnclave(models=MODELS, keys_url="https://127.0.0.1:1")
+    if any(part.is_relative_to("/tmp") for part in (runtime.interpreter, *runtime.directories)):
+        with pytest.raises(ConfigError, match="in-enclave tmpfs"):
+            render_serve_manifest(config, runtime=runtime)
+    else:
+        manifest = tomllib.loads(render_serve_manifest(config, runtime=runtime))
+        assert f"file:{runtime.interpreter}" in manifest["sgx"]["trusted_files"]
+
+
+@pytest.fixture
+def outside_tmp(tmp_path: Path) -> Iterator[Path]:
+    """A new directory that is not under /tmp, whose name has a space.
+
+    A manifest refuses paths under /tmp (the enclave's /tmp is a tmpfs), and pytest's tmp_path
+    usually is there: then the directory is made in /var/tmp or the home directory instead.
+    """
+    candidates = [tmp_path, Path("/var/tmp"), Path.home()]
+    for parent in (candidate.resolve() for candidate in candidates):
+        if parent.is_relative_to("/tmp"):
+            continue
+        try:
+            path = Path(tempfile.mkdtemp(prefix="sealtorch test ", dir=parent))
+        except OSError:  # not writable (a read-only home, say)
+            continue
+        try:
+            yield path
+        finally:
+            shutil.rmtree(path)
+        return
+    pytest.skip(f"no writable directory outside /tmp among {candidates}")
+
+
+def _lay_out_python(root: Path) -> dict[str, Any]:
+    """A Python installation on disk: a base interpreter with its standard library and
+    libpython, a virtual environment whose interpreter links to it, and a source checkout on
+    the import path. Returns :meth:`PythonRuntime.from_paths`'s arguments."""
+    base = root / "python"
+    stdlib = base / "lib" / "python3.11"
+    stdlib.mkdir(parents=True)
+    (base / "bin").mkdir()
+    (base / "bin" / "python3.11").write_bytes(b"\x7fELF")
+    (base / "lib" / "libpython3.11.so.1.0").write_bytes(b"\x7fELF")
+    venv = root / "venv"
+    site = venv / "lib" / "python3.11" / "site-packages"
+    site.mkdir(parents=True)
+    (venv / "bin").mkdir()
+    (venv / "bin" / "python").symlink_to(base / "bin" / "python3.11")
+    checkout = root / "checkout" / "src"
+    checkout.mkdir(parents=True)
+    return {
+        "interpreter": venv / "bin" / "python",
+        "stdlib": stdlib,
+        "site_packages": (site, site),
+        "import_path": [
+            "",
+            str(base / "lib" / "python311.zip"),
+            str(stdlib),
+            str(site),
+            str(checkout),
+            str(root / "not-there"),
+        ],
+        "libpython": base / "lib" / "libpython3.11.so.1.0",
+    }
+
+
+def test_a_python_runtime_on_disk_renders(outside_tmp: Path) -> None:
+    root = outside_tmp
+    site = root / "venv" / "lib" / "python3.11" / "site-packages"
+    stdlib = root / "python" / "lib" / "python3.11"
+    checkout = root / "checkout" / "src"
+    libpython = root / "python" / "lib" / "libpython3.11.so.1.0"
+    runtime = PythonRuntime.from_paths(**_lay_out_python(root))
+    assert runtime.interpreter == root / "python" / "bin" / "python3.11"  # the link followed
+    assert set(runtime.directories) == {stdlib, site, checkout}
+    assert runtime.pythonpath == (site, checkout)
+    assert runtime.libpython == libpython
+
     manifest = tomllib.loads(
-        render_serve_manifest(ServeEnclave(models=MODELS, keys_url="https://127.0.0.1:1"))
+        render_serve_manifest(
+            ServeEnclave(models=MODELS, keys_url="https://127.0.0.1:1"), runtime=runtime
+        )
     )
-    assert f"file:{runtime.interpreter}" in manifest["sgx"]["trusted_files"]
+    _assert_production(manifest)
+    assert manifest["libos"]["entrypoint"] == str(runtime.interpreter)
+    trusted = manifest["sgx"]["trusted_files"]
+    assert f"file:{runtime.interpreter}" in trusted
+    assert f"file:{libpython}" in trusted
+    for directory in (stdlib, site, checkout):  # trusted recursively, mounted at its own path
+        assert f"file:{directory}/" in trusted
+        assert {"path": str(directory), "uri": f"file:{directory}"} in manifest["fs"]["mounts"]
+    env = manifest["loader"]["env"]
+    assert env["PYTHONPATH"] == f"{site}:{checkout}"
+    assert str(libpython.parent) in env["LD_LIBRARY_PATH"].split(":")
+    keycache = tomllib.loads(
+        render_keycache_manifest(KeycacheEnclave(args=("serve",)), runtime=runtime)
+    )
+    assert f"file:{checkout}/" in keycache["sgx"]["trusted_files"]
+
+
+def test_a_python_runtime_under_tmp_is_refused() -> None:
+    """A checkout under /tmp on the import path: the enclave's /tmp is an empty tmpfs."""
+    checkout = Path("/tmp/checkout/src")  # refused, never created
+    runtime = dataclasses.replace(
+        RUNTIME,
+        directories=(*RUNTIME.directories, checkout),
+        pythonpath=(*RUNTIME.pythonpath, checkout),
+    )
+    with pytest.raises(ConfigError, match="/tmp/checkout/src is under /tmp"):
+        render_serve_manifest(
+            ServeEnclave(models=MODELS, keys_url="https://127.0.0.1:1"), runtime=runtime
+        )
+    with pytest.raises(ConfigError, match="in-enclave tmpfs"):
+        render_keycache_manifest(KeycacheEnclave(args=("serve",)), runtime=runtime)
 
 
 # -- the attacker's side -----------------------------------------------------------------------
@@ -258,7 +383,10 @@ def test_toml_encoder() -> None:
         toml_value(1.5)
 
 
-def test_cli_writes_templates(tmp_path: Path) -> None:
+def test_cli_writes_templates(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The CLI measures the Python that runs it; a fixed one keeps this test independent of
+    # where the checkout is (its src/ and tests/ are on the import path, and /tmp is refused).
+    monkeypatch.setattr(PythonRuntime, "current", staticmethod(lambda: RUNTIME))
     output = tmp_path / "serve.manifest.template"
     result = CliRunner().invoke(
         deploy,
@@ -280,6 +408,7 @@ def test_cli_writes_templates(tmp_path: Path) -> None:
     )
     assert result.exit_code == 0, result.output
     manifest = tomllib.loads(output.read_text())
+    assert manifest["libos"]["entrypoint"] == str(RUNTIME.interpreter)
     assert manifest["sgx"]["enclave_size"] == "16G"
     assert manifest["sgx"]["max_threads"] == 64
     result = CliRunner().invoke(
