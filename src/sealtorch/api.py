@@ -82,6 +82,7 @@ KeyLike = KeyProvider | DataKey | bytes | str | os.PathLike[str]
 ProgressCallback = Callable[[int, int], None]
 SealedSource = str | os.PathLike[str] | BinaryIO
 _JIT_DEPRECATED = r"`torch\.jit\.\w+` is deprecated"
+_WRITE_PIECE = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -225,6 +226,7 @@ def encrypt_model(
     manifest = Manifest.build(
         kind=payload.kind,
         payload_size=payload.size,
+        payload_align=payload.align,
         arch=arch,
         arch_kwargs=arch_kwargs,
         metadata=metadata,
@@ -277,10 +279,12 @@ def _unmap(buffer: mmap.mmap) -> None:
     buffer.close()
 
 
-def _decrypt(source: SealedSource, key: KeyLike) -> tuple[SealedInfo, Manifest, mmap.mmap]:
+def _decrypt(
+    source: SealedSource, key: KeyLike, *, progress: ProgressCallback | None = None
+) -> tuple[SealedInfo, Manifest, mmap.mmap]:
     provider = _provider(key)
     with SealedReader(source) as reader:
-        buffer = reader.decrypt(reader.content_key(provider))
+        buffer = reader.decrypt(reader.content_key(provider), progress=progress)
         info = SealedInfo.from_header(reader.header, path=reader.path)
     try:
         manifest = parse_prefix(buffer, plaintext_size=info.plaintext_size)
@@ -293,8 +297,9 @@ def _decrypt(source: SealedSource, key: KeyLike) -> tuple[SealedInfo, Manifest, 
 def load_state_dict(source: SealedSource, *, key: KeyLike) -> dict[str, torch.Tensor]:
     """Authenticate, decrypt and return the sealed state_dict.
 
-    Every tensor is a view of one decrypted buffer (no copies); the buffer is freed when the
-    last tensor is.
+    Every tensor is 64-byte aligned, like PyTorch's own allocations, and a view of one
+    decrypted buffer, freed when the last tensor is (files sealed with the earlier packed
+    payload layout are copied once into aligned tensors).
     """
     from sealtorch.payloads.tensors import tensors_from_buffer
 
@@ -305,7 +310,12 @@ def load_state_dict(source: SealedSource, *, key: KeyLike) -> dict[str, torch.Te
             f"this sealed model holds a {manifest.kind} program, not a state_dict; "
             "use sealtorch.load_model()"
         )
-    return tensors_from_buffer(buffer, offset=manifest.payload_offset, size=manifest.payload_size)
+    return tensors_from_buffer(
+        buffer,
+        offset=manifest.payload_offset,
+        size=manifest.payload_size,
+        align=manifest.payload_align,
+    )
 
 
 def load_sealed_model(
@@ -333,7 +343,10 @@ def load_sealed_model(
             )
         kwargs = arch_kwargs if arch is not None else manifest.arch_kwargs
         state_dict = tensors_from_buffer(
-            buffer, offset=manifest.payload_offset, size=manifest.payload_size
+            buffer,
+            offset=manifest.payload_offset,
+            size=manifest.payload_size,
+            align=manifest.payload_align,
         )
         del buffer  # the tensors keep it alive
         module = load_into_module(validate_arch_ref(ref), kwargs or {}, state_dict)
@@ -456,46 +469,39 @@ def decrypt_model(
     overwrite: bool = False,
     progress: ProgressCallback | None = None,
 ) -> Manifest:
-    """Write the plain payload (``.safetensors``, TorchScript ``.pt`` or ``.pt2``) to a file.
+    """Write the plain model to a file: a standard ``.safetensors`` file for a state_dict, the
+    TorchScript ``.pt`` or ``.pt2`` archive for a program.
 
-    Streams chunk by chunk into a temporary file (mode 0600) that is renamed to
-    ``destination`` only after the last chunk authenticated; on any failure nothing is left.
-    Returns the manifest (payload kind, architecture, metadata).
+    The whole body is authenticated and a state_dict is checked by the same strict reader that
+    loading uses before anything is written; the output goes to a temporary file (mode 0600)
+    renamed to ``destination`` once complete, so on any failure nothing is left. Memory: about
+    the model's size. Returns the manifest (payload kind, architecture, metadata).
     """
-    provider = _provider(key)
-    with SealedReader(source) as reader:
-        cek = reader.content_key(provider)
-        total = reader.header.body.plaintext_size
-        with AtomicFile(destination, overwrite=overwrite, mode=0o600) as out:
-            prefix = bytearray()
-            manifest: Manifest | None = None
-            position = 0
-            for chunk in reader.iter_plaintext(cek):
-                position += len(chunk)
-                piece = chunk
-                if manifest is None:
-                    prefix += chunk
-                    manifest = _manifest_from_prefix(prefix, total)
-                    if manifest is None:
-                        continue
-                    piece = memoryview(prefix)[manifest.payload_offset :]
+    from sealtorch.payloads.tensors import SafetensorsPlan, read_safetensors
+
+    _, manifest, buffer = _decrypt(source, key, progress=progress)
+    with AtomicFile(destination, overwrite=overwrite, mode=0o600) as out:
+        if manifest.kind == "safetensors":
+            metadata, tensors = read_safetensors(
+                buffer,
+                offset=manifest.payload_offset,
+                size=manifest.payload_size,
+                align=manifest.payload_align,
+            )
+            del buffer  # the tensors keep it alive
+            for piece in SafetensorsPlan(tensors, metadata=metadata, align=None).stream():
                 out.write(piece)
-                if progress is not None:
-                    progress(position, total)
-            if manifest is None:  # pragma: no cover - a body always holds its manifest
-                raise PayloadError("the sealed model holds no manifest")
+        else:
+            _write_range(out, buffer, manifest.payload_offset, manifest.plaintext_size)
+            _unmap(buffer)
     return manifest
 
 
-def _manifest_from_prefix(prefix: bytearray, total: int) -> Manifest | None:
-    """The manifest once ``prefix`` covers it and its padding, else None."""
-    if len(prefix) < 4:
-        return None if total >= 4 else parse_prefix(bytes(prefix), plaintext_size=total)
-    length = int.from_bytes(prefix[:4], "big")
-    needed = min(total, -(-(4 + length) // 64) * 64)
-    if len(prefix) < needed:
-        return None
-    return parse_prefix(bytes(prefix), plaintext_size=total)
+def _write_range(out: AtomicFile, buffer: mmap.mmap, start: int, end: int) -> None:
+    with memoryview(buffer) as view:
+        for position in range(start, end, _WRITE_PIECE):
+            with view[position : min(end, position + _WRITE_PIECE)] as piece:
+                out.write(piece)
 
 
 def rewrap(

@@ -49,6 +49,7 @@ _log = logging.getLogger(__name__)
 
 KEY_SIZE = 32
 KEY_FILE_PREFIX = "sealtorch-data-key-v1:"
+_MAX_KEY_FILE = 4096
 
 
 class DataKey:
@@ -197,7 +198,7 @@ def encode_key(key: DataKey) -> str:
 
 def decode_key(text: str, *, source: str = "key") -> DataKey:
     """Parse the text form of a key file."""
-    text = text.strip()
+    text = text.strip(" \t\r\n")
     if not text.startswith(KEY_FILE_PREFIX):
         raise KeyAccessError(
             f"{source} is not a sealtorch key file (it must start with {KEY_FILE_PREFIX!r}); "
@@ -205,7 +206,7 @@ def decode_key(text: str, *, source: str = "key") -> DataKey:
         )
     body = text[len(KEY_FILE_PREFIX) :]
     # urlsafe_b64decode silently drops characters outside the alphabet: check them first.
-    if not re.fullmatch(r"[A-Za-z0-9_-]+={0,2}", body):
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", body):
         raise KeyAccessError(f"{source} is damaged: its key is not valid base64url")
     try:
         material = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
@@ -213,7 +214,10 @@ def decode_key(text: str, *, source: str = "key") -> DataKey:
         raise KeyAccessError(f"{source} is damaged: its key is not valid base64") from exc
     if len(material) != KEY_SIZE:
         raise KeyAccessError(f"{source} is damaged: it does not hold a 256-bit key")
-    return DataKey(material)
+    key = DataKey(material)
+    if encode_key(key) != text:  # the last character's 2 unused bits must be zero
+        raise KeyAccessError(f"{source} is damaged: its key is not valid base64url")
+    return key
 
 
 def write_key_file(path: str | os.PathLike[str], key: DataKey | None = None) -> DataKey:
@@ -246,7 +250,7 @@ def read_key_file(path: str | os.PathLike[str]) -> DataKey:
     try:
         with open(source, encoding="ascii") as handle:
             mode = os.fstat(handle.fileno()).st_mode
-            text = handle.read(4096)
+            text = handle.read(_MAX_KEY_FILE + 1)
     except FileNotFoundError as exc:
         raise KeyAccessError(
             f"key file {source} does not exist; create one with `sealtorch keygen -o {source}`"
@@ -262,4 +266,6 @@ def read_key_file(path: str | os.PathLike[str]) -> DataKey:
             stat.S_IMODE(mode),
             source,
         )
+    if len(text) > _MAX_KEY_FILE:
+        raise KeyAccessError(f"{source} is not a sealtorch key file (it is too large)")
     return decode_key(text, source=f"key file {source}")

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torchvision
 
 import sealtorch
 from sealtorch.api import SealedInfo, load_sealed_model
@@ -86,46 +85,6 @@ def test_state_dict_round_trip_all_dtypes_in_one_buffer(tmp_path: Path) -> None:
         assert torch.equal(loaded[name], tensor), name
     pointers = sorted(t.data_ptr() for t in loaded.values() if t.numel())
     assert pointers[-1] - pointers[0] < info.plaintext_size  # one buffer, no copies
-
-
-def test_load_model_torchvision_is_bit_identical(tmp_path: Path) -> None:
-    torch.manual_seed(1)
-    plain = torchvision.models.resnet18(weights=None, num_classes=10).eval()
-    path = tmp_path / "resnet18.sealed"
-    sealtorch.encrypt_model(
-        plain.state_dict(),
-        path,
-        model_id="resnet18",
-        key=KEY,
-        arch="torchvision:resnet18",
-        arch_kwargs={"num_classes": 10},
-    )
-    model = sealtorch.load_model(path, key=KEY)
-    assert not model.training
-    assert not any(p.requires_grad for p in model.parameters())
-    x = torch.randn(2, 3, 64, 64)
-    with torch.inference_mode():
-        assert torch.equal(model(x), plain(x))
-
-
-def test_load_model_timm_is_bit_identical(tmp_path: Path) -> None:
-    import timm
-
-    torch.manual_seed(2)
-    plain = timm.create_model("efficientnet_lite0", pretrained=False, num_classes=5).eval()
-    path = tmp_path / "effnet.sealed"
-    sealtorch.encrypt_model(
-        plain,
-        path,
-        model_id="effnet",
-        key=KEY,
-        arch="timm:efficientnet_lite0",
-        arch_kwargs={"num_classes": 5},
-    )
-    model = sealtorch.load_model(path, key=KEY)
-    x = torch.randn(1, 3, 96, 96)
-    with torch.inference_mode():
-        assert torch.equal(model(x), plain(x))
 
 
 def test_torchscript_and_export_payloads(tmp_path: Path, mlp: torch.nn.Module) -> None:

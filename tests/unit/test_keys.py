@@ -86,7 +86,7 @@ def test_repr_str_and_errors_never_show_the_key(tmp_path: Path) -> None:
 
 def test_damaged_key_files_do_not_echo_their_content(tmp_path: Path) -> None:
     material = os.urandom(31)
-    text = KEY_FILE_PREFIX + base64.urlsafe_b64encode(material).decode()
+    text = KEY_FILE_PREFIX + base64.urlsafe_b64encode(material).decode().rstrip("=")
     with pytest.raises(KeyAccessError, match="does not hold a 256-bit key") as info:
         decode_key(text)
     assert text[len(KEY_FILE_PREFIX) :] not in str(info.value)
@@ -105,6 +105,16 @@ def test_stray_characters_in_a_key_file_are_refused() -> None:
             decode_key(KEY_FILE_PREFIX + damaged)
 
 
+def test_only_the_written_spelling_of_a_key_is_accepted() -> None:
+    """43 base64url characters, no padding, the last character's 2 unused bits zero."""
+    text = encode_key(DataKey(bytes(32)))
+    assert text == KEY_FILE_PREFIX + "A" * 43
+    for other in (text + "=", KEY_FILE_PREFIX + "A" * 42 + "B", text + "\x0c"):
+        with pytest.raises(KeyAccessError, match="not valid base64"):
+            decode_key(other)
+    assert decode_key(" \t" + text + "\r\n") == DataKey(bytes(32))
+
+
 def test_key_file_read_errors(tmp_path: Path) -> None:
     with pytest.raises(KeyAccessError, match="does not exist"):
         read_key_file(tmp_path / "missing.key")
@@ -112,6 +122,10 @@ def test_key_file_read_errors(tmp_path: Path) -> None:
     binary.write_bytes(b"\xff\xfe")
     with pytest.raises(KeyAccessError, match="not a sealtorch key file"):
         read_key_file(binary)
+    padded = tmp_path / "padded.key"
+    padded.write_text(encode_key(generate_key()) + " " * 5000 + "junk")
+    with pytest.raises(KeyAccessError, match="too large"):
+        read_key_file(padded)
 
 
 def test_encode_decode_round_trip() -> None:

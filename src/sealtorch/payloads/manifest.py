@@ -30,6 +30,7 @@ __all__ = [
     "DATATYPES",
     "INTERPOLATIONS",
     "MANIFEST_ALIGNMENT",
+    "PAYLOAD_ALIGNMENT",
     "PAYLOAD_KINDS",
     "ImagePreprocessSpec",
     "Manifest",
@@ -56,6 +57,8 @@ DATATYPES: Final[tuple[str, ...]] = (
 )
 INTERPOLATIONS: Final[tuple[str, ...]] = ("nearest", "bilinear", "bicubic")
 MANIFEST_ALIGNMENT: Final = 64
+#: ``payload.align`` of an aligned safetensors payload (payload version 2).
+PAYLOAD_ALIGNMENT: Final = 64
 MAX_MANIFEST_SIZE: Final = 16 * 1024 * 1024
 MAX_LABELS: Final = 1_000_000
 MAX_TENSOR_SPECS: Final = 256
@@ -245,6 +248,9 @@ class Manifest:
     kind: PayloadKind
     payload_offset: int
     payload_size: int
+    #: Where every tensor of a safetensors payload starts (64), or None: packed (written
+    #: by sealtorch until 2026-12, payload layout 1; tensors only aligned to their element size).
+    payload_align: int | None = None
     arch: str | None = None
     arch_kwargs: Mapping[str, Any] = field(default_factory=lambda: _frozen({}))
     metadata: Mapping[str, str] = field(default_factory=lambda: _frozen({}))
@@ -261,6 +267,7 @@ class Manifest:
         *,
         kind: str,
         payload_size: int,
+        payload_align: int | None = None,
         arch: str | None = None,
         arch_kwargs: Mapping[str, Any] | None = None,
         metadata: Mapping[str, str] | None = None,
@@ -274,6 +281,8 @@ class Manifest:
             "metadata": dict(metadata or {}),
             "payload": {"kind": kind, "offset": 0, "size": payload_size},
         }
+        if payload_align is not None:
+            document["payload"]["align"] = payload_align
         if arch is not None:
             document["arch"] = {
                 "kwargs": _json_value(dict(arch_kwargs or {}), "arch_kwargs"),
@@ -318,12 +327,19 @@ class Manifest:
             {"arch", "inputs", "outputs", "preprocess", "labels"},
         )
         payload = _object(obj["payload"], "payload")
-        _exact_keys(payload, "payload", {"kind", "offset", "size"}, set())
+        _exact_keys(payload, "payload", {"kind", "offset", "size"}, {"align"})
         kind = payload["kind"]
         if kind not in PAYLOAD_KINDS:
             raise _bad(f"payload.kind must be one of {', '.join(PAYLOAD_KINDS)}, not {kind!r}")
         offset = _int(payload["offset"], "payload.offset", low=0, high=2**53 - 1)
         size = _int(payload["size"], "payload.size", low=0, high=2**53 - 1)
+        align: int | None = None
+        if "align" in payload:
+            if kind != "safetensors":
+                raise _bad(f"payload.align applies to safetensors payloads, not {kind}")
+            align = _int(payload["align"], "payload.align", low=1, high=2**31 - 1)
+            if align != PAYLOAD_ALIGNMENT:
+                raise _bad(f"payload.align must be {PAYLOAD_ALIGNMENT}, not {align}")
 
         arch: str | None = None
         arch_kwargs: dict[str, Any] = {}
@@ -367,6 +383,7 @@ class Manifest:
             kind=cast(PayloadKind, kind),
             payload_offset=offset,
             payload_size=size,
+            payload_align=align,
             arch=arch,
             arch_kwargs=_frozen(arch_kwargs),
             metadata=_frozen(metadata),
@@ -387,6 +404,8 @@ class Manifest:
                 "size": self.payload_size,
             },
         }
+        if self.payload_align is not None:
+            document["payload"]["align"] = self.payload_align
         if self.arch is not None:
             document["arch"] = {"kwargs": _thaw(self.arch_kwargs), "ref": self.arch}
         if self.inputs is not None:

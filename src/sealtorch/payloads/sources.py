@@ -48,6 +48,8 @@ class Payload:
     description: str
     state_dict: Mapping[str, torch.Tensor] | None = None
     tensor_count: int | None = None
+    #: ``payload.align`` of the manifest: 64 for state dicts, None for programs.
+    align: int | None = None
     metadata: dict[str, str] = field(default_factory=dict)
 
 
@@ -124,6 +126,7 @@ def _state_dict_payload(
         description=description,
         state_dict=state_dict,
         tensor_count=plan.tensor_count,
+        align=plan.align,
     )
 
 

@@ -3,12 +3,20 @@
 Writing never builds the file in memory: :class:`SafetensorsPlan` computes the safetensors
 header from tensor metadata alone, then :meth:`SafetensorsPlan.stream` yields the header and
 each tensor's bytes in turn (a non-contiguous tensor is made contiguous on its own, one at a
-time). Tensors are laid out by decreasing element size, so each one starts at a multiple of its
-element size; the header is padded with spaces so the data starts 64-byte aligned.
+time). The header is padded with spaces so the data starts 64-byte aligned. Two layouts:
 
-Reading (:func:`tensors_from_buffer`) validates the safetensors header strictly - known dtypes,
-shapes consistent with byte ranges, ranges in bounds, contiguous, not overlapping, aligned - and
-builds every tensor with ``torch.frombuffer`` as a view of the one decrypted buffer.
+* **aligned** (``align=64``, what sealing writes; payload layout 2): every tensor starts at a
+  multiple of 64 bytes, the gaps are zero bytes. Viewed in a page-aligned buffer, every tensor
+  is then 64-byte aligned like PyTorch's own allocations, so kernels (oneDNN, MKL) take the same
+  paths - and give the same bits - as for the plain model.
+* **packed** (``align=None``): a standard safetensors file, tensors by decreasing element size
+  with no gaps (``sealtorch decrypt`` output; payload layout 1, what sealing wrote until 2026-12).
+
+Reading (:func:`read_safetensors`) validates the safetensors header strictly - known dtypes,
+shapes consistent with byte ranges, ranges in bounds, tiling the data in the declared layout,
+aligned - and builds every tensor with ``torch.frombuffer`` as a view of the one decrypted
+buffer. Packed payloads are copied into fresh (aligned) tensors, since their views would not
+be 64-byte aligned.
 """
 
 from __future__ import annotations
@@ -29,8 +37,11 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DTYPE_CODES",
+    "TENSOR_ALIGNMENT",
     "SafetensorsPlan",
     "TensorEntry",
+    "parse_header",
+    "read_safetensors",
     "tensors_from_buffer",
 ]
 
@@ -50,6 +61,8 @@ ITEM_SIZES: Final[dict[str, int]] = {
 DTYPE_CODES: Final = tuple(ITEM_SIZES)
 MAX_SAFETENSORS_HEADER: Final = 100 * 1024 * 1024
 DATA_ALIGNMENT: Final = 64
+#: Where every tensor of an aligned payload starts: PyTorch's CPU allocator aligns to 64 bytes.
+TENSOR_ALIGNMENT: Final = 64
 _U64 = struct.Struct("<Q")
 
 
@@ -92,8 +105,12 @@ class SafetensorsPlan:
         state_dict: Mapping[str, torch.Tensor],
         *,
         metadata: Mapping[str, str] | None = None,
+        align: int | None = TENSOR_ALIGNMENT,
     ) -> None:
         import torch
+
+        if align not in (None, TENSOR_ALIGNMENT):
+            raise ValueError(f"align must be None or {TENSOR_ALIGNMENT}")
 
         _check_byte_order()
         codes = {dtype: code for code, dtype in _torch_dtypes().items()}
@@ -120,12 +137,15 @@ class SafetensorsPlan:
                     f"(supported: {supported})"
                 )
             items.append((name, tensor, code))
-        # Largest elements first keeps every tensor aligned to its element size.
-        layout = sorted(items, key=lambda item: -ITEM_SIZES[item[2]])
+        # Aligned: state_dict order, each tensor at the next multiple of ``align``. Packed:
+        # largest elements first keeps every tensor aligned to its element size.
+        layout = items if align else sorted(items, key=lambda item: -ITEM_SIZES[item[2]])
         position = 0
         entries: dict[str, TensorEntry] = {}
         for name, tensor, code in layout:
             size = tensor.numel() * ITEM_SIZES[code]
+            if align:
+                position += -position % align
             entries[name] = TensorEntry(name, code, tuple(tensor.shape), position, position + size)
             position += size
         header_obj: dict[str, Any] = {"__metadata__": {"format": "pt", **dict(metadata or {})}}
@@ -139,6 +159,7 @@ class SafetensorsPlan:
         text = json.dumps(header_obj, separators=(",", ":"), ensure_ascii=False).encode()
         padded = len(text) + (-(8 + len(text)) % DATA_ALIGNMENT)
         self.header = _U64.pack(padded) + text.ljust(padded, b" ")
+        self.align = align
         self.entries = [entries[name] for name, _, _ in layout]
         self._tensors = [tensor for _, tensor, _ in layout]
         self.data_size = position
@@ -153,7 +174,12 @@ class SafetensorsPlan:
         import torch
 
         yield memoryview(self.header)
+        zeros = memoryview(bytes(TENSOR_ALIGNMENT))
+        position = 0
         for entry, tensor in zip(self.entries, self._tensors, strict=True):
+            if entry.start > position:
+                yield zeros[: entry.start - position]
+            position = entry.end
             if entry.end == entry.start:
                 continue
             flat = tensor.detach()
@@ -167,13 +193,18 @@ class SafetensorsPlan:
 
 
 def parse_header(
-    data: bytes | mmap.mmap, *, offset: int, size: int
+    data: bytes | mmap.mmap, *, offset: int, size: int, align: int | None = None
 ) -> tuple[dict[str, str], list[TensorEntry], int]:
-    """Strictly validate the safetensors header of ``data[offset:offset+size]``.
+    """Strictly validate the safetensors payload at ``data[offset:offset+size]``.
 
-    Returns (metadata, entries, data start relative to ``offset``). ``data`` is only sliced
-    (copies for ``bytes``/``mmap``), so no view of it outlives this call.
+    ``align`` is the payload's layout: ``None`` for packed (a standard safetensors file: the
+    tensors tile the data), ``64`` for aligned (each tensor at the next multiple of 64 after the
+    previous one, zero bytes between). Returns (metadata, entries, data start relative to
+    ``offset``). ``data`` is only sliced (copies for ``bytes``/``mmap``), so no view of it
+    outlives this call.
     """
+    if align not in (None, TENSOR_ALIGNMENT):
+        raise PayloadError(f"unknown tensor alignment {align!r}")
     if size < 8:
         raise PayloadError("the safetensors payload is too short")
     (length,) = _U64.unpack(data[offset : offset + 8])
@@ -197,6 +228,8 @@ def parse_header(
         raise PayloadError("safetensors __metadata__ must map strings to strings")
     data_start = 8 + length
     data_size = size - data_start
+    if align and (offset + data_start) % align:
+        raise PayloadError(f"the safetensors data does not start {align}-byte aligned")
     entries = []
     for name, info in document.items():
         if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
@@ -223,8 +256,16 @@ def parse_header(
         entries.append(TensorEntry(name, dtype, tuple(shape), offsets[0], offsets[1]))
     position = 0
     for entry in sorted(entries, key=lambda e: (e.start, e.end)):
-        if entry.start != position:
+        expected = position + (-position % align) if align else position
+        if entry.start != expected:
+            if align:
+                raise PayloadError(
+                    f"safetensors tensors overlap or do not start at the next multiple of {align}"
+                )
             raise PayloadError("safetensors tensors overlap or leave gaps")
+        gap = data[offset + data_start + position : offset + data_start + entry.start]
+        if gap.strip(b"\x00"):
+            raise PayloadError("the padding between safetensors tensors is not zero")
         position = entry.end
     if position != data_size:
         raise PayloadError("safetensors data does not end where the last tensor ends")
@@ -244,17 +285,22 @@ def _reject(text: str) -> Any:
     raise ValueError(f"unexpected number {text}")
 
 
-def tensors_from_buffer(buffer: mmap.mmap, *, offset: int, size: int) -> dict[str, torch.Tensor]:
-    """Build the state dict of the safetensors payload at ``buffer[offset:offset+size]``.
+def read_safetensors(
+    buffer: mmap.mmap, *, offset: int, size: int, align: int | None
+) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """The metadata and state dict of the safetensors payload at ``buffer[offset:offset+size]``.
 
-    Every tensor is a view of ``buffer`` (which must be writable and outlive nothing: the
-    tensors keep it alive). Zero-size tensors get their own empty storage.
+    An aligned payload (``align=64`` in a page-aligned ``buffer``) becomes views of ``buffer``,
+    each 64-byte aligned, without a copy (the tensors keep ``buffer`` alive). A packed payload
+    (``align=None``) is copied tensor by tensor into fresh storage from PyTorch's allocator,
+    which is 64-byte aligned too; ``buffer`` is then no longer referenced. Zero-size tensors get
+    their own empty storage. Tensors come in the header's order.
     """
     import torch
 
     _check_byte_order()
     dtypes = _torch_dtypes()
-    _, entries, data_start = parse_header(buffer, offset=offset, size=size)
+    metadata, entries, data_start = parse_header(buffer, offset=offset, size=size, align=align)
     base = offset + data_start
     result: dict[str, torch.Tensor] = {}
     for entry in entries:
@@ -266,5 +312,14 @@ def tensors_from_buffer(buffer: mmap.mmap, *, offset: int, size: int) -> dict[st
         tensor = torch.frombuffer(buffer, dtype=dtype, count=count, offset=base + entry.start)
         if dtype == torch.bool and bool((tensor.view(torch.uint8) > 1).any()):
             raise PayloadError(f"bool tensor {entry.name!r} holds values other than 0 and 1")
+        if align is None:
+            tensor = tensor.clone()
         result[entry.name] = tensor.view(entry.shape)
-    return result
+    return metadata, result
+
+
+def tensors_from_buffer(
+    buffer: mmap.mmap, *, offset: int, size: int, align: int | None
+) -> dict[str, torch.Tensor]:
+    """The state dict of :func:`read_safetensors`."""
+    return read_safetensors(buffer, offset=offset, size=size, align=align)[1]

@@ -17,7 +17,7 @@ from __future__ import annotations
 import io
 import mmap
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import BinaryIO, cast
@@ -164,12 +164,19 @@ class SealedReader:
                 self._check_end()
             yield plain[:size]
 
-    def decrypt(self, cek: bytes, *, into: mmap.mmap | None = None) -> mmap.mmap:
+    def decrypt(
+        self,
+        cek: bytes,
+        *,
+        into: mmap.mmap | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> mmap.mmap:
         """Authenticate and decrypt the whole body into one buffer and return it.
 
         The buffer is new (see :func:`allocate_plaintext`) unless ``into`` - a writable buffer of
         at least ``plaintext_size`` bytes - is given to be reused. On failure a new buffer is
         released, ``into`` holds unauthenticated bytes, and nothing is returned.
+        ``progress(done, total)`` is called after each chunk with plaintext bytes.
         """
         cipher = self._cipher(cek)
         body = self.header.body
@@ -191,6 +198,8 @@ class SealedReader:
                 readinto(piece)
                 open_into(index, last=index == last_index, sealed=piece, out=target[position:end])
                 position = end
+                if progress is not None:
+                    progress(position, body.plaintext_size)
             self._check_end()
         except BaseException:
             target.release()

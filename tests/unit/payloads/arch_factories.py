@@ -36,3 +36,19 @@ def not_a_module() -> object:
 
 def broken() -> nn.Module:
     raise RuntimeError("factory failed")
+
+
+def small_cnn(classes: int = 5) -> nn.Module:
+    """Conv, batch norm (int64 ``num_batches_tracked``: 8 bytes that shift a packed layout), a
+    linear head: the model kept sealed in the first payload layout in ``tests/data/sealed``."""
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 12, 3, stride=2, padding=1),
+        nn.BatchNorm2d(12),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(12, classes),
+    )

@@ -15,7 +15,7 @@ import torch
 
 from sealtorch._crypto.stream import chunk_nonce, derive_body_key
 from sealtorch.api import load_state_dict
-from sealtorch.keys import DataKey
+from sealtorch.keys import DataKey, encode_key
 from sealtorch.payloads.manifest import Manifest
 from sealtorch.payloads.sources import prepare_payload
 from sealtorch.sealed.header import Header, wrap_aad
@@ -29,7 +29,26 @@ CEK = bytes(range(0x20, 0x40))
 BODY_SALT = bytes(range(0x40, 0x60))
 KEY_SALT = bytes(range(0x60, 0x80))
 KEY_NONCE = bytes(range(0x80, 0x8C))
-STATE_DICT = {"w": torch.tensor([1.0, 2.0]), "n": torch.tensor(3, dtype=torch.int64)}
+STATE_DICT = {
+    "w": torch.tensor([1.0, 2.0]),
+    "n": torch.tensor(3, dtype=torch.int64),
+    "flag": torch.tensor([True]),
+}
+#: Exercises every escape of canonical JSON: quote, backslash, tab, DEL, non-ASCII, beyond BMP.
+METADATA = {"owner": 'Zo\u00eb "ML" team\\', "note": "tab\there\u007f \U0001f600"}
+MANIFEST_FIELDS = {
+    "arch": "torchvision:resnet18",
+    "arch_kwargs": {"num_classes": 2},
+    "metadata": METADATA,
+    "labels": ["cat", "caf\u00e9"],
+    "preprocess": {
+        "type": "image",
+        "resize": 256,
+        "crop": 224,
+        "mean": [0.485, 0.456, 0.406],
+        "std": [0.229, 0.224, 0.225],
+    },
+}
 
 
 def _fixed_random() -> object:
@@ -45,7 +64,12 @@ def _fixed_random() -> object:
 
 def build_vector() -> dict[str, str]:
     payload = prepare_payload(STATE_DICT)
-    manifest = Manifest.build(kind=payload.kind, payload_size=payload.size)
+    manifest = Manifest.build(
+        kind=payload.kind,
+        payload_size=payload.size,
+        payload_align=payload.align,
+        **MANIFEST_FIELDS,  # type: ignore[arg-type]
+    )
     plaintext = manifest.encode_prefix() + b"".join(bytes(p) for p in payload.stream())
     random_bytes = _fixed_random()
     out = io.BytesIO()
@@ -126,8 +150,13 @@ def test_documented_vector_opens() -> None:
     assert list(loaded) == list(STATE_DICT)
     for name, tensor in STATE_DICT.items():
         assert torch.equal(loaded[name], tensor)
+        assert loaded[name].data_ptr() % 64 == 0
     header = Header.decode(vector["header_json"].encode("ascii"))
     assert unwrap_content_key(DataKey(DEK), header) == CEK
+
+
+def test_documented_key_file_example_is_what_keygen_writes() -> None:
+    assert encode_key(DataKey(bytes(range(32)))) in DOC.read_text(encoding="utf-8")
 
 
 if __name__ == "__main__":
