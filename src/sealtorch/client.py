@@ -45,6 +45,7 @@ import httpx
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from sealtorch._crypto import hpke
+from sealtorch._crypto.tls import untrusted_server_message
 from sealtorch._uds import UnixSocketTransport
 from sealtorch.attestation.binding import report_data_for
 from sealtorch.attestation.evidence import EvidenceProvider
@@ -104,6 +105,8 @@ _UNIX_BASE: Final = "http://sealtorch.local"
 _MAX_RESPONSE: Final = 4 * 1024 * 1024
 #: Network failures worth retrying: nothing was decided, or the connection broke.
 _RETRYABLE = (httpx.TransportError,)
+#: How each caller passes the CA of a key source (in messages about an untrusted certificate).
+_CA_OPTIONS: Final = "--ca (`sealtorch serve`: --keys-ca; Python: ca=)"
 
 
 # -- results ---------------------------------------------------------------------------------
@@ -365,6 +368,13 @@ class KeyReleaseClient:
             try:
                 return attempt()
             except _RETRYABLE as exc:
+                untrusted = untrusted_server_message(
+                    exc,
+                    server=f"the key cache or key server at {self.url}",
+                    ca_option=_CA_OPTIONS,
+                )
+                if untrusted is not None:  # retrying cannot help
+                    raise KeySourceUnreachableError(untrusted) from exc
                 if number == self._retries:
                     raise KeySourceUnreachableError(
                         f"cannot reach {self.url} (key cache or key server) for {what} "
@@ -648,10 +658,14 @@ class AdminClient:
                 params=params or None,
             )
         except httpx.TransportError as exc:
+            untrusted = untrusted_server_message(
+                exc, server=f"the key server at {self.url}", ca_option="--ca (Python: ca=)"
+            )
             raise AdminError(
-                f"cannot reach the key server at {self.url} ({type(exc).__name__}: {exc}); "
+                untrusted
+                or f"cannot reach the key server at {self.url} ({type(exc).__name__}: {exc}); "
                 "check --server, --ca and that the server runs",
-                code="unreachable",
+                code="untrusted_certificate" if untrusted else "unreachable",
                 status_code=None,
             ) from exc
         if response.status_code >= 400:

@@ -10,6 +10,9 @@ PKI and point :func:`server_ssl_context` / :func:`client_ssl_context` at them.
   subjectAltName for ``localhost``, ``127.0.0.1`` and ``::1`` plus any extra names and addresses.
 * Contexts require TLS 1.2 or newer; the client context trusts *only* the given CA file and
   checks host names.
+
+:func:`untrusted_server_message` turns a failed certificate check, found anywhere in an
+exception's chain (httpx wraps it twice), into a message that says what to pass.
 """
 
 from __future__ import annotations
@@ -37,7 +40,11 @@ __all__ = [
     "create_dev_ca",
     "create_server_certificate",
     "server_ssl_context",
+    "untrusted_server_message",
 ]
+
+#: OpenSSL's X509_V_ERR_{HOSTNAME,EMAIL,IP_ADDRESS}_MISMATCH: the chain is trusted, not the name.
+_NAME_MISMATCH = frozenset({62, 63, 64})
 
 #: Names every development server certificate covers.
 DEFAULT_SERVER_NAMES: tuple[str, ...] = ("localhost", "127.0.0.1", "::1")
@@ -308,3 +315,41 @@ def client_ssl_context(*, ca_path: str | os.PathLike[str]) -> ssl.SSLContext:
     except (OSError, ssl.SSLError) as exc:
         raise ConfigError(f"cannot load the TLS trust anchor {ca_path}: {exc}") from exc
     return context
+
+
+def _certificate_error(exc: BaseException) -> ssl.SSLCertVerificationError | None:
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, ssl.SSLCertVerificationError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def untrusted_server_message(
+    exc: BaseException, *, server: str, ca_option: str, key_server: bool = True
+) -> str | None:
+    """What to do when ``exc`` (or an exception it was raised from) is a failed check of the
+    server's TLS certificate; ``None`` for any other failure.
+
+    ``server`` names the peer ("the key server at https://..."); ``ca_option`` is how the
+    caller passes a CA certificate ("--ca"); ``key_server``: the peer may be a sealtorch key
+    server, whose generated CA and certificate names are worth pointing at.
+    """
+    error = _certificate_error(exc)
+    if error is None:
+        return None
+    reason = (error.verify_message or str(error)).rstrip(".")
+    if error.verify_code in _NAME_MISMATCH:
+        hint = "; a sealtorch key server's certificate names those given to `keyserver init --name`"
+        return (
+            f"the TLS certificate of {server} does not name the host it was reached by "
+            f"({reason}); use a name it was issued for{hint if key_server else ''}"
+        )
+    hint = "; a sealtorch key server's CA certificate is its DATA_DIR/tls/ca.crt"
+    return (
+        f"the TLS certificate of {server} is not trusted ({reason}); pass the CA certificate "
+        f"that issued it with {ca_option}{hint if key_server else ''}"
+    )

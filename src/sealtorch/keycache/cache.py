@@ -209,8 +209,9 @@ class KeyCache:
         self._next_due = self._clock() + timedelta(seconds=delay)
         held = self._holdings.key_count
         _log.warning(
-            "key cache refresh failed (%s); %s; retrying in %.1f s",
+            "key cache refresh failed (%s: %s); %s; retrying in %.1f s",
             outcome,
+            message,
             f"serving {held} key(s) until their leases end" if held else "holding no keys",
             delay,
             extra={"error": message, "failures": self._failures},

@@ -9,6 +9,7 @@ from typing import Any
 import httpx
 from pydantic import ValidationError
 
+from sealtorch._crypto.tls import untrusted_server_message
 from sealtorch._uds import UnixSocketTransport
 from sealtorch.errors import ConfigError, KeyReleaseError, ProtocolError
 from sealtorch.keycache.app import STATUS_PATH
@@ -53,9 +54,13 @@ def fetch_status(
         try:
             response = client.get(STATUS_PATH)
         except httpx.TransportError as exc:
+            untrusted = untrusted_server_message(
+                exc, server=f"the key cache at {where}", ca_option="--ca", key_server=False
+            )
             raise KeyReleaseError(
-                f"cannot reach the key cache at {where} ({type(exc).__name__}); is it running, "
-                "and may this user open its socket?"
+                untrusted
+                or f"cannot reach the key cache at {where} ({type(exc).__name__}); is it "
+                "running, and may this user open its socket?"
             ) from exc
     if response.status_code != 200:
         raise KeyReleaseError(

@@ -4,7 +4,8 @@
 enclave uses; it verifies each released key's binding and policy digest) and sorts failures
 into what the cache must do about them:
 
-* :class:`Unreachable` — no answer, a 5xx, or a transient protocol refusal (an expired nonce, the
+* :class:`Unreachable` — no answer, a 5xx, a TLS certificate this cache does not trust (its
+  message says so, and to pass ``--ca``), or a transient protocol refusal (an expired nonce, the
   server's collateral source down): keep serving keys whose leases run, retry with backoff;
 * :class:`Refused` — the key server refuses *this cache's evidence* (untrusted attestation key,
   invalid evidence, stale collateral, ...): the cache must drop every key, since serving them
@@ -26,6 +27,7 @@ from typing import Final
 
 import httpx
 
+from sealtorch._crypto.tls import untrusted_server_message
 from sealtorch._uds import UnixSocketTransport
 from sealtorch.attestation import EvidenceProvider
 from sealtorch.client import KeyReleaseClient, ReleaseResult
@@ -158,7 +160,10 @@ def _classify(exc: KeyReleaseError, url: str) -> Error:
     status = exc.status_code
     if status is None:
         if isinstance(exc, KeySourceUnreachableError):
-            return Unreachable(f"cannot reach the key server at {url}: {exc}")
+            untrusted = untrusted_server_message(
+                exc, server=f"the key server at {url}", ca_option="--ca (config: [keyserver] ca)"
+            )
+            return Unreachable(untrusted or f"cannot reach the key server at {url}: {exc}")
         return AttestFailed(f"this key cache could not attest: {exc}")
     if status >= 500:
         return Unreachable(f"the key server at {url} is unavailable: {exc}", status_code=status)

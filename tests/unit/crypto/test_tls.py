@@ -301,3 +301,47 @@ def test_naive_time_is_refused(tmp_path: Path) -> None:
             key_path=tmp_path / "c.key",
             now=datetime(2030, 1, 1),  # naive on purpose
         )
+
+
+def _raised_from(exc: BaseException) -> Exception:
+    """``exc`` two levels down an exception chain, as httpx raises a failed handshake."""
+    middle = ConnectionError("handshake failed")
+    middle.__cause__ = exc
+    outer = RuntimeError("connect failed")
+    outer.__cause__ = middle
+    return outer
+
+
+def test_untrusted_server_messages_say_what_to_pass(pki: Pki, tmp_path: Path) -> None:
+    server_ctx, client_ctx = _contexts(pki)
+    other_ca = tls.client_ssl_context(ca_path=_make_ca(tmp_path, "other").cert)
+    with pytest.raises(ssl.SSLCertVerificationError) as untrusted:
+        _handshake(server_ctx, other_ca, server_hostname="localhost")
+    with pytest.raises(ssl.SSLCertVerificationError) as misnamed:
+        _handshake(server_ctx, client_ctx, server_hostname="evil.example.com")
+
+    def message(exc: BaseException, **options: bool) -> str | None:
+        return tls.untrusted_server_message(
+            _raised_from(exc),
+            server="the key server at https://k:8443",
+            ca_option="--ca",
+            **options,
+        )
+
+    assert message(untrusted.value) == (
+        "the TLS certificate of the key server at https://k:8443 is not trusted (unable to get "
+        "local issuer certificate); pass the CA certificate that issued it with --ca; a "
+        "sealtorch key server's CA certificate is its DATA_DIR/tls/ca.crt"
+    )
+    assert message(untrusted.value, key_server=False) == (
+        "the TLS certificate of the key server at https://k:8443 is not trusted (unable to get "
+        "local issuer certificate); pass the CA certificate that issued it with --ca"
+    )
+    named = message(misnamed.value)
+    assert named is not None
+    assert named.startswith(
+        "the TLS certificate of the key server at https://k:8443 does not name the host it "
+        "was reached by (Hostname mismatch, certificate is not valid for 'evil.example.com')"
+    )
+    assert "keyserver init --name" in named
+    assert message(ConnectionRefusedError(111, "refused")) is None
