@@ -233,7 +233,10 @@ class _Demo:
             )
         console.print(f"    unix://{socket_path}")
 
-        # 5. Inference server.
+        # 5. Inference server, with as many PyTorch threads as the plain reference model here:
+        # float results are bit-identical only under the same threads and batch.
+        import torch
+
         with _step(console, "inference server: attested to the key cache, decrypted, warmed up"):
             start = time.perf_counter()
             server = self._start(
@@ -249,6 +252,8 @@ class _Demo:
                     str(self.sim_key),
                     "--port",
                     "0",
+                    "--threads",
+                    str(torch.get_num_threads()),
                 ],
             )
             url = server.wait_for(r"^listening on (\S+)", timeout=120).group(1)
@@ -302,7 +307,9 @@ class _Demo:
         spec = ImagePreprocessSpec.from_json(model.preprocess)
         self.console.print(
             f"\n[bold]Predictions[/bold] through the KServe v2 API "
-            f"(POST /v2/models/{model.model_id}/infer), top {self.options.top}:"
+            f"(POST /v2/models/{model.model_id}/infer), top {self.options.top}; compared with "
+            f"plain PyTorch here under the same conditions ({torch.get_num_threads()} threads, "
+            "batch 1):"
         )
         for photo in PHOTOS:
             image = sample_image(photo)
