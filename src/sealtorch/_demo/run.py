@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import base64
 import json
+import signal
 import statistics
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -114,6 +116,25 @@ def _step(console: Console, text: str) -> Iterator[None]:
     console.print(f"[green]✔[/green] {text} [dim]({time.perf_counter() - start:.1f} s)[/dim]")
 
 
+@contextmanager
+def _interrupt_deferred() -> Iterator[None]:
+    """Hold back SIGINT (Ctrl-C) inside the block; raise KeyboardInterrupt after it if one came.
+
+    Only the main thread can set signal handlers; elsewhere the block runs unprotected.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda number, _frame: pending.append(number))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler if previous is None else previous)
+    if pending:
+        raise KeyboardInterrupt
+
+
 def run_demo(options: DemoOptions, console: Console) -> None:
     """Run the demo in ``options.workspace`` (which must exist and be empty or new)."""
     with ExitStack() as services:
@@ -135,8 +156,11 @@ class _Demo:
         self.timings = _Timings()
 
     def _start(self, name: str, args: list[str]) -> ServiceProcess:
-        process = ServiceProcess(name, args, log_dir=self.logs, env=self.env)
-        self.services.callback(process.stop)
+        # A Ctrl-C while the child is being spawned would leave it running unregistered (an
+        # orphan that outlives the demo): take it only once the child is registered for stop.
+        with _interrupt_deferred():
+            process = ServiceProcess(name, args, log_dir=self.logs, env=self.env)
+            self.services.callback(process.stop)
         return process
 
     def run(self) -> None:
