@@ -32,9 +32,9 @@ from sealtorch._crypto.tls import (
     create_server_certificate,
     server_ssl_context,
 )
-from sealtorch.keyserver.audit import AuditEntry, AuditKind
 from sealtorch.keyserver.store import Store
 from sealtorch.keyserver.tokens import TokenKind, issue_token
+from sealtorch.protocol.audit import AuditEntry, AuditKind
 
 START_TIMEOUT = 30.0
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from sealtorch.keys import DataKey, generate_key
-from sealtorch.keyserver.audit import AuditEntry, AuditKind
 from sealtorch.keyserver.masterkey import MasterKey, wrap_aad
 from sealtorch.keyserver.records import WrapFunction, WrappedDek
+from sealtorch.protocol.audit import AuditEntry, AuditKind
 
 ADMIN_ACTOR = "0123456789abcdef"
 

@@ -13,9 +13,9 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from sealtorch.keyserver.audit import AuditEntry, AuditKind
 from sealtorch.keyserver.records import NonceStatus
 from sealtorch.keyserver.store import open_store
+from sealtorch.protocol.audit import AuditEntry, AuditKind
 
 START_TIMEOUT = 60.0
 

@@ -22,8 +22,8 @@ from sealtorch._crypto.tls import client_ssl_context
 from sealtorch.attestation import SimAttester, report_data_for
 from sealtorch.client import AdminClient, KeyReleaseClient, read_token
 from sealtorch.errors import Error
-from sealtorch.keyserver.audit import verify_chain
 from sealtorch.protocol import b64decode, b64encode
+from sealtorch.protocol.audit import verify_chain
 
 pytestmark = pytest.mark.e2e
 

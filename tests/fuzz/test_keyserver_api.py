@@ -17,11 +17,11 @@ from hypothesis import strategies as st
 
 from sealtorch.attestation import SimAttester, make_verifiers
 from sealtorch.keyserver.app import create_app
-from sealtorch.keyserver.audit import AuditEntry, AuditKind
 from sealtorch.keyserver.masterkey import FileMasterKey, FileMasterKeyConfig
 from sealtorch.keyserver.settings import KeyServerSettings
 from sealtorch.keyserver.store import Store, open_store, sqlite_url
 from sealtorch.keyserver.tokens import TokenKind, issue_token
+from sealtorch.protocol.audit import AuditEntry, AuditKind
 
 _FUZZ = settings(
     max_examples=40,

@@ -397,7 +397,7 @@ def audit() -> None:
 def _parse_head(text: str | None) -> Any:
     if text is None:
         return None
-    from sealtorch.keyserver.audit import AuditHead
+    from sealtorch.protocol.audit import AuditHead
 
     seq, sep, digest = text.partition(":")
     if not sep or not seq.isdigit() or len(digest) != 64:
@@ -422,7 +422,7 @@ def audit_verify(ctx: _Context, expected_head: str | None, export_file: Path | N
     """Recompute the whole chain; any edited, deleted, inserted or reordered record fails.
 
     The records are fetched and checked here, not by the server."""
-    from sealtorch.keyserver.audit import read_jsonl, verify_chain
+    from sealtorch.protocol.audit import read_jsonl, verify_chain
 
     anchor = _parse_head(expected_head)
     if export_file is not None:
@@ -459,7 +459,7 @@ def audit_verify(ctx: _Context, expected_head: str | None, export_file: Path | N
 @pass_context
 def audit_export(ctx: _Context, output: Path) -> None:
     """Export every audit record as JSON Lines (keep exports elsewhere: they anchor the chain)."""
-    from sealtorch.keyserver.audit import export_jsonl, verify_chain
+    from sealtorch.protocol.audit import export_jsonl, verify_chain
 
     with ctx.client() as client:
         records = list(client.iter_audit())

@@ -26,7 +26,6 @@ from pathlib import Path
 
 from sealtorch._crypto.tls import create_dev_ca, create_server_certificate
 from sealtorch.errors import ConfigError, Error
-from sealtorch.keyserver.audit import AuditEntry, AuditKind
 from sealtorch.keyserver.masterkey import (
     FileMasterKeyConfig,
     MasterKey,
@@ -36,6 +35,7 @@ from sealtorch.keyserver.masterkey import (
 from sealtorch.keyserver.settings import CONFIG_FILE, load_settings, render_config
 from sealtorch.keyserver.store import open_store
 from sealtorch.keyserver.tokens import TokenKind, issue_token
+from sealtorch.protocol.audit import AuditEntry, AuditKind
 
 __all__ = ["InitResult", "init_data_dir"]
 

@@ -69,7 +69,6 @@ from sealtorch.errors import (
     StorageError,
 )
 from sealtorch.keys import DataKey, generate_key
-from sealtorch.keyserver.audit import AuditEntry, AuditKind, canonical_json
 from sealtorch.keyserver.masterkey import FileMasterKey, MasterKey, wrap_aad
 from sealtorch.keyserver.records import (
     AdminTokenRecord,
@@ -83,20 +82,6 @@ from sealtorch.keyserver.records import (
     WrapFunction,
     WrappedDek,
     WrappedKey,
-)
-from sealtorch.keyserver.schemas import (
-    AuditHeadInfo,
-    AuditPage,
-    CreatedModel,
-    CreatedToken,
-    KeyBlockWire,
-    KeyVersionInfo,
-    ModelDetail,
-    ModelInfo,
-    PolicyInfo,
-    RewrapRequest,
-    TokenInfo,
-    WrapRequest,
 )
 from sealtorch.keyserver.settings import KeyServerSettings
 from sealtorch.keyserver.store import GroupTransaction, Store
@@ -116,6 +101,21 @@ from sealtorch.protocol import (
     RenewRequest,
     SessionGrant,
 )
+from sealtorch.protocol.admin import (
+    AuditHeadInfo,
+    AuditPage,
+    CreatedModel,
+    CreatedToken,
+    KeyBlockWire,
+    KeyVersionInfo,
+    ModelDetail,
+    ModelInfo,
+    PolicyInfo,
+    RewrapRequest,
+    TokenInfo,
+    WrapRequest,
+)
+from sealtorch.protocol.audit import AuditEntry, AuditKind, canonical_json
 
 __all__ = [
     "Actor",

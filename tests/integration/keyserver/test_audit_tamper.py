@@ -15,14 +15,14 @@ import sqlalchemy as sa
 from _fixtures.clock import FakeClock
 from _fixtures.keystore import admin_entry, make_wrapper, release_entry
 from sealtorch.errors import AuditError
-from sealtorch.keyserver.audit import (
+from sealtorch.keyserver.masterkey import FileMasterKey
+from sealtorch.keyserver.store import Store, open_store
+from sealtorch.protocol.audit import (
     AuditChainError,
     AuditHead,
     build_record,
     verify_log,
 )
-from sealtorch.keyserver.masterkey import FileMasterKey
-from sealtorch.keyserver.store import Store, open_store
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from _fixtures.keyserver import KeyServerUnderTest
 from sealtorch.client import AdminClient, AdminError
 from sealtorch.errors import IntegrityError
 from sealtorch.keys import generate_key
-from sealtorch.keyserver.audit import verify_chain
+from sealtorch.protocol.audit import verify_chain
 from sealtorch.sealed.header import BodyHeader, Header
 from sealtorch.sealed.keywrap import unwrap_content_key
 

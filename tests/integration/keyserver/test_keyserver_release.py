@@ -22,8 +22,8 @@ from sealtorch._crypto import hpke
 from sealtorch.attestation import SimAttester, report_data_for
 from sealtorch.errors import IntegrityError, KeyReleaseError
 from sealtorch.keys import generate_key
-from sealtorch.keyserver.audit import AuditEntry, AuditKind
 from sealtorch.protocol import HPKE_SUITE_MLKEM768_X25519, b64decode, b64encode, key_release_info
+from sealtorch.protocol.audit import AuditEntry, AuditKind
 
 SUITE = hpke.DEFAULT_SUITE
 

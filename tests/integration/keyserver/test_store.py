@@ -11,7 +11,6 @@ from _fixtures.clock import FakeClock
 from _fixtures.keystore import admin_entry, make_wrapper, release_entry
 from sealtorch.errors import AuditError, ConfigError, StorageError
 from sealtorch.keys import generate_key
-from sealtorch.keyserver.audit import verify_chain
 from sealtorch.keyserver.masterkey import FileMasterKey, wrap_aad
 from sealtorch.keyserver.records import (
     ConflictError,
@@ -22,6 +21,7 @@ from sealtorch.keyserver.records import (
 )
 from sealtorch.keyserver.store import Store
 from sealtorch.keyserver.tokens import TokenKind, issue_token
+from sealtorch.protocol.audit import verify_chain
 
 
 def _create(store: Store, master: FileMasterKey, model_id: str = "resnet50") -> None:

@@ -19,9 +19,9 @@ import pytest
 from _fixtures.clock import FakeClock
 from _fixtures.keystore import refuse_audit_inserts, release_entry
 from sealtorch.errors import AuditError
-from sealtorch.keyserver.audit import verify_chain
 from sealtorch.keyserver.records import NonceStatus
 from sealtorch.keyserver.store import GroupTransaction, Store
+from sealtorch.protocol.audit import verify_chain
 
 NONCE = b"\x11" * 32
 

@@ -12,8 +12,8 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from _fixtures import workers
-from sealtorch.keyserver.audit import verify_chain
 from sealtorch.keyserver.store import Store, open_store, sqlite_url
+from sealtorch.protocol.audit import verify_chain
 
 
 def test_nonces_are_consumed_once_across_processes(store: Store, store_url: str) -> None:

@@ -13,7 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from sealtorch.errors import AuditError
-from sealtorch.keyserver.audit import (
+from sealtorch.protocol.audit import (
     GENESIS_HASH,
     AuditChainError,
     AuditEntry,

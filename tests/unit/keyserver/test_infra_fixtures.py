@@ -36,7 +36,7 @@ def test_service_facing_modules_do_not_import_sqlalchemy_or_pkcs11() -> None:
     code = (
         "import sys\n"
         "import sealtorch.keyserver.store, sealtorch.keyserver.records\n"
-        "import sealtorch.keyserver.audit, sealtorch.keyserver.tokens\n"
+        "import sealtorch.protocol.audit, sealtorch.keyserver.tokens\n"
         "import sealtorch.keyserver.masterkey\n"
         "print(','.join(m for m in ('sqlalchemy', 'pkcs11', 'psycopg', 'fastapi') "
         "if m in sys.modules))\n"

@@ -15,7 +15,9 @@ from pydantic import TypeAdapter
 
 from sealtorch.keys import DataKey
 from sealtorch.keyserver.routes._common import bearer_token, client_address, json_response, runtime
-from sealtorch.keyserver.schemas import (
+from sealtorch.keyserver.service import Actor, ErrorKind, ServiceError
+from sealtorch.protocol import API_PREFIX, MODEL_ID_PATTERN, ErrorBody
+from sealtorch.protocol.admin import (
     AuditPage,
     CreatedModel,
     CreatedToken,
@@ -32,8 +34,6 @@ from sealtorch.keyserver.schemas import (
     TokenInfo,
     WrapRequest,
 )
-from sealtorch.keyserver.service import Actor, ErrorKind, ServiceError
-from sealtorch.protocol import API_PREFIX, MODEL_ID_PATTERN, ErrorBody
 
 _admin_bearer = HTTPBearer(
     auto_error=False,

@@ -37,7 +37,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-from sealtorch.keyserver.audit import AuditEntry, AuditHead, AuditRecord
 from sealtorch.keyserver.records import (
     AdminTokenRecord,
     KeyVersionRecord,
@@ -49,6 +48,7 @@ from sealtorch.keyserver.records import (
     WrapFunction,
     WrappedKey,
 )
+from sealtorch.protocol.audit import AuditEntry, AuditHead, AuditRecord
 
 __all__ = [
     "Clock",

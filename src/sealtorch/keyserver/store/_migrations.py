@@ -24,8 +24,8 @@ from datetime import UTC, datetime
 import sqlalchemy as sa
 
 from sealtorch.errors import StorageError
-from sealtorch.keyserver.audit import GENESIS_HASH
 from sealtorch.keyserver.store._schema import UtcMicros
+from sealtorch.protocol.audit import GENESIS_HASH
 
 __all__ = ["MIGRATIONS", "Migration", "applied_version", "latest_version", "run_migrations"]
 

@@ -39,7 +39,6 @@ from sqlalchemy import event
 from sqlalchemy import exc as sa_exc
 
 from sealtorch.errors import AuditError, ConfigError, StorageError
-from sealtorch.keyserver.audit import AuditEntry, AuditHead, AuditRecord, build_record
 from sealtorch.keyserver.records import (
     AdminTokenRecord,
     ConflictError,
@@ -59,6 +58,7 @@ from sealtorch.keyserver.records import (
 )
 from sealtorch.keyserver.store import _schema as t
 from sealtorch.keyserver.store._migrations import applied_version, latest_version, run_migrations
+from sealtorch.protocol.audit import AuditEntry, AuditHead, AuditRecord, build_record
 
 __all__ = ["SqlStore"]
 

@@ -1,6 +1,6 @@
 """Wire schemas of the key server's admin API (``docs/keyserver.md``).
 
-Like :mod:`sealtorch.protocol`, these are the only admin types that cross the network: the
+Like the release protocol's schemas, these are the only admin types that cross the network: the
 service builds them from store records, which never reach a response directly. Requests forbid
 unknown fields. Binary values are base64url without padding; times are RFC 3339 UTC.
 """
@@ -11,7 +11,7 @@ from typing import Annotated, Any
 
 from pydantic import Field
 
-from sealtorch.protocol import B64Bytes, ModelId, UtcDatetime, _Wire
+from sealtorch.protocol._wire import B64Bytes, ModelId, UtcDatetime, WireModel
 
 __all__ = [
     "AuditHeadInfo",
@@ -36,18 +36,18 @@ __all__ = [
 _Key32 = Annotated[B64Bytes, Field(min_length=32, max_length=32)]
 
 
-class CreateModelRequest(_Wire):
+class CreateModelRequest(WireModel):
     model_id: ModelId
     #: Import this 256-bit data key (from ``sealtorch keygen``) instead of generating one.
     key: _Key32 | None = None
 
 
-class RotateRequest(_Wire):
+class RotateRequest(WireModel):
     #: Import this key as the new version instead of generating one.
     key: _Key32 | None = None
 
 
-class KeyVersionInfo(_Wire):
+class KeyVersionInfo(WireModel):
     model_id: ModelId
     version: int
     state: str
@@ -57,14 +57,14 @@ class KeyVersionInfo(_Wire):
     revoked_at: UtcDatetime | None = None
 
 
-class ModelInfo(_Wire):
+class ModelInfo(WireModel):
     model_id: ModelId
     created_at: UtcDatetime
     current_key_version: int | None = None
     policy_version: int | None = None
 
 
-class PolicyInfo(_Wire):
+class PolicyInfo(WireModel):
     model_id: ModelId
     version: int
     digest: str
@@ -72,29 +72,29 @@ class PolicyInfo(_Wire):
     policy: dict[str, Any]
 
 
-class ModelDetail(_Wire):
+class ModelDetail(WireModel):
     model: ModelInfo
     keys: tuple[KeyVersionInfo, ...]
     policy: PolicyInfo | None = None
 
 
-class CreatedModel(_Wire):
+class CreatedModel(WireModel):
     model: ModelInfo
     key: KeyVersionInfo
 
 
-class SetPolicyRequest(_Wire):
+class SetPolicyRequest(WireModel):
     #: A release policy document (``docs/policy.md``), validated by the server.
     policy: dict[str, Any]
 
 
-class CreateTokenRequest(_Wire):
+class CreateTokenRequest(WireModel):
     name: Annotated[str, Field(min_length=1, max_length=200)]
     #: Lifetime in seconds; ``None`` never expires (revoke it when no longer needed).
     expires_in: Annotated[int, Field(ge=60, le=10 * 365 * 86400)] | None = None
 
 
-class TokenInfo(_Wire):
+class TokenInfo(WireModel):
     token_id: str
     name: str
     created_at: UtcDatetime
@@ -102,18 +102,18 @@ class TokenInfo(_Wire):
     revoked_at: UtcDatetime | None = None
 
 
-class CreatedToken(_Wire):
+class CreatedToken(WireModel):
     info: TokenInfo
     #: The bearer token; shown once, stored only as a digest.
     token: str
 
 
-class AuditHeadInfo(_Wire):
+class AuditHeadInfo(WireModel):
     seq: int
     hash: str
 
 
-class AuditPage(_Wire):
+class AuditPage(WireModel):
     head: AuditHeadInfo
     #: Records in sequence order, in the export form (``AuditRecord.as_json``).
     records: tuple[dict[str, Any], ...]
@@ -121,7 +121,7 @@ class AuditPage(_Wire):
     next_after: int | None = None
 
 
-class KeyBlockWire(_Wire):
+class KeyBlockWire(WireModel):
     """A sealed file's key block (``docs/format.md``): the wrapped content key."""
 
     key_version: Annotated[int, Field(ge=1, le=2**31 - 1)]
@@ -130,7 +130,7 @@ class KeyBlockWire(_Wire):
     wrapped_cek: Annotated[B64Bytes, Field(min_length=48, max_length=48)]
 
 
-class WrapRequest(_Wire):
+class WrapRequest(WireModel):
     model_id: ModelId
     #: The file's body header digest (``BodyHeader.digest``), bound into the wrap.
     body_digest: Annotated[B64Bytes, Field(min_length=32, max_length=32)]
@@ -138,7 +138,7 @@ class WrapRequest(_Wire):
     cek: _Key32
 
 
-class BodyHeaderWire(_Wire):
+class BodyHeaderWire(WireModel):
     """A sealed file's public body header (``docs/format.md``)."""
 
     model_id: ModelId
@@ -148,7 +148,7 @@ class BodyHeaderWire(_Wire):
     suite: Annotated[str, Field(max_length=64)]
 
 
-class RewrapRequest(_Wire):
+class RewrapRequest(WireModel):
     """A sealed file's public header; the server rewraps its content key to the current
     data key version without the content key ever leaving the server."""
 

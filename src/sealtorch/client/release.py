@@ -18,41 +18,29 @@ id, nonce, policy digest, lease) must open, and the policy that came with it mus
 digest bound into it; anything else is a :class:`~sealtorch.errors.ProtocolError`. Denials raise
 :class:`~sealtorch.errors.KeyReleaseError` with the server's reason codes. Connection errors are
 retried with jittered exponential backoff (a fresh challenge each time); denials never are.
-
-:class:`AdminClient` is the admin API (``sealtorch admin ...``), and :class:`KeyServerWrapper`
-seals files with a content key wrapped *by the key server* (``sealtorch encrypt --keyserver``):
-the data key never leaves the server.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import random
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final, TypeVar
-from urllib.parse import quote, urlsplit
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import httpx
-from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from sealtorch._crypto import hpke
 from sealtorch._crypto.tls import untrusted_server_message
-from sealtorch._uds import UnixSocketTransport
 from sealtorch.attestation.binding import report_data_for
 from sealtorch.attestation.evidence import EvidenceProvider
 from sealtorch.errors import (
     AttestationError,
-    ConfigError,
-    Error,
     IntegrityError,
     KeyReleaseError,
     KeySourceUnreachableError,
@@ -63,7 +51,6 @@ from sealtorch.protocol import (
     API_PREFIX,
     DEFAULT_HPKE_SUITE,
     ChallengeResponse,
-    ErrorBody,
     GrantedKey,
     ReleaseRequest,
     ReleaseResponse,
@@ -72,41 +59,21 @@ from sealtorch.protocol import (
 )
 
 if TYPE_CHECKING:
-    from sealtorch.keyserver.audit import AuditHead, AuditRecord
-    from sealtorch.keyserver.schemas import (
-        CreatedModel,
-        CreatedToken,
-        KeyVersionInfo,
-        ModelDetail,
-        ModelInfo,
-        PolicyInfo,
-        TokenInfo,
-    )
-    from sealtorch.sealed.header import Header, KeyBlock
+    pass
 
-__all__ = [
-    "AdminClient",
-    "AdminError",
-    "Challenge",
-    "Denial",
-    "KeyReleaseClient",
-    "KeyServerWrapper",
-    "ReleaseResult",
-    "ReleasedKey",
-    "Session",
-]
+from sealtorch.client._http import (
+    CA_OPTIONS,
+    RETRYABLE,
+    error_from,
+    make_http_client,
+    parse_response,
+    policy_digest,
+)
+
+__all__ = ["Challenge", "Denial", "KeyReleaseClient", "ReleaseResult", "ReleasedKey", "Session"]
 
 _log = logging.getLogger(__name__)
-
-_T = TypeVar("_T", bound=BaseModel)
 _R = TypeVar("_R")
-_UNIX: Final = "unix://"
-_UNIX_BASE: Final = "http://sealtorch.local"
-_MAX_RESPONSE: Final = 4 * 1024 * 1024
-#: Network failures worth retrying: nothing was decided, or the connection broke.
-_RETRYABLE = (httpx.TransportError,)
-#: How each caller passes the CA of a key source (in messages about an untrusted certificate).
-_CA_OPTIONS: Final = "--ca (`sealtorch serve`: --keys-ca; Python: ca=)"
 
 
 # -- results ---------------------------------------------------------------------------------
@@ -198,83 +165,6 @@ class ReleaseResult:
         return self
 
 
-# -- transport ---------------------------------------------------------------------------------
-
-
-def _client(
-    url: str,
-    *,
-    ca: str | os.PathLike[str] | None,
-    timeout: float,
-    transport: httpx.BaseTransport | None,
-    allow_insecure_http: bool,
-) -> httpx.Client:
-    limits = httpx.Limits(max_connections=8, max_keepalive_connections=4)
-    if url.startswith(_UNIX):
-        path = url[len(_UNIX) :]
-        if not path.startswith("/"):
-            raise ConfigError(f"{url!r}: a Unix socket URL is unix:///absolute/path")
-        return httpx.Client(
-            base_url=_UNIX_BASE,
-            transport=transport or UnixSocketTransport(path),
-            timeout=timeout,
-            limits=limits,
-        )
-    parts = urlsplit(url)
-    if parts.scheme not in ("https", "http") or not parts.hostname:
-        raise ConfigError(
-            f"{url!r} is not a key server URL: use https://HOST:PORT, or unix:///PATH for a "
-            "local key cache"
-        )
-    if parts.scheme == "http" and not allow_insecure_http:
-        raise ConfigError(
-            f"{url!r} uses plain HTTP; key servers are reached over HTTPS (pass "
-            "allow_insecure_http=True only for tests on loopback)"
-        )
-    verify: Any = True
-    if ca is not None:
-        from sealtorch._crypto.tls import client_ssl_context
-
-        verify = client_ssl_context(ca_path=ca)
-    return httpx.Client(
-        base_url=url.rstrip("/"),
-        verify=verify,
-        transport=transport,
-        timeout=timeout,
-        limits=limits,
-    )
-
-
-def _error_from(response: httpx.Response, what: str) -> KeyReleaseError:
-    reasons: tuple[str, ...] = ()
-    message = f"{what} failed with HTTP {response.status_code}"
-    try:
-        body = ErrorBody.model_validate_json(response.content)
-    except ValidationError:
-        pass
-    else:
-        reasons = body.error.reasons or (body.error.code,)
-        message = f"{what} refused ({body.error.code}): {body.error.message}"
-    return KeyReleaseError(message, reasons=reasons, status_code=response.status_code)
-
-
-def _parse(model: type[_T], response: httpx.Response, what: str) -> _T:
-    if len(response.content) > _MAX_RESPONSE:
-        raise ProtocolError(f"the {what} response is larger than {_MAX_RESPONSE} bytes")
-    try:
-        return model.model_validate_json(response.content)
-    except ValidationError as exc:
-        raise ProtocolError(
-            f"the server's {what} response does not follow the protocol "
-            f"({exc.error_count()} schema error(s))"
-        ) from exc
-
-
-def _policy_digest(policy: Mapping[str, Any]) -> str:
-    canonical = json.dumps(policy, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
-
-
 # -- key release -------------------------------------------------------------------------------
 
 
@@ -321,7 +211,7 @@ class KeyReleaseClient:
         self._retries = max(0, retries)
         self._backoff = backoff
         self._sleep = sleep
-        self._http = _client(
+        self._http = make_http_client(
             url,
             ca=ca,
             timeout=timeout,
@@ -367,11 +257,11 @@ class KeyReleaseClient:
         for number in range(self._retries + 1):
             try:
                 return attempt()
-            except _RETRYABLE as exc:
+            except RETRYABLE as exc:
                 untrusted = untrusted_server_message(
                     exc,
                     server=f"the key cache or key server at {self.url}",
-                    ca_option=_CA_OPTIONS,
+                    ca_option=CA_OPTIONS,
                 )
                 if untrusted is not None:  # retrying cannot help
                     raise KeySourceUnreachableError(untrusted) from exc
@@ -390,8 +280,8 @@ class KeyReleaseClient:
         """Ask for a fresh nonce (one attempt; :meth:`release` retries the whole flow)."""
         response = self._http.post(f"{API_PREFIX}/attestation/challenge", json={})
         if response.status_code != 200:
-            raise _error_from(response, "the challenge")
-        body = _parse(ChallengeResponse, response, "challenge")
+            raise error_from(response, "the challenge")
+        body = parse_response(ChallengeResponse, response, "challenge")
         return Challenge(
             nonce=body.nonce,
             expires_at=body.expires_at,
@@ -441,8 +331,8 @@ class KeyReleaseClient:
             headers={"content-type": "application/json"},
         )
         if response.status_code != 200:
-            raise _error_from(response, "the key release")
-        body = _parse(ReleaseResponse, response, "release")
+            raise error_from(response, "the key release")
+        body = parse_response(ReleaseResponse, response, "release")
         result = self._open(
             body, private_key=private_key, request_nonce=challenge.nonce, requested=models
         )
@@ -475,8 +365,8 @@ class KeyReleaseClient:
                 },
             )
             if response.status_code != 200:
-                raise _error_from(response, "the lease renewal")
-            body = _parse(ReleaseResponse, response, "renew")
+                raise error_from(response, "the lease renewal")
+            body = parse_response(ReleaseResponse, response, "renew")
             return self._open(body, private_key=private_key, request_nonce=nonce, requested=wanted)
 
         result = self._with_retries("lease renewal", attempt)
@@ -526,7 +416,7 @@ class KeyReleaseClient:
         request_nonce: bytes,
         private_key: hpke.HpkePrivateKey,
     ) -> ReleasedKey:
-        if _policy_digest(granted.policy) != granted.policy_digest:
+        if policy_digest(granted.policy) != granted.policy_digest:
             raise ProtocolError(
                 f"the policy sent with {granted.model_id!r} v{granted.key_version} does not "
                 "match its digest: the response was tampered with"
@@ -582,302 +472,3 @@ class KeyReleaseClient:
 
 
 # -- administration ----------------------------------------------------------------------------
-
-
-class AdminError(Error):
-    """The key server refused or failed an admin request; ``code`` is its error code."""
-
-    def __init__(self, message: str, *, code: str, status_code: int | None) -> None:
-        super().__init__(message)
-        self.code = code
-        self.status_code = status_code
-
-
-def read_token(
-    *, token: str | None = None, token_file: str | os.PathLike[str] | None = None
-) -> str:
-    """An admin token given directly or in a file (first line)."""
-    if token:
-        return token.strip()
-    if token_file is not None:
-        try:
-            text = Path(token_file).read_text(encoding="utf-8")
-        except OSError as exc:
-            raise ConfigError(f"cannot read the admin token file {token_file}: {exc}") from exc
-        lines = text.strip().splitlines()
-        if lines:
-            return lines[0].strip()
-    raise ConfigError(
-        "no admin token: pass --token-file FILE or --token-env VAR (the token printed by "
-        "`sealtorch keyserver init`)"
-    )
-
-
-class AdminClient:
-    """The key server's admin API (bearer admin token), as used by ``sealtorch admin``."""
-
-    def __init__(
-        self,
-        url: str,
-        *,
-        token: str,
-        ca: str | os.PathLike[str] | None = None,
-        timeout: float = 30.0,
-        transport: httpx.BaseTransport | None = None,
-        allow_insecure_http: bool = False,
-    ) -> None:
-        self.url = url
-        self._http = _client(
-            url,
-            ca=ca,
-            timeout=timeout,
-            transport=transport,
-            allow_insecure_http=allow_insecure_http,
-        )
-        self._http.headers["authorization"] = f"Bearer {token}"
-
-    def __repr__(self) -> str:
-        return f"AdminClient({self.url!r})"
-
-    def __enter__(self) -> AdminClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        self._http.close()
-
-    def _call(self, method: str, path: str, body: BaseModel | None = None, **params: Any) -> Any:
-        try:
-            response = self._http.request(
-                method,
-                f"{API_PREFIX}/admin{path}",
-                content=body.model_dump_json() if body is not None else None,
-                headers={"content-type": "application/json"} if body is not None else None,
-                params=params or None,
-            )
-        except httpx.TransportError as exc:
-            untrusted = untrusted_server_message(
-                exc, server=f"the key server at {self.url}", ca_option="--ca (Python: ca=)"
-            )
-            raise AdminError(
-                untrusted
-                or f"cannot reach the key server at {self.url} ({type(exc).__name__}: {exc}); "
-                "check --server, --ca and that the server runs",
-                code="untrusted_certificate" if untrusted else "unreachable",
-                status_code=None,
-            ) from exc
-        if response.status_code >= 400:
-            code, message = "http_error", f"HTTP {response.status_code}"
-            try:
-                error = ErrorBody.model_validate_json(response.content).error
-                code, message = error.code, error.message
-            except ValidationError:
-                pass
-            hint = {
-                401: " (pass the admin token with --token-file or --token-env)",
-                403: " (the admin token is wrong, revoked or expired)",
-            }.get(response.status_code, "")
-            raise AdminError(f"{message}{hint}", code=code, status_code=response.status_code)
-        try:
-            return response.json()
-        except ValueError as exc:
-            raise ProtocolError("the key server sent a response that is not JSON") from exc
-
-    @staticmethod
-    def _as(model: Any, data: Any) -> Any:
-        try:
-            return TypeAdapter(model).validate_python(data)
-        except ValidationError as exc:
-            raise ProtocolError(
-                f"the key server's response does not match the admin API ({exc.error_count()} "
-                "schema error(s)); are client and server the same version?"
-            ) from exc
-
-    # -- models and keys --
-
-    def create_model(self, model_id: str, *, key: DataKey | None = None) -> CreatedModel:
-        from sealtorch.keyserver.schemas import CreatedModel, CreateModelRequest
-
-        body = CreateModelRequest(model_id=model_id, key=key.material if key else None)
-        result: CreatedModel = self._as(CreatedModel, self._call("POST", "/models", body))
-        return result
-
-    def list_models(self) -> list[ModelInfo]:
-        from sealtorch.keyserver.schemas import ModelInfo
-
-        result: list[ModelInfo] = self._as(list[ModelInfo], self._call("GET", "/models"))
-        return result
-
-    def show_model(self, model_id: str) -> ModelDetail:
-        from sealtorch.keyserver.schemas import ModelDetail
-
-        path = f"/models/{quote(model_id, safe='')}"
-        result: ModelDetail = self._as(ModelDetail, self._call("GET", path))
-        return result
-
-    def delete_model(self, model_id: str) -> ModelInfo:
-        from sealtorch.keyserver.schemas import ModelInfo
-
-        path = f"/models/{quote(model_id, safe='')}"
-        result: ModelInfo = self._as(ModelInfo, self._call("DELETE", path))
-        return result
-
-    def list_keys(self, model_id: str) -> list[KeyVersionInfo]:
-        from sealtorch.keyserver.schemas import KeyVersionInfo
-
-        path = f"/models/{quote(model_id, safe='')}/keys"
-        result: list[KeyVersionInfo] = self._as(list[KeyVersionInfo], self._call("GET", path))
-        return result
-
-    def rotate_key(self, model_id: str, *, key: DataKey | None = None) -> KeyVersionInfo:
-        from sealtorch.keyserver.schemas import KeyVersionInfo, RotateRequest
-
-        path = f"/models/{quote(model_id, safe='')}/keys"
-        body = RotateRequest(key=key.material if key else None)
-        result: KeyVersionInfo = self._as(KeyVersionInfo, self._call("POST", path, body))
-        return result
-
-    def revoke_key(self, model_id: str, version: int) -> KeyVersionInfo:
-        from sealtorch.keyserver.schemas import KeyVersionInfo
-
-        path = f"/models/{quote(model_id, safe='')}/keys/{int(version)}/revoke"
-        result: KeyVersionInfo = self._as(KeyVersionInfo, self._call("POST", path))
-        return result
-
-    # -- policies --
-
-    def set_policy(self, model_id: str, policy: Mapping[str, Any]) -> PolicyInfo:
-        from sealtorch.keyserver.schemas import PolicyInfo, SetPolicyRequest
-
-        path = f"/models/{quote(model_id, safe='')}/policy"
-        body = SetPolicyRequest(policy=dict(policy))
-        result: PolicyInfo = self._as(PolicyInfo, self._call("PUT", path, body))
-        return result
-
-    def show_policy(self, model_id: str) -> PolicyInfo:
-        from sealtorch.keyserver.schemas import PolicyInfo
-
-        path = f"/models/{quote(model_id, safe='')}/policy"
-        result: PolicyInfo = self._as(PolicyInfo, self._call("GET", path))
-        return result
-
-    def policy_history(self, model_id: str) -> list[PolicyInfo]:
-        from sealtorch.keyserver.schemas import PolicyInfo
-
-        path = f"/models/{quote(model_id, safe='')}/policies"
-        result: list[PolicyInfo] = self._as(list[PolicyInfo], self._call("GET", path))
-        return result
-
-    # -- tokens --
-
-    def create_token(self, name: str, *, expires_in: int | None = None) -> CreatedToken:
-        from sealtorch.keyserver.schemas import CreatedToken, CreateTokenRequest
-
-        body = CreateTokenRequest(name=name, expires_in=expires_in)
-        result: CreatedToken = self._as(CreatedToken, self._call("POST", "/tokens", body))
-        return result
-
-    def list_tokens(self) -> list[TokenInfo]:
-        from sealtorch.keyserver.schemas import TokenInfo
-
-        result: list[TokenInfo] = self._as(list[TokenInfo], self._call("GET", "/tokens"))
-        return result
-
-    def revoke_token(self, token_id: str) -> TokenInfo:
-        from sealtorch.keyserver.schemas import TokenInfo
-
-        path = f"/tokens/{quote(token_id, safe='')}/revoke"
-        result: TokenInfo = self._as(TokenInfo, self._call("POST", path))
-        return result
-
-    # -- audit --
-
-    def audit_head(self) -> AuditHead:
-        from sealtorch.keyserver.audit import AuditHead
-        from sealtorch.keyserver.schemas import AuditPage
-
-        page = self._as(AuditPage, self._call("GET", "/audit", after=2**62, limit=1))
-        return AuditHead(seq=page.head.seq, hash=page.head.hash)
-
-    def iter_audit(self, *, after: int = 0) -> Iterator[AuditRecord]:
-        """Every audit record after ``after``, in order (strictly parsed for verification)."""
-        from sealtorch.keyserver.audit import read_jsonl
-        from sealtorch.keyserver.schemas import AuditPage
-
-        cursor: int | None = after
-        while cursor is not None:
-            page = self._as(AuditPage, self._call("GET", "/audit", after=cursor, limit=1000))
-            lines = [json.dumps(record, sort_keys=True) for record in page.records]
-            yield from read_jsonl(lines)
-            cursor = page.next_after
-
-    # -- content keys --
-
-    def wrap(self, *, model_id: str, body_digest: bytes, cek: bytes) -> KeyBlock:
-        """Have the server wrap ``cek`` under the model's current data key version."""
-        from sealtorch.keyserver.schemas import KeyBlockWire, WrapRequest
-        from sealtorch.sealed.header import KeyBlock
-
-        body = WrapRequest(model_id=model_id, body_digest=body_digest, cek=cek)
-        wire: KeyBlockWire = self._as(KeyBlockWire, self._call("POST", "/wrap", body))
-        return KeyBlock(
-            key_version=wire.key_version,
-            salt=wire.salt,
-            nonce=wire.nonce,
-            wrapped_cek=wire.wrapped_cek,
-        )
-
-    def rewrap(self, header: Header) -> KeyBlock:
-        """Have the server rewrap a file's content key to the current data key version."""
-        from sealtorch.keyserver.schemas import KeyBlockWire, RewrapRequest
-        from sealtorch.sealed.header import KeyBlock
-
-        body = RewrapRequest.model_validate(
-            {
-                "body": {
-                    "model_id": header.body.model_id,
-                    "plaintext_size": header.body.plaintext_size,
-                    "chunk_size": header.body.chunk_size,
-                    "salt": header.body.salt,
-                    "suite": header.body.suite,
-                },
-                "key": {
-                    "key_version": header.key.key_version,
-                    "salt": header.key.salt,
-                    "nonce": header.key.nonce,
-                    "wrapped_cek": header.key.wrapped_cek,
-                },
-            }
-        )
-        wire: KeyBlockWire = self._as(KeyBlockWire, self._call("POST", "/rewrap", body))
-        return KeyBlock(
-            key_version=wire.key_version,
-            salt=wire.salt,
-            nonce=wire.nonce,
-            wrapped_cek=wire.wrapped_cek,
-        )
-
-
-class KeyServerWrapper:
-    """A :class:`~sealtorch.sealed.keywrap.ContentKeyWrapper` whose wrapping happens in the key
-    server (``encrypt_model(..., key=KeyServerWrapper(admin))``): the file's content key goes
-    to the server over TLS, the data key never leaves it. The file is sealed under the model's
-    current key version. :meth:`rewrap` does the same for ``sealtorch rewrap --keyserver``."""
-
-    def __init__(self, admin: AdminClient) -> None:
-        self._admin = admin
-
-    def __repr__(self) -> str:
-        return f"KeyServerWrapper({self._admin.url!r})"
-
-    def wrap(self, *, model_id: str, body_digest: bytes, cek: bytes) -> KeyBlock:
-        return self._admin.wrap(model_id=model_id, body_digest=body_digest, cek=cek)
-
-    def rewrap(self, header: Header) -> KeyBlock:
-        return self._admin.rewrap(header)
-
-    def close(self) -> None:
-        """Close the admin client's connections."""
-        self._admin.close()

@@ -1,0 +1,62 @@
+"""The contracts between sealtorch's parties: wire schemas below everyone who speaks them.
+
+``sealtorch.protocol`` - the key release protocol (``docs/protocol.md``), spoken by enclaves,
+key caches and key servers; ``sealtorch.protocol.admin`` - the key server's admin API.
+"""
+
+from sealtorch.protocol._wire import MODEL_ID_RE, B64Bytes, ModelId, UtcDatetime, WireModel, as_utc
+from sealtorch.protocol.release import (
+    API_PREFIX,
+    DEFAULT_HPKE_SUITE,
+    HPKE_SUITE_MLKEM768_X25519,
+    HPKE_SUITE_X25519,
+    HPKE_SUITES,
+    MAX_RELEASE_BODY,
+    MODEL_ID_PATTERN,
+    ChallengeResponse,
+    DeniedModel,
+    ErrorBody,
+    ErrorDetail,
+    EvidenceWire,
+    GrantedKey,
+    HpkeKey,
+    ReleaseRequest,
+    ReleaseResponse,
+    RenewRequest,
+    SessionGrant,
+    b64decode,
+    b64encode,
+    key_release_info,
+    utc_now,
+)
+
+__all__ = [
+    "API_PREFIX",
+    "DEFAULT_HPKE_SUITE",
+    "HPKE_SUITES",
+    "HPKE_SUITE_MLKEM768_X25519",
+    "HPKE_SUITE_X25519",
+    "MAX_RELEASE_BODY",
+    "MODEL_ID_PATTERN",
+    "MODEL_ID_RE",
+    "B64Bytes",
+    "ChallengeResponse",
+    "DeniedModel",
+    "ErrorBody",
+    "ErrorDetail",
+    "EvidenceWire",
+    "GrantedKey",
+    "HpkeKey",
+    "ModelId",
+    "ReleaseRequest",
+    "ReleaseResponse",
+    "RenewRequest",
+    "SessionGrant",
+    "UtcDatetime",
+    "WireModel",
+    "as_utc",
+    "b64decode",
+    "b64encode",
+    "key_release_info",
+    "utc_now",
+]

@@ -1,0 +1,97 @@
+"""Building blocks shared by every wire schema: strict models, base64url, UTC times, model ids.
+
+Every schema forbids unknown fields, so a typo in a request is an error, never a silently
+ignored option; binary values are base64url without padding; times are RFC 3339 UTC.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer
+
+__all__ = [
+    "MODEL_ID_PATTERN",
+    "MODEL_ID_RE",
+    "B64Bytes",
+    "ModelId",
+    "UtcDatetime",
+    "WireModel",
+    "as_utc",
+    "b64decode",
+    "b64encode",
+    "utc_now",
+]
+
+#: Model ids: letters, digits, '.', '_' and '-'; start with a letter or digit; at most 128.
+MODEL_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+MODEL_ID_RE = re.compile(MODEL_ID_PATTERN)
+
+
+def b64encode(data: bytes) -> str:
+    """base64url without padding (the protocol's encoding of binary values)."""
+    return base64.urlsafe_b64encode(data).decode("ascii").rstrip("=")
+
+
+def b64decode(text: str) -> bytes:
+    """Strict inverse of :func:`b64encode`; raises ``ValueError`` on anything else."""
+    if not re.fullmatch(r"[A-Za-z0-9_-]*", text):
+        raise ValueError("must be base64url without padding")
+    if len(text) % 4 == 1:
+        raise ValueError("is not valid base64url (impossible length)")
+    try:
+        data = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    except (binascii.Error, ValueError) as exc:
+        raise ValueError("is not valid base64url") from exc
+    if b64encode(data) != text:
+        raise ValueError("is not canonical base64url")
+    return data
+
+
+def _decode_b64(value: Any) -> bytes:
+    if isinstance(value, bytes):
+        return value
+    if not isinstance(value, str):
+        raise ValueError("must be a base64url string")  # pydantic reports ValueError only
+    return b64decode(value)
+
+
+B64Bytes = Annotated[
+    bytes,
+    BeforeValidator(_decode_b64),
+    PlainSerializer(b64encode, return_type=str, when_used="json"),
+]
+
+
+def as_utc(value: datetime) -> datetime:
+    """``value`` in UTC; refuses naive times."""
+    if value.tzinfo is None:
+        raise ValueError("times must carry a timezone (UTC, 'Z')")
+    return value.astimezone(UTC)
+
+
+UtcDatetime = Annotated[
+    datetime,
+    AfterValidator(as_utc),
+    PlainSerializer(
+        lambda v: v.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+        return_type=str,
+        when_used="json",
+    ),
+]
+
+ModelId = Annotated[str, Field(pattern=MODEL_ID_PATTERN, max_length=128)]
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+class WireModel(BaseModel):
+    """A wire schema: unknown fields refused, immutable, strings bounded."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, str_max_length=65536)
