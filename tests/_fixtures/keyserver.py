@@ -17,7 +17,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -202,14 +202,6 @@ def _wait_ready(served: ServeProcess, ca: Path) -> None:
         except httpx.TransportError:
             time.sleep(0.05)
     raise RuntimeError("keyserver serve never answered /readyz")
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.02)
 
 
 def parse_time(text: str) -> datetime:

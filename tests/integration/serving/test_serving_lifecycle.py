@@ -4,14 +4,13 @@ a refused key stops the server with its reasons, stopping while loading is clean
 from __future__ import annotations
 
 import threading
-import time
-from collections.abc import Callable
 
 import httpx
 import pytest
 from serving_helpers import assert_protocol_error
 from torch import nn
 
+from _fixtures.polling import eventually
 from sealtorch.errors import KeyReleaseError
 from sealtorch.serving.model import ServedModel
 from sealtorch.serving.server import InferenceServer, ServerSettings
@@ -56,13 +55,6 @@ def _start(server: InferenceServer) -> tuple[threading.Thread, list[BaseExceptio
     return thread, errors
 
 
-def _eventually(check: Callable[[], bool], timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
-
-
 def test_live_at_once_ready_only_when_every_model_is() -> None:
     first, second = threading.Event(), threading.Event()
     server = InferenceServer(
@@ -89,7 +81,9 @@ def test_live_at_once_ready_only_when_every_model_is() -> None:
             assert 'sealtorch_model_ready{model="a"} 0.0' in client.get("/metrics").text
 
             first.set()
-            _eventually(lambda: client.get("/v2/models/a/ready").status_code == 200)
+            eventually(
+                lambda: client.get("/v2/models/a/ready").status_code == 200, what="model a ready"
+            )
             assert client.post("/v2/models/a/infer", json=body).status_code == 200
             assert client.get("/v2/health/ready").status_code == 503  # b is still loading
 
