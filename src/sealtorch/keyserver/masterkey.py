@@ -25,26 +25,34 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
-import hmac
 import logging
 import os
 import secrets
 import stat
 import struct
-import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn, Protocol, TypeVar, runtime_checkable
+from typing import Any, NoReturn, Protocol, runtime_checkable
 
 from sealtorch._crypto.dekwrap import NONCE_SIZE, TAG_SIZE, GcmKey, hkdf_sha256
 from sealtorch.errors import ConfigError, IntegrityError, StorageError
 from sealtorch.keys import KEY_SIZE, DataKey
+from sealtorch.keyserver._pkcs11 import (
+    PIN_ENV,
+    SOFTHSM2_MODULE,
+    Pin,
+    TokenKey,
+    acquire_login,
+    pin_from,
+    pkcs11_library,
+    release_login,
+)
 
 __all__ = [
     "MASTER_KEY_FILE_PREFIX",
     "PIN_ENV",
+    "SOFTHSM2_MODULE",
     "UNWRAP_FAILED_MESSAGE",
     "FileMasterKey",
     "FileMasterKeyConfig",
@@ -59,10 +67,6 @@ __all__ = [
 _log = logging.getLogger(__name__)
 
 MASTER_KEY_FILE_PREFIX = "sealtorch-master-key-v1:"
-#: Environment variable holding the PKCS#11 user PIN (default name).
-PIN_ENV = "SEALTORCH_PKCS11_PIN"
-#: The PKCS#11 module most Debian/Ubuntu SoftHSM2 installs provide.
-SOFTHSM2_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
 
 UNWRAP_FAILED_MESSAGE = (
     "a wrapped data key failed authentication: it was modified, belongs to another model or key "
@@ -242,201 +246,21 @@ class FileMasterKey:
 # --- PKCS#11 master key ---------------------------------------------------------------------------
 
 
-class _Pin:
-    """Holds a PIN without ever showing it."""
-
-    __slots__ = ("_digest", "_value")
-
-    def __init__(self, value: str) -> None:
-        self._value = value
-        self._digest = hashlib.sha256(b"sealtorch/v1/pin\x00" + value.encode()).digest()
-
-    def reveal(self) -> str:
-        return self._value
-
-    def matches(self, other: _Pin) -> bool:
-        return hmac.compare_digest(self._digest, other._digest)
-
-    def __repr__(self) -> str:
-        return "<PIN redacted>"
-
-    def __reduce__(self) -> NoReturn:
-        raise TypeError("PINs cannot be pickled")
-
-
-_T = TypeVar("_T")
-
-
-def _pkcs11() -> Any:
-    try:
-        import pkcs11  # optional server dependency, imported on first use
-    except ImportError as exc:  # pragma: no cover - depends on the installation
-        raise ConfigError(
-            "the PKCS#11 master key needs python-pkcs11: pip install 'sealtorch[server]'"
-        ) from exc
-    return pkcs11
-
-
-def _find_token(lib: Any, module: str, token_label: str) -> Any:
-    if not Path(module).exists():
-        raise ConfigError(
-            f"PKCS#11 module {module} does not exist; install the HSM's PKCS#11 library "
-            f"(for SoftHSM2: apt-get install softhsm2, module {SOFTHSM2_MODULE})"
-        )
-    try:
-        library = lib.lib(module)
-    except lib.exceptions.PKCS11Error as exc:
-        raise ConfigError(f"cannot load the PKCS#11 module {module}: {exc}") from exc
-    try:
-        return library.get_token(token_label=token_label)
-    except lib.exceptions.NoSuchToken as exc:
-        labels = sorted({t.label for t in library.get_tokens() if t.label})
-        raise ConfigError(
-            f"no PKCS#11 token labelled {token_label!r} in {module} "
-            f"(tokens present: {', '.join(map(repr, labels)) or 'none'}); "
-            "check the token label in the configuration, or initialise the token "
-            "(SoftHSM2: softhsm2-util --init-token --free --label LABEL)"
-        ) from exc
-    except lib.exceptions.PKCS11Error as exc:
-        raise StorageError(
-            f"the PKCS#11 module {module} failed to list tokens ({type(exc).__name__})"
-        ) from exc
-
-
-class _TokenLogin:
-    """The logged-in session of this process on one token, shared by every master key on it.
-
-    PKCS#11 login state belongs to the whole process (per token): a second ``C_Login`` fails
-    with ``CKR_USER_ALREADY_LOGGED_IN`` and ``C_Logout`` logs out every session. So each
-    process logs in once per token, reference-counts the users, and logs out when the last
-    one closes. A later user must present the same PIN (compared in constant time).
-    """
-
-    def __init__(self, module: str, token_label: str, pin: _Pin) -> None:
-        self.module = module
-        self.token_label = token_label
-        self.pin = pin
-        self.lock = threading.Lock()
-        self.users = 0
-        self.generation = 0
-        self.pid = os.getpid()
-        self.session: Any = None
-
-    def connect(self) -> None:
-        """(Re)open the read-write session and log in. Caller holds ``lock`` or owns self."""
-        lib = _pkcs11()
-        token = _find_token(lib, self.module, self.token_label)
-        try:
-            session = token.open(user_pin=self.pin.reveal(), rw=True)
-        except (
-            lib.exceptions.PinIncorrect,
-            lib.exceptions.PinInvalid,
-            lib.exceptions.PinLenRange,
-        ) as exc:
-            raise _wrong_pin(self.token_label) from exc
-        except (lib.exceptions.PinLocked, lib.exceptions.PinExpired) as exc:
-            raise ConfigError(
-                f"the user PIN of PKCS#11 token {self.token_label!r} is locked or expired; "
-                "reset it with the token's security officer"
-            ) from exc
-        except lib.exceptions.UserPinNotInitialized as exc:
-            raise ConfigError(
-                f"PKCS#11 token {self.token_label!r} has no user PIN yet; initialise it first"
-            ) from exc
-        except lib.exceptions.PKCS11Error as exc:
-            raise StorageError(
-                f"cannot log in to PKCS#11 token {self.token_label!r} ({type(exc).__name__}); "
-                "is another library in this process logged in to it?"
-            ) from exc
-        self.session = session
-        self.generation += 1
-
-    def close(self) -> None:
-        session, self.session = self.session, None
-        if session is not None and os.getpid() == self.pid:
-            try:
-                session.close()
-            except _pkcs11().exceptions.PKCS11Error:
-                _log.debug("closing the PKCS#11 session failed", exc_info=True)
-
-
-def _wrong_pin(token_label: str) -> ConfigError:
-    return ConfigError(
-        f"PKCS#11 login to token {token_label!r} failed: the user PIN is wrong. "
-        f"Set the correct PIN in ${PIN_ENV} (or the configuration)"
-    )
-
-
-_LOGINS: dict[tuple[str, str], _TokenLogin] = {}
-_LOGINS_LOCK = threading.Lock()
-
-
-def _acquire_login(module: str, token_label: str, pin: _Pin) -> _TokenLogin:
-    key = (os.path.realpath(module), token_label)
-    with _LOGINS_LOCK:
-        login = _LOGINS.get(key)
-        if login is not None and login.pid != os.getpid():  # inherited through fork: unusable
-            del _LOGINS[key]
-            login = None
-        if login is None:
-            login = _TokenLogin(module, token_label, pin)
-            login.connect()
-            _LOGINS[key] = login
-        elif not login.pin.matches(pin):
-            raise _wrong_pin(token_label)
-        login.users += 1
-        return login
-
-
-def _release_login(login: _TokenLogin) -> None:
-    with _LOGINS_LOCK:
-        login.users -= 1
-        if login.users > 0:
-            return
-        key = (os.path.realpath(login.module), login.token_label)
-        if _LOGINS.get(key) is login:
-            del _LOGINS[key]
-        with login.lock:
-            login.close()
-
-
-class Pkcs11MasterKey:
+class Pkcs11MasterKey(TokenKey):
     """A master key that never leaves a PKCS#11 token (HSM).
 
-    Opening logs into the token with the user PIN (once per process and token, see
-    :class:`_TokenLogin`), finds the AES-256 secret key by label and checks that it is sensitive
-    and non-extractable, refusing it otherwise. :meth:`wrap` and :meth:`unwrap` run
-    ``CKM_AES_GCM`` inside the token. Calls are serialised per token; when the token drops the
-    session (HSM restart), the provider logs in again once. Open it in each process (after any
-    ``fork``): PKCS#11 sessions do not survive a fork.
+    Opening logs into the token with the user PIN (once per process and token, shared with
+    every key in it, see :class:`~sealtorch.keyserver._pkcs11.TokenLogin`), finds the AES-256
+    secret key by label and checks that it is sensitive and non-extractable, refusing it
+    otherwise. :meth:`wrap` and :meth:`unwrap` run ``CKM_AES_GCM`` inside the token. Calls are
+    serialised per token; when the token drops the session (HSM restart), the provider logs in
+    again once. Open it in each process (after any ``fork``): PKCS#11 sessions do not survive a
+    fork.
 
     Create the key once with :meth:`create_key` (``sealtorch keyserver init`` does).
     """
 
-    def __init__(
-        self,
-        *,
-        module: str | os.PathLike[str],
-        token_label: str,
-        key_label: str,
-        pin: str,
-    ) -> None:
-        self._module = os.fspath(module)
-        self._token_label = token_label
-        self._key_label = key_label
-        self._key: Any = None
-        self._generation = -1
-        self._closed = False
-        self._login = _acquire_login(self._module, token_label, _Pin(pin))
-        found = False
-        try:
-            with self._login.lock:
-                self._find_key()
-            found = True
-        finally:
-            if not found:
-                self._closed = True
-                _release_login(self._login)
+    what = "master key"
 
     @classmethod
     def create_key(
@@ -451,8 +275,8 @@ class Pkcs11MasterKey:
 
         Refuses when a key with ``key_label`` already exists in the token.
         """
-        lib = _pkcs11()
-        login = _acquire_login(os.fspath(module), token_label, _Pin(pin))
+        lib = pkcs11_library()
+        login = acquire_login(os.fspath(module), token_label, Pin(pin))
         try:
             with login.lock:
                 session = login.session
@@ -486,13 +310,12 @@ class Pkcs11MasterKey:
                 )
             return cls(module=module, token_label=token_label, key_label=key_label, pin=pin)
         finally:
-            _release_login(login)
+            release_login(login)
 
-    def _find_key(self) -> None:
-        """Look the key up by label in the current session and check its attributes."""
-        lib = _pkcs11()
+    def _locate(self, lib: Any, session: Any) -> Any:
+        """Look the key up by label in ``session`` and check its attributes."""
         try:
-            key = self._login.session.get_key(
+            key = session.get_key(
                 label=self._key_label,
                 key_type=lib.KeyType.AES,
                 object_class=lib.ObjectClass.SECRET_KEY,
@@ -509,8 +332,7 @@ class Pkcs11MasterKey:
                 f"{self._key_label!r}; the master key label must be unique"
             ) from exc
         self._check_key(lib, key)
-        self._key = key
-        self._generation = self._login.generation
+        return key
 
     def _check_key(self, lib: Any, key: Any) -> None:
         attribute = lib.Attribute
@@ -541,51 +363,11 @@ class Pkcs11MasterKey:
                 where,
             )
 
-    def close(self) -> None:
-        """Release this key's share of the token login (logs out after the last user)."""
-        if self._closed:
-            return
-        self._closed = True
-        self._key = None
-        _release_login(self._login)
-
     # -- operations --
 
     @property
     def key_id(self) -> str:
         return f"pkcs11:{self._token_label}/{self._key_label}"
-
-    def _run(self, operation: Callable[[Any, Any], _T]) -> _T:
-        """Run ``operation(lib, key)`` under the token lock; log in again once if needed."""
-        lib = _pkcs11()
-        lost = (
-            lib.exceptions.SessionClosed,
-            lib.exceptions.SessionHandleInvalid,
-            lib.exceptions.DeviceRemoved,
-            lib.exceptions.TokenNotPresent,
-            lib.exceptions.UserNotLoggedIn,
-            lib.exceptions.KeyHandleInvalid,
-            lib.exceptions.ObjectHandleInvalid,
-        )
-        login = self._login
-        with login.lock:
-            if self._closed:
-                raise StorageError("the PKCS#11 master key was closed")
-            if login.pid != os.getpid():
-                raise StorageError(
-                    "this PKCS#11 master key was opened before a fork; open it again in "
-                    "each worker process"
-                )
-            if self._generation != login.generation:
-                self._find_key()
-            try:
-                return operation(lib, self._key)
-            except lost:
-                _log.warning("PKCS#11 session lost; logging in to %r again", self._token_label)
-                login.close()
-                login.connect()
-                self._find_key()
-                return operation(lib, self._key)
 
     def wrap(self, dek: DataKey | bytes, aad: bytes) -> bytes:
         material = _dek_bytes(dek)
@@ -601,7 +383,7 @@ class Pkcs11MasterKey:
 
         try:
             ciphertext = self._run(operation)
-        except _pkcs11().exceptions.PKCS11Error as exc:
+        except pkcs11_library().exceptions.PKCS11Error as exc:
             raise StorageError(
                 f"the PKCS#11 token could not wrap a data key ({type(exc).__name__})"
             ) from exc
@@ -620,7 +402,7 @@ class Pkcs11MasterKey:
             )
             return result
 
-        errors = _pkcs11().exceptions
+        errors = pkcs11_library().exceptions
         try:
             material = self._run(operation)
         except (
@@ -689,16 +471,6 @@ class Pkcs11MasterKeyConfig:
 MasterKeyConfig = FileMasterKeyConfig | Pkcs11MasterKeyConfig
 
 
-def _pin_from(config: Pkcs11MasterKeyConfig, environ: Mapping[str, str]) -> str:
-    pin = environ.get(config.pin_env)
-    if not pin:
-        raise ConfigError(
-            f"the PKCS#11 user PIN for token {config.token_label!r} is not set; "
-            f"export {config.pin_env}=... before starting the key server"
-        )
-    return pin
-
-
 def open_master_key(
     config: MasterKeyConfig,
     *,
@@ -708,7 +480,11 @@ def open_master_key(
     """Open (or with ``create=True``, first create) the master key described by ``config``."""
     if isinstance(config, FileMasterKeyConfig):
         return FileMasterKey.create(config.path) if create else FileMasterKey.load(config.path)
-    pin = _pin_from(config, os.environ if environ is None else environ)
+    pin = pin_from(
+        os.environ if environ is None else environ,
+        pin_env=config.pin_env,
+        token_label=config.token_label,
+    )
     opener = Pkcs11MasterKey.create_key if create else Pkcs11MasterKey
     return opener(
         module=config.module,
