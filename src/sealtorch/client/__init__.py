@@ -1,27 +1,9 @@
-"""Clients of the key server: attested key release (inside an enclave) and administration.
+"""Clients of key sources: attested key release inside an enclave, and the key server's admin API.
 
-:class:`KeyReleaseClient` runs the key release protocol (``docs/protocol.md``) from inside a
-TEE — challenge → evidence → release → HPKE open — against a key server over HTTPS or a key
-cache over a Unix socket (``unix:///run/sealtorch/keycache.sock``); both speak the same
-protocol. It is a :class:`~sealtorch.keys.KeyProvider`, so it plugs into loading::
-
-    from sealtorch.attestation import attester_for
-    from sealtorch.client import KeyReleaseClient
-
-    with KeyReleaseClient(
-        "https://keys.example.com:8443", attester=attester_for("gramine"), ca="ca.crt"
-    ) as client:
-        model = sealtorch.load_model("resnet50.sealed", key=client)
-
-Every granted key is checked before it is returned: its HPKE ``info`` (model, version, request
-id, nonce, policy digest, lease) must open, and the policy that came with it must hash to the
-digest bound into it; anything else is a :class:`~sealtorch.errors.ProtocolError`. Denials raise
-:class:`~sealtorch.errors.KeyReleaseError` with the server's reason codes. Connection errors are
-retried with jittered exponential backoff (a fresh challenge each time); denials never are.
-
-:class:`AdminClient` is the admin API (``sealtorch admin ...``), and :class:`KeyServerWrapper`
-seals files with a content key wrapped *by the key server* (``sealtorch encrypt --keyserver``):
-the data key never leaves the server.
+* :mod:`sealtorch.client.release` - :class:`KeyReleaseClient`, the enclave side of the key
+  release protocol (against a key server or a key cache), a :class:`~sealtorch.keys.KeyProvider`.
+* :mod:`sealtorch.client.admin` - :class:`AdminClient` (``sealtorch admin ...``) and
+  :class:`KeyServerWrapper` (``sealtorch encrypt --keyserver``: the server wraps the content key).
 """
 
 from sealtorch.client.admin import AdminClient, AdminError, KeyServerWrapper, read_token
