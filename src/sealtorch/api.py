@@ -29,7 +29,6 @@ import logging
 import mmap
 import os
 import time
-import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,7 +80,6 @@ KeyLike = KeyProvider | DataKey | bytes | str | os.PathLike[str]
 #: ``progress(done_bytes, total_bytes)``
 ProgressCallback = Callable[[int, int], None]
 SealedSource = str | os.PathLike[str] | BinaryIO
-_JIT_DEPRECATED = r"`torch\.jit\.\w+` is deprecated"
 _WRITE_PIECE = 4 * 1024 * 1024
 
 
@@ -327,6 +325,7 @@ def load_sealed_model(
 ) -> SealedModel:
     """Like :func:`load_model`, but also return the manifest (inputs, outputs, labels...)."""
     from sealtorch.payloads.arch import load_into_module
+    from sealtorch.payloads.programs import load_program
     from sealtorch.payloads.tensors import tensors_from_buffer
 
     start = time.perf_counter()
@@ -356,7 +355,7 @@ def load_sealed_model(
             raise ConfigError(f"a {manifest.kind} payload carries its own architecture")
         start, end = manifest.payload_offset, manifest.payload_offset + manifest.payload_size
         with _program_archive(buffer, start, end) as archive:
-            module = _load_program(manifest.kind, archive)
+            module = load_program(manifest.kind, archive)
     timings = {"decrypt": decrypted - start, "build": time.perf_counter() - decrypted}
     return SealedModel(module=module, manifest=manifest, info=info, timings=timings)
 
@@ -411,29 +410,6 @@ def _memfd_with(view: memoryview) -> int | None:
         return fd
     finally:
         view.release()
-
-
-def _load_program(kind: str, data: str | io.BytesIO) -> nn.Module:
-    import torch
-
-    try:
-        if kind == "torchscript":
-            with warnings.catch_warnings():
-                # PyTorch deprecates TorchScript; sealed TorchScript models still load.
-                warnings.filterwarnings("ignore", message=_JIT_DEPRECATED, category=FutureWarning)
-                module: nn.Module = torch.jit.load(data, map_location="cpu")  # type: ignore[no-untyped-call]
-            module.eval()
-        else:
-            module = torch.export.load(data).module()
-            # Exported graphs keep the mode they were exported in (sealing refuses programs
-            # exported in training mode) and refuse .eval(); set the flags for consistency.
-            for sub in module.modules():
-                sub.training = False
-    except (RuntimeError, ValueError, KeyError) as exc:
-        raise PayloadError(f"the sealed {kind} program cannot be loaded: {exc}") from exc
-    for parameter in module.parameters():  # ScriptModules refuse module.requires_grad_()
-        parameter.requires_grad_(False)
-    return module
 
 
 def load_model(

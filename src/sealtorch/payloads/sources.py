@@ -6,7 +6,10 @@
   needs anything more is refused (:class:`~sealtorch.errors.UnsafePickleError`)
 * a TorchScript archive (a ``ScriptModule`` or its file; recognised by content, even if named
   ``.pt``)
-* a ``torch.export`` program (an ``ExportedProgram`` or its ``.pt2`` file)
+* a ``torch.export`` program (an ``ExportedProgram`` or its ``.pt2`` file) of PyTorch
+  operators and tensors: a ``.pt2`` file is inspected before ``torch.export.load`` reads it,
+  and archives with pickles, custom or opaque objects or code are refused
+  (:mod:`sealtorch.payloads.pt2`)
 
 File types are recognised by their content, not their name.
 """
@@ -257,12 +260,10 @@ def _from_file(path: Path, *, state_dict_key: str | None) -> Payload:
     if kind == "torch_export":
         if state_dict_key is not None:
             raise ConfigError("--state-dict-key applies to .pt/.pth checkpoints only")
-        import torch
+        from sealtorch.payloads.programs import load_exported_program
 
-        try:
-            program = torch.export.load(path)
-        except (RuntimeError, ValueError, KeyError, OSError) as exc:
-            raise PayloadError(f"{path} is not a loadable torch.export program: {exc}") from exc
+        # Inspected before torch.export.load: an archive from elsewhere must not run code here.
+        program = load_exported_program(path, source=str(path))
         _check_exported(program, str(path))
         return Payload(
             kind="torch_export",
@@ -293,8 +294,12 @@ def prepare_payload(source: object, *, state_dict_key: str | None = None) -> Pay
             description="TorchScript module",
         )
     if isinstance(source, torch.export.ExportedProgram):
+        from sealtorch.payloads.pt2 import check_program_graph, inspect_export_archive
+
+        check_program_graph(source)
         _check_exported(source, "the program")
         data = _exported_bytes(source)
+        inspect_export_archive(io.BytesIO(data))  # what loading will accept, refused now
         return Payload(
             kind="torch_export",
             size=len(data),
