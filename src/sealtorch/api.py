@@ -200,12 +200,13 @@ def encrypt_model(
     ``ScriptModule``, an ``ExportedProgram``, or a path to a ``.safetensors``, ``.pt``/``.pth``
     (state_dict; ``state_dict_key`` picks it out of a checkpoint dict), TorchScript or ``.pt2``
     file. ``arch`` (``torchvision:NAME``, ``timm:NAME`` or ``package.module:factory``, with
-    ``arch_kwargs``) lets :func:`load_model` rebuild the module; with ``check_arch`` the
-    state_dict is checked against it now. ``inputs``, ``outputs``, ``preprocess`` and ``labels``
-    describe the model for the inference server. All of it is encrypted; only the model id,
+    ``arch_kwargs``) lets :func:`load_model` rebuild the module (a factory only where the
+    loading side allows it); with ``check_arch`` the state_dict is checked against it now.
+    ``inputs``, ``outputs``, ``preprocess`` and ``labels`` describe the model for the inference
+    server. All of it is encrypted; only the model id,
     key version and sizes are public.
     """
-    from sealtorch.payloads.arch import check_state_dict_matches
+    from sealtorch.payloads.arch import check_arch_kwargs, check_state_dict_matches
     from sealtorch.payloads.sources import prepare_payload
 
     check_model_id(model_id)
@@ -214,13 +215,15 @@ def encrypt_model(
         check_key_version(key_version)
     if arch is not None:
         validate_arch_ref(arch)
+        check_arch_kwargs(arch, arch_kwargs or {})
     payload = prepare_payload(source, state_dict_key=state_dict_key)
     if arch is not None and payload.kind != "safetensors":
         raise ConfigError(
             f"--arch applies to state_dicts only; a {payload.kind} payload carries its own code"
         )
     if arch is not None and check_arch and payload.state_dict is not None:
-        check_state_dict_matches(arch, arch_kwargs or {}, payload.state_dict)
+        # The owner named this architecture on their own machine: building it here is theirs.
+        check_state_dict_matches(arch, arch_kwargs or {}, payload.state_dict, allowed_archs=(arch,))
     manifest = Manifest.build(
         kind=payload.kind,
         payload_size=payload.size,
@@ -322,12 +325,17 @@ def load_sealed_model(
     key: KeyLike,
     arch: str | None = None,
     arch_kwargs: Mapping[str, Any] | None = None,
+    allowed_archs: Iterable[str] = (),
 ) -> SealedModel:
     """Like :func:`load_model`, but also return the manifest (inputs, outputs, labels...)."""
-    from sealtorch.payloads.arch import load_into_module
+    from sealtorch.payloads.arch import check_allowed_archs, check_arch_allowed, load_into_module
     from sealtorch.payloads.programs import load_program
     from sealtorch.payloads.tensors import tensors_from_buffer
 
+    allowed = check_allowed_archs(allowed_archs)
+    if arch is not None:
+        validate_arch_ref(arch)
+        allowed |= {arch}  # the caller's own choice, not the file's
     start = time.perf_counter()
     info, manifest, buffer = _decrypt(source, key)
     decrypted = time.perf_counter()
@@ -340,6 +348,11 @@ def load_sealed_model(
                 "this sealed state_dict has no architecture reference: seal it with "
                 "--arch (arch=...), pass arch= here, or use sealtorch.load_state_dict()"
             )
+        try:
+            check_arch_allowed(ref, allowed_archs=allowed)  # before anything is imported
+        except BaseException:
+            _unmap(buffer)
+            raise
         kwargs = arch_kwargs if arch is not None else manifest.arch_kwargs
         state_dict = tensors_from_buffer(
             buffer,
@@ -348,7 +361,7 @@ def load_sealed_model(
             align=manifest.payload_align,
         )
         del buffer  # the tensors keep it alive
-        module = load_into_module(validate_arch_ref(ref), kwargs or {}, state_dict)
+        module = load_into_module(ref, kwargs or {}, state_dict, allowed_archs=allowed)
     else:
         if arch is not None:
             _unmap(buffer)
@@ -418,14 +431,24 @@ def load_model(
     key: KeyLike,
     arch: str | None = None,
     arch_kwargs: Mapping[str, Any] | None = None,
+    allowed_archs: Iterable[str] = (),
 ) -> nn.Module:
     """Authenticate and decrypt a sealed model and return it ready for inference.
 
     The module is in eval mode with ``requires_grad`` off. A state_dict payload is loaded into
     the architecture named at sealing time (or ``arch``/``arch_kwargs``), its parameters being
     views of the decrypted buffer; TorchScript and ``torch.export`` payloads load as such.
+
+    The sealed file may name ``torchvision:`` and ``timm:`` models; a
+    ``package.module:factory`` it names is imported and called only if it is one of
+    ``allowed_archs`` (this machine's explicit choice: a sealed file is data and must not
+    choose the code that runs). An ``arch`` passed here is allowed as the caller's own choice.
+    Program payloads are inspected before PyTorch loads them (no pickled, custom or opaque
+    objects, only PyTorch operators); see ``docs/format.md``.
     """
-    return load_sealed_model(source, key=key, arch=arch, arch_kwargs=arch_kwargs).module
+    return load_sealed_model(
+        source, key=key, arch=arch, arch_kwargs=arch_kwargs, allowed_archs=allowed_archs
+    ).module
 
 
 # -- owner tools ----------------------------------------------------------------------------

@@ -144,7 +144,9 @@ def test_a_refused_inference_server_exits_with_the_reasons_then_serves_once_allo
     _wait_until_the_cache_releases_to_serve(stack)
 
     start = stack["start"]
-    server: ServiceProcess = start("serve", _serve_args(stack))  # type: ignore[operator]
+    # The model is a state dict of torch.nn:Linear: a factory this deployment allows.
+    serve_args = [*_serve_args(stack), "--allow-arch", "torch.nn:Linear"]
+    server: ServiceProcess = start("serve", serve_args)  # type: ignore[operator]
     url = server.wait_for(r"^listening on (\S+)", timeout=120).group(1)
     server.wait_for(r"^ready on ", timeout=120)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import errno
+import json
 import logging
 import os
 import random
@@ -32,6 +33,8 @@ from arch_factories import tiny_mlp
 
 KEY = DataKey(bytes(range(100, 132)))
 NEW_KEY = DataKey(bytes(range(200, 232)))
+#: The test factory these tests seal with; loading allows it explicitly, as a deployment would.
+MLP_ARCH = "arch_factories:tiny_mlp"
 
 
 def _listing(directory: Path) -> list[str]:
@@ -187,6 +190,49 @@ def test_load_model_needs_an_architecture(tmp_path: Path, mlp: torch.nn.Module) 
     assert torch.equal(model(x), mlp(x))
 
 
+def test_sealed_factories_load_only_where_allowed(sealed_mlp: Path, mlp: torch.nn.Module) -> None:
+    with pytest.raises(PayloadError, match=f"not allowed on this machine.*--allow-arch {MLP_ARCH}"):
+        sealtorch.load_model(sealed_mlp, key=KEY)
+    model = sealtorch.load_model(sealed_mlp, key=KEY, allowed_archs=[MLP_ARCH])
+    x = torch.randn(2, 8)
+    assert torch.equal(model(x), mlp(x))
+    with pytest.raises(ConfigError, match="always allowed"):
+        sealtorch.load_model(sealed_mlp, key=KEY, allowed_archs=["timm:resnet18"])
+
+
+@pytest.mark.parametrize(
+    ("ref", "kwargs"),
+    [
+        ("os:system", {"command": "touch MARKER"}),
+        ("subprocess:run", {"args": ["touch", "MARKER"]}),
+        ("builtins:exec", {"source": "open('MARKER', 'w')"}),
+        ("marker_module:build", {}),
+    ],
+)
+def test_a_sealed_file_cannot_choose_the_code_that_loading_runs(
+    ref: str,
+    kwargs: dict[str, object],
+    tmp_path: Path,
+    mlp: torch.nn.Module,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Issue 12: ``--arch os:system --arch-kwargs {"command": ...} --skip-arch-check`` ran the
+    command inside load_model. Whoever holds the key can seal that; loading must refuse it."""
+    marker = tmp_path / "marker"
+    monkeypatch.setenv("SEALTORCH_TEST_MARKER", str(marker))  # marker_module writes it
+    sys.modules.pop("marker_module", None)
+    given = json.loads(json.dumps(kwargs).replace("MARKER", str(marker)))
+    path = tmp_path / "hostile.sealed"
+    sealtorch.encrypt_model(
+        mlp.state_dict(), path, model_id="h", key=KEY, arch=ref, arch_kwargs=given, check_arch=False
+    )
+    for allowed in ([], [MLP_ARCH]):
+        with pytest.raises(PayloadError, match=f"{ref} is not allowed.*--allow-arch {ref}"):
+            sealtorch.load_model(path, key=KEY, allowed_archs=allowed)
+    assert not marker.exists()
+    assert "marker_module" not in sys.modules
+
+
 def test_architecture_is_checked_when_sealing(tmp_path: Path, mlp: torch.nn.Module) -> None:
     with pytest.raises(PayloadError, match="does not match architecture"):
         sealtorch.encrypt_model(
@@ -223,7 +269,7 @@ def test_tensors_outlive_a_failed_load(tmp_path: Path, mlp: torch.nn.Module) -> 
 
 
 def test_load_sealed_model_returns_the_manifest(sealed_mlp: Path) -> None:
-    loaded = load_sealed_model(sealed_mlp, key=KEY)
+    loaded = load_sealed_model(sealed_mlp, key=KEY, allowed_archs=[MLP_ARCH])
     assert loaded.manifest.labels == ("secret-label-a", "secret-label-b", "secret-label-c")
     assert loaded.manifest.metadata == {"owner": "secret-team-name"}
     assert loaded.info.model_id == "mlp"
@@ -433,8 +479,8 @@ def test_keys_never_reach_logs_or_errors(
     )
     key_path.chmod(0o644)  # also provokes the permissions warning
     path = tmp_path / "m.sealed"
-    sealtorch.encrypt_model(mlp, path, model_id="m", key=key_path, arch="arch_factories:tiny_mlp")
-    sealtorch.load_model(path, key=key_path)
+    sealtorch.encrypt_model(mlp, path, model_id="m", key=key_path, arch=MLP_ARCH)
+    sealtorch.load_model(path, key=key_path, allowed_archs=[MLP_ARCH])
     sealtorch.rewrap(path, key=key_path, new_key=NEW_KEY)
     sealtorch.decrypt_model(path, tmp_path / "out.safetensors", key=NEW_KEY)
     errors = []

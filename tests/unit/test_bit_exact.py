@@ -166,7 +166,7 @@ def test_a_file_sealed_with_the_packed_payload_layout_still_loads_exactly(
     path = DATA / "small-cnn-payload-v1.sealed"
     expected = load_file(DATA / "small-cnn.safetensors")
     key = DataKey(bytes(range(32)))
-    sealed = sealtorch.load_sealed_model(path, key=key)
+    sealed = sealtorch.load_sealed_model(path, key=key, allowed_archs=["arch_factories:small_cnn"])
     assert sealed.manifest.payload_align is None
     assert sealed.manifest.labels == tuple(f"class {i}" for i in range(5))
     assert _misaligned(sealed.module) == []

@@ -313,7 +313,7 @@ encrypted, including tensor names, shapes, the architecture and the metadata.
 @click.option(
     "--arch",
     help="Architecture to rebuild a state_dict with: torchvision:NAME, timm:NAME or "
-    "package.module:factory.",
+    "package.module:factory (which loads only where allowed: serve --allow-arch).",
 )
 @click.option(
     "--arch-kwargs", help="JSON object of keyword arguments for the architecture (or @FILE)."

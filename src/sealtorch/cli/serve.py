@@ -91,6 +91,15 @@ Details: docs/serving.md; enclave deployment: docs/deployment.md.
     help="Serve the models under these names, in order (default: each file's model id). "
     "Repeat once per model.",
 )
+@click.option(
+    "--allow-arch",
+    "allow_archs",
+    multiple=True,
+    metavar="MODULE:FACTORY",
+    help="Also build sealed state dicts whose architecture is this package.module:factory "
+    "(repeatable). torchvision: and timm: models are always allowed; no other code a sealed "
+    "file names is imported. In an enclave this is part of the measured command line.",
+)
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option(
     "--port",
@@ -142,6 +151,7 @@ def serve(
     tee_root: Path | None,
     hpke_suite: str | None,
     names: tuple[str, ...],
+    allow_archs: tuple[str, ...],
     host: str,
     port: int,
     threads: int | None,
@@ -197,7 +207,9 @@ def serve(
             hpke_suite=hpke_suite,
         )
     sources = [
-        SealedModelSource(path, key=provider, name=names[index] if names else None)
+        SealedModelSource(
+            path, key=provider, name=names[index] if names else None, allowed_archs=allow_archs
+        )
         for index, path in enumerate(models)
     ]
     if len({s.name for s in sources}) != len(sources):

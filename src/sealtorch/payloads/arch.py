@@ -9,16 +9,28 @@ the decrypted tensors with ``load_state_dict(strict=True, assign=True)``, so the
 are views of the decrypted buffer. A model that keeps something on ``meta`` afterwards (e.g. a
 non-persistent buffer computed in ``__init__``) is built again normally on the CPU.
 
-A reference names code that runs on the loading machine. It comes from the authenticated
-manifest, i.e. from the model owner; the module must already be installed there.
+A reference read from a sealed file is data, and data must never name code that the loading
+machine - an enclave - imports or calls. So the loading side builds only what it allows itself:
+
+* ``torchvision:NAME`` and ``timm:NAME``, known model names of the installed library, built
+  without pretrained weights; keyword arguments that make either library read or download
+  weights, checkpoints or pretrained configuration are refused (:func:`check_arch_kwargs`).
+  Both libraries resolve the strings their builders take (timm's ``act_layer="gelu"``,
+  ``norm_layer``, ``attn_layer``, ``global_pool``, ``feature_cls``...) through closed tables
+  of their own layers, never by importing a name.
+* ``package.module:factory`` only if the deployment lists it (``sealtorch serve --allow-arch``,
+  in an enclave part of the measured command line; ``load_model(allowed_archs=...)``); a
+  reference the caller passes itself (``load_model(arch=...)``, ``encrypt_model(arch=...)``)
+  is the caller's own choice. Anything else is refused before anything is imported. The
+  factory receives the file's ``kwargs`` (JSON data) as keyword arguments.
 """
 
 from __future__ import annotations
 
 import importlib
 import logging
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Collection, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Final
 
 from sealtorch.errors import ConfigError, PayloadError
 from sealtorch.payloads.manifest import validate_arch_ref
@@ -27,14 +39,100 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-__all__ = ["build_module", "check_state_dict_matches", "load_into_module"]
+__all__ = [
+    "HUB_SOURCES",
+    "build_module",
+    "check_allowed_archs",
+    "check_arch_allowed",
+    "check_arch_kwargs",
+    "check_state_dict_matches",
+    "load_into_module",
+]
 
 _log = logging.getLogger(__name__)
 
+#: Model libraries whose known model names any sealed file may name.
+HUB_SOURCES: Final = ("torchvision", "timm")
+#: Keyword arguments with which torchvision or timm builders read or download weights, a
+#: checkpoint or pretrained configuration (``pretrained_cfg`` may name a Hub repository or
+#: file; ``checkpoint_path`` is unpickled by timm). A sealed model carries its own weights.
+_LOADING_KWARGS: Final = frozenset(
+    {
+        "cache_dir",
+        "checkpoint_path",
+        "model_dir",
+        "pretrained",
+        "pretrained_backbone",
+        "pretrained_cfg",
+        "pretrained_cfg_overlay",
+        "pretrained_model_args",
+        "pretrained_strict",
+        "progress",
+        "weights",
+        "weights_backbone",
+    }
+)
+#: ...and any other argument whose name starts like these (e.g. a library's next version).
+_LOADING_PREFIXES: Final = ("pretrained", "weights", "checkpoint")
+#: What a builder may raise for arguments it does not accept (wrapped into PayloadError).
+_BUILD_ERRORS: Final = (
+    ArithmeticError,
+    AssertionError,
+    AttributeError,
+    LookupError,
+    RuntimeError,
+    TypeError,
+    ValueError,
+)
 
-def _factory(ref: str) -> tuple[Any, dict[str, Any]]:
-    """The callable a reference names plus fixed keyword arguments."""
+
+def check_allowed_archs(refs: Iterable[str]) -> frozenset[str]:
+    """Validate a deployment's list of allowed factories: ``package.module:factory`` each."""
+    allowed = set()
+    for ref in refs:
+        validate_arch_ref(ref)
+        if ref.partition(":")[0] in HUB_SOURCES:
+            raise ConfigError(
+                f"--allow-arch {ref}: torchvision: and timm: models are always allowed; "
+                "--allow-arch (allowed_archs) lists package.module:factory references"
+            )
+        allowed.add(ref)
+    return frozenset(allowed)
+
+
+def check_arch_allowed(ref: str, *, allowed_archs: Collection[str]) -> str:
+    """Return ``ref`` if this machine may build it; otherwise refuse it without importing."""
     validate_arch_ref(ref)
+    if ref.partition(":")[0] in HUB_SOURCES or ref in allowed_archs:
+        return ref
+    raise PayloadError(
+        f"the sealed architecture {ref} is not allowed on this machine: a sealed model may "
+        "name torchvision:NAME, timm:NAME, or a package.module:factory that the loading side "
+        f"allows explicitly. If you trust {ref}, allow it: sealtorch serve --allow-arch {ref} "
+        f"(in an enclave, in its measured command line), or load_model(..., "
+        f"allowed_archs=[{ref!r}])"
+    )
+
+
+def check_arch_kwargs(ref: str, kwargs: Mapping[str, Any]) -> None:
+    """Refuse keyword arguments that make torchvision or timm load weights or configuration."""
+    source = ref.partition(":")[0]
+    if source not in HUB_SOURCES:
+        return
+    loading = sorted(
+        name for name in kwargs if name in _LOADING_KWARGS or name.startswith(_LOADING_PREFIXES)
+    )
+    if loading:
+        raise ConfigError(
+            f"architecture kwargs may not set {loading}: they make {source} read or download "
+            "weights, a checkpoint or pretrained configuration; a sealed model carries its own "
+            "weights"
+        )
+
+
+def _factory(ref: str, *, allowed_archs: Collection[str]) -> tuple[Any, dict[str, Any]]:
+    """The callable a reference names plus fixed keyword arguments."""
+    check_arch_allowed(ref, allowed_archs=allowed_archs)
     source, _, name = ref.partition(":")
     if source == "torchvision":
         try:
@@ -64,19 +162,31 @@ def _factory(ref: str) -> tuple[Any, dict[str, Any]]:
     return factory, {}
 
 
-def build_module(ref: str, kwargs: Mapping[str, Any], *, device: str = "cpu") -> nn.Module:
-    """Call the factory of ``ref`` (on ``device``, e.g. ``meta``) and check it is a Module."""
+def build_module(
+    ref: str,
+    kwargs: Mapping[str, Any],
+    *,
+    device: str = "cpu",
+    allowed_archs: Collection[str] = (),
+) -> nn.Module:
+    """Call the factory of ``ref`` (on ``device``, e.g. ``meta``) and check it is a Module.
+
+    ``ref`` must be a torchvision or timm model, or one of ``allowed_archs``
+    (:func:`check_arch_allowed`); nothing is imported otherwise.
+    """
     import torch
     from torch import nn
 
-    factory, fixed = _factory(ref)
+    check_arch_allowed(ref, allowed_archs=allowed_archs)
+    check_arch_kwargs(ref, kwargs)
+    factory, fixed = _factory(ref, allowed_archs=allowed_archs)
     clash = set(fixed) & set(kwargs)
     if clash:
         raise ConfigError(f"architecture kwargs may not set {sorted(clash)}")
     try:
         with torch.device(device):
             module = factory(**fixed, **dict(kwargs))
-    except (TypeError, ValueError, RuntimeError, KeyError) as exc:
+    except _BUILD_ERRORS as exc:
         raise PayloadError(f"building {ref} failed: {type(exc).__name__}: {exc}") from exc
     if not isinstance(module, nn.Module):
         raise PayloadError(f"{ref} returned a {type(module).__name__}, not a torch.nn.Module")
@@ -109,10 +219,14 @@ def _mismatch(module: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> str 
 
 
 def check_state_dict_matches(
-    ref: str, kwargs: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor]
+    ref: str,
+    kwargs: Mapping[str, Any],
+    state_dict: Mapping[str, torch.Tensor],
+    *,
+    allowed_archs: Collection[str] = (),
 ) -> None:
     """Refuse (at sealing time) a state_dict that the architecture cannot load."""
-    module = build_module(ref, kwargs, device="meta")
+    module = build_module(ref, kwargs, device="meta", allowed_archs=allowed_archs)
     problem = _mismatch(module, state_dict)
     if problem:
         raise PayloadError(
@@ -122,10 +236,14 @@ def check_state_dict_matches(
 
 
 def load_into_module(
-    ref: str, kwargs: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor]
+    ref: str,
+    kwargs: Mapping[str, Any],
+    state_dict: Mapping[str, torch.Tensor],
+    *,
+    allowed_archs: Collection[str] = (),
 ) -> nn.Module:
     """Build ``ref`` and give it ``state_dict``'s tensors without copying them when possible."""
-    module = build_module(ref, kwargs, device="meta")
+    module = build_module(ref, kwargs, device="meta", allowed_archs=allowed_archs)
     problem = _mismatch(module, state_dict)
     if problem:
         raise PayloadError(f"the sealed state_dict does not match {ref} ({problem})")
@@ -142,7 +260,7 @@ def load_into_module(
             len(leftover),
             leftover[0],
         )
-        module = build_module(ref, kwargs, device="cpu")
+        module = build_module(ref, kwargs, device="cpu", allowed_archs=allowed_archs)
         module.load_state_dict(state_dict, strict=True, assign=True)
     module.eval()
     module.requires_grad_(False)

@@ -25,7 +25,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Generator, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -103,13 +103,24 @@ class SealedModelSource:
 
     The public header is read at once (no key needed), so a missing or foreign file fails
     before the server starts, and the model name defaults to the file's model id.
+    ``allowed_archs`` lists the ``package.module:factory`` architectures the file may name
+    (``--allow-arch``; torchvision and timm models are always allowed).
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, key: KeyLike, name: str | None = None):
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        key: KeyLike,
+        name: str | None = None,
+        allowed_archs: Iterable[str] = (),
+    ):
         from sealtorch.api import inspect_sealed
+        from sealtorch.payloads.arch import check_allowed_archs
 
         self.path = Path(path)
         self._key = key
+        self._allowed_archs = check_allowed_archs(allowed_archs)
         try:
             info = inspect_sealed(self.path)
         except FileNotFoundError as exc:
@@ -134,7 +145,7 @@ class SealedModelSource:
 
         timed = _TimedKeyProvider(as_key_provider(self._key))
         start = time.perf_counter()
-        sealed = load_sealed_model(self.path, key=timed)
+        sealed = load_sealed_model(self.path, key=timed, allowed_archs=self._allowed_archs)
         decrypted = time.perf_counter()
         model = ServedModel.from_sealed(sealed, name=self._name, max_images=max_images)
         model.load_seconds = time.perf_counter() - start

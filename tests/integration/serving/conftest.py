@@ -22,6 +22,8 @@ from sealtorch.keys import write_key_file
 from sealtorch.serving.server import InferenceServer, SealedModelSource, ServerSettings
 
 MLP_LABELS = ("ant", "bee", "cat", "dog")
+#: The test factories the sealed models name; servers allow them, as a deployment would.
+ALLOWED_ARCHS = ("serving_factories:tiny_classifier", "serving_factories:sleeper")
 
 
 @pytest.fixture(scope="session")
@@ -93,7 +95,7 @@ def sealed_set(tmp_path_factory: pytest.TempPathFactory) -> SealedSet:
 def server(sealed_set: SealedSet) -> Iterator[InferenceServer]:
     """One server for the session: lite0 (image model), types (torch.export), tiny-mlp."""
     sources = [
-        SealedModelSource(path, key=sealed_set.key_file)
+        SealedModelSource(path, key=sealed_set.key_file, allowed_archs=ALLOWED_ARCHS)
         for path in (sealed_set.lite0, sealed_set.types, sealed_set.mlp)
     ]
     settings = ServerSettings(port=0, workers=2, max_body_bytes=MAX_BODY, max_images=8)

@@ -42,6 +42,10 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(sealed_set: SealedSet) ->
         "0",
         "--workers",
         "2",
+        "--allow-arch",
+        "serving_factories:sleeper",
+        "--allow-arch",
+        "serving_factories:tiny_classifier",
     ) as process:
         try:
             _drain(process)

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from sealtorch.cli import cli
 from sealtorch.cli.owner import _parse_size, _Progress
-from sealtorch.errors import INTEGRITY_MESSAGE
+from sealtorch.errors import INTEGRITY_MESSAGE, PayloadError
 
 # makes `arch_factories:tiny_mlp` importable, as a user's own package would be
 sys.path.insert(0, str(Path(__file__).parents[1] / "payloads"))
@@ -236,6 +236,45 @@ def test_encrypt_refuses_code_running_pickles(tmp_path: Path, keys: tuple[Path, 
     assert "could run arbitrary code" in result.output
     assert not marker.exists()
     assert not (tmp_path / "e.sealed").exists()
+
+
+@pytest.mark.parametrize("case", ["pickled constant", "pickled sample inputs", "guard code"])
+def test_encrypt_refuses_programs_that_would_run_code(
+    case: str, tmp_path: Path, keys: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 12: a .pt2 whose constants are pickled ran the pickle inside `sealtorch encrypt`
+    (torch.export.load), on the owner's machine. It is inspected and refused first."""
+    import hostile_programs
+
+    marker = tmp_path / "marker"
+    monkeypatch.setenv(hostile_programs.MARKER_ENV, str(marker))
+    program = tmp_path / "model.pt2"
+    program.write_bytes(hostile_programs.HOSTILE[case](marker, "marker_module"))
+    out = tmp_path / "p.sealed"
+    result = run("encrypt", program, "-o", out, "--model-id", "p", "--key-file", keys[0])
+    assert result.exit_code == 1
+    assert "error: refusing this torch.export program" in result.output
+    assert not marker.exists()
+    assert not out.exists()
+
+
+def test_a_sealed_code_reference_never_runs_where_the_model_loads(
+    tmp_path: Path, model_file: Path, keys: tuple[Path, Path]
+) -> None:
+    """The owner may seal any reference (here what issue 12 showed); loading refuses it."""
+    from sealtorch.api import load_model
+
+    marker = tmp_path / "marker"
+    out = tmp_path / "x.sealed"
+    command = json.dumps({"command": f"touch {marker}"})
+    result = run(
+        "encrypt", model_file, "-o", out, "--model-id", "x", "--key-file", keys[0],
+        "--arch", "os:system", "--arch-kwargs", command, "--skip-arch-check",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    with pytest.raises(PayloadError, match="os:system is not allowed on this machine"):
+        load_model(out, key=keys[0])
+    assert not marker.exists()
 
 
 def test_inspect_shows_only_public_fields(sealed: Path) -> None:
