@@ -153,6 +153,14 @@ Example:
 @click.option(
     "--arg", "extra_args", multiple=True, help="Extra `sealtorch serve` argument (repeat per word)."
 )
+@click.option(
+    "--allow-arch",
+    "allowed_archs",
+    multiple=True,
+    metavar="MODULE:FACTORY",
+    help="A package.module:factory architecture the sealed models may name (repeatable; "
+    "`sealtorch serve --allow-arch`, measured). torchvision: and timm: need none.",
+)
 @_with_common
 def serve_manifest(
     models: tuple[Path, ...],
@@ -164,6 +172,7 @@ def serve_manifest(
     workers: int,
     trusted: tuple[Path, ...],
     extra_args: tuple[str, ...],
+    allowed_archs: tuple[str, ...],
     enclave_size: str | None,
     max_threads: int | None,
     edmm: bool,
@@ -188,6 +197,7 @@ def serve_manifest(
         workers=workers,
         trusted=trusted,
         extra_args=extra_args,
+        allowed_archs=allowed_archs,
         **_sizes(enclave_size, max_threads),
         edmm=edmm,
         isvprodid=isvprodid,

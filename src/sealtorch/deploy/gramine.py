@@ -29,6 +29,7 @@ from typing import Any, Final
 from sealtorch import __version__
 from sealtorch.errors import ConfigError
 from sealtorch.keys import KEY_FILE_PREFIX
+from sealtorch.payloads.arch import check_allowed_archs
 
 __all__ = [
     "GramineLayout",
@@ -332,6 +333,9 @@ class ServeEnclave:
     trusted: tuple[Path, ...] = ()
     #: Extra ``sealtorch serve`` arguments (e.g. the key source's TLS options).
     extra_args: tuple[str, ...] = ()
+    #: ``package.module:factory`` architectures the sealed models may name (``--allow-arch``,
+    #: measured with the command line); torchvision and timm models are always allowed.
+    allowed_archs: tuple[str, ...] = ()
     enclave_size: str = "8G"
     max_threads: int = 64
     edmm: bool = False
@@ -370,6 +374,9 @@ def render_serve_manifest(config: ServeEnclave, *, runtime: PythonRuntime | None
     argv += ["--threads", str(config.threads), "--workers", str(config.workers)]
     for name in config.names:
         argv += ["--name", name]
+    check_allowed_archs(config.allowed_archs)
+    for ref in dict.fromkeys(config.allowed_archs):
+        argv += ["--allow-arch", ref]
     argv += list(config.extra_args)
     model_dirs = _unique_roots(path.parent for path in models)
     values = {
