@@ -259,6 +259,7 @@ def serve(
     """Run the key server over HTTPS (uvicorn)."""
     import uvicorn
 
+    from sealtorch._uvicorn import http_options
     from sealtorch.keyserver._workers import WorkerSpec, listen_reusable, run_workers
     from sealtorch.keyserver.app import create_app, open_verifiers
     from sealtorch.keyserver.masterkey import open_master_key
@@ -299,7 +300,7 @@ def serve(
         "proxy_headers": False,
         "lifespan": "on",
         "timeout_graceful_shutdown": settings.graceful_timeout,
-        "timeout_keep_alive": 30,
+        **http_options(settings.read_timeouts),
     }
     if unix_socket is None and settings.tls_cert and settings.tls_key:
         options["ssl_context_factory"] = functools.partial(

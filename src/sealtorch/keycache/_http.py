@@ -7,8 +7,11 @@ server does only what the key release protocol needs:
 
 * HTTP/1.1 with keep-alive and pipelining (requests on one connection are answered in order),
   ``Expect: 100-continue``, ``Connection: close``; no upgrades, no chunked *responses*;
-* limits: request line and headers ≤ 16 KiB (431), body ≤ ``max_body`` (413, then close),
-  idle/slow connections closed after ``idle_timeout``;
+* limits: request line and headers ≤ 16 KiB (431), body ≤ ``max_body`` (413, then close);
+  the read deadlines every sealtorch server keeps (:class:`~sealtorch._listen.ReadWatch`:
+  headers within ``timeouts.header`` of a connection or of a request's first byte, no pause
+  longer than ``timeouts.body`` in a body, the next request within ``timeouts.keep_alive``),
+  and the TLS handshake within ``timeouts.header``;
 * one ``write`` per response; TLS when the listener is given an ``ssl`` context;
 * graceful shutdown: stop accepting, finish the requests in progress, close.
 
@@ -31,11 +34,12 @@ from typing import Final, NoReturn
 
 import httptools
 
+from sealtorch._listen import MAX_HEAD_BYTES, ReadTimeouts, ReadWatch
+
 __all__ = ["Handler", "HttpServer", "Request", "Response"]
 
 _log = logging.getLogger("sealtorch.keycache.http")
 
-_MAX_HEAD: Final = 16 * 1024
 _MAX_PIPELINE: Final = 16
 _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 
@@ -97,8 +101,7 @@ class _Connection(asyncio.Protocol):
         self._closing = False
         self._write_paused = False
         self._reading_paused = False
-        self._timer: asyncio.TimerHandle | None = None
-        self._last_activity = 0.0
+        self._watch: ReadWatch | None = None
         self._refused = False
         self._reset_message()
 
@@ -107,15 +110,14 @@ class _Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]  # a stream transport
         self._server.connections.add(self)
-        self._last_activity = self._loop.time()
-        self._timer = self._loop.call_later(self._server.idle_timeout, self._idle)
+        self._watch = ReadWatch(self._loop, self._server.timeouts, self._timed_out)
 
     def connection_lost(self, exc: Exception | None) -> None:
         del exc
         self._server.connections.discard(self)
         self._closing = True
-        if self._timer is not None:
-            self._timer.cancel()
+        if self._watch is not None:
+            self._watch.close()
         self._queue.clear()
 
     def pause_writing(self) -> None:
@@ -126,9 +128,9 @@ class _Connection(asyncio.Protocol):
         self._drain()
 
     def data_received(self, data: bytes) -> None:
-        if self._refused:
+        if self._refused or self._watch is None:
             return
-        self._last_activity = self._loop.time()
+        self._watch.received(len(data))
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -137,6 +139,10 @@ class _Connection(asyncio.Protocol):
             # Also raised when a callback refused the request (its answer is written already).
             if not self._refused:
                 self._send_refusal(400, "invalid_request", "the request is not valid HTTP/1.1")
+        if self._watch.head_too_large():
+            self._send_refusal(
+                431, "headers_too_large", f"request headers are limited to {MAX_HEAD_BYTES} bytes"
+            )
 
     def eof_received(self) -> bool | None:
         # Answer what was received, then close.
@@ -156,6 +162,8 @@ class _Connection(asyncio.Protocol):
 
     def on_message_begin(self) -> None:
         self._reset_message()
+        if self._watch is not None:
+            self._watch.message_begun()
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -166,13 +174,17 @@ class _Connection(asyncio.Protocol):
         self._headers.append((name.lower(), value))
 
     def _count_head(self, size: int) -> None:
+        """Refuse a head over the limit as soon as the parser hands over its parts (a head
+        still arriving is bounded by the watch's count of raw bytes)."""
         self._head_size += size
-        if self._head_size > _MAX_HEAD:
+        if self._head_size > MAX_HEAD_BYTES:
             self._refuse(
-                431, "headers_too_large", f"request headers are limited to {_MAX_HEAD} bytes"
+                431, "headers_too_large", f"request headers are limited to {MAX_HEAD_BYTES} bytes"
             )
 
     def on_headers_complete(self) -> None:
+        if self._watch is not None:
+            self._watch.head_complete()
         if self._parser.should_upgrade():
             self._refuse(400, "invalid_request", "protocol upgrades are not supported")
         cap = self._server.max_body
@@ -197,6 +209,8 @@ class _Connection(asyncio.Protocol):
         self._body.append(body)
 
     def on_message_complete(self) -> None:
+        if self._watch is not None:
+            self._watch.message_complete()
         try:
             path = httptools.parse_url(self._url).path.decode("latin-1")
         except httptools.HttpParserInvalidURLError:
@@ -245,6 +259,8 @@ class _Connection(asyncio.Protocol):
             return
         keep = keep_alive and not self._server.stopping
         transport.write(_encode(response, keep_alive=keep))
+        if self._watch is not None:
+            self._watch.answered()
         if not keep or (self._closing and not self._queue):
             self._close()
 
@@ -267,24 +283,14 @@ class _Connection(asyncio.Protocol):
 
     # -- timers and closing ------------------------------------------------------------------------
 
-    def _idle(self) -> None:
-        """Close a connection that sent nothing for ``idle_timeout`` (one timer per connection,
-        re-armed lazily rather than on every read)."""
-        timeout = self._server.idle_timeout
-        quiet_until = self._last_activity + timeout
-        if self._busy or self._loop.time() < quiet_until:
-            self._timer = self._loop.call_later(
-                max(0.05, quiet_until - self._loop.time()) if not self._busy else timeout,
-                self._idle,
-            )
-            return
+    def _timed_out(self, what: str) -> None:
+        _log.debug("closing a connection that kept the cache waiting (%s)", what)
         self._close()
 
     def _close(self) -> None:
         self._closing = True
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        if self._watch is not None:
+            self._watch.close()
         if self._transport is not None and not self._transport.is_closing():
             self._transport.close()
 
@@ -309,13 +315,13 @@ class HttpServer:
         refusal: Refusal,
         observe: Callable[[str, int], None] | None = None,
         max_body: int = 64 * 1024,
-        idle_timeout: float = 30.0,
+        timeouts: ReadTimeouts | None = None,
     ) -> None:
         self.dispatch = handler
         self.refusal = refusal
         self.observe = observe or (lambda route, status: None)
         self.max_body = max_body
-        self.idle_timeout = idle_timeout
+        self.timeouts = timeouts or ReadTimeouts()
         self.connections: set[_Connection] = set()
         self.tasks: set[asyncio.Task[None]] = set()
         self.stopping = False
@@ -334,14 +340,23 @@ class HttpServer:
         """Start serving on an already bound and listening socket."""
         self._loop = asyncio.get_running_loop()
         sock.setblocking(False)
+        handshake = self.timeouts.header if ssl_context is not None else None
         if sock.family == socket.AF_UNIX:
             server = await self._loop.create_unix_server(
-                lambda: _Connection(self), sock=sock, ssl=ssl_context, backlog=1024
+                lambda: _Connection(self),
+                sock=sock,
+                ssl=ssl_context,
+                backlog=1024,
+                ssl_handshake_timeout=handshake,
             )
         else:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             server = await self._loop.create_server(
-                lambda: _Connection(self), sock=sock, ssl=ssl_context, backlog=1024
+                lambda: _Connection(self),
+                sock=sock,
+                ssl=ssl_context,
+                backlog=1024,
+                ssl_handshake_timeout=handshake,
             )
         self._servers.append(server)
 

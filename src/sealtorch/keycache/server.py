@@ -308,6 +308,7 @@ async def serve(
             refusal=full.refusal,
             observe=full.observe,
             max_body=settings.max_request_bytes,
+            timeouts=settings.read_timeouts,
         )
         servers.append(main)
         if listeners.unix is not None:
@@ -322,7 +323,10 @@ async def serve(
         if listeners.metrics is not None:
             metrics_app = KeyCacheApp(cache, service, metrics_only=True)
             side = HttpServer(
-                metrics_app.dispatch, refusal=metrics_app.refusal, observe=metrics_app.observe
+                metrics_app.dispatch,
+                refusal=metrics_app.refusal,
+                observe=metrics_app.observe,
+                timeouts=settings.read_timeouts,
             )
             servers.append(side)
             await side.listen(listeners.metrics)

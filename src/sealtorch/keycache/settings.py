@@ -24,6 +24,9 @@ the file's directory. The schema (``docs/keycache.md``)::
     tls_cert = "cache.crt"  # HTTPS on the TCP listener (recommended)
     tls_key = "cache.key"
     metrics = "127.0.0.1:9464"  # /metrics, /healthz, /readyz, status only
+    header_timeout_seconds = 10  # a request's headers (and a TLS handshake) take at most this
+    body_timeout_seconds = 30  # longest pause in a request body
+    keep_alive_timeout_seconds = 30  # an idle connection is closed after this
 
     [local]  # how local enclaves are verified
     sim_trusted_keys = ["ed25519:..."]
@@ -61,6 +64,7 @@ from typing import Annotated, Any, Final, Literal
 
 from pydantic import Field, ValidationError, field_validator
 
+from sealtorch._listen import ReadTimeouts
 from sealtorch._settings import Section as _Section
 from sealtorch._settings import (
     VerifierSection,
@@ -128,6 +132,9 @@ class _Listen(_Section):
     tls_cert: str | None = None
     tls_key: str | None = None
     metrics: str | None = None
+    header_timeout_seconds: Annotated[float, Field(gt=0, le=3600)] = 10.0
+    body_timeout_seconds: Annotated[float, Field(gt=0, le=3600)] = 30.0
+    keep_alive_timeout_seconds: Annotated[float, Field(gt=0, le=3600)] = 30.0
 
 
 class _Local(VerifierSection):
@@ -177,6 +184,8 @@ class KeyCacheSettings:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     metrics: tuple[str, int] | None = None
+    #: How long a client of any listener may take to send a request.
+    read_timeouts: ReadTimeouts = field(default_factory=ReadTimeouts)
     local_sim_trusted_keys: tuple[str, ...] = ()
     local_pccs_url: str | None = None
     local_collateral_path: Path | None = None
@@ -374,6 +383,11 @@ def load_settings(
         tls_cert=path_of("listen", "tls_cert", listen.tls_cert),
         tls_key=path_of("listen", "tls_key", listen.tls_key),
         metrics=parse_host_port(listen.metrics, what="metrics") if listen.metrics else None,
+        read_timeouts=ReadTimeouts(
+            header=listen.header_timeout_seconds,
+            body=listen.body_timeout_seconds,
+            keep_alive=listen.keep_alive_timeout_seconds,
+        ),
         local_sim_trusted_keys=local.sim_trusted_keys,
         local_pccs_url=local.pccs_url,
         local_collateral_path=path_of("local", "collateral_path", local.collateral_path),

@@ -22,6 +22,7 @@ from typing import Annotated, Any, Final, Literal
 
 from pydantic import Field, ValidationError
 
+from sealtorch._listen import ReadTimeouts
 from sealtorch._settings import Section as _Section
 from sealtorch._settings import (
     VerifierSection,
@@ -64,6 +65,10 @@ class _Server(_Section):
     workers: Annotated[int, Field(ge=1, le=64)] = 1
     #: Seconds to let in-flight requests finish on shutdown.
     graceful_timeout: Annotated[float, Field(gt=0, le=600)] = 10.0
+    #: Seconds a client may take to send a request's headers, pause in a body, stay idle.
+    header_timeout: Annotated[float, Field(gt=0, le=3600)] = 10.0
+    body_timeout: Annotated[float, Field(gt=0, le=3600)] = 30.0
+    keep_alive_timeout: Annotated[float, Field(gt=0, le=3600)] = 30.0
 
 
 class _Database(_Section):
@@ -150,6 +155,8 @@ class KeyServerSettings:
     port: int = DEFAULT_PORT
     workers: int = 1
     graceful_timeout: float = 10.0
+    #: How long a client may take to send a request.
+    read_timeouts: ReadTimeouts = field(default_factory=ReadTimeouts)
     sim_trusted_keys: tuple[str, ...] = ()
     pccs_url: str | None = None
     collateral_path: Path | None = None
@@ -308,6 +315,11 @@ def _build(config: _ConfigFile, base: Path | None, sources: dict[str, str]) -> K
         port=config.server.port,
         workers=config.server.workers,
         graceful_timeout=config.server.graceful_timeout,
+        read_timeouts=ReadTimeouts(
+            header=config.server.header_timeout,
+            body=config.server.body_timeout,
+            keep_alive=config.server.keep_alive_timeout,
+        ),
         sim_trusted_keys=config.attestation.sim_trusted_keys,
         pccs_url=config.attestation.pccs_url,
         collateral_path=resolve_path(base, config.attestation.collateral_path),
@@ -363,6 +375,10 @@ host = "127.0.0.1"
 port = {port}
 workers = 1
 graceful_timeout = 10.0
+# seconds a client may take to send a request's headers, pause in its body, stay idle
+header_timeout = 10.0
+body_timeout = 30.0
+keep_alive_timeout = 30.0
 
 [database]
 # SQLite file (embedded default) or postgresql+psycopg://USER:PASSWORD@HOST/DB for replicas

@@ -1,5 +1,6 @@
 """The key cache's small HTTP/1.1 server, driven with raw bytes on real sockets: framing,
-keep-alive and pipelining, limits, malformed input, 100-continue, idle and graceful close, TLS."""
+keep-alive and pipelining, limits, malformed input, 100-continue, read timeouts (idle, slow
+heads and bodies), graceful close, TLS."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from _fixtures import slowclients
+from sealtorch._listen import ReadTimeouts
 from sealtorch.keycache._http import HttpServer, Request, Response
 from sealtorch.keycache.app import error_response
 from sealtorch.keycache.server import listen_tcp, listen_unix
@@ -64,6 +67,10 @@ def _serve(
     return loop, thread
 
 
+#: Short read timeouts (a whole head or body still arrives well within them on a slow machine).
+TIMEOUTS = ReadTimeouts(header=2.0, body=2.0, keep_alive=0.5)
+
+
 @pytest.fixture
 def echo() -> Echo:
     return Echo()
@@ -71,7 +78,7 @@ def echo() -> Echo:
 
 @pytest.fixture
 def running(tmp_path: Path, echo: Echo) -> Iterator[Running]:
-    server = HttpServer(echo, refusal=error_response, max_body=1024, idle_timeout=0.5)
+    server = HttpServer(echo, refusal=error_response, max_body=1024, timeouts=TIMEOUTS)
     path = tmp_path / "http.sock"
     loop, thread = _serve(server, listen_unix(path))
     yield Running(server, loop, str(path))
@@ -195,6 +202,52 @@ def test_idle_connections_are_closed(running: Running) -> None:
         assert _closed(sock)
 
 
+def test_a_silent_connection_is_closed(running: Running) -> None:
+    assert slowclients.silent(running.connect)
+
+
+def test_a_head_sent_a_byte_at_a_time_is_cut_at_the_header_timeout(
+    running: Running, echo: Echo
+) -> None:
+    # Every byte arrives well within the keep-alive time, but the head as a whole is late.
+    sent = slowclients.slowloris(running.connect)
+    assert sent < len(slowclients.SLOW_HEAD)
+    assert echo.seen == []
+
+
+def test_a_stalled_body_is_cut_and_a_steady_one_is_not(running: Running, echo: Echo) -> None:
+    assert slowclients.stalled_body(running.connect, "/echo")
+    assert echo.seen == []
+    # A body that keeps coming is read, however long it takes in all (here longer than the
+    # header timeout): the body timeout bounds each pause, not the total.
+    with running.connect() as sock:
+        sock.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 30\r\n\r\n")
+        assert slowclients.trickle(sock, b"x" * 30, interval=0.1) == 30
+        assert _read_response(sock, bytearray())[2] == b"POST " + b"x" * 30
+
+
+def test_a_header_that_never_ends_is_refused(running: Running, echo: Echo) -> None:
+    sent, answer = slowclients.endless_header(running.connect)
+    assert sent < slowclients.ENDLESS  # refused, not buffered without end
+    assert answer == b"" or answer.startswith(b"HTTP/1.1 431 ")
+    assert echo.seen == []
+
+
+def test_keep_alive_clients_are_not_disturbed(running: Running, echo: Echo) -> None:
+    with running.connect() as sock:
+        buffer = bytearray()
+        for _ in range(3):
+            sock.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nok")
+            assert _read_response(sock, buffer)[2] == b"POST ok"
+            time.sleep(0.1)  # a pause shorter than the keep-alive timeout
+        # While the server takes longer than every timeout to answer, the client owes nothing.
+        sock.sendall(b"POST /slow HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+        release = threading.Timer(3.0, echo.release.set)
+        release.start()
+        assert _read_response(sock, buffer)[2] == b"slow"
+        release.join()
+
+
 def test_graceful_close_finishes_requests_in_progress(running: Running, echo: Echo) -> None:
     with running.connect() as busy, running.connect() as idle:
         idle.sendall(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -244,6 +297,27 @@ def test_tls_on_tcp(tmp_path: Path, echo: Echo) -> None:
         with socket.create_connection(("127.0.0.1", port), timeout=10) as plain:
             plain.sendall(b"GET /echo HTTP/1.1\r\nHost: x\r\n\r\n")  # no TLS: refused
             assert _closed(plain)
+    finally:
+        asyncio.run_coroutine_threadsafe(server.close(), loop).result(30)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
+
+
+def test_a_tls_handshake_that_never_comes_is_cut(tmp_path: Path, echo: Echo) -> None:
+    from sealtorch._crypto.tls import create_dev_ca, create_server_certificate, server_ssl_context
+
+    ca = create_dev_ca(cert_path=tmp_path / "ca.crt", key_path=tmp_path / "ca.key")
+    cert = create_server_certificate(
+        ca=ca, cert_path=tmp_path / "server.crt", key_path=tmp_path / "server.key"
+    )
+    server = HttpServer(echo, refusal=error_response, timeouts=TIMEOUTS)
+    listener = listen_tcp("127.0.0.1", 0)
+    port = listener.getsockname()[1]
+    context = server_ssl_context(cert_path=cert.cert, key_path=cert.key)
+    loop, thread = _serve(server, listener, ssl_context=context)
+    try:
+        assert slowclients.silent(lambda: socket.create_connection(("127.0.0.1", port), 10))
     finally:
         asyncio.run_coroutine_threadsafe(server.close(), loop).result(30)
         loop.call_soon_threadsafe(loop.stop)

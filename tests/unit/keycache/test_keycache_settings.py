@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from sealtorch._listen import ReadTimeouts
 from sealtorch.errors import ConfigError
 from sealtorch.keycache.settings import load_settings, parse_host_port
 
@@ -160,3 +161,17 @@ def test_host_port_forms() -> None:
     assert parse_host_port("[::1]:0", what="tcp") == ("::1", 0)
     assert parse_host_port("127.0.0.2:80", what="tcp") == ("127.0.0.2", 80)
     assert parse_host_port("192.0.2.1:80", what="tcp", loopback_only=False) == ("192.0.2.1", 80)
+
+
+def test_read_timeouts_come_from_the_listen_section() -> None:
+    default = load_settings(overrides=_minimal())
+    assert default.read_timeouts == ReadTimeouts(header=10.0, body=30.0, keep_alive=30.0)
+    timeouts = {
+        "header_timeout_seconds": 2,
+        "body_timeout_seconds": 3.5,
+        "keep_alive_timeout_seconds": 60,
+    }
+    settings = load_settings(overrides=_minimal(listen=timeouts))
+    assert settings.read_timeouts == ReadTimeouts(header=2.0, body=3.5, keep_alive=60.0)
+    with pytest.raises(ConfigError, match="header_timeout_seconds"):
+        load_settings(overrides=_minimal(listen={"header_timeout_seconds": 0}))

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from sealtorch._listen import ReadTimeouts
 from sealtorch.cli import cli
 from sealtorch.errors import ConfigError
 from sealtorch.keyserver.masterkey import FileMasterKeyConfig, Pkcs11MasterKeyConfig
@@ -138,3 +139,19 @@ def test_service_layer_imports_no_web_framework() -> None:
         [sys.executable, "-c", code], check=True, capture_output=True, text=True
     ).stdout.strip()
     assert out == ""
+
+
+def test_read_timeouts_come_from_the_server_section(tmp_path: Path) -> None:
+    data = _write(tmp_path / "ks", render_config())
+    assert load_settings(data, environ={}).read_timeouts == ReadTimeouts(
+        header=10.0, body=30.0, keep_alive=30.0
+    )
+    environ = {
+        "SEALTORCH_KEYSERVER_SERVER_HEADER_TIMEOUT": "2",
+        "SEALTORCH_KEYSERVER_SERVER_BODY_TIMEOUT": "3.5",
+        "SEALTORCH_KEYSERVER_SERVER_KEEP_ALIVE_TIMEOUT": "60",
+    }
+    settings = load_settings(data, environ=environ)
+    assert settings.read_timeouts == ReadTimeouts(header=2.0, body=3.5, keep_alive=60.0)
+    with pytest.raises(ConfigError, match="keep_alive_timeout"):
+        load_settings(data, environ={"SEALTORCH_KEYSERVER_SERVER_KEEP_ALIVE_TIMEOUT": "0"})
