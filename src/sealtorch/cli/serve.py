@@ -7,9 +7,13 @@ from pathlib import Path
 
 import click
 
+from sealtorch._listen import ReadTimeouts
 from sealtorch.cli._options import sim_key_option, tee_option, tee_root_option
 from sealtorch.cli.owner import _parse_size
 from sealtorch.errors import ConfigError
+from sealtorch.serving.jsondata import DEFAULT_MAX_JSON_ELEMENTS
+
+_SECONDS = click.FloatRange(min=0, min_open=True, max=3600)
 
 _EPILOG = """\b
 Examples:
@@ -128,6 +132,40 @@ Details: docs/serving.md; enclave deployment: docs/deployment.md.
     help="Largest request body accepted; larger ones get 413.",
 )
 @click.option(
+    "--max-json-elements",
+    default=DEFAULT_MAX_JSON_ELEMENTS,
+    show_default=True,
+    type=click.IntRange(min=1),
+    metavar="N",
+    help="Most values a JSON request may hold (its tensor elements); more get 413. Send large "
+    "tensors with the binary tensor data extension.",
+)
+@click.option(
+    "--header-timeout",
+    default=10.0,
+    show_default=True,
+    type=_SECONDS,
+    metavar="SECONDS",
+    help="Time a client has to send a request's headers, from connecting or from the "
+    "request's first byte; then the connection is closed.",
+)
+@click.option(
+    "--body-timeout",
+    default=30.0,
+    show_default=True,
+    type=_SECONDS,
+    metavar="SECONDS",
+    help="Longest pause while a request body arrives.",
+)
+@click.option(
+    "--keep-alive-timeout",
+    default=5.0,
+    show_default=True,
+    type=_SECONDS,
+    metavar="SECONDS",
+    help="An idle connection is closed after this.",
+)
+@click.option(
     "--max-pending",
     default=64,
     show_default=True,
@@ -157,6 +195,10 @@ def serve(
     threads: int | None,
     workers: int,
     max_body_size: str,
+    max_json_elements: int,
+    header_timeout: float,
+    body_timeout: float,
+    keep_alive_timeout: float,
     max_pending: int,
     drain_timeout: int,
 ) -> None:
@@ -185,6 +227,10 @@ def serve(
         threads=threads,
         workers=workers,
         max_body_bytes=_parse_size(max_body_size),
+        max_json_elements=max_json_elements,
+        read_timeouts=ReadTimeouts(
+            header=header_timeout, body=body_timeout, keep_alive=keep_alive_timeout
+        ),
         max_pending=max_pending,
         drain_timeout=drain_timeout,
     )

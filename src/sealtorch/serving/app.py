@@ -7,7 +7,8 @@ while models compute.
 
 Every refusal uses the protocol's error body ``{"error": "..."}``: 400 for malformed requests
 or input that does not fit the model, 404 for unknown models, versions and routes, 405 for a
-wrong method, 413 for oversized bodies, 503 while loading or when the queue is full.
+wrong method, 413 for oversized bodies and JSON with more values than ``max_json_elements``,
+503 while loading or when the queue is full.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from sealtorch.serving.errors import (
     RequestError,
     ServerBusyError,
 )
+from sealtorch.serving.jsondata import DEFAULT_MAX_JSON_ELEMENTS
 from sealtorch.serving.metrics import CONTENT_TYPE
 from sealtorch.serving.model import ServedModel
 from sealtorch.serving.protocol import (
@@ -51,9 +53,16 @@ _EXTENSIONS: Final = ["classification", "binary_tensor_data"]
 class AppLimits:
     """Request limits the app enforces (set from the server settings)."""
 
-    def __init__(self, *, max_body_bytes: int, max_pending: int) -> None:
+    def __init__(
+        self,
+        *,
+        max_body_bytes: int,
+        max_pending: int,
+        max_json_elements: int = DEFAULT_MAX_JSON_ELEMENTS,
+    ) -> None:
         self.max_body_bytes = max_body_bytes
         self.max_pending = max_pending
+        self.max_json_elements = max_json_elements
 
 
 def _json(document: Any, status: int = 200) -> Response:
@@ -89,7 +98,8 @@ class _HttpMetrics:
         await self.app(scope, receive, counting_send)
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
+async def _read_body(request: Request, limit: int) -> bytearray:
+    """The body, in one buffer that grows in place (never copied once more at the end)."""
     declared = request.headers.get("content-length")
     if declared is not None:
         if not declared.isdigit():
@@ -107,7 +117,7 @@ async def _read_body(request: Request, limit: int) -> bytes:
                 f"the request body exceeds {limit:,} bytes, the most this server accepts "
                 "(--max-body-size)"
             )
-    return bytes(body)
+    return body
 
 
 def _json_length(request: Request) -> int | None:
@@ -120,10 +130,12 @@ def _json_length(request: Request) -> int | None:
 
 
 def _run(
-    model: ServedModel, body: bytes, json_length: int | None
+    model: ServedModel, body: bytearray, json_length: int | None, max_json_elements: int
 ) -> tuple[float, bytes, int | None]:
     """Worker thread: parse, infer, encode."""
-    request = parse_inference_request(body, json_length=json_length)
+    request = parse_inference_request(
+        body, json_length=json_length, max_json_elements=max_json_elements
+    )
     result = model.infer(request)
     content, header_length = render_response(result.document, result.binary)
     return result.compute_seconds, content, header_length
@@ -217,7 +229,7 @@ def create_app(state: ServerState, limits: AppLimits) -> FastAPI:
             try:
                 loop = asyncio.get_running_loop()
                 compute, content, header_length = await loop.run_in_executor(
-                    state.executor, _run, model, body, json_length
+                    state.executor, _run, model, body, json_length, limits.max_json_elements
                 )
             finally:
                 state.pending -= 1

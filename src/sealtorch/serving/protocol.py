@@ -26,6 +26,7 @@ from types import MappingProxyType
 from typing import Any, Final
 
 from sealtorch.serving.errors import RequestError, show
+from sealtorch.serving.jsondata import DEFAULT_MAX_JSON_ELEMENTS, load_request_json
 
 __all__ = [
     "DATATYPES",
@@ -72,7 +73,9 @@ _EMPTY: Final[Parameters] = MappingProxyType({})
 
 @dataclass(frozen=True)
 class RequestInput:
-    """One input tensor of a request, not yet converted (``data`` JSON or ``raw`` bytes)."""
+    """One input tensor of a request, not yet converted: ``data`` is its JSON data (Python
+    values; a large array of numbers is a :class:`~sealtorch.serving.jsondata.JsonArray`, read
+    when the tensor is decoded), ``raw`` its binary data."""
 
     name: str
     datatype: str
@@ -102,26 +105,6 @@ class InferenceRequest:
     outputs: tuple[RequestedOutput, ...] | None = None
     id: str | None = None
     parameters: Parameters = field(default_factory=lambda: _EMPTY)
-
-
-def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in result:
-            raise RequestError(f"the request JSON repeats the key {show(key)}")
-        result[key] = value
-    return result
-
-
-def _loads(text: bytes | memoryview) -> Any:
-    try:
-        return json.loads(bytes(text), object_pairs_hook=_reject_duplicates)
-    except RecursionError as exc:
-        raise RequestError("the request JSON is nested too deeply") from exc
-    except UnicodeDecodeError as exc:
-        raise RequestError("the request body is not UTF-8 text") from exc
-    except ValueError as exc:  # json.JSONDecodeError
-        raise RequestError(f"the request body is not valid JSON ({exc})") from exc
 
 
 def _object(value: object, where: str) -> dict[str, Any]:
@@ -186,23 +169,29 @@ _INPUT_FIELDS: Final = frozenset({"name", "shape", "datatype", "parameters", "da
 _OUTPUT_FIELDS: Final = frozenset({"name", "parameters"})
 
 
-def parse_inference_request(body: bytes, *, json_length: int | None = None) -> InferenceRequest:
+def parse_inference_request(
+    body: bytes | bytearray,
+    *,
+    json_length: int | None = None,
+    max_json_elements: int = DEFAULT_MAX_JSON_ELEMENTS,
+) -> InferenceRequest:
     """Parse an inference request body.
 
     ``json_length`` is the value of the ``Inference-Header-Content-Length`` header (binary
     tensor data extension): the JSON header is the first ``json_length`` bytes and the rest holds
-    the binary inputs, in input order.
+    the binary inputs, in input order. A JSON header holding more than ``max_json_elements``
+    values is refused with HTTP 413 before it is parsed (:mod:`sealtorch.serving.jsondata`).
     """
     view = memoryview(body)
     if json_length is None:
-        header, binary = view, view[:0]
+        header, binary = body, view[:0]
     else:
         if not 0 < json_length <= len(body):
             raise RequestError(
                 "Inference-Header-Content-Length must be between 1 and the body size"
             )
-        header, binary = view[:json_length], view[json_length:]
-    document = _object(_loads(header), "the request")
+        header, binary = body[:json_length], view[json_length:]
+    document = _object(load_request_json(header, max_elements=max_json_elements), "the request")
     _keys(document, "the request", _REQUEST_FIELDS)
 
     request_id = document.get("id")

@@ -26,17 +26,19 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Generator, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Protocol
 
 import uvicorn
 
-from sealtorch._listen import listen_error
+from sealtorch._listen import ReadTimeouts, listen_error
+from sealtorch._uvicorn import http_options
 from sealtorch.errors import ConfigError
 from sealtorch.keys import DataKey, KeyProvider, as_key_provider
 from sealtorch.serving.app import AppLimits, create_app
+from sealtorch.serving.jsondata import DEFAULT_MAX_JSON_ELEMENTS
 from sealtorch.serving.metrics import ServingMetrics
 from sealtorch.serving.model import DEFAULT_MAX_IMAGES, ServedModel, check_model_name
 from sealtorch.serving.state import ServerState
@@ -62,6 +64,10 @@ class ServerSettings:
     #: Requests computed at the same time (size of the inference thread pool).
     workers: int = 1
     max_body_bytes: int = 64 * 1024 * 1024
+    #: Values a JSON request may hold (tensor elements and structure); beyond that 413.
+    max_json_elements: int = DEFAULT_MAX_JSON_ELEMENTS
+    #: How long a client may take to send a request (headers, body pauses, keep-alive idle).
+    read_timeouts: ReadTimeouts = field(default_factory=lambda: ReadTimeouts(keep_alive=5.0))
     #: Requests accepted while all workers are busy; beyond that the server answers 503.
     max_pending: int = 64
     max_images: int = DEFAULT_MAX_IMAGES
@@ -77,6 +83,8 @@ class ServerSettings:
             raise ConfigError("--workers must be at least 1")
         if self.max_body_bytes < 1024:
             raise ConfigError("the maximum body size must be at least 1 KiB")
+        if self.max_json_elements < 1:
+            raise ConfigError("--max-json-elements must be at least 1")
         if self.max_pending < 1:
             raise ConfigError("max_pending must be at least 1")
         if self.max_images < 1:
@@ -265,7 +273,11 @@ class InferenceServer:
         )
         self.app: FastAPI = create_app(
             self.state,
-            AppLimits(max_body_bytes=settings.max_body_bytes, max_pending=settings.max_pending),
+            AppLimits(
+                max_body_bytes=settings.max_body_bytes,
+                max_pending=settings.max_pending,
+                max_json_elements=settings.max_json_elements,
+            ),
         )
         self.url: str | None = None
         self.listening = threading.Event()
@@ -298,6 +310,7 @@ class InferenceServer:
             lifespan="off",
             server_header=False,
             timeout_graceful_shutdown=self.settings.drain_timeout,
+            **http_options(self.settings.read_timeouts),
         )
         self._server = _Uvicorn(config, self._signalled)
         if self._stop_requested:

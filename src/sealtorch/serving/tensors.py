@@ -19,13 +19,14 @@ import binascii
 import math
 import struct
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, Final
 
 import numpy as np
 import torch
 
 from sealtorch.serving.errors import RequestError
+from sealtorch.serving.jsondata import JsonArray
 from sealtorch.serving.protocol import shape_text
 
 __all__ = [
@@ -108,51 +109,154 @@ def decode_tensor(
     raw: bytes | None = None,
     where: str,
 ) -> torch.Tensor:
-    """Convert request data (JSON ``data`` or binary ``raw``) into a tensor of ``shape``."""
+    """Convert request data (JSON ``data`` or binary ``raw``) into a tensor of ``shape``.
+
+    JSON data is checked against the shape (flat or nested) before any value is parsed, then
+    converted a chunk at a time into the tensor: besides the tensor, memory holds one chunk's
+    values (:data:`~sealtorch.serving.jsondata.CHUNK_BYTES` of text).
+    """
     if datatype not in DTYPES:
         raise RequestError(f"{where} has datatype {datatype}, which is not a numeric tensor")
     count = _count(shape, where)
     if raw is not None:
         return _from_raw(raw, datatype=datatype, shape=shape, count=count, where=where)
+    if isinstance(data, JsonArray):
+        _check_layout(data, shape, count, where)
+        if count == 0:
+            return torch.empty(shape, dtype=DTYPES[datatype])
+        return _fill(data.chunks(where), datatype=datatype, shape=shape, count=count, where=where)
     if not isinstance(data, list):
         raise RequestError(f"{where}.data must be a JSON array")
+    values = _flat_values(data, shape, count, where)
+    if count == 0:
+        return torch.empty(shape, dtype=DTYPES[datatype])
+    converted = _convert(values, datatype, where).reshape(shape)
+    if datatype in _FLOATS:
+        return _round_once(converted, datatype)
+    return torch.from_numpy(converted.astype(_NUMPY[datatype], copy=False))
+
+
+def _mismatch(where: str, shape: tuple[int, ...], count: int, found: str) -> RequestError:
+    return RequestError(
+        f"{where}.data holds {found}, but the shape is {shape_text(shape)} ({count:,} elements, "
+        "flat or nested)"
+    )
+
+
+def _layout_length(shape: tuple[int, ...]) -> int:
+    """Length of the brackets and commas of a JSON array nested like ``shape``."""
+    length = 2 + max(shape[-1] - 1, 0)
+    for dim in reversed(shape[:-1]):
+        length = 2 + max(dim - 1, 0) + dim * length if dim else 2
+    return length
+
+
+def _layout(shape: tuple[int, ...]) -> bytes:
+    """The brackets and commas of a JSON array nested like ``shape`` (``[[,],[,]]``)."""
+    row = b"[" + b"," * max(shape[-1] - 1, 0) + b"]"
+    for dim in reversed(shape[:-1]):
+        row = b"[" + b",".join([row] * dim) + b"]"
+    return row
+
+
+def _check_layout(array: JsonArray, shape: tuple[int, ...], count: int, where: str) -> None:
+    """A cut-out data array: flat with ``count`` values, or nested exactly like ``shape``
+    (checked from its brackets and commas, before any value is parsed)."""
+    if array.flat:
+        values = array.separators + 1
+        if values != count:
+            raise _mismatch(where, shape, count, f"{values:,} elements")
+        return
+    layout = array.layout()
+    if len(shape) < 2 or len(layout) != _layout_length(shape) or layout != _layout(shape):
+        raise RequestError(
+            f"{where}.data is nested, but not like its shape {shape_text(shape)} ({count:,} "
+            "elements); send it flat (row-major) or nested exactly like the shape"
+        )
+    if count == 0 and array.holds_values():
+        raise _mismatch(where, shape, count, "values")
+
+
+def _flat_values(data: list[Any], shape: tuple[int, ...], count: int, where: str) -> list[Any]:
+    """The values of data parsed with the request (small): flat, or nested like ``shape``."""
+    if not data or type(data[0]) is not list:  # flat (a list among the values is refused later)
+        if len(data) != count:
+            raise _mismatch(where, shape, count, f"{len(data):,} elements")
+        return data
     try:
-        array = np.asarray(data)
-    except (ValueError, TypeError, OverflowError, RecursionError) as exc:
+        array = np.asarray(data, dtype=object)
+        values: list[Any] = array.reshape(-1).tolist()
+        if list in set(map(type, values)):  # NumPy keeps the rows of a ragged array as lists
+            raise ValueError("ragged")
+    except (ValueError, TypeError, RecursionError) as exc:
         raise RequestError(
             f"{where}.data is not a rectangular array of numbers in shape {shape_text(shape)}"
         ) from exc
     if array.size != count or (array.shape != shape and array.ndim != 1):
-        raise RequestError(
-            f"{where}.data holds {array.size:,} elements laid out as "
-            f"{shape_text(array.shape)}, but the shape is {shape_text(shape)} ({count:,} "
-            "elements, flat or nested)"
+        raise _mismatch(
+            where, shape, count, f"{array.size:,} elements laid out as {shape_text(array.shape)}"
         )
-    if count == 0:
-        return torch.empty(shape, dtype=DTYPES[datatype])
-    kind = array.dtype.kind
-    if datatype == "BOOL":
-        if kind != "b":
-            raise RequestError(f"{where}.data must hold only true/false for BOOL")
+    return values
+
+
+def _fill(
+    chunks: Iterable[list[Any]], *, datatype: str, shape: tuple[int, ...], count: int, where: str
+) -> torch.Tensor:
+    """Convert chunks of JSON values into one tensor (allocated once, at its final size, and
+    written a chunk at a time: the doubles of one chunk are all that is held besides)."""
+    bfloat16 = datatype == "BF16"
+    target = torch.empty(count, dtype=torch.bfloat16) if bfloat16 else None
+    array = None if bfloat16 else np.empty(count, dtype=_NUMPY[datatype])
+    position = 0
+    for values in chunks:
+        stop = position + len(values)
+        if stop > count:
+            raise _mismatch(where, shape, count, f"more than {count:,} elements")
+        converted = _convert(values, datatype, where)
+        if array is not None:
+            array[position:stop] = converted  # rounds doubles once to FP16/FP32
+        elif target is not None:
+            target[position:stop] = _round_once(converted, "BF16")
+        position = stop
+    if position != count:
+        raise _mismatch(where, shape, count, f"{position:,} elements")
+    if array is not None:
         return torch.from_numpy(array.reshape(shape))
+    assert target is not None  # noqa: S101 - one of the two is set
+    return target.reshape(shape)
+
+
+def _convert(values: list[Any], datatype: str, where: str) -> np.ndarray[Any, Any]:
+    """JSON values → a NumPy array (doubles for floating-point types), strictly typed: BOOL
+    takes only ``true``/``false``, integer types only integers in range, floating-point types
+    only numbers (never booleans)."""
+    kinds = set(map(type, values))
+    if datatype == "BOOL":
+        if kinds - {bool}:
+            raise RequestError(f"{where}.data must hold only true/false for BOOL")
+        return np.array(values, dtype=np.bool_)
     if datatype in _FLOATS:
-        if kind not in "fiu":
+        if kinds - {int, float}:
             raise RequestError(f"{where}.data must hold only numbers for {datatype}")
-        return _round_once(array.astype(np.float64, copy=False).reshape(shape), datatype)
-    if kind not in "iu":
-        # NumPy turns integers beyond int64 (mixed with small ones) into floats or objects;
-        # keep them exact as Python integers and let the range check decide.
-        exact = np.array(data, dtype=object)
-        if exact.shape != array.shape or not all(type(v) is int for v in exact.flat):
-            raise RequestError(f"{where}.data must hold only integers for {datatype}")
-        array = exact
+        try:
+            return np.array(values, dtype=np.float64)
+        except OverflowError as exc:
+            raise RequestError(f"{where}.data holds an integer too large for {datatype}") from exc
+    if kinds - {int}:
+        raise RequestError(f"{where}.data must hold only integers for {datatype}")
     info = np.iinfo(_NUMPY[datatype])
-    low, high = int(array.min()), int(array.max())
+    exact: np.ndarray[Any, Any] | None
+    try:
+        exact = np.array(values, dtype=np.int64)
+        low, high = int(exact.min()), int(exact.max())
+    except OverflowError:  # beyond int64: compare as Python integers
+        exact = None
+        low, high = min(values), max(values)
     if low < info.min or high > info.max:
         raise RequestError(
             f"{where}.data holds values outside the {datatype} range {info.min}..{info.max}"
         )
-    return torch.from_numpy(array.astype(_NUMPY[datatype], copy=False).reshape(shape))
+    return exact if exact is not None else np.array(values, dtype=_NUMPY[datatype])
 
 
 def _round_once(doubles: np.ndarray[Any, Any], datatype: str) -> torch.Tensor:
@@ -215,6 +319,8 @@ def decode_bytes_elements(
             elements.append(raw[offset : offset + length])
             offset += length
     else:
+        if isinstance(data, JsonArray):
+            raise RequestError(f"{where}.data must hold strings for BYTES")
         if not isinstance(data, list):
             raise RequestError(f"{where}.data must be a JSON array")
         flat = data
