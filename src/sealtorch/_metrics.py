@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import Final, Generic, TypeVar
+from typing import Final, Generic, Literal, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
@@ -58,8 +58,23 @@ class MetricsRegistry:
     def counter(self, name: str, documentation: str, labels: Sequence[str] = ()) -> Counter:
         return Counter(name, documentation, labels, registry=self.registry)
 
-    def gauge(self, name: str, documentation: str, labels: Sequence[str] = ()) -> Gauge:
-        return Gauge(name, documentation, labels, registry=self.registry)
+    def gauge(
+        self,
+        name: str,
+        documentation: str,
+        labels: Sequence[str] = (),
+        *,
+        multiprocess_mode: Literal["all", "mostrecent"] = "all",
+    ) -> Gauge:
+        """``multiprocess_mode="mostrecent"``: with several worker processes, the value the
+        latest writer set (for a value every process computes from shared state)."""
+        return Gauge(
+            name,
+            documentation,
+            labels,
+            registry=self.registry,
+            multiprocess_mode=multiprocess_mode,
+        )
 
     def histogram(
         self,

@@ -17,7 +17,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -34,6 +34,7 @@ from sealtorch._crypto.tls import (
 )
 from sealtorch.keyserver.store import Store
 from sealtorch.keyserver.tokens import TokenKind, issue_token
+from sealtorch.protocol.admin import ADMIN_SCOPES, AdminScope
 from sealtorch.protocol.audit import AuditEntry, AuditKind
 
 START_TIMEOUT = 30.0
@@ -104,11 +105,15 @@ class ServerThread:
         self.sock.close()
 
 
-def create_admin_token(store: Store, name: str = "test admin") -> str:
-    """A usable admin token stored (hashed) the way ``keyserver init`` does."""
+def create_admin_token(
+    store: Store, name: str = "test admin", scopes: Iterable[AdminScope] = ADMIN_SCOPES
+) -> str:
+    """A usable admin token stored (hashed) the way ``keyserver init`` does (every scope)."""
     issued = issue_token(TokenKind.ADMIN)
     with store.transaction() as tx:
-        tx.create_admin_token(token_id=issued.token_id, digest=issued.digest, name=name)
+        tx.create_admin_token(
+            token_id=issued.token_id, digest=issued.digest, name=name, scopes=scopes
+        )
         tx.append_audit(
             AuditEntry(
                 kind=AuditKind.ADMIN,

@@ -1,12 +1,18 @@
-"""Helpers for key store tests: real wrapped keys and audit entries."""
+"""Helpers for key store tests: real wrapped keys, audit entries, an old database."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
+
+import sqlalchemy as sa
 
 from sealtorch.keys import DataKey, generate_key
 from sealtorch.keyserver.masterkey import MasterKey, wrap_aad
 from sealtorch.keyserver.records import WrapFunction, WrappedDek
+from sealtorch.keyserver.store._migrations import MIGRATIONS, run_migrations
+from sealtorch.keyserver.store._schema import to_micros
+from sealtorch.keyserver.tokens import TokenKind, issue_token
 from sealtorch.protocol.audit import AuditEntry, AuditKind
 
 ADMIN_ACTOR = "0123456789abcdef"
@@ -76,3 +82,29 @@ def refuse_audit_inserts(store: Any) -> Any:
         for statement in ddl:
             conn.exec_driver_sql(statement)
     return engine
+
+
+def database_before_scopes(url: str, *, name: str) -> str:
+    """Make the database at ``url`` what a key server from before admin token scopes left:
+    schema version 1 with one admin token row written as that version wrote it. Returns the
+    token."""
+    issued = issue_token(TokenKind.ADMIN)
+    engine = sa.create_engine(url)
+    try:
+        with engine.begin() as conn:
+            assert run_migrations(conn, MIGRATIONS[:1]) == 1
+            conn.execute(
+                sa.text(
+                    "INSERT INTO admin_tokens (token_id, digest, name, created_at) "
+                    "VALUES (:token_id, :digest, :name, :created_at)"
+                ),
+                {
+                    "token_id": issued.token_id,
+                    "digest": issued.digest,
+                    "name": name,
+                    "created_at": to_micros(datetime.now(UTC)),
+                },
+            )
+    finally:
+        engine.dispose()
+    return issued.token

@@ -91,7 +91,9 @@ def test_init_serve_admin_release_audit_and_no_secret_leaks(
         listed = admin_cli(server, data, token_file, "--json", "model", "list")
         responses.append(listed.output.encode())
         assert json.loads(listed.output)[0]["policy_version"] == 1
-        created = admin_cli(server, data, token_file, "token", "create", "--name", "ci")
+        created = admin_cli(
+            server, data, token_file, "token", "create", "--name", "ci", "--scope", "seal"
+        )
         assert created.exit_code == 0
         second_token = created.output.strip().splitlines()[-1]
         assert second_token.startswith("sta_")

@@ -21,6 +21,7 @@ from sealtorch.keyserver.masterkey import FileMasterKey, FileMasterKeyConfig
 from sealtorch.keyserver.settings import KeyServerSettings
 from sealtorch.keyserver.store import Store, open_store, sqlite_url
 from sealtorch.keyserver.tokens import TokenKind, issue_token
+from sealtorch.protocol.admin import ADMIN_SCOPES
 from sealtorch.protocol.audit import AuditEntry, AuditKind
 
 _FUZZ = settings(
@@ -38,7 +39,9 @@ class _Api:
         self.attester = SimAttester(role="app", key_path=tmp / "sim.key")
         issued = issue_token(TokenKind.ADMIN)
         with self.store.transaction() as tx:
-            tx.create_admin_token(token_id=issued.token_id, digest=issued.digest, name="fuzz")
+            tx.create_admin_token(
+                token_id=issued.token_id, digest=issued.digest, name="fuzz", scopes=ADMIN_SCOPES
+            )
             tx.append_audit(AuditEntry(kind=AuditKind.ADMIN, action="token.create", decision="ok"))
         self.token = issued.token
         settings_ = KeyServerSettings(

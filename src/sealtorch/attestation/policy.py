@@ -40,6 +40,7 @@ from sealtorch.attestation.claims import Claims, TcbStatus, TeeType
 from sealtorch.errors import PolicyDenied, PolicyError
 
 __all__ = [
+    "INSECURE_FLAGS",
     "REASON_CODES",
     "Decision",
     "Policy",
@@ -241,6 +242,12 @@ class Policy(_Schema):
         """The normalised document (JSON-able): what the key server stores and returns."""
         return self.model_dump(mode="json")
 
+    @property
+    def insecure_flags(self) -> tuple[str, ...]:
+        """The ``*_insecure`` switches this policy turns on (names, sorted): a policy that a
+        key server operator should never see in production (it logs and counts them)."""
+        return tuple(flag for flag in INSECURE_FLAGS if getattr(self, flag))
+
     @functools.cached_property
     def digest(self) -> str:
         """SHA-256 of the canonical JSON of :meth:`to_dict` (identifies a policy version)."""
@@ -328,6 +335,12 @@ class Policy(_Schema):
                 "the evidence's report_data does not bind this request's nonce and public key",
             )
         return Decision.from_denials(denials, policy_name=self.name, policy_digest=self.digest)
+
+
+#: Every ``*_insecure`` switch of a policy (field names, sorted).
+INSECURE_FLAGS: Final[tuple[str, ...]] = tuple(
+    sorted(name for name in Policy.model_fields if name.endswith("_insecure"))
+)
 
 
 def _check_sgx(rules: SgxRules, claims: Claims, deny: Callable[[str, str], None]) -> None:

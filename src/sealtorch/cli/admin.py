@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from sealtorch.errors import ConfigError
+from sealtorch.protocol.admin import ADMIN_SCOPES, SCOPE_RIGHTS, check_scopes
 
 if TYPE_CHECKING:
     from pydantic import BaseModel
@@ -334,8 +335,30 @@ def token() -> None:
     """Create, list and revoke admin tokens."""
 
 
-@token.command("create")
+_SCOPE_HELP = "; ".join(f"{scope.value}: {SCOPE_RIGHTS[scope]}" for scope in ADMIN_SCOPES)
+
+
+@token.command(
+    "create",
+    epilog="""\b
+Examples:
+  sealtorch admin token create --name ci-seal --scope seal -o ci.token
+  sealtorch admin token create --name auditor --scope read --expires-in 86400
+  sealtorch admin token create --name ops --scope read --scope policy-admin
+
+\b
+A token can only give scopes it holds itself, and a token that expires can only
+create tokens that expire no later.
+""",
+)
 @click.option("--name", required=True, help="What the token is for (shown in listings).")
+@click.option(
+    "--scope",
+    "scopes",
+    multiple=True,
+    metavar="SCOPE",
+    help=f"What the token may do; repeat for several (at least one). {_SCOPE_HELP}.",
+)
 @click.option("--expires-in", type=click.IntRange(60), help="Lifetime in seconds.")
 @click.option(
     "-o",
@@ -344,33 +367,57 @@ def token() -> None:
     help="Write the token to this new file (mode 0600) instead of printing it.",
 )
 @pass_context
-def token_create(ctx: _Context, name: str, expires_in: int | None, output: Path | None) -> None:
-    """Create an admin token; it is shown once (stored only as a hash)."""
+def token_create(
+    ctx: _Context,
+    name: str,
+    scopes: tuple[str, ...],
+    expires_in: int | None,
+    output: Path | None,
+) -> None:
+    """Create an admin token with the given scopes; it is shown once (stored only as a hash)."""
+    try:
+        checked = check_scopes(scopes)
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from exc
     if output is not None and output.exists():
         raise ConfigError(f"{output} already exists; choose a new file for the token")
     with ctx.client() as client:
-        created = client.create_token(name, expires_in=expires_in)
+        created = client.create_token(name, scopes=checked, expires_in=expires_in)
     if output is not None:
         fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w", encoding="ascii") as handle:
             handle.write(created.token + "\n")
-        click.echo(f"token {created.info.token_id} written to {output} (mode 0600)")
+        click.echo(
+            f"token {created.info.token_id} ({', '.join(created.info.scopes)}) written to "
+            f"{output} (mode 0600)"
+        )
     elif ctx.as_json:
         click.echo(created.model_dump_json(indent=2))
     else:
-        click.echo(f"token {created.info.token_id} ({name}); shown once:", err=True)
+        click.echo(
+            f"token {created.info.token_id} ({name}; scopes {', '.join(created.info.scopes)}); "
+            "shown once:",
+            err=True,
+        )
         click.echo(created.token)
 
 
 @token.command("list")
 @pass_context
 def token_list(ctx: _Context) -> None:
-    """List admin tokens (ids and names; never the secrets)."""
+    """List admin tokens (ids, names and scopes; never the secrets)."""
     with ctx.client() as client:
         tokens = client.list_tokens()
-    rows = [("TOKEN ID", "NAME", "CREATED", "EXPIRES", "REVOKED")]
+    rows = [("TOKEN ID", "NAME", "SCOPES", "CREATED", "EXPIRES", "REVOKED")]
     rows += [
-        (t.token_id, t.name, _time(t.created_at), _time(t.expires_at), _time(t.revoked_at))
+        (
+            t.token_id,
+            t.name,
+            ",".join(t.scopes) or "-",
+            _time(t.created_at),
+            _time(t.expires_at),
+            _time(t.revoked_at),
+        )
         for t in tokens
     ]
     _emit(ctx, tokens, rows)
@@ -380,7 +427,8 @@ def token_list(ctx: _Context) -> None:
 @click.argument("token_id")
 @pass_context
 def token_revoke(ctx: _Context, token_id: str) -> None:
-    """Revoke an admin token (the last usable one cannot be revoked)."""
+    """Revoke an admin token (one with no scope yours lacks; never the last usable token with
+    every scope)."""
     with ctx.client() as client:
         info = client.revoke_token(token_id)
     _emit(ctx, info, [(f"token {token_id} revoked",)])

@@ -123,6 +123,7 @@ def init(
     from sealtorch.attestation import parse_sim_public_key
     from sealtorch.keyserver.datadir import init_data_dir
     from sealtorch.keyserver.masterkey import Pkcs11MasterKeyConfig
+    from sealtorch.protocol.admin import ADMIN_SCOPES
 
     pkcs11 = None
     if pkcs11_module or token_label:
@@ -151,6 +152,10 @@ def init(
     click.echo(f"  master key:  {result.master_key_id}")
     click.echo(f"  TLS CA:      {result.ca_path}  (give this file to clients: --ca)")
     click.echo(f"  start it:    sealtorch keyserver serve {result.data_dir}")
+    click.echo(
+        "  admin token scopes: all (" + ", ".join(scope.value for scope in ADMIN_SCOPES) + "); "
+        "for CI sealing make a narrower one: sealtorch admin token create --name ci --scope seal"
+    )
     if admin_token_file is not None:
         fd = os.open(admin_token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w", encoding="ascii") as handle:

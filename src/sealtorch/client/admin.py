@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
@@ -24,6 +24,7 @@ from sealtorch.errors import ConfigError, Error, ProtocolError
 from sealtorch.keys import DataKey
 from sealtorch.protocol import API_PREFIX, ErrorBody
 from sealtorch.protocol.admin import (
+    AdminScope,
     AuditPage,
     CreatedModel,
     CreatedToken,
@@ -39,6 +40,7 @@ from sealtorch.protocol.admin import (
     SetPolicyRequest,
     TokenInfo,
     WrapRequest,
+    check_scopes,
 )
 from sealtorch.protocol.audit import AuditHead, read_jsonl
 from sealtorch.sealed.header import KeyBlock
@@ -147,6 +149,10 @@ class AdminClient:
                 401: " (pass the admin token with --token-file or --token-env)",
                 403: " (the admin token is wrong, revoked or expired)",
             }.get(response.status_code, "")
+            if code == "insufficient_scope":  # the message names the scope
+                hint = " (use a token that has it)"
+            elif code == "token_outlives_creator":
+                hint = ""
             raise AdminError(f"{message}{hint}", code=code, status_code=response.status_code)
         try:
             return response.json()
@@ -230,9 +236,16 @@ class AdminClient:
 
     # -- tokens --
 
-    def create_token(self, name: str, *, expires_in: int | None = None) -> CreatedToken:
-
-        body = CreateTokenRequest(name=name, expires_in=expires_in)
+    def create_token(
+        self,
+        name: str,
+        *,
+        scopes: Iterable[AdminScope | str],
+        expires_in: int | None = None,
+    ) -> CreatedToken:
+        """A new admin token with ``scopes`` (at least one; see :class:`AdminScope`), none of
+        which this client's token may lack."""
+        body = CreateTokenRequest(name=name, scopes=check_scopes(scopes), expires_in=expires_in)
         result: CreatedToken = self._as(CreatedToken, self._call("POST", "/tokens", body))
         return result
 

@@ -35,6 +35,7 @@ from sealtorch.keyserver.masterkey import (
 from sealtorch.keyserver.settings import CONFIG_FILE, load_settings, render_config
 from sealtorch.keyserver.store import open_store
 from sealtorch.keyserver.tokens import TokenKind, issue_token
+from sealtorch.protocol.admin import ADMIN_SCOPES
 from sealtorch.protocol.audit import AuditEntry, AuditKind
 
 __all__ = ["InitResult", "init_data_dir"]
@@ -122,7 +123,10 @@ def init_data_dir(
             issued = issue_token(TokenKind.ADMIN)
             with store.transaction() as tx:
                 tx.create_admin_token(
-                    token_id=issued.token_id, digest=issued.digest, name="initial admin token"
+                    token_id=issued.token_id,
+                    digest=issued.digest,
+                    name="initial admin token",
+                    scopes=ADMIN_SCOPES,
                 )
                 tx.append_audit(
                     AuditEntry(
@@ -131,6 +135,7 @@ def init_data_dir(
                         decision="ok",
                         details={
                             "token_id": issued.token_id,
+                            "scopes": [scope.value for scope in ADMIN_SCOPES],
                             "master_key_id": master.key_id,
                         },
                     )

@@ -11,6 +11,7 @@ and reason codes come from fixed vocabularies.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Final
 
 from sealtorch._metrics import (
@@ -21,6 +22,7 @@ from sealtorch._metrics import (
     RequestObserver,
 )
 from sealtorch._metrics import bounded_label as _label
+from sealtorch.attestation.policy import INSECURE_FLAGS
 
 __all__ = ["CONTENT_TYPE", "MULTIPROC_ENV", "Metrics"]
 
@@ -62,11 +64,35 @@ class Metrics(MetricsRegistry):
             "Admin requests refused for a missing or invalid bearer token",
             ["status"],
         )
+        self.admin_scope_refusals = self.counter(
+            "sealtorch_keyserver_admin_scope_refusals",
+            "Admin requests refused because the token lacks the scope the action needs",
+            ["action"],
+        )
+        self.insecure_policy_sets = self.counter(
+            "sealtorch_keyserver_insecure_policy_sets",
+            "Policies set with an *_insecure flag turned on, by flag",
+            ["flag"],
+        )
+        self.insecure_policies = self.gauge(
+            "sealtorch_keyserver_insecure_policies",
+            "Live models whose current policy turns on an *_insecure flag, by flag (read from "
+            "the key store when /metrics is scraped)",
+            ["flag"],
+            multiprocess_mode="mostrecent",
+        )
+        for flag in INSECURE_FLAGS:
+            self.insecure_policy_sets.labels(flag)
         self._observe_request = RequestObserver(self.requests, self.latency)
         self._decision_children = LabelCache(self.decisions)
 
     def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
         self._observe_request(seconds, route, method, status)
+
+    def set_insecure_policies(self, counts: Mapping[str, int]) -> None:
+        """The gauge of current insecure policies; every known flag gets a value (0 too)."""
+        for flag in INSECURE_FLAGS:
+            self.insecure_policies.labels(flag).set(counts.get(flag, 0))
 
     def observe_decision(self, action: str, decision: str, reasons: list[str]) -> None:
         self._decision_children(action, decision).inc()

@@ -20,6 +20,7 @@ from enum import StrEnum
 from typing import Any
 
 from sealtorch.errors import ConfigError, Error, KeyAccessError
+from sealtorch.protocol.admin import AdminScope
 
 __all__ = [
     "MODEL_ID_PATTERN",
@@ -193,6 +194,8 @@ class AdminTokenRecord:
     created_at: datetime
     expires_at: datetime | None = None
     revoked_at: datetime | None = None
+    #: What the token may do; empty means nothing (an unknown stored scope is dropped).
+    scopes: frozenset[AdminScope] = frozenset()
 
     def usable_at(self, now: datetime) -> bool:
         return self.revoked_at is None and (self.expires_at is None or now < self.expires_at)

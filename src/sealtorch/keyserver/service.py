@@ -59,6 +59,7 @@ from sealtorch._release import (
     session_models,
 )
 from sealtorch.attestation import Claims, Policy, VerifierSet
+from sealtorch.attestation.policy import INSECURE_FLAGS
 from sealtorch.errors import (
     AttestationError,
     AuditError,
@@ -102,6 +103,8 @@ from sealtorch.protocol import (
     SessionGrant,
 )
 from sealtorch.protocol.admin import (
+    ADMIN_SCOPES,
+    AdminScope,
     AuditHeadInfo,
     AuditPage,
     CreatedModel,
@@ -142,10 +145,14 @@ class ServiceError(RequestError):
 
 @dataclass(frozen=True)
 class Actor:
-    """Who calls an admin operation (an authenticated admin token) and from where."""
+    """Who calls an admin operation (an authenticated admin token) and from where, with what
+    that token may do (no scopes: nothing) and when it expires."""
 
     token_id: str
     client_address: str | None = None
+    name: str = ""
+    scopes: frozenset[AdminScope] = frozenset()
+    expires_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -228,10 +235,16 @@ def _key_info(record: KeyVersionRecord) -> KeyVersionInfo:
     )
 
 
+def _scope_list(scopes: frozenset[AdminScope]) -> list[str]:
+    """Scope names in documented order."""
+    return [scope.value for scope in ADMIN_SCOPES if scope in scopes]
+
+
 def _token_info(record: AdminTokenRecord) -> TokenInfo:
     return TokenInfo(
         token_id=record.token_id,
         name=record.name,
+        scopes=tuple(_scope_list(record.scopes)),
         created_at=record.created_at,
         expires_at=record.expires_at,
         revoked_at=record.revoked_at,
@@ -754,7 +767,73 @@ class KeyService:
             raise ServiceError(ErrorKind.FORBIDDEN, "token_invalid", str(exc)) from exc
         except StorageError as exc:
             raise _unavailable(exc) from exc
-        return Actor(token_id=record.token_id, client_address=client_address)
+        return Actor(
+            token_id=record.token_id,
+            client_address=client_address,
+            name=record.name,
+            scopes=record.scopes,
+            expires_at=record.expires_at,
+        )
+
+    def authorize(
+        self,
+        actor: Actor,
+        needs: Sequence[AdminScope],
+        *,
+        action: str,
+        purpose: str,
+        model_ids: Sequence[str] = (),
+    ) -> None:
+        """Return if ``actor`` holds one of ``needs``; else audit the refusal and raise
+        ``403 insufficient_scope`` naming the scope (``purpose``: "set policies"...)."""
+        if actor.scopes.intersection(needs):
+            return
+        names = " or ".join(f"'{scope.value}'" for scope in needs)
+        self._refuse(
+            actor,
+            action,
+            model_ids,
+            f"this token lacks scope {names}, needed to {purpose}",
+            {"needed": [scope.value for scope in needs]},
+        )
+
+    def _refuse(
+        self,
+        actor: Actor,
+        action: str,
+        model_ids: Sequence[str],
+        message: str,
+        details: dict[str, Any],
+        *,
+        code: str = "insufficient_scope",
+    ) -> NoReturn:
+        """Log and audit an admin action this token may not take, then raise ``403 code``.
+
+        The refusal stands even if its audit record cannot be written (logged)."""
+        _log.warning(
+            "admin request refused (%s): %s; token %s %r",
+            code,
+            message,
+            actor.token_id,
+            actor.name,
+            extra={"client_address": actor.client_address, "action": action},
+        )
+        try:
+            self._store.append_audit(
+                AuditEntry(
+                    kind=AuditKind.ADMIN,
+                    action=action,
+                    decision="refuse",
+                    actor=actor.token_id,
+                    client_address=actor.client_address,
+                    model_ids=tuple(model_ids),
+                    reasons=(code,),
+                    details={**details, "scopes": _scope_list(actor.scopes)},
+                )
+            )
+        except StorageError as exc:
+            _log.error("could not audit a refused %s: %s", action, exc)
+        raise ServiceError(ErrorKind.FORBIDDEN, code, message)
 
     # -- admin: models and keys -------------------------------------------------------------------
 
@@ -846,14 +925,47 @@ class KeyService:
     # -- admin: policies --------------------------------------------------------------------------
 
     def set_policy(self, actor: Actor, model_id: str, document: dict[str, Any]) -> PolicyInfo:
+        """Store a new policy version. One that turns on an ``*_insecure`` flag is logged at
+        WARNING (model, flags, token) and its audit record lists the flags."""
+        insecure: tuple[str, ...] = ()
+
         def change(tx: Any) -> tuple[PolicyInfo, dict[str, Any]]:
+            nonlocal insecure
             policy = Policy.from_dict(document, source=f"policy for {model_id}")
+            insecure = policy.insecure_flags
             record = tx.set_policy(model_id, canonical_policy(policy))
-            details = {"policy_version": record.version, "policy_digest": record.digest}
+            details: dict[str, Any] = {
+                "policy_version": record.version,
+                "policy_digest": record.digest,
+            }
+            if insecure:
+                details["insecure"] = list(insecure)
             return _policy_info(record), details
 
         result: PolicyInfo = self._admin_change(actor, "policy.set", [model_id], change)
+        if insecure:
+            _log.warning(
+                "INSECURE policy v%d set for model %s: %s; by admin token %s %r",
+                result.version,
+                model_id,
+                ", ".join(insecure),
+                actor.token_id,
+                actor.name,
+                extra={"model_id": model_id, "insecure": list(insecure)},
+            )
         return result
+
+    def insecure_policies(self) -> dict[str, int]:
+        """How many live models' current policies turn on each ``*_insecure`` flag."""
+        counts = dict.fromkeys(INSECURE_FLAGS, 0)
+        for record in self._read(self._store.current_policies):
+            try:
+                policy = self._policy(record)
+            except ConfigError:  # an invalid stored policy releases nothing
+                continue
+            for flag in policy.insecure_flags:
+                counts[flag] += 1
+        return counts
 
     def show_policy(self, model_id: str) -> PolicyInfo:
         if self._read(self._store.get_model, model_id) is None:
@@ -876,18 +988,52 @@ class KeyService:
     # -- admin: tokens ----------------------------------------------------------------------------
 
     def create_token(
-        self, actor: Actor, *, name: str, expires_in: int | None = None
+        self,
+        actor: Actor,
+        *,
+        name: str,
+        scopes: Sequence[AdminScope],
+        expires_in: int | None = None,
     ) -> CreatedToken:
-        issued = issue_token(TokenKind.ADMIN)
+        """A new admin token with ``scopes`` (at least one), none of which ``actor`` lacks, and
+        that expires no later than ``actor``'s token: a token cannot mint a stronger one."""
+        wanted = frozenset(scopes)
         expires_at = self.now() + timedelta(seconds=expires_in) if expires_in else None
+        missing = [scope for scope in ADMIN_SCOPES if scope in wanted - actor.scopes]
+        if missing:
+            names = ", ".join(f"'{scope.value}'" for scope in missing)
+            self._refuse(
+                actor,
+                "token.create",
+                (),
+                f"this token lacks scope {names}, so it cannot create a token that has it",
+                {"requested": _scope_list(wanted)},
+            )
+        if actor.expires_at is not None and (expires_at is None or expires_at > actor.expires_at):
+            left = max(60, int((actor.expires_at - self.now()).total_seconds()))
+            self._refuse(
+                actor,
+                "token.create",
+                (),
+                f"this token expires at {_rfc3339(actor.expires_at)}; a token it creates may not "
+                f"outlive it (give an expiry of at most {left} seconds)",
+                {"requested_expires_in": expires_in},
+                code="token_outlives_creator",
+            )
+        issued = issue_token(TokenKind.ADMIN)
 
         def change(tx: Any) -> tuple[CreatedToken, dict[str, Any]]:
             record = tx.create_admin_token(
-                token_id=issued.token_id, digest=issued.digest, name=name, expires_at=expires_at
+                token_id=issued.token_id,
+                digest=issued.digest,
+                name=name,
+                scopes=wanted,
+                expires_at=expires_at,
             )
             return CreatedToken(info=_token_info(record), token=issued.token), {
                 "token_id": issued.token_id,
                 "name": name,
+                "scopes": _scope_list(wanted),
             }
 
         result: CreatedToken = self._admin_change(actor, "token.create", [], change)
@@ -897,12 +1043,34 @@ class KeyService:
         return [_token_info(r) for r in self._read(self._store.list_admin_tokens)]
 
     def revoke_token(self, actor: Actor, token_id: str) -> TokenInfo:
+        """Revoke a token whose scopes ``actor`` all holds (a token-admin cannot disarm a
+        stronger token), unless it is the last usable token holding every scope (without one,
+        no token could ever grant some scope again)."""
+        target = self._read(self._store.get_admin_token, token_id)
+        if target is not None and not target.scopes <= actor.scopes:
+            missing = [scope for scope in ADMIN_SCOPES if scope in target.scopes - actor.scopes]
+            names = ", ".join(f"'{scope.value}'" for scope in missing)
+            self._refuse(
+                actor,
+                "token.revoke",
+                (),
+                f"this token lacks scope {names} that token {token_id} holds, so it cannot "
+                "revoke it",
+                {"token_id": token_id},
+            )
+
         def change(tx: Any) -> tuple[TokenInfo, dict[str, Any]]:
             now = self.now()
             usable = [r for r in self._store.list_admin_tokens() if r.usable_at(now)]
             if [r.token_id for r in usable] == [token_id]:
                 raise ConflictError(
                     "this is the last usable admin token; create another one before revoking it"
+                )
+            full = [r.token_id for r in usable if r.scopes >= frozenset(ADMIN_SCOPES)]
+            if full == [token_id]:
+                raise ConflictError(
+                    "this is the last usable admin token with every scope; create another one "
+                    "(`sealtorch admin token create` with every --scope) before revoking it"
                 )
             record = tx.revoke_admin_token(token_id)
             return _token_info(record), {"token_id": token_id}

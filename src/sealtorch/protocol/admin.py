@@ -3,17 +3,26 @@
 Like the release protocol's schemas, these are the only admin types that cross the network: the
 service builds them from store records, which never reach a response directly. Requests forbid
 unknown fields. Binary values are base64url without padding; times are RFC 3339 UTC.
+
+Admin tokens carry *scopes* (:class:`AdminScope`); each admin route needs one of them
+(``docs/keyserver.md`` has the table).
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from collections.abc import Iterable
+from enum import StrEnum
+from typing import Annotated, Any, Final
 
 from pydantic import Field
 
+from sealtorch.errors import ConfigError
 from sealtorch.protocol._wire import B64Bytes, ModelId, UtcDatetime, WireModel
 
 __all__ = [
+    "ADMIN_SCOPES",
+    "SCOPE_RIGHTS",
+    "AdminScope",
     "AuditHeadInfo",
     "AuditPage",
     "BodyHeaderWire",
@@ -31,7 +40,57 @@ __all__ = [
     "SetPolicyRequest",
     "TokenInfo",
     "WrapRequest",
+    "check_scopes",
 ]
+
+
+class AdminScope(StrEnum):
+    """What an admin token may do. A token holds a set of scopes; each admin route needs one."""
+
+    #: Wrap and rewrap content keys of existing models (``encrypt``/``rewrap --keyserver``).
+    SEAL = "seal"
+    #: List and show models, key versions, policies, tokens' metadata; read the audit log.
+    READ = "read"
+    #: Set release policies; rotate and revoke key versions.
+    POLICY_ADMIN = "policy-admin"
+    #: Create models and delete them (deleting destroys every key version).
+    MODEL_ADMIN = "model-admin"
+    #: Create, list and revoke admin tokens (never with a scope the creating token lacks).
+    TOKEN_ADMIN = "token-admin"  # noqa: S105 - a scope name, not a password
+
+
+#: Every scope, in the order they are documented (``keyserver init``'s token holds them all).
+ADMIN_SCOPES: Final[tuple[AdminScope, ...]] = tuple(AdminScope)
+
+#: What each scope allows, in words (help texts and error messages).
+SCOPE_RIGHTS: Final[dict[AdminScope, str]] = {
+    AdminScope.SEAL: "wrap/rewrap content keys of existing models (encrypt/rewrap --keyserver)",
+    AdminScope.READ: "list and show models, keys, policies, tokens; read the audit log",
+    AdminScope.POLICY_ADMIN: "set release policies; rotate and revoke keys",
+    AdminScope.MODEL_ADMIN: "create models; delete them (destroys their keys)",
+    AdminScope.TOKEN_ADMIN: "create, list and revoke admin tokens (never with more scopes)",
+}
+
+
+def check_scopes(values: Iterable[str]) -> tuple[AdminScope, ...]:
+    """``values`` as scopes (duplicates dropped, documented order); at least one is needed.
+
+    Raises :class:`~sealtorch.errors.ConfigError` listing the scopes for an empty or unknown
+    value: a new token never gets "everything" by default.
+    """
+    given = [str(value) for value in values]
+    known = {scope.value for scope in AdminScope}
+    unknown = [value for value in given if value not in known]
+    if unknown or not given:
+        listing = "; ".join(f"{scope.value}: {SCOPE_RIGHTS[scope]}" for scope in ADMIN_SCOPES)
+        what = (
+            f"unknown scope {unknown[0][:64]!r}"
+            if unknown
+            else "an admin token needs at least one scope"
+        )
+        raise ConfigError(f"{what}; choose from (repeat --scope for several): {listing}")
+    return tuple(scope for scope in ADMIN_SCOPES if scope.value in given)
+
 
 _Key32 = Annotated[B64Bytes, Field(min_length=32, max_length=32)]
 
@@ -90,6 +149,8 @@ class SetPolicyRequest(WireModel):
 
 class CreateTokenRequest(WireModel):
     name: Annotated[str, Field(min_length=1, max_length=200)]
+    #: What the token may do (at least one; never more than the creating token holds).
+    scopes: Annotated[tuple[AdminScope, ...], Field(min_length=1, max_length=16)]
     #: Lifetime in seconds; ``None`` never expires (revoke it when no longer needed).
     expires_in: Annotated[int, Field(ge=60, le=10 * 365 * 86400)] | None = None
 
@@ -97,6 +158,8 @@ class CreateTokenRequest(WireModel):
 class TokenInfo(WireModel):
     token_id: str
     name: str
+    #: The token's scopes (:class:`AdminScope` values, documented order).
+    scopes: tuple[str, ...] = ()
     created_at: UtcDatetime
     expires_at: UtcDatetime | None = None
     revoked_at: UtcDatetime | None = None

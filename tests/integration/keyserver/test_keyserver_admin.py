@@ -14,6 +14,7 @@ from _fixtures.keyserver import KeyServerUnderTest
 from sealtorch.client import AdminClient, AdminError
 from sealtorch.errors import IntegrityError
 from sealtorch.keys import generate_key
+from sealtorch.protocol.admin import ADMIN_SCOPES
 from sealtorch.protocol.audit import verify_chain
 from sealtorch.sealed.header import BodyHeader, Header
 from sealtorch.sealed.keywrap import unwrap_content_key
@@ -39,9 +40,9 @@ def test_every_admin_route_needs_a_valid_token(
 ) -> None:
     routes = _admin_routes(keyserver)
     with keyserver.admin() as admin:
-        revoked = admin.create_token("to revoke")
+        revoked = admin.create_token("to revoke", scopes=ADMIN_SCOPES)
         admin.revoke_token(revoked.info.token_id)
-        expiring = admin.create_token("short", expires_in=60)
+        expiring = admin.create_token("short", scopes=ADMIN_SCOPES, expires_in=60)
     clock.advance(seconds=61)
     wrong = f"sta_{secrets.token_hex(8)}.{'A' * 43}"
     real_id = keyserver.admin_token.split(".")[0]
@@ -128,7 +129,7 @@ def test_the_last_admin_token_cannot_be_revoked(keyserver: KeyServerUnderTest) -
         with pytest.raises(AdminError) as caught:
             admin.revoke_token(only.token_id)
         assert caught.value.status_code == 409
-        second = admin.create_token("ops")
+        second = admin.create_token("ops", scopes=ADMIN_SCOPES)
         assert second.token.startswith("sta_")
         admin.revoke_token(only.token_id)
     with pytest.raises(AdminError) as caught, keyserver.admin() as admin:
@@ -148,7 +149,7 @@ def test_every_admin_change_is_audited_and_the_chain_verifies(
         admin.revoke_key("m", 1)
         with pytest.raises(AdminError):
             admin.revoke_key("m", 1)
-        admin.create_token("x")
+        admin.create_token("x", scopes=["seal"])
         records = list(admin.iter_audit())
         head = admin.audit_head()
     actions = [(r.action, r.decision) for r in records if r.kind == "admin"]

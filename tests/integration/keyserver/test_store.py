@@ -20,7 +20,9 @@ from sealtorch.keyserver.records import (
     WrappedKey,
 )
 from sealtorch.keyserver.store import Store
+from sealtorch.keyserver.store._migrations import MIGRATIONS
 from sealtorch.keyserver.tokens import TokenKind, issue_token
+from sealtorch.protocol.admin import ADMIN_SCOPES, AdminScope
 from sealtorch.protocol.audit import verify_chain
 
 
@@ -61,7 +63,9 @@ def test_records_do_not_carry_secret_columns(store: Store, master: FileMasterKey
     assert "61 bytes" in repr(wrapped)
     issued = issue_token(TokenKind.ADMIN)
     with store.transaction() as tx:
-        tx.create_admin_token(token_id=issued.token_id, digest=issued.digest, name="ops")
+        tx.create_admin_token(
+            token_id=issued.token_id, digest=issued.digest, name="ops", scopes=[AdminScope.READ]
+        )
         tx.append_audit(admin_entry("token.create"))
     listed = store.list_admin_tokens()
     assert not hasattr(listed[0], "digest")
@@ -373,6 +377,7 @@ def test_admin_token_lifecycle(store: Store, clock: FakeClock) -> None:
             token_id=issued.token_id,
             digest=issued.digest,
             name="first admin",
+            scopes=[AdminScope.SEAL, AdminScope.READ],
             expires_at=clock.now + timedelta(days=30),
         )
         tx.append_audit(admin_entry("token.create"))
@@ -388,7 +393,7 @@ def test_admin_token_lifecycle(store: Store, clock: FakeClock) -> None:
     with pytest.raises(NotFoundError), store.transaction() as tx:
         tx.revoke_admin_token("ffffffffffffffff")
     with pytest.raises(ConfigError, match="16 lowercase hex"), store.transaction() as tx:
-        tx.create_admin_token(token_id="XYZ", digest=issued.digest, name="bad")
+        tx.create_admin_token(token_id="XYZ", digest=issued.digest, name="bad", scopes=ADMIN_SCOPES)
 
 
 def test_session_binds_key_and_claims(store: Store, clock: FakeClock) -> None:
@@ -426,8 +431,8 @@ def test_session_binds_key_and_claims(store: Store, clock: FakeClock) -> None:
 
 
 def test_migrate_is_idempotent_and_schema_checked(store: Store) -> None:
-    assert store.migrate() == 1
-    assert store.schema_version() == 1
+    assert store.migrate() == len(MIGRATIONS)
+    assert store.schema_version() == len(MIGRATIONS)
     store.check_schema()
     store.ping()
     assert store.backend in {"sqlite", "postgresql"}
@@ -438,7 +443,8 @@ def test_unmigrated_database_is_refused(store_url: str) -> None:
 
     fresh = open_store(store_url)
     try:
-        with pytest.raises(StorageError, match="version 0, but this sealtorch needs version 1"):
+        needs = f"version 0, but this sealtorch needs version {len(MIGRATIONS)}"
+        with pytest.raises(StorageError, match=needs):
             fresh.check_schema()
     finally:
         fresh.close()

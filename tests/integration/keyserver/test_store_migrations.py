@@ -1,4 +1,5 @@
-"""Schema migrations on SQLite and PostgreSQL: fresh, older, newer, failing, drift-free."""
+"""Schema migrations on SQLite and PostgreSQL: fresh, older, newer, failing, drift-free; admin
+token scopes (step 2) for tokens from before them."""
 
 from __future__ import annotations
 
@@ -7,12 +8,14 @@ from datetime import UTC, datetime
 import pytest
 import sqlalchemy as sa
 
-from _fixtures.keystore import admin_entry, make_wrapper
+from _fixtures.keystore import admin_entry, database_before_scopes, make_wrapper
 from sealtorch.errors import StorageError
 from sealtorch.keyserver.masterkey import FileMasterKey
 from sealtorch.keyserver.store import Store, open_store
 from sealtorch.keyserver.store import _schema as schema
 from sealtorch.keyserver.store._migrations import MIGRATIONS, Migration, run_migrations
+from sealtorch.keyserver.tokens import TokenKind, authenticate_admin, issue_token
+from sealtorch.protocol.admin import ADMIN_SCOPES
 
 
 def _engine(store: Store) -> sa.Engine:
@@ -63,7 +66,7 @@ def test_migrated_schema_matches_the_code(store: Store) -> None:
 
 
 def test_older_database_is_upgraded_in_place(store: Store, master: FileMasterKey) -> None:
-    """A database at version 1 holding data meets code with a version 2 step."""
+    """A database at the current version holding data meets code with one more step."""
     with store.transaction() as tx:
         tx.create_model("kept", wrap=make_wrapper(master, "kept"))
         tx.append_audit(admin_entry("model.create", "kept"))
@@ -72,15 +75,16 @@ def test_older_database_is_upgraded_in_place(store: Store, master: FileMasterKey
         conn.execute(sa.text("ALTER TABLE models ADD COLUMN description VARCHAR(200)"))
         conn.execute(sa.text("UPDATE models SET description = 'migrated'"))
 
-    steps = (*MIGRATIONS, Migration(2, "model descriptions", v2))
+    nxt = len(MIGRATIONS) + 1
+    steps = (*MIGRATIONS, Migration(nxt, "model descriptions", v2))
     with _write(store) as conn, conn.begin():
-        assert run_migrations(conn, steps, now=datetime.now(UTC)) == 2
+        assert run_migrations(conn, steps, now=datetime.now(UTC)) == nxt
     with _write(store) as conn, conn.begin():
-        assert run_migrations(conn, steps) == 2  # nothing left to do
+        assert run_migrations(conn, steps) == nxt  # nothing left to do
     with _engine(store).connect() as conn:
         assert conn.execute(sa.text("SELECT description FROM models")).scalar() == "migrated"
         versions = conn.execute(sa.text("SELECT version FROM schema_migrations")).scalars()
-        assert sorted(versions) == [1, 2]
+        assert sorted(versions) == list(range(1, nxt + 1))
     assert store.get_model("kept") is not None  # data and audit survive
     assert store.audit_head().seq == 1
 
@@ -92,17 +96,18 @@ def test_failed_step_leaves_the_old_schema(store_url: str) -> None:
 
     store = open_store(store_url)
     try:
+        broken_step = Migration(len(MIGRATIONS) + 1, "broken", broken)
         with (
             pytest.raises(RuntimeError, match="step 2 failed"),
             _write(store) as conn,
             conn.begin(),
         ):
-            run_migrations(conn, (*MIGRATIONS, Migration(2, "broken", broken)))
+            run_migrations(conn, (*MIGRATIONS, broken_step))
         assert store.schema_version() == 0  # even step 1 was rolled back with it
         tables = set(sa.inspect(_engine(store)).get_table_names())
         assert "half_done" not in tables
         assert "models" not in tables
-        assert store.migrate() == 1
+        assert store.migrate() == len(MIGRATIONS)
     finally:
         store.close()
 
@@ -121,3 +126,33 @@ def test_newer_database_is_refused(store: Store) -> None:
 def test_misnumbered_steps_are_refused(store: Store) -> None:
     with pytest.raises(StorageError, match="numbered"), _write(store) as conn, conn.begin():
         run_migrations(conn, (Migration(2, "gap", lambda c: None),))
+
+
+def test_admin_tokens_from_before_scopes_keep_every_scope(store_url: str) -> None:
+    """Upgrading changes nothing for existing tokens: migration 2 gives them every scope. A
+    row written without scopes after it (an old replica still running, a hand-made insert)
+    grants nothing: SQLite fills in no scopes, PostgreSQL refuses the row."""
+    old_token = database_before_scopes(store_url, name="from before scopes")
+    store = open_store(store_url)
+    try:
+        assert store.schema_version() == 1
+        assert store.migrate() == len(MIGRATIONS)
+        record = authenticate_admin(store, old_token, now=datetime.now(UTC))
+        assert record.name == "from before scopes"
+        assert record.scopes == frozenset(ADMIN_SCOPES)
+        issued = issue_token(TokenKind.ADMIN)
+        insert = sa.text(
+            "INSERT INTO admin_tokens (token_id, digest, name, created_at) "
+            "VALUES (:token_id, :digest, 'no scopes', 0)"
+        )
+        values = {"token_id": issued.token_id, "digest": issued.digest}
+        if store.backend == "sqlite":
+            with _write(store) as conn, conn.begin():
+                conn.execute(insert, values)
+            unscoped = authenticate_admin(store, issued.token, now=datetime.now(UTC))
+            assert unscoped.scopes == frozenset()
+        else:
+            with pytest.raises(sa.exc.IntegrityError), _write(store) as conn, conn.begin():
+                conn.execute(insert, values)
+    finally:
+        store.close()

@@ -13,6 +13,7 @@ import pytest
 
 from _fixtures import workers
 from sealtorch.keyserver.store import Store, open_store, sqlite_url
+from sealtorch.keyserver.store._migrations import MIGRATIONS
 from sealtorch.protocol.audit import verify_chain
 
 
@@ -49,7 +50,7 @@ def test_concurrent_appenders_build_one_valid_chain(store: Store, store_url: str
 @pytest.mark.postgres
 def test_replicas_migrate_a_fresh_database_concurrently(postgres: str) -> None:
     versions = workers.run_in_processes(workers.migrate, [(postgres,), (postgres,), (postgres,)])
-    assert versions == [1, 1, 1]
+    assert versions == [len(MIGRATIONS)] * 3
     store = open_store(postgres)
     try:
         store.check_schema()
@@ -60,4 +61,4 @@ def test_replicas_migrate_a_fresh_database_concurrently(postgres: str) -> None:
 
 def test_sqlite_processes_migrate_concurrently(tmp_path: pytest.TempPathFactory) -> None:
     url = sqlite_url(tmp_path / "shared.db")  # type: ignore[operator]
-    assert workers.run_in_processes(workers.migrate, [(url,), (url,)]) == [1, 1]
+    assert workers.run_in_processes(workers.migrate, [(url,), (url,)]) == [len(MIGRATIONS)] * 2

@@ -23,6 +23,7 @@ from sealtorch.keyserver.tokens import (
     parse_token,
     token_digest,
 )
+from sealtorch.protocol.admin import ADMIN_SCOPES
 
 
 @pytest.fixture
@@ -45,6 +46,7 @@ def _admin(store: Store, clock: FakeClock, **kwargs: object) -> IssuedToken:
             token_id=issued.token_id,
             digest=issued.digest,
             name="ops",
+            scopes=ADMIN_SCOPES,
             **kwargs,  # type: ignore[arg-type]
         )
         tx.append_audit(admin_entry("token.create"))

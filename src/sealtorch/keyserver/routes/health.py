@@ -1,4 +1,5 @@
-"""Liveness, readiness and Prometheus metrics."""
+"""Liveness, readiness and Prometheus metrics (with the current insecure policies, read from
+the key store at each scrape)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from fastapi.responses import JSONResponse, Response
 
 from sealtorch.keyserver.metrics import CONTENT_TYPE
 from sealtorch.keyserver.routes._common import runtime
+from sealtorch.keyserver.service import ServiceError
 
 router = APIRouter(tags=["health"])
 
@@ -31,5 +33,13 @@ async def readyz(request: Request) -> JSONResponse:
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
 async def metrics(request: Request) -> Response:
     state = runtime(request)
+    if state.service is not None:
+        # Read from the store, so every worker and replica reports the same current state.
+        try:
+            counts = await state.run(state.service.insecure_policies)
+        except ServiceError:
+            pass  # the store is down: keep the last values (/readyz says so)
+        else:
+            state.metrics.set_insecure_policies(counts)
     body = await state.run(state.metrics.render)
     return Response(content=body, media_type=CONTENT_TYPE)

@@ -30,7 +30,7 @@ Errors: :class:`~sealtorch.keyserver.records.NotFoundError`,
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future
 from contextlib import AbstractContextManager
 from datetime import datetime
@@ -48,6 +48,7 @@ from sealtorch.keyserver.records import (
     WrapFunction,
     WrappedKey,
 )
+from sealtorch.protocol.admin import AdminScope
 from sealtorch.protocol.audit import AuditEntry, AuditHead, AuditRecord
 
 __all__ = [
@@ -122,8 +123,16 @@ class StoreTransaction(_SessionWriter, Protocol):
         ...
 
     def create_admin_token(
-        self, *, token_id: str, digest: bytes, name: str, expires_at: datetime | None = None
-    ) -> AdminTokenRecord: ...
+        self,
+        *,
+        token_id: str,
+        digest: bytes,
+        name: str,
+        scopes: Iterable[AdminScope],
+        expires_at: datetime | None = None,
+    ) -> AdminTokenRecord:
+        """A new admin token with ``scopes`` (at least one: ConfigError otherwise)."""
+        ...
 
     def revoke_admin_token(self, token_id: str) -> AdminTokenRecord: ...
 
@@ -248,6 +257,10 @@ class Store(Protocol):
     # -- policies --
 
     def current_policy(self, model_id: str) -> PolicyRecord | None: ...
+
+    def current_policies(self) -> list[PolicyRecord]:
+        """The current policy of every live model that has one (model id order)."""
+        ...
 
     def get_policy(self, model_id: str, version: int) -> PolicyRecord | None: ...
 

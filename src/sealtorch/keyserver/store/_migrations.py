@@ -175,7 +175,27 @@ def _v1_initial(conn: sa.Connection) -> None:
             )
 
 
-MIGRATIONS: tuple[Migration, ...] = (Migration(1, "initial schema", _v1_initial),)
+def _v2_admin_token_scopes(conn: sa.Connection) -> None:
+    """Admin tokens get scopes. A token made before scopes existed could do everything, so it
+    keeps every scope and an upgrade changes nothing. The column's default is the empty set (no
+    rights), so a row written without scopes fails closed; PostgreSQL drops the default once the
+    rows are filled (SQLite cannot alter a column; its default stays '')."""
+    conn.exec_driver_sql(
+        "ALTER TABLE admin_tokens ADD COLUMN scopes VARCHAR(200) NOT NULL DEFAULT ''"
+    )
+    # Frozen: the scopes of this release, spelled out (a later scope is granted by its own step).
+    conn.execute(
+        sa.text("UPDATE admin_tokens SET scopes = :scopes"),
+        {"scopes": "model-admin policy-admin read seal token-admin"},
+    )
+    if conn.dialect.name == "postgresql":
+        conn.exec_driver_sql("ALTER TABLE admin_tokens ALTER COLUMN scopes DROP DEFAULT")
+
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(1, "initial schema", _v1_initial),
+    Migration(2, "admin token scopes", _v2_admin_token_scopes),
+)
 
 
 def latest_version(migrations: Sequence[Migration] = MIGRATIONS) -> int:

@@ -135,6 +135,10 @@ admin_tokens = sa.Table(
     sa.Column("created_at", UtcMicros, nullable=False),
     sa.Column("expires_at", UtcMicros, nullable=True),
     sa.Column("revoked_at", UtcMicros, nullable=True),
+    # Space-separated scope names, sorted (migration 2). Every insert names them; the SQLite
+    # column keeps its migration default '' (no scopes: a row written without them can do
+    # nothing).
+    sa.Column("scopes", sa.String(200), nullable=False),
 )
 
 sessions = sa.Table(

@@ -26,7 +26,7 @@ import sqlite3
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, replace
@@ -58,6 +58,7 @@ from sealtorch.keyserver.records import (
 )
 from sealtorch.keyserver.store import _schema as t
 from sealtorch.keyserver.store._migrations import applied_version, latest_version, run_migrations
+from sealtorch.protocol.admin import AdminScope
 from sealtorch.protocol.audit import AuditEntry, AuditHead, AuditRecord, build_record
 
 __all__ = ["SqlStore"]
@@ -127,6 +128,20 @@ def _policy(row: _Row) -> PolicyRecord:
     )
 
 
+_SCOPE_NAMES = frozenset(scope.value for scope in AdminScope)
+
+
+def _scopes_text(scopes: Iterable[AdminScope | str]) -> str:
+    """The stored form of a token's scopes: sorted names, space-separated; at least one."""
+    names = sorted({str(scope) for scope in scopes})
+    if not names:
+        raise ConfigError("an admin token needs at least one scope")
+    unknown = [name for name in names if name not in _SCOPE_NAMES]
+    if unknown:
+        raise ConfigError(f"unknown admin token scope {unknown[0][:64]!r}")
+    return " ".join(names)
+
+
 def _admin_token(row: _Row) -> AdminTokenRecord:
     return AdminTokenRecord(
         token_id=row.token_id,
@@ -134,6 +149,8 @@ def _admin_token(row: _Row) -> AdminTokenRecord:
         created_at=row.created_at,
         expires_at=row.expires_at,
         revoked_at=row.revoked_at,
+        # Fail closed: a name this code does not know grants nothing.
+        scopes=frozenset(AdminScope(n) for n in str(row.scopes).split() if n in _SCOPE_NAMES),
     )
 
 
@@ -268,6 +285,12 @@ def _release_statements(restricted: bool) -> tuple[Any, Any, Any]:
 
 _RELEASE_ALL = _release_statements(restricted=False)
 _RELEASE_SOME = _release_statements(restricted=True)
+_CURRENT_POLICIES = (
+    _RELEASE_ALL[1]
+    .join(t.models, t.models.c.model_id == t.policies.c.model_id)
+    .where(t.models.c.deleted_at.is_(None))
+    .order_by(t.policies.c.model_id)
+)
 # Inside a write transaction: the key rows under a share lock (PostgreSQL; SQLite's write
 # transaction excludes every other writer anyway), so a revocation waits for our commit.
 _LOCKED_RELEASE = {
@@ -637,17 +660,25 @@ class _SqlTransaction(_Transaction):
     # -- tokens and sessions --
 
     def create_admin_token(
-        self, *, token_id: str, digest: bytes, name: str, expires_at: datetime | None = None
+        self,
+        *,
+        token_id: str,
+        digest: bytes,
+        name: str,
+        scopes: Iterable[AdminScope],
+        expires_at: datetime | None = None,
     ) -> AdminTokenRecord:
         self._change()
         _check_token_fields(token_id, digest)
         if not 0 < len(name) <= 200:
             raise ConfigError("a token name is 1 to 200 characters")
+        scopes_text = _scopes_text(scopes)
         record = AdminTokenRecord(
             token_id=token_id,
             name=name,
             created_at=self._now(),
             expires_at=None if expires_at is None else utc(expires_at),
+            scopes=frozenset(AdminScope(n) for n in scopes_text.split()),
         )
         try:
             self._conn.execute(
@@ -657,6 +688,7 @@ class _SqlTransaction(_Transaction):
                     name=name,
                     created_at=record.created_at,
                     expires_at=record.expires_at,
+                    scopes=scopes_text,
                 )
             )
         except sa_exc.IntegrityError as exc:
@@ -1303,6 +1335,9 @@ class SqlStore:
 
     def current_policy(self, model_id: str) -> PolicyRecord | None:
         return self._one("reading a policy", _policy, _CURRENT_POLICY, {"model": model_id})
+
+    def current_policies(self) -> list[PolicyRecord]:
+        return self._all("reading the current policies", _policy, _CURRENT_POLICIES)
 
     def get_policy(self, model_id: str, version: int) -> PolicyRecord | None:
         query = sa.select(t.policies).where(
