@@ -4,9 +4,9 @@
 element, all alive at once, and one C call that holds the GIL for as long as it parses (a
 53 MiB body took 1.9 GiB and 25 s of CPU). Here instead:
 
-1. the request's values are counted from its separators before anything is parsed, and a
-   request with more than ``max_elements`` is refused (HTTP 413) with a pointer to the binary
-   tensor data extension;
+1. the request's values are counted from its separators before anything is parsed (each comma
+   once), and a request with more than ``max_elements`` is refused (HTTP 413) with a pointer to
+   the binary tensor data extension;
 2. in a large body, every ``"data": [...]`` array free of strings and objects (a tensor's data,
    flat or nested) is cut out of the text and left unparsed as a :class:`JsonArray`; the rest —
    names, shapes, parameters, small arrays, strings — is parsed by ``json.loads`` as before, and
@@ -103,8 +103,9 @@ class JsonArray:
             for position in range(self.start, end, size)
         )
 
-    def chunks(self, where: str) -> Iterator[list[Any]]:
-        """The values in order (row-major when nested), a list per chunk of text.
+    def chunks(self, where: str) -> Iterator[tuple[list[Any], frozenset[type] | None]]:
+        """The values in order (row-major when nested), a list per chunk of text, each with the
+        Python types it holds when its text tells them (:func:`_kinds`), else ``None``.
 
         Raises :class:`RequestError` for text that is not valid JSON. The caller checks the
         layout first: the brackets of a nested array are read as whitespace here.
@@ -123,13 +124,30 @@ class JsonArray:
             values = _loads_piece(piece, where)
             if not values:  # only whitespace between two commas (one piece cut at each)
                 raise RequestError(f"{where}.data is not valid JSON (a value is missing)")
-            yield values
+            yield values, _kinds(source, position, stop)
             position = stop + 1
 
 
 _VALUE_BYTES: Final = bytes(b for b in range(256) if b not in b"[],")
 _LAYOUT_BYTES: Final = b"[], \t\r\n"
 _BRACKETS_TO_SPACES: Final = bytes.maketrans(b"[]", b"  ")
+
+
+_NUMBERS: Final = frozenset({int, float})
+_INTEGERS: Final = frozenset({int})
+_FLOAT_SYNTAX: Final = re.compile(rb"[.eEIN]")  # a fraction, an exponent, Infinity, NaN
+
+
+def _kinds(source: bytes | bytearray, start: int, end: int) -> frozenset[type] | None:
+    """The Python types ``json.loads`` made of the valid JSON values of ``source[start:end]``
+    (no strings, objects or arrays: a cut-out array), told from the text, which is cheaper
+    than asking each value: ``{int}`` when every value is an integer, ``{int, float}`` when
+    they are numbers and one at least is not an integer (``int`` may then be absent: no rule
+    depends on it), ``None`` (unknown) when ``true``, ``false`` or ``null`` is among them:
+    of all the valid tokens only those hold a ``u`` or an ``l``."""
+    if source.find(b"u", start, end) != -1 or source.find(b"l", start, end) != -1:
+        return None
+    return _NUMBERS if _FLOAT_SYNTAX.search(source, start, end) else _INTEGERS
 
 
 def _loads_piece(piece: memoryview, where: str) -> list[Any]:
@@ -169,8 +187,16 @@ def _loads(text: bytes | bytearray) -> Any:
         raise RequestError(f"the request body is not valid JSON ({exc})") from exc
 
 
-def _count_values(text: bytes | bytearray, limit: int) -> None:
-    values = text.count(b",") + 1
+def _too_much_structure() -> PayloadTooLargeError:
+    return PayloadTooLargeError(
+        f"the JSON request holds more than {MAX_STRUCTURE_VALUES:,} values outside arrays of "
+        "numbers (strings, objects, mixed arrays); send tensors as arrays of numbers, or with "
+        "the binary tensor data extension"
+    )
+
+
+def _count_values(values: int, limit: int) -> None:
+    """Refuse a request whose JSON holds more than ``limit`` values (separators + 1)."""
     if values > limit:
         raise PayloadTooLargeError(
             f"the JSON request holds {values:,} values; the limit is {limit:,} "
@@ -196,14 +222,18 @@ def load_request_json(
     ``max_elements`` values, or more than :data:`MAX_STRUCTURE_VALUES` outside data arrays, and
     :class:`RequestError` for text that is not UTF-8 JSON.
     """
-    _count_values(text, max_elements)
     if len(text) <= small_body:
+        _count_values(text.count(b",") + 1, max_elements)
         return _loads(text)
     parts: list[bytes | bytearray] = []
     arrays: list[JsonArray] = []
     base = secrets.randbits(96) + (1 << 100)  # placeholders a client cannot guess
-    position = done = 0
+    position = done = matches = 0
+    structure_commas = array_commas = 0  # every comma of the text is counted once
     while (match := _SCAN.search(text, position)) is not None:
+        matches += 1
+        if matches > MAX_STRUCTURE_VALUES:  # strings: the scan itself stays bounded
+            raise _too_much_structure()
         if text[match.end() - 1] != ord("["):
             position = match.end()  # a string
             continue
@@ -217,20 +247,20 @@ def load_request_json(
         separators = text.count(b",", start, end)
         if not separators:
             continue  # at most one value
+        structure_commas += text.count(b",", done, start)
+        array_commas += separators
         parts += (text[done:start], str(base + len(arrays)).encode())
         arrays.append(JsonArray(text, start, end, separators=separators, chunk_bytes=chunk_bytes))
         done = end
+    structure_commas += text.count(b",", done, len(text))
+    _count_values(structure_commas + array_commas + 1, max_elements)
+    if structure_commas + 1 > MAX_STRUCTURE_VALUES:
+        raise _too_much_structure()
     if not arrays:
         structure = text
     else:
         parts.append(text[done:])
         structure = b"".join(parts)
-    if structure.count(b",") + 1 > MAX_STRUCTURE_VALUES:
-        raise PayloadTooLargeError(
-            f"the JSON request holds more than {MAX_STRUCTURE_VALUES:,} values outside arrays "
-            "of numbers (strings, objects, mixed arrays); send tensors as arrays of numbers, "
-            "or with the binary tensor data extension"
-        )
     document = _loads(structure)
     if arrays:
         _restore(document, base, arrays)

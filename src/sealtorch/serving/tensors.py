@@ -200,7 +200,12 @@ def _flat_values(data: list[Any], shape: tuple[int, ...], count: int, where: str
 
 
 def _fill(
-    chunks: Iterable[list[Any]], *, datatype: str, shape: tuple[int, ...], count: int, where: str
+    chunks: Iterable[tuple[list[Any], frozenset[type] | None]],
+    *,
+    datatype: str,
+    shape: tuple[int, ...],
+    count: int,
+    where: str,
 ) -> torch.Tensor:
     """Convert chunks of JSON values into one tensor (allocated once, at its final size, and
     written a chunk at a time: the doubles of one chunk are all that is held besides)."""
@@ -208,13 +213,14 @@ def _fill(
     target = torch.empty(count, dtype=torch.bfloat16) if bfloat16 else None
     array = None if bfloat16 else np.empty(count, dtype=_NUMPY[datatype])
     position = 0
-    for values in chunks:
+    for values, kinds in chunks:
         stop = position + len(values)
         if stop > count:
             raise _mismatch(where, shape, count, f"more than {count:,} elements")
-        converted = _convert(values, datatype, where)
+        converted = _convert(values, datatype, where, kinds=kinds)
         if array is not None:
-            array[position:stop] = converted  # rounds doubles once to FP16/FP32
+            with np.errstate(over="ignore"):  # beyond the range of FP16/FP32: infinity
+                array[position:stop] = converted  # rounds doubles once to FP16/FP32
         elif target is not None:
             target[position:stop] = _round_once(converted, "BF16")
         position = stop
@@ -226,11 +232,14 @@ def _fill(
     return target.reshape(shape)
 
 
-def _convert(values: list[Any], datatype: str, where: str) -> np.ndarray[Any, Any]:
+def _convert(
+    values: list[Any], datatype: str, where: str, *, kinds: frozenset[type] | None = None
+) -> np.ndarray[Any, Any]:
     """JSON values → a NumPy array (doubles for floating-point types), strictly typed: BOOL
     takes only ``true``/``false``, integer types only integers in range, floating-point types
-    only numbers (never booleans)."""
-    kinds = set(map(type, values))
+    only numbers (never booleans). ``kinds``: the values' Python types, if already known."""
+    if kinds is None:
+        kinds = frozenset(map(type, values))
     if datatype == "BOOL":
         if kinds - {bool}:
             raise RequestError(f"{where}.data must hold only true/false for BOOL")
@@ -265,14 +274,14 @@ def _round_once(doubles: np.ndarray[Any, Any], datatype: str) -> torch.Tensor:
     PyTorch converts float64 to float16/bfloat16 through float32, which can round twice
     (1 + 2**-8 + 2**-30 would become 1.0 in bfloat16 instead of 1 + 2**-7). NumPy's float16
     conversion rounds once; bfloat16 goes through float32 rounded *to odd*, which makes the
-    second rounding exact.
+    second rounding exact. Values beyond the type's range round to infinity, as IEEE rounding
+    does (without NumPy's overflow warning).
     """
     if datatype == "FP64":
         return torch.from_numpy(doubles)
-    if datatype == "FP32":
-        return torch.from_numpy(doubles.astype(np.float32))
-    if datatype == "FP16":
-        return torch.from_numpy(doubles.astype(np.float16))
+    if datatype in ("FP32", "FP16"):
+        with np.errstate(over="ignore"):
+            return torch.from_numpy(doubles.astype(_NUMPY[datatype]))
     with np.errstate(over="ignore", invalid="ignore"):
         single = doubles.astype(np.float32)
         widened = single.astype(np.float64)

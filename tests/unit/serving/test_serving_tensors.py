@@ -261,3 +261,9 @@ def test_unsupported_output_dtypes_are_a_load_problem() -> None:
     with pytest.raises(ValueError, match="cannot be served"):
         datatype_of(torch.complex64)
     assert {datatype_of(dtype) for dtype in DTYPES.values()} == set(DTYPES)
+
+
+@pytest.mark.parametrize("datatype", ["FP16", "FP32"])
+def test_doubles_beyond_the_range_round_to_infinity(datatype: str) -> None:
+    tensor = decode_tensor(datatype=datatype, shape=(2,), data=[1e300, -1e300], where="t")
+    assert tensor.tolist() == [float("inf"), float("-inf")]
