@@ -6,12 +6,13 @@
   each, in a separate load-generator process so it does not share the server's interpreter) run
   the whole protocol against a server: ``POST /v1/attestation/challenge``, a fresh HPKE key
   pair, sim evidence binding nonce and key (Ed25519-signed), ``POST /v1/keys/release``, and the
-  client's HPKE open of the returned key with its info binding. Closed loop (as fast as they
-  can) or paced at an offered rate. The server's CPU time (all its processes) is read at the
-  start and the end of the measured window.
+  client's HPKE open of the returned key with its info binding (the load generator does not
+  verify the release statement: it measures the server, and its client work stays as before).
+  Closed loop (as fast as they can) or paced at an offered rate. The server's CPU time (all its
+  processes) is read at the start and the end of the measured window.
 * :func:`bare_release_seconds`: the baseline, the bare server-side work of one release in a
-  loop (parse the request, verify the sim evidence, evaluate the policy, HPKE-seal, build the
-  response); no HTTP, TLS or database.
+  loop (parse the request, verify the sim evidence, evaluate the policy, HPKE-seal, sign the
+  release statement or attach a forwarded one, build the response); no HTTP, TLS or database.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from benchmarks._harness import percentile
 from benchmarks._processes import start_process, stop_process, tree_cpu_times
@@ -57,6 +58,7 @@ class KeyServer:
     url: str
     ca: Path
     key_path: Path  # the sim key of the "app" enclave the server trusts
+    release_key: str  # its release-signing public key (key caches pin it)
 
 
 def start_keyserver(
@@ -84,7 +86,13 @@ def start_keyserver(
     if workers is not None:
         command += ["--workers", str(workers)]
     process, match, _ = start_process(command, ready=_LISTENING, timeout=120, env=env)
-    server = KeyServer(process, match.group(1), created.data_dir / "tls" / "ca.crt", key_path)
+    server = KeyServer(
+        process,
+        match.group(1),
+        created.data_dir / "tls" / "ca.crt",
+        key_path,
+        created.release_public_key,
+    )
     try:
         deadline = time.monotonic() + 30
         while True:
@@ -355,12 +363,18 @@ def run_load(load: Load, *, server_pid: int) -> LoadRun:
 
 
 def bare_release_seconds(
-    key_path: Path, *, runs: int, policy: dict[str, Any], model_id: str
+    key_path: Path,
+    *,
+    runs: int,
+    policy: dict[str, Any],
+    model_id: str,
+    statement: Literal["sign", "forward"] = "sign",
 ) -> float:
     """CPU seconds of the bare server-side work of one release (best of three loops of
     ``runs``): parse the request, verify the sim evidence (signed with the key in ``key_path``),
-    check its report_data binding, evaluate ``policy``, HPKE-seal a key for
-    ``model_id``, build the response."""
+    check its report_data binding, evaluate ``policy``, HPKE-seal a key for ``model_id``, sign
+    its release statement (``"sign"``, the key server) or attach one signed earlier
+    (``"forward"``, a key cache), build the response."""
     import secrets
 
     from sealtorch._crypto import hpke
@@ -372,8 +386,16 @@ def bare_release_seconds(
         make_verifiers,
         report_data_for,
     )
-    from sealtorch.protocol import GrantedKey, ReleaseRequest, ReleaseResponse, key_release_info
+    from sealtorch.keyserver.signingkey import FileReleaseSigningKey
+    from sealtorch.protocol import (
+        GrantedKey,
+        ReleaseRequest,
+        ReleaseResponse,
+        issue_statement,
+        key_release_info,
+    )
 
+    signer = FileReleaseSigningKey(secrets.token_bytes(32))
     app = SimAttester(role="app", key_path=key_path)
     verifiers = make_verifiers(sim_trusted_keys=[app.public_key])
     checked = Policy.from_dict(policy)
@@ -399,6 +421,15 @@ def bare_release_seconds(
     now = datetime.now(UTC)
     lease = now + timedelta(hours=1)
 
+    def sign(public_key: bytes) -> Any:
+        return issue_statement(
+            signer, model_id=model_id, key_version=1, key=key, policy_digest=checked.digest,
+            lease_expires_at=lease, hpke_suite=hpke.DEFAULT_SUITE, hpke_public_key=public_key,
+            request_id="r" * 32, issued_at=now,
+        )  # fmt: skip
+
+    forwarded = sign(hpke.generate_private_key().public_key().encode())
+
     def one(raw: str) -> bytes:
         request = ReleaseRequest.model_validate_json(raw)
         claims = verifiers.verify(
@@ -421,6 +452,7 @@ def bare_release_seconds(
         granted = GrantedKey(
             model_id=model_id, key_version=1, sealed_key=sealed, lease_expires_at=lease,
             policy=document, policy_version=1, policy_digest=checked.digest,
+            statement=sign(request.hpke.public_key) if statement == "sign" else forwarded,
         )  # fmt: skip
         return (
             ReleaseResponse(request_id="r" * 32, server_time=now, granted=(granted,), denied=())

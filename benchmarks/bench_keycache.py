@@ -34,6 +34,7 @@ from benchmarks._harness import Context, Result, result
 from benchmarks._processes import start_process, stop_process
 from benchmarks._release_load import (
     Endpoint,
+    KeyServer,
     Load,
     LoadRun,
     bare_release_seconds,
@@ -48,14 +49,16 @@ _READY = re.compile(r"^ready: (\S+).*\((\d+) models?\)$")
 
 
 def _start_cache(
-    workdir: Path, url: str, ca: Path, key_path: Path, public_key: str, name: str
+    workdir: Path, keyserver: KeyServer, public_key: str, name: str
 ) -> tuple[subprocess.Popen[str], float, int]:
     """``sealtorch keycache serve`` on ``workdir/NAME.sock``: the process, the seconds from
     spawn to its ready line, and the number of models it serves."""
     socket = workdir / f"{name}.sock"
     process, match, elapsed = start_process(
         [sys.executable, "-m", "sealtorch", "--log-format", "json", "keycache", "serve",
-         "--keyserver", url, "--ca", str(ca), "--tee", "sim", "--sim-key", str(key_path),
+         "--keyserver", keyserver.url, "--ca", str(keyserver.ca),
+         "--keyserver-pubkey", keyserver.release_key,
+         "--tee", "sim", "--sim-key", str(keyserver.key_path),
          "--socket", str(socket), "--trust-sim-key", public_key],
         ready=_READY, timeout=120,
     )  # fmt: skip
@@ -72,7 +75,7 @@ def run(ctx: Context) -> list[Result]:
     seconds, warmup = (3.0, 1.0) if ctx.quick else (10.0, 2.0)
     models = tuple(f"model-{n}" for n in range(_MODELS))
     keyserver = start_keyserver(workdir, models=models)
-    url, ca, key_path = keyserver.url, keyserver.ca, keyserver.key_path
+    key_path = keyserver.key_path
     results: list[Result] = []
     try:
         app = SimAttester(role="app", key_path=key_path)
@@ -81,12 +84,13 @@ def run(ctx: Context) -> list[Result]:
             runs=300 if ctx.quick else 1000,
             policy={"allowed_tees": ["sim"], "sim": {"mrenclave": [app.mrenclave]}},
             model_id="m",
+            statement="forward",
         )
         public_key = app.public_key
         starts = []
         for attempt in range(2 if ctx.quick else 5):
             process, elapsed, served = _start_cache(
-                workdir, url, ca, key_path, public_key, f"cold{attempt}"
+                workdir, keyserver, public_key, f"cold{attempt}"
             )
             stop_process(process)
             if served != _MODELS:
@@ -101,7 +105,7 @@ def run(ctx: Context) -> list[Result]:
             )
         )  # fmt: skip
 
-        cache, _, _ = _start_cache(workdir, url, ca, key_path, public_key, "load")
+        cache, _, _ = _start_cache(workdir, keyserver, public_key, "load")
         endpoint = Endpoint(str(workdir / "load.sock"))
         repeats = 1 if ctx.quick else 2
 

@@ -148,7 +148,8 @@ def run(ctx: Context) -> list[Result]:
     )  # fmt: skip
     results = [
         result("keyserver/bare protocol work", "CPU per release", bare * 1000, "ms",
-               note="parse, verify sim evidence, policy, HPKE seal, response; no HTTP/TLS/DB"),
+               note="parse, verify sim evidence, policy, HPKE seal, sign statement, response; "
+               "no HTTP/TLS/DB"),
     ]  # fmt: skip
     results += _measure(
         ctx, "sqlite-full-2w", database_url=None, workers=2, bare=bare, paced=_TARGET_RATE,

@@ -5,9 +5,9 @@ cache from the keys it holds — so what a client sees must not depend on which 
 module holds the parts that are the protocol rather than either side's state: the error kinds and
 the refusal of a request, the request's own checks (HPKE public key, evidence, report_data
 binding), the cap that collateral freshness puts on leases and sessions, a renewal's restriction
-to its session's models, a policy denial, the sealing of one granted key, the response (asking for
-every model never reveals the ids of denied ones), and the reporting of each outcome (log line and
-observer).
+to its session's models, a policy denial, the sealing of one granted key (with the key server's
+signed release statement about it), the response (asking for every model never reveals the ids
+of denied ones), and the reporting of each outcome (log line and observer).
 
 Each side keeps its own nonces, sessions, decisions and audit. Nothing here does I/O, and the
 request checks do exactly the work either side did before (the key server's release path is
@@ -43,6 +43,7 @@ from sealtorch.protocol import (
     ReleaseRequest,
     ReleaseResponse,
     SessionGrant,
+    SignedStatement,
     key_release_info,
 )
 
@@ -250,9 +251,11 @@ def seal_key(
     policy_version: int,
     policy_digest: str,
     lease_expires_at: datetime,
+    statement: SignedStatement,
 ) -> GrantedKey:
     """One granted data key, HPKE-sealed to ``recipient`` with :func:`key_release_info` binding
-    model, version, request, nonce, policy and lease."""
+    model, version, request, nonce, policy and lease, with the key server's signed
+    ``statement`` about it (the key server's own; a key cache forwards the one it received)."""
     info = key_release_info(
         model_id=model_id,
         key_version=key_version,
@@ -269,6 +272,7 @@ def seal_key(
         policy=policy,
         policy_version=policy_version,
         policy_digest=policy_digest,
+        statement=statement,
     )
 
 

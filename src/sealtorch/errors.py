@@ -32,6 +32,7 @@ __all__ = [
     "PolicyDenied",
     "PolicyError",
     "ProtocolError",
+    "ReleaseStatementError",
     "StorageError",
     "UnsafePickleError",
 ]
@@ -144,6 +145,22 @@ class KeySourceUnreachableError(KeyReleaseError):
 
 class ProtocolError(Error):
     """A peer sent a message that does not follow the sealtorch key release protocol."""
+
+
+class ReleaseStatementError(ProtocolError):
+    """A released key whose origin is not proven: its release statement is missing, is not
+    signed by a pinned key server release-signing key, does not verify, or does not match the
+    key it came with.
+
+    ``reason`` is a stable code (``docs/protocol.md``): ``statement_missing``,
+    ``statement_unpinned_key``, ``statement_invalid``, ``statement_mismatch`` or
+    ``key_commitment_mismatch``. The key is never used.
+    """
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.reasons: tuple[str, ...] = (reason,)
 
 
 class StorageError(Error):

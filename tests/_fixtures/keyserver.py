@@ -1,8 +1,9 @@
 """A real key server for tests: ``create_app`` under uvicorn in a background thread.
 
 It listens on a random loopback port with TLS (a development CA made per test) or on a Unix
-socket, and runs the real app, store, master key and verifiers. Subprocess tests use the real
-``sealtorch keyserver serve`` instead (see :func:`start_serve`).
+socket, and runs the real app, store, master key, release-signing key and verifiers. Its
+:meth:`KeyServerUnderTest.client` pins that release-signing key (as every enclave must).
+Subprocess tests use the real ``sealtorch keyserver serve`` instead (see :func:`start_serve`).
 """
 
 from __future__ import annotations
@@ -32,12 +33,26 @@ from sealtorch._crypto.tls import (
     create_server_certificate,
     server_ssl_context,
 )
+from sealtorch.keyserver.signingkey import FileReleaseSigningKey, ReleaseSigningKey
 from sealtorch.keyserver.store import Store
 from sealtorch.keyserver.tokens import TokenKind, issue_token
 from sealtorch.protocol.admin import ADMIN_SCOPES, AdminScope
 from sealtorch.protocol.audit import AuditEntry, AuditKind
 
 START_TIMEOUT = 30.0
+
+
+def new_signing_key() -> FileReleaseSigningKey:
+    """A fresh in-memory release-signing key (a file key's class, no file)."""
+    from sealtorch._crypto.sign import Ed25519Signer
+
+    _, seed = Ed25519Signer.generate()
+    return FileReleaseSigningKey(seed)
+
+
+def release_key_of(data_dir: Path) -> str:
+    """The release-signing public key ``keyserver init`` wrote to a data directory."""
+    return (data_dir / "release-signing.pub").read_text().strip()
 
 
 @dataclass(frozen=True)
@@ -133,6 +148,13 @@ class ServeProcess:
     url: str
     stderr_path: Path
     lines: list[str] = field(default_factory=list)
+    data_dir: Path | None = None
+
+    @property
+    def release_key(self) -> str:
+        """The release-signing public key its data directory holds (clients pin it)."""
+        assert self.data_dir is not None
+        return release_key_of(self.data_dir)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
         """Signal the server and wait; returns its exit status. After a graceful SIGTERM
@@ -185,7 +207,7 @@ def start_serve(
         lines.append(line)
         match = _LISTENING.match(line.strip())
         if match:
-            served = ServeProcess(process, match.group(1), stderr_path, lines)
+            served = ServeProcess(process, match.group(1), stderr_path, lines, data_dir)
             _wait_ready(served, data_dir / "tls" / "ca.crt")
             return served
     process.kill()
@@ -226,6 +248,12 @@ class KeyServerUnderTest:
     clock: Any
     app: Any
     tmp: Path
+    signing_key: ReleaseSigningKey
+
+    @property
+    def release_key(self) -> str:
+        """The release-signing public key that clients pin."""
+        return self.signing_key.public_key.text
 
     def admin(self) -> Any:
         from sealtorch.client import AdminClient
@@ -233,8 +261,10 @@ class KeyServerUnderTest:
         return AdminClient(self.url, token=self.admin_token, ca=self.ca)
 
     def client(self, attester: Any = None, **options: Any) -> Any:
+        """A release client pinning this server's release-signing key."""
         from sealtorch.client import KeyReleaseClient
 
+        options.setdefault("trusted_release_keys", [self.release_key])
         return KeyReleaseClient(self.url, attester=attester or self.attester, ca=self.ca, **options)
 
     def http(self) -> httpx.Client:
@@ -275,9 +305,11 @@ def running_keyserver(
     clock: Any = None,
     tls: TlsFiles | None = None,
     uds: Path | None = None,
+    signing_key: ReleaseSigningKey | None = None,
     **settings_changes: Any,
 ) -> Iterator[KeyServerUnderTest]:
-    """Build the app around ``store`` and serve it (TLS on loopback, or a Unix socket)."""
+    """Build the app around ``store`` and serve it (TLS on loopback, or a Unix socket), with
+    ``signing_key`` (default: a new one) signing the release statements."""
     from sealtorch.attestation import make_verifiers
     from sealtorch.keyserver.app import create_app
     from sealtorch.keyserver.masterkey import FileMasterKeyConfig
@@ -287,7 +319,15 @@ def running_keyserver(
         database_url="sqlite:///unused", master_key=FileMasterKeyConfig(path=tmp / "unused")
     ).with_overrides(**settings_changes)
     verifiers = make_verifiers(sim_trusted_keys=[attester.public_key])
-    app = create_app(settings, store=store, master_key=master, verifiers=verifiers, clock=clock)
+    signer = signing_key if signing_key is not None else new_signing_key()
+    app = create_app(
+        settings,
+        store=store,
+        master_key=master,
+        signing_key=signer,
+        verifiers=verifiers,
+        clock=clock,
+    )
     token = create_admin_token(store)
     with ServerThread(app, tls=tls, uds=uds) as server:
         yield KeyServerUnderTest(
@@ -300,6 +340,7 @@ def running_keyserver(
             clock=clock,
             app=app,
             tmp=tmp,
+            signing_key=signer,
         )
 
 

@@ -55,6 +55,8 @@ def test_the_demo_runs_to_completion(tmp_path: Path) -> None:
     assert output.count("bit-identical to plain PyTorch on the same weights: yes") == 2
     assert re.search(r"tensor names readable in the sealed file: 0 of 296", output)
     assert "refused: measurement_mismatch" in output
+    # serve pointed at a fake key source (the host's own key, no release statement) refuses it
+    assert re.search(r"serve refused it and exited \(1\): statement_missing", output), output
     for step in ("attestation + key release", "authenticate + decrypt", "steady-state"):
         assert step in output
     # --workdir is kept, with the logs of every service; no service is left running.
@@ -62,6 +64,7 @@ def test_the_demo_runs_to_completion(tmp_path: Path) -> None:
         "keyserver.log",
         "keycache.log",
         "serve.log",
+        "serve-fake.log",
     }
     assert (workdir / "efficientnet-lite0.sealed").is_file()
     assert _children_of(process.pid) == []

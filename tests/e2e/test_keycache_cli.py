@@ -23,7 +23,13 @@ from typing import Any
 import httpx
 import pytest
 
-from _fixtures.keyserver import ServeProcess, init_dir, sealtorch_command, start_serve
+from _fixtures.keyserver import (
+    ServeProcess,
+    init_dir,
+    release_key_of,
+    sealtorch_command,
+    start_serve,
+)
 from sealtorch.attestation import SIM_MRSIGNER, SimAttester
 from sealtorch.client import AdminClient, KeyReleaseClient, read_token
 from sealtorch.keys import generate_key
@@ -157,9 +163,21 @@ class Deployment:
     def admin(self) -> AdminClient:
         return AdminClient(self.url, token=self.token, ca=self.ca)
 
+    @property
+    def release_key(self) -> str:
+        """The key server's release-signing public key (caches and clients pin it)."""
+        return release_key_of(self.data)
+
+    def client(self, cache: CacheProcess, **options: Any) -> KeyReleaseClient:
+        """A local client of ``cache``, pinning the key server's key."""
+        return KeyReleaseClient(
+            cache.url, attester=self.app, trusted_release_keys=[self.release_key], **options
+        )
+
     def cache_args(self, *extra: str) -> list[str]:
         return [
             "--keyserver", self.url, "--ca", str(self.ca), "--tee", "sim",
+            "--keyserver-pubkey", self.release_key,
             "--sim-key", str(self.app.key_path), "--trust-sim-key", self.app.public_key,
             "--refresh", "1", "--backoff-max", "0.5", *extra,
         ]  # fmt: skip
@@ -209,7 +227,7 @@ def test_processes_end_to_end_status_metrics_and_a_refused_cache(deployment: Dep
     try:
         assert cache.models_at_start == 1
         assert stat.S_IMODE(cache.socket.stat().st_mode) == 0o600
-        with KeyReleaseClient(cache.url, attester=deployment.app, session=True) as client:
+        with deployment.client(cache, session=True) as client:
             released = client.release(["resnet50"])
             assert released.key("resnet50") == deployment.dek
             client.renew()
@@ -239,7 +257,8 @@ def test_processes_end_to_end_status_metrics_and_a_refused_cache(deployment: Dep
         rogue = start_keycache(
             tmp,
             "--keyserver", deployment.url, "--ca", str(deployment.ca), "--tee", "sim",
-            "--sim-key", str(rogue_key), "--trust-sim-key", deployment.app.public_key,
+            "--keyserver-pubkey", deployment.release_key, "--sim-key", str(rogue_key),
+            "--trust-sim-key", deployment.app.public_key,
             socket_name="rogue.sock",
         )  # fmt: skip
         try:
@@ -247,7 +266,7 @@ def test_processes_end_to_end_status_metrics_and_a_refused_cache(deployment: Dep
             report = rogue.status()
             assert report["state"] == "denied"
             assert report["attestation"]["reasons"] == ["attestation_key_untrusted"]
-            with KeyReleaseClient(rogue.url, attester=deployment.app) as client:
+            with deployment.client(rogue) as client:
                 result = client.release(["resnet50"])
             assert result.keys == ()
             assert result.denied[0].reasons == ("not_cached",)
@@ -296,17 +315,17 @@ def test_outage_lease_expiry_recovery_revocation_and_sealed_restart(
         # The key server goes away: the cache keeps serving until the 8 s lease ends.
         deployment.stop_server()
         cache.wait_status(lambda s: s["keyserver"]["reachable"] is False)
-        with KeyReleaseClient(cache.url, attester=deployment.app) as client:
+        with deployment.client(cache) as client:
             assert client.data_key("resnet50", 1) == deployment.dek
         expired = cache.wait_status(lambda s: s["state"] == "unavailable")
         assert [e["model_id"] for e in expired["expired"]] == ["resnet50"]
-        with KeyReleaseClient(cache.url, attester=deployment.app) as client:
+        with deployment.client(cache) as client:
             assert client.release(["resnet50"]).denied[0].reasons == ("lease_expired",)
 
         # Back: the next retry (backoff <= 0.5 s) fetches the keys again.
         deployment.start_server()
         cache.wait_status(lambda s: s["state"] == "ready")
-        with KeyReleaseClient(cache.url, attester=deployment.app) as client:
+        with deployment.client(cache) as client:
             assert client.data_key("resnet50", 1) == deployment.dek
 
         # Rotation and revocation reach the cache within the 1 s refresh interval.
@@ -325,7 +344,7 @@ def test_outage_lease_expiry_recovery_revocation_and_sealed_restart(
         assert report["persistence"]["restored_keys"] == 1
         assert report["persistence"]["error"] is None
         assert [m["key_versions"] for m in report["models"]] == [[2]]
-        with KeyReleaseClient(restarted.url, attester=deployment.app) as client:
+        with deployment.client(restarted) as client:
             assert client.release(["resnet50"]).keys[0].key_version == 2
     finally:
         restarted.stop()

@@ -21,12 +21,20 @@ import psutil
 import pytest
 from click.testing import CliRunner
 
-from _fixtures.keyserver import ServeProcess, init_dir, sealtorch_command, start_serve
+from _fixtures.keyserver import (
+    ServeProcess,
+    init_dir,
+    release_key_of,
+    sealtorch_command,
+    start_serve,
+)
 from _fixtures.softhsm import SoftHsmToken
 from sealtorch._crypto.tls import client_ssl_context
 from sealtorch.attestation import SimAttester
 from sealtorch.cli import cli
 from sealtorch.client import AdminClient, KeyReleaseClient, read_token
+from sealtorch.errors import ReleaseStatementError
+from sealtorch.protocol import ReleasePublicKey
 
 pytestmark = pytest.mark.e2e
 
@@ -99,14 +107,23 @@ def test_init_serve_admin_release_audit_and_no_secret_leaks(
         assert second_token.startswith("sta_")
 
         with KeyReleaseClient(
-            server.url, attester=attester, ca=data / "tls" / "ca.crt", session=True
+            server.url,
+            attester=attester,
+            ca=data / "tls" / "ca.crt",
+            session=True,
+            trusted_release_keys=[server.release_key],
         ) as client:
             released = client.release(["resnet50"])
             dek = released.keys[0].key
             assert released.session is not None
             session_token = released.session.token
             client.renew()
-        with KeyReleaseClient(server.url, attester=attester, ca=data / "tls" / "ca.crt") as c:
+        with KeyReleaseClient(
+            server.url,
+            attester=attester,
+            ca=data / "tls" / "ca.crt",
+            trusted_release_keys=[server.release_key],
+        ) as c:
             denied = c.release(["ghost"])
             assert denied.denied[0].reasons == ("unknown_model",)
 
@@ -199,7 +216,14 @@ def test_pkcs11_master_key_end_to_end(
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert not (data / "master.key").exists()
+    assert not (data / "release-signing.key").exists()  # the signing key is in the token too
+    assert release_key_of(data) in result.stdout
     assert "pkcs11" in (data / "keyserver.toml").read_text()
+    shown = subprocess.run(
+        sealtorch_command("keyserver", "signing-key", "show", str(data)),
+        capture_output=True, text=True, timeout=60, env=env, check=True,
+    )  # fmt: skip
+    assert shown.stdout.strip() == release_key_of(data)
     no_pin = {k: v for k, v in env.items() if k != "SEALTORCH_PKCS11_PIN"}
     failed = subprocess.run(
         sealtorch_command("keyserver", "serve", str(data), "--port", "0"),
@@ -218,7 +242,9 @@ def test_pkcs11_master_key_end_to_end(
                 "m", {"allowed_tees": ["sim"], "sim": {"mrenclave": [attester.mrenclave]}}
             )
             admin.rotate_key("m")
-        with KeyReleaseClient(server.url, attester=attester, ca=ca) as client:
+        with KeyReleaseClient(
+            server.url, attester=attester, ca=ca, trusted_release_keys=[server.release_key]
+        ) as client:
             keys = client.release(["m"]).keys
             assert [k.key_version for k in keys] == [1, 2]
             assert keys[0].key != keys[1].key
@@ -270,7 +296,9 @@ def test_workers_listen_on_one_port_restart_and_aggregate_metrics(
         assert all(_listening(w, port) for w in workers)  # each its own socket (SO_REUSEPORT)
         assert not _listening(psutil.Process(server.process.pid), port)  # the parent only binds
         for _ in range(6):  # new connections: spread over both workers
-            with KeyReleaseClient(server.url, attester=attester, ca=ca) as client:
+            with KeyReleaseClient(
+                server.url, attester=attester, ca=ca, trusted_release_keys=[server.release_key]
+            ) as client:
                 assert client.release(["m"]).keys
         metrics = httpx.get(f"{server.url}/metrics", verify=verify, timeout=10).text
         assert "sealtorch_keyserver_keys_released_total 6.0" in metrics
@@ -285,7 +313,9 @@ def test_workers_listen_on_one_port_restart_and_aggregate_metrics(
             assert time.monotonic() < deadline, "the killed worker was not replaced"
             time.sleep(0.1)
         for _ in range(4):
-            with KeyReleaseClient(server.url, attester=attester, ca=ca) as client:
+            with KeyReleaseClient(
+                server.url, attester=attester, ca=ca, trusted_release_keys=[server.release_key]
+            ) as client:
                 assert client.release(["m"]).keys
     finally:
         assert server.stop() in (0, -signal.SIGTERM)
@@ -332,3 +362,52 @@ def test_a_worker_that_cannot_start_stops_the_server(tmp_path: Path) -> None:
             run_workers(spec, count=2, grace=1.0)
     finally:
         holder.close()
+
+
+def test_release_signing_key_rollover(tmp_path: Path, attester: SimAttester) -> None:
+    """docs/keyserver.md's rollover with the real commands: create a new key, pin old and new,
+    switch the server, unpin the old one."""
+    data, token_file = init_dir(tmp_path, attester)
+    old = release_key_of(data)
+    created = subprocess.run(
+        sealtorch_command(
+            "keyserver", "signing-key", "create", str(data),
+            "--path", str(data / "release-signing-2.key"),
+        ),
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    new = created.stdout.strip()
+    ca = data / "tls" / "ca.crt"
+    policy = {"allowed_tees": ["sim"], "sim": {"mrenclave": [attester.mrenclave]}}
+
+    def key_with(server: ServeProcess, pins: list[str]) -> Any:
+        with KeyReleaseClient(
+            server.url, attester=attester, ca=ca, trusted_release_keys=pins
+        ) as client:
+            return client.data_key("m", 1)
+
+    server = start_serve(data, log_dir=tmp_path / "logs")
+    try:
+        with AdminClient(server.url, token=read_token(token_file=token_file), ca=ca) as admin:
+            admin.create_model("m")
+            admin.set_policy("m", policy)
+        dek = key_with(server, [old, new])  # enclaves redeployed with both pins
+        with pytest.raises(ReleaseStatementError) as caught:
+            key_with(server, [new])
+        assert caught.value.reason == "statement_unpinned_key"
+    finally:
+        server.stop()
+    config = data / "keyserver.toml"
+    config.write_text(
+        config.read_text().replace('path = "release-signing.key"', 'path = "release-signing-2.key"')
+    )
+    server = start_serve(data, log_dir=tmp_path / "logs")
+    try:
+        assert key_with(server, [old, new]) == dek  # switched: still accepted
+        assert key_with(server, [new]) == dek  # old unpinned
+        with pytest.raises(ReleaseStatementError) as caught:
+            key_with(server, [old])
+        assert caught.value.reason == "statement_unpinned_key"
+    finally:
+        server.stop()
+    assert ReleasePublicKey.parse(new).key_id in server.logs()  # "signed with key ..." at start

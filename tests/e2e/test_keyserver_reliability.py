@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from _fixtures.keyserver import ServeProcess, init_dir, start_serve
+from _fixtures.keyserver import ServeProcess, init_dir, release_key_of, start_serve
 from sealtorch._crypto import hpke
 from sealtorch._crypto.tls import client_ssl_context
 from sealtorch.attestation import SimAttester, report_data_for
@@ -54,7 +54,14 @@ def _load(
     try:
         with (
             AdminClient(url, token=token, ca=ca, timeout=10) as admin,
-            KeyReleaseClient(url, attester=attester, ca=ca, retries=0, timeout=10) as client,
+            KeyReleaseClient(
+                url,
+                attester=attester,
+                ca=ca,
+                retries=0,
+                timeout=10,
+                trusted_release_keys=[release_key_of(data)],
+            ) as client,
         ):
             for i in range(10_000):
                 if stop.is_set():
@@ -111,7 +118,9 @@ def _check_after_restart(
     summary = verify_chain([r for r in records if r.seq <= head.seq], head=head)
     assert summary.count >= len(done.models)
     assert done.request_ids <= {r.request_id for r in records}
-    with KeyReleaseClient(server.url, attester=attester, ca=ca) as client:
+    with KeyReleaseClient(
+        server.url, attester=attester, ca=ca, trusted_release_keys=[server.release_key]
+    ) as client:
         result = client.release(sorted(done.models))
         released = {(k.model_id, k.key_version): k.key.fingerprint for k in result.keys}
     assert result.denied == ()

@@ -226,6 +226,7 @@ def test_production_key_cache_command_makes_complete_settings(
     (settings,) = started
     assert settings.tee == "gramine"
     assert settings.keyserver_ca is not None
+    assert settings.keyserver_pubkeys  # pins the key server's release-signing key
 
 
 def test_production_policy_and_python_are_valid() -> None:

@@ -3,7 +3,8 @@
 An inference server whose measurement the model's policy does not allow is refused by the key
 cache and exits non-zero with the reason codes; once the owner allows it (policy change on the
 key server, picked up by the cache at its next refresh), the same command serves, and its
-outputs are bit-identical to plain PyTorch.
+outputs are bit-identical to plain PyTorch. A fake key source in the cache's place (the host's
+own key, with no statement or a genuine statement about another key) is refused by serve.
 """
 
 from __future__ import annotations
@@ -22,11 +23,14 @@ import pytest
 import torch
 
 import sealtorch
+from sealtorch._demo.fakesource import ANYTHING_GOES, FakeGrant, FakeKeySource
 from sealtorch._demo.processes import ServiceProcess
-from sealtorch.attestation import measure
+from sealtorch.attestation import Policy, measure
 from sealtorch.attestation.sim import SimAttester
-from sealtorch.client import AdminClient, KeyReleaseClient, KeyServerWrapper
+from sealtorch.client import AdminClient, KeyReleaseClient, KeyServerWrapper, ReleasedKey
+from sealtorch.keys import generate_key
 from sealtorch.keyserver.datadir import init_data_dir
+from sealtorch.protocol import SignedStatement
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -81,7 +85,8 @@ def stack(tmp_path: Path) -> Iterator[dict[str, object]]:
             "keycache",
             [
                 "keycache", "serve", "--keyserver", url, "--ca", str(init.ca_path),
-                "--tee", "sim", "--sim-key", str(sim_key), "--socket", str(socket),
+                "--keyserver-pubkey", init.release_public_key, "--tee", "sim",
+                "--sim-key", str(sim_key), "--socket", str(socket),
                 "--trust-sim-key", public, "--refresh", "60",
             ],
         )  # fmt: skip
@@ -92,6 +97,7 @@ def stack(tmp_path: Path) -> Iterator[dict[str, object]]:
             "sealed": sealed,
             "socket": socket,
             "env": env,
+            "pin": init.release_public_key,
             "plain": plain,
             "logs": logs,
             "start": start,
@@ -106,7 +112,12 @@ def _wait_until_the_cache_releases_to_serve(stack: dict[str, object]) -> None:
     attester = SimAttester(role="serve", key_path=Path(str(stack["env"]["SEALTORCH_SIM_KEY"])))  # type: ignore[index]
     deadline = time.monotonic() + 30
     while True:
-        with KeyReleaseClient(f"unix://{stack['socket']}", attester=attester, retries=0) as c:
+        with KeyReleaseClient(
+            f"unix://{stack['socket']}",
+            attester=attester,
+            retries=0,
+            trusted_release_keys=[str(stack["pin"])],
+        ) as c:
             result = c.release([MODEL_ID])
         if result.keys:
             return
@@ -114,10 +125,10 @@ def _wait_until_the_cache_releases_to_serve(stack: dict[str, object]) -> None:
         time.sleep(0.2)
 
 
-def _serve_args(stack: dict[str, object]) -> list[str]:
+def _serve_args(stack: dict[str, object], keys: str | None = None) -> list[str]:
     return [
-        "serve", str(stack["sealed"]), "--keys", f"unix://{stack['socket']}", "--tee", "sim",
-        "--port", "0",
+        "serve", str(stack["sealed"]), "--keys", keys or f"unix://{stack['socket']}",
+        "--keyserver-pubkey", str(stack["pin"]), "--tee", "sim", "--port", "0",
     ]  # fmt: skip
 
 
@@ -160,3 +171,56 @@ def test_a_refused_inference_server_exits_with_the_reasons_then_serves_once_allo
         expected = plain(torch.tensor(x))
     served = torch.tensor(output["data"], dtype=torch.float64).to(torch.float32)
     assert torch.equal(served.reshape(expected.shape), expected)
+
+
+def _genuine_release(stack: dict[str, object]) -> ReleasedKey:
+    """A real grant of the model's key: its statement and policy are what anyone who watched a
+    release could capture (neither is secret; the key is, and the fake does not have it)."""
+    admin: AdminClient = stack["admin"]  # type: ignore[assignment]
+    admin.set_policy(MODEL_ID, _policy("keycache", "serve"))
+    cache: ServiceProcess = stack["cache"]  # type: ignore[assignment]
+    os.kill(cache.pid, signal.SIGHUP)
+    _wait_until_the_cache_releases_to_serve(stack)
+    attester = SimAttester(role="serve", key_path=Path(str(stack["env"]["SEALTORCH_SIM_KEY"])))  # type: ignore[index]
+    with KeyReleaseClient(
+        f"unix://{stack['socket']}", attester=attester, trusted_release_keys=[str(stack["pin"])]
+    ) as client:
+        return client.release([MODEL_ID]).keys[0]
+
+
+@pytest.mark.parametrize(
+    ("attack", "reason"),
+    [
+        ("no statement", "statement_missing"),
+        ("a genuine statement and policy", "key_commitment_mismatch"),
+        ("a genuine statement, a weaker policy", "statement_mismatch"),
+    ],
+)
+def test_serve_refuses_a_fake_key_source_in_place_of_the_cache(
+    stack: dict[str, object], tmp_path: Path, attack: str, reason: str
+) -> None:
+    """The host answers where serve asks for keys, with a key of its own (sealed to serve's
+    HPKE key, so it opens): serve exits with the reason code before it decrypts anything."""
+    genuine = _genuine_release(stack) if attack != "no statement" else None
+    policy = ANYTHING_GOES
+    if genuine is not None and attack == "a genuine statement and policy":
+        policy = Policy.from_dict(dict(genuine.policy))
+
+    def forge(grant: FakeGrant) -> SignedStatement | None:
+        del grant
+        return genuine.statement if genuine is not None else None
+
+    key = generate_key().material
+    with FakeKeySource(tmp_path / "fake.sock", key=key, forge=forge, policy=policy) as fake:
+        refused = subprocess.run(
+            [sys.executable, "-m", "sealtorch", *_serve_args(stack, keys=fake.url)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, **stack["env"]},  # type: ignore[dict-item]
+            check=False,
+        )
+        assert fake.keys_sent >= 1  # serve asked the fake and got its key
+    assert refused.returncode == 1, refused.stderr
+    assert "ready on" not in refused.stdout
+    assert f"reasons: {reason}" in refused.stderr

@@ -15,6 +15,7 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from _fixtures.keyserver import new_signing_key
 from sealtorch.attestation import SimAttester, make_verifiers
 from sealtorch.keyserver.app import create_app
 from sealtorch.keyserver.masterkey import FileMasterKey, FileMasterKeyConfig
@@ -52,6 +53,7 @@ class _Api:
             settings_,
             store=self.store,
             master_key=self.master,
+            signing_key=new_signing_key(),
             verifiers=make_verifiers(sim_trusted_keys=[self.attester.public_key]),
         )
 

@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
-from _fixtures.keyserver import KeyServerUnderTest, parse_time, running_keyserver
+from _fixtures.keyserver import KeyServerUnderTest, new_signing_key, parse_time, running_keyserver
 from sealtorch.attestation import SimAttester
 from sealtorch.client import KeyReleaseClient
 from sealtorch.errors import (
@@ -25,6 +25,9 @@ from sealtorch.errors import (
 from sealtorch.keys import KeyProvider, generate_key
 from sealtorch.keyserver.masterkey import FileMasterKey
 from sealtorch.keyserver.store import open_store, sqlite_url
+
+#: A well-formed pin, for clients that never reach a key server.
+PIN = new_signing_key().public_key.text
 
 
 @pytest.fixture(scope="module")
@@ -71,9 +74,7 @@ class _Rewriter(httpx.BaseTransport):
 
 def _client(server: KeyServerUnderTest, mutate: Callable[[dict[str, Any]], None]) -> Any:
     socket = server.url.removeprefix("unix://")
-    return KeyReleaseClient(
-        server.url, attester=server.attester, transport=_Rewriter(socket, mutate)
-    )
+    return server.client(transport=_Rewriter(socket, mutate))
 
 
 def test_release_over_a_unix_socket_is_a_key_provider(server: KeyServerUnderTest) -> None:
@@ -171,12 +172,7 @@ def test_renewals_are_checked_against_their_fresh_nonce(server: KeyServerUnderTe
             body.update(first_renewal)
 
     socket = server.url.removeprefix("unix://")
-    with KeyReleaseClient(
-        server.url,
-        attester=server.attester,
-        session=True,
-        transport=_Rewriter(socket, replay_first_renewal),
-    ) as client:
+    with server.client(session=True, transport=_Rewriter(socket, replay_first_renewal)) as client:
         client.release(["m"])
         client.renew()
         with pytest.raises(ProtocolError):
@@ -206,18 +202,14 @@ def test_connection_errors_are_retried_with_jittered_backoff(server: KeyServerUn
     server.add_model("m")
     flaky = _Flaky(server.url.removeprefix("unix://"), failures=2)
     sleeps: list[float] = []
-    with KeyReleaseClient(
-        server.url, attester=server.attester, transport=flaky, sleep=sleeps.append, backoff=0.1
-    ) as client:
+    with server.client(transport=flaky, sleep=sleeps.append, backoff=0.1) as client:
         assert client.release(["m"]).keys
     assert len(sleeps) == 2
     assert 0.05 <= sleeps[0] <= 0.15
     assert 0.1 <= sleeps[1] <= 0.3
     flaky.failures = 10
     with (
-        KeyReleaseClient(
-            server.url, attester=server.attester, transport=flaky, sleep=sleeps.append, retries=2
-        ) as client,
+        server.client(transport=flaky, sleep=sleeps.append, retries=2) as client,
         pytest.raises(KeyReleaseError, match="cannot reach"),
     ):
         client.release(["m"])
@@ -227,16 +219,12 @@ def test_denials_and_refusals_are_never_retried(server: KeyServerUnderTest, tmp_
     server.add_model("m", policy=server.sim_policy(sim={"mrenclave": ["44" * 32]}))
     flaky = _Flaky(server.url.removeprefix("unix://"), failures=0)
     sleeps: list[float] = []
-    with KeyReleaseClient(
-        server.url, attester=server.attester, transport=flaky, sleep=sleeps.append
-    ) as client:
+    with server.client(transport=flaky, sleep=sleeps.append) as client:
         with pytest.raises(KeyReleaseError) as caught:
             client.data_key("m", 1)
         assert caught.value.reasons == ("measurement_mismatch",)
     rogue = SimAttester(role="app", key_path=tmp_path / "rogue.key")
-    with KeyReleaseClient(
-        server.url, attester=rogue, transport=flaky, sleep=sleeps.append
-    ) as client:
+    with server.client(rogue, transport=flaky, sleep=sleeps.append) as client:
         with pytest.raises(KeyReleaseError) as caught:
             client.release(["m"])
         assert caught.value.status_code == 403
@@ -247,9 +235,11 @@ def test_denials_and_refusals_are_never_retried(server: KeyServerUnderTest, tmp_
 def test_urls_and_suites_are_checked_up_front(attester: SimAttester) -> None:
     for url in ("ftp://x", "unix://relative/path", "http://keys.example.com"):
         with pytest.raises(ConfigError):
-            KeyReleaseClient(url, attester=attester)
+            KeyReleaseClient(url, attester=attester, trusted_release_keys=[PIN])
     with pytest.raises(ProtocolError):
-        KeyReleaseClient("https://127.0.0.1:1", attester=attester, suite="ROT13")
+        KeyReleaseClient(
+            "https://127.0.0.1:1", attester=attester, suite="ROT13", trusted_release_keys=[PIN]
+        )
 
 
 def test_renew_without_a_session_is_an_error(server: KeyServerUnderTest) -> None:
@@ -266,7 +256,7 @@ def test_remembered_keys_can_be_forgotten_or_never_kept(server: KeyServerUnderTe
         assert client._cache, "data_key remembers the key for the lease"
         client.forget()
         assert not client._cache
-    with KeyReleaseClient(server.url, attester=server.attester, remember=False) as client:
+    with server.client(remember=False) as client:
         assert client.data_key("m", 1) == dek
         assert client.release(["m"]).key("m") == dek
         assert not client._cache
@@ -276,7 +266,9 @@ def test_an_unreachable_key_source_is_its_own_error(tmp_path: Path, attester: Si
     """Nobody listens: a KeySourceUnreachableError (retry later), not a refusal, and no socket
     is leaked (warnings are errors in this suite: a leak would fail as a ResourceWarning)."""
     missing = tmp_path / "nobody.sock"
-    client = KeyReleaseClient(f"unix://{missing}", attester=attester, retries=1, backoff=0)
+    client = KeyReleaseClient(
+        f"unix://{missing}", attester=attester, retries=1, backoff=0, trusted_release_keys=[PIN]
+    )
     with client, pytest.raises(KeySourceUnreachableError, match="cannot reach") as info:
         client.data_key("m", 1)
     assert isinstance(info.value, KeyReleaseError)

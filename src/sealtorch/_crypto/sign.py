@@ -1,7 +1,9 @@
-"""Ed25519 signatures for the simulated TEE's attestation key (``sealtorch.attestation.sim``).
+"""Ed25519 signatures: the simulated TEE's attestation key (``sealtorch.attestation.sim``) and
+the key server's release-signing key (``sealtorch.protocol.statement``).
 
 A thin wrapper so that only ``sealtorch._crypto`` imports ``cryptography.hazmat``. Private keys
-are handled as raw 32-byte seeds; they never appear in ``repr``.
+are handled as raw 32-byte seeds; they never appear in ``repr``. Public keys and signatures are
+raw bytes (32 and 64), as RFC 8032 defines them.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ __all__ = [
     "ED25519_SIGNATURE_SIZE",
     "BadSignature",
     "Ed25519Signer",
+    "ed25519_check_public_key",
     "ed25519_verify",
 ]
 
@@ -74,3 +77,14 @@ def ed25519_verify(public_key: bytes, signature: bytes, message: bytes) -> None:
         Ed25519PublicKey.from_public_bytes(public_key).verify(signature, message)
     except (InvalidSignature, ValueError) as exc:
         raise BadSignature("Ed25519 signature does not verify") from exc
+
+
+def ed25519_check_public_key(public_key: bytes) -> None:
+    """Return if ``public_key`` is a well-formed 32-byte Ed25519 public key; else raise
+    :class:`BadSignature` (a key nothing could ever verify under)."""
+    if len(public_key) != ED25519_PUBLIC_KEY_SIZE:
+        raise BadSignature(f"an Ed25519 public key is {ED25519_PUBLIC_KEY_SIZE} bytes")
+    try:
+        Ed25519PublicKey.from_public_bytes(public_key)
+    except ValueError as exc:
+        raise BadSignature("not a valid Ed25519 public key") from exc

@@ -100,6 +100,22 @@ class ServiceProcess:
             if match:
                 return match
 
+    def wait(self, *, timeout: float) -> int:
+        """Wait for the process to exit by itself; returns its exit status."""
+        try:
+            return self._process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired as exc:
+            raise ServiceStartError(
+                f"the {self.name} did not exit within {timeout:.0f} s; see its log: {self.log_path}"
+            ) from exc
+
+    def log_lines(self) -> list[str]:
+        """Everything the process wrote so far (stdout and stderr)."""
+        if self._process.poll() is not None:
+            self._reader.join(timeout=2)  # everything it printed is in the log
+        self._log.flush()
+        return self.log_path.read_text(encoding="utf-8", errors="replace").splitlines()
+
     def tail(self, lines: int = 12) -> str:
         self._log.flush()
         text = self.log_path.read_text(encoding="utf-8", errors="replace").splitlines()

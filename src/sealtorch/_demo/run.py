@@ -9,7 +9,9 @@
 5. ``sealtorch serve``, which attests to the key cache, decrypts the model in memory and serves
    the KServe v2 API;
 6. predictions through the API, checked bit for bit against plain PyTorch, a timing table, what
-   the sealed file reveals, and a release the policy refuses.
+   the sealed file reveals, and a release the policy refuses;
+7. a fake key source (what the cloud host can run on any socket): ``serve`` pointed at it
+   refuses its key, since no release statement signed by the pinned key server key comes with it.
 
 The TEE is the simulated one (``sim``): this machine has no SGX/TDX. It exercises the same code
 paths as real hardware, under its own explicit opt-in (a policy that names ``sim``).
@@ -178,8 +180,11 @@ class _Demo:
 
         # 1. Key server.
         with _step(console, "key server: SQLite, file master key, TLS with its own CA"):
-            keyserver_url, ca, token = self._start_keyserver(sim_public)
+            keyserver_url, ca, token, pin = self._start_keyserver(sim_public)
         console.print(f"    {keyserver_url}  [dim](logs: {self.logs}/keyserver.log)[/dim]")
+        console.print(
+            f"    release-signing key (pinned by the key cache and serve): [dim]{pin}[/dim]"
+        )
 
         # 2. The model and its release policy.
         with _step(console, "loading the model to protect"):
@@ -239,6 +244,8 @@ class _Demo:
                     keyserver_url,
                     "--ca",
                     str(ca),
+                    "--keyserver-pubkey",
+                    pin,
                     "--tee",
                     "sim",
                     "--sim-key",
@@ -270,6 +277,8 @@ class _Demo:
                     str(sealed_path),
                     "--keys",
                     f"unix://{socket_path}",
+                    "--keyserver-pubkey",
+                    pin,
                     "--tee",
                     "sim",
                     "--sim-key",
@@ -288,12 +297,13 @@ class _Demo:
         with httpx.Client(base_url=url, timeout=120) as http:
             self._classify(http, model)
             self._timing_table(http, model, started)
-        self._refused_release(socket_path, model)
+        self._refused_release(socket_path, model, pin)
+        self._fake_key_source(model, pin)
         console.rule("[bold green]done[/bold green]")
 
     # -- steps ------------------------------------------------------------------------------
 
-    def _start_keyserver(self, sim_public: str) -> tuple[str, Path, str]:
+    def _start_keyserver(self, sim_public: str) -> tuple[str, Path, str, str]:
         from sealtorch.keyserver.datadir import init_data_dir
 
         result = init_data_dir(self.ws / "keyserver", sim_trusted_keys=[sim_public])
@@ -301,7 +311,7 @@ class _Demo:
             "keyserver", ["keyserver", "serve", str(result.data_dir), "--port", "0"]
         )
         url = process.wait_for(r"^listening on (\S+)", timeout=60).group(1)
-        return url, result.ca_path, result.admin_token
+        return url, result.ca_path, result.admin_token, result.release_public_key
 
     def _show_what_the_file_reveals(self, path: Path, model: _Model) -> None:
         import sealtorch
@@ -416,7 +426,7 @@ class _Demo:
             table.add_row(label, f"{seconds * 1e3:.0f} ms" if seconds < 10 else f"{seconds:.1f} s")
         self.console.print(table)
 
-    def _refused_release(self, socket_path: Path, model: _Model) -> None:
+    def _refused_release(self, socket_path: Path, model: _Model, pin: str) -> None:
         from sealtorch.attestation.sim import SimAttester
         from sealtorch.client import KeyReleaseClient
         from sealtorch.errors import KeyReleaseError
@@ -426,7 +436,9 @@ class _Demo:
             f"\n[bold]A refused release[/bold]: an enclave running other code "
             f"(MRENCLAVE {intruder.mrenclave[:16]}…) asks the key cache for the key:"
         )
-        with KeyReleaseClient(f"unix://{socket_path}", attester=intruder, retries=0) as client:
+        with KeyReleaseClient(
+            f"unix://{socket_path}", attester=intruder, retries=0, trusted_release_keys=[pin]
+        ) as client:
             try:
                 client.data_key(model.model_id, 1)
             except KeyReleaseError as exc:
@@ -436,6 +448,62 @@ class _Demo:
                 )
                 return
         raise Error("the key cache released the key to an enclave the policy does not allow")
+
+    def _fake_key_source(self, model: _Model, pin: str) -> None:
+        """The cloud host runs a key source of its own and points ``serve`` at it, with a file
+        it sealed itself: without a statement signed by the pinned key, the key is refused."""
+        import torch
+
+        import sealtorch
+        from sealtorch._demo.fakesource import FakeKeySource
+        from sealtorch.keys import generate_key
+
+        self.console.print(
+            "\n[bold]A fake key source[/bold]: the cloud host owns every socket and port, so it "
+            "answers where serve asks for keys, checks no evidence, and HPKE-seals a key of its "
+            "own (of a model file it sealed itself) under an 'anything goes' policy:"
+        )
+        host_key = generate_key()
+        host_file = self.ws / "host-sealed.sealed"
+        sealtorch.encrypt_model(
+            {"weight": torch.zeros(3, 4), "bias": torch.zeros(3)},
+            host_file,
+            model_id=model.model_id,
+            key=host_key,
+            arch="torch.nn:Linear",
+            arch_kwargs={"in_features": 4, "out_features": 3},
+        )
+        with FakeKeySource(self.ws / "fake-keysource.sock", key=host_key.material) as fake:
+            serve = self._start(
+                "serve-fake",
+                [
+                    "serve",
+                    str(host_file),
+                    "--keys",
+                    fake.url,
+                    "--keyserver-pubkey",
+                    pin,
+                    "--tee",
+                    "sim",
+                    "--sim-key",
+                    str(self.sim_key),
+                    "--port",
+                    "0",
+                ],
+            )
+            status = serve.wait(timeout=300)
+        lines = serve.log_lines()
+        reasons = next((line for line in lines if line.startswith("reasons: ")), "")
+        error = next((line for line in lines if line.startswith("error: ")), "")
+        if status == 0 or "statement_missing" not in reasons or not fake.keys_sent:
+            raise Error(
+                "serve did not refuse the fake key source's key for lack of a release "
+                f"statement (exit status {status}); see {serve.log_path}"
+            )
+        self.console.print(
+            f"    serve [red]refused[/red] it and exited ({status}): "
+            f"{reasons.removeprefix('reasons: ')} [dim]({error.removeprefix('error: ')})[/dim]"
+        )
 
 
 def _post(http: httpx.Client, path: str, body: dict[str, Any]) -> dict[str, Any]:

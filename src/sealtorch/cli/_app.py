@@ -11,7 +11,7 @@ import click
 
 from sealtorch import __version__
 from sealtorch.cli._logging import configure_logging
-from sealtorch.errors import Error, KeyReleaseError, PolicyDenied
+from sealtorch.errors import Error, KeyReleaseError, PolicyDenied, ReleaseStatementError
 
 # name -> "module:attribute"; modules are imported only when the command runs or shows help.
 _COMMANDS: dict[str, str] = {
@@ -166,7 +166,7 @@ def _report(exc: Error) -> None:
     message = str(exc)
     click.secho(f"error: {message}", fg="red", err=True)
     reasons: tuple[str, ...] = ()
-    if isinstance(exc, PolicyDenied | KeyReleaseError):
+    if isinstance(exc, PolicyDenied | KeyReleaseError | ReleaseStatementError):
         reasons = exc.reasons
     if reasons:
         click.secho("reasons: " + ", ".join(reasons), fg="red", err=True)

@@ -24,6 +24,7 @@ from sealtorch.cli._options import (
 Examples:
   sealtorch keycache serve --config /etc/sealtorch/keycache.toml
   sealtorch keycache serve --keyserver https://keys.example.com:8443 --ca ks-ca.crt \\
+      --keyserver-pubkey sealtorch-release-key-v1:... \\
       --tee gramine --socket /run/sealtorch/keycache.sock --pccs-url https://pccs:8081
   sealtorch keycache status --socket /run/sealtorch/keycache.sock
 
@@ -38,12 +39,14 @@ _SERVE_EPILOG = """\b
 Examples:
   # development on one machine, simulated TEE (trust this host's sim key for local clients)
   sealtorch keycache serve --keyserver https://127.0.0.1:8443 --ca ./ks/tls/ca.crt \\
+      --keyserver-pubkey "$(sealtorch keyserver signing-key show ./ks)" \\
       --tee sim --socket /tmp/keycache.sock \\
       --trust-sim-key "$(sealtorch attest sim-key --show-public)"
 \b
   # production in Gramine-SGX: two models, loopback HTTPS for the inference enclave,
   # metrics for Prometheus, keys sealed to this enclave across restarts
   sealtorch keycache serve --keyserver https://keys.example.com:8443 --ca ks-ca.crt \\
+      --keyserver-pubkey sealtorch-release-key-v1:... \\
       --tee gramine --model resnet50 --model efficientnet-lite0 \\
       --socket /run/sealtorch/keycache.sock --socket-group sealtorch \\
       --tcp 127.0.0.1:7443 --tls-cert cache.crt --tls-key cache.key \\
@@ -54,13 +57,15 @@ Examples:
   sealtorch keycache serve --config keycache.toml --refresh 60
 \b
 At start the cache attests to the key server and fetches its keys (each model is logged:
-granted, or denied with reason codes), then serves the same release protocol as the key
-server, enforcing on local enclaves the policy that came with each key. Stdout carries the
-machine-readable line "ready: URL... (N models)" once it serves (and "metrics: URL" before
-it with --metrics). A cache the key server refuses still starts, says so in the log and in
-`keycache status`, and serves nothing. Every local release is logged (one structured line:
-request id, client measurement, models granted/denied with reasons; no key material), also
-without -v; -q silences it. SIGTERM/Ctrl-C stops; SIGHUP refreshes at once.
+granted, or denied with reason codes); it accepts a key only with a release statement signed
+by a pinned --keyserver-pubkey and forwards that statement with the key. It then serves the
+same release protocol as the key server, enforcing on local enclaves the policy that came with
+each key. Stdout carries the machine-readable line "ready: URL... (N models)" once it serves
+(and "metrics: URL" before it with --metrics). A cache the key server refuses still starts,
+says so in the log and in `keycache status`, and serves nothing. Every local release is
+logged (one structured line: request id, client measurement, models granted/denied with
+reasons; no key material), also without -v; -q silences it. SIGTERM/Ctrl-C stops; SIGHUP
+refreshes at once.
 """
 
 
@@ -81,6 +86,15 @@ without -v; -q silences it. SIGTERM/Ctrl-C stops; SIGHUP refreshes at once.
     "--ca",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="CA certificate the key server's TLS certificate must chain to.",
+)
+@click.option(
+    "--keyserver-pubkey",
+    "keyserver_pubkeys",
+    multiple=True,
+    metavar="KEY",
+    help="The key server's release-signing public key (sealtorch-release-key-v1:...; "
+    "repeatable: old and new during a rollover). Required (here or [keyserver] pubkeys): keys "
+    "without a statement signed by it are refused.",
 )
 @click.option(
     "--model",
@@ -183,6 +197,7 @@ def serve(
     config_file: Path | None,
     keyserver_url: str | None,
     ca: Path | None,
+    keyserver_pubkeys: tuple[str, ...],
     models: tuple[str, ...],
     tee: str | None,
     sim_key: Path | None,
@@ -213,7 +228,12 @@ def serve(
         return str(value) if value is not None else None
 
     overrides: dict[str, dict[str, Any]] = {
-        "keyserver": {"url": keyserver_url, "ca": text(ca), "models": models or None},
+        "keyserver": {
+            "url": keyserver_url,
+            "ca": text(ca),
+            "pubkeys": keyserver_pubkeys or None,
+            "models": models or None,
+        },
         "tee": {"type": tee, "sim_key": text(sim_key), "root": text(tee_root)},
         "listen": {
             "socket": text(socket_path),

@@ -54,8 +54,10 @@ Examples:
 
 \b
 The admin token is printed once (or written to --admin-token-file, mode 0600) and stored
-only as a hash: keep it safe. The data directory holds the master key file and the TLS
-keys: back it up and protect it like the keys themselves.
+only as a hash: keep it safe. The data directory holds the master key file, the
+release-signing key and the TLS keys: back it up and protect it like the keys themselves.
+The release-signing public key is printed (and written to DATA_DIR/release-signing.pub):
+pin it in every enclave and key cache with --keyserver-pubkey.
 """
 )
 @click.argument("data_dir", type=click.Path(path_type=Path))
@@ -99,9 +101,16 @@ keys: back it up and protect it like the keys themselves.
     help="Environment variable that holds the token's user PIN.",
 )
 @click.option(
+    "--signing-key-label",
+    default="sealtorch-release-signing-key",
+    show_default=True,
+    help="Label of the release-signing key pair inside the token (with --pkcs11-module).",
+)
+@click.option(
     "--existing-key",
     is_flag=True,
-    help="Use a master key that already exists in the token (another replica's).",
+    help="Use a master key and release-signing key that already exist in the token "
+    "(another replica's).",
 )
 def init(
     data_dir: Path,
@@ -114,9 +123,11 @@ def init(
     token_label: str | None,
     key_label: str,
     pin_env: str,
+    signing_key_label: str,
     existing_key: bool,
 ) -> None:
-    """Create a key server data directory: config, database, master key, TLS, admin token.
+    """Create a key server data directory: config, database, master key, release-signing key,
+    TLS, admin token.
 
     Refuses to touch an existing non-empty directory or an already initialised database.
     """
@@ -146,10 +157,16 @@ def init(
         database_url=database_url,
         sim_trusted_keys=sim_keys,
         port=port,
+        signing_key_label=signing_key_label,
     )
     click.echo(f"created key server data directory {result.data_dir}")
     click.echo(f"  config:      {result.config_path}")
     click.echo(f"  master key:  {result.master_key_id}")
+    click.echo(
+        f"  release-signing public key (pin it: --keyserver-pubkey; also in "
+        f"{result.release_public_key_path}):"
+    )
+    click.echo(f"    {result.release_public_key}")
     click.echo(f"  TLS CA:      {result.ca_path}  (give this file to clients: --ca)")
     click.echo(f"  start it:    sealtorch keyserver serve {result.data_dir}")
     click.echo(
@@ -270,6 +287,7 @@ def serve(
     from sealtorch.keyserver.masterkey import open_master_key
     from sealtorch.keyserver.metrics import MULTIPROC_ENV
     from sealtorch.keyserver.settings import load_settings
+    from sealtorch.keyserver.signingkey import open_signing_key
     from sealtorch.keyserver.store import open_store
 
     overrides = {"server": {"host": host, "port": port, "workers": workers}}
@@ -279,10 +297,13 @@ def serve(
             "TLS is disabled in the configuration; the key server only serves TCP over HTTPS "
             "(use --unix-socket for local plain-HTTP clients)"
         )
-    # Fail fast, in this process, on a bad database or master key; migrate once.
+    # Fail fast, in this process, on a bad database, master key or signing key; migrate once.
+    if settings.signing_key is None:  # pragma: no cover - load_settings always sets it
+        raise ConfigError("the configuration names no release-signing key")
     store = open_store(settings.database_url, **settings.store_options())
     store.migrate()
     master = open_master_key(settings.master_key)
+    signer = open_signing_key(settings.signing_key)
     verifiers = open_verifiers(settings)
 
     many = settings.workers > 1
@@ -315,7 +336,9 @@ def serve(
     metrics_dir: str | None = None
     try:
         if settings.workers == 1:
-            app = create_app(settings, store=store, master_key=master, verifiers=verifiers)
+            app = create_app(
+                settings, store=store, master_key=master, signing_key=signer, verifiers=verifiers
+            )
             config = uvicorn.Config(app, **options)
             click.echo(f"listening on {url}", nl=True)
             sys.stdout.flush()
@@ -324,6 +347,7 @@ def serve(
         else:
             store.close()
             master.close()
+            signer.close()
             metrics_dir = tempfile.mkdtemp(prefix="sealtorch-metrics-")
             os.environ[MULTIPROC_ENV] = metrics_dir
             os.environ[_DIR_ENV] = str(data_dir.absolute())
@@ -349,6 +373,88 @@ def serve(
         if settings.workers == 1:
             store.close()
             master.close()
+            signer.close()
         if metrics_dir is not None:
             shutil.rmtree(metrics_dir, ignore_errors=True)
     _log.info("key server stopped")
+
+
+@keyserver.group("signing-key")
+def signing_key() -> None:
+    """The release-signing key: it signs a statement for every key the server releases."""
+
+
+@signing_key.command(
+    "show",
+    epilog="""\b
+Examples:
+  sealtorch keyserver signing-key show ./ks
+  sealtorch keycache serve ... --keyserver-pubkey "$(sealtorch keyserver signing-key show ./ks)"
+
+\b
+Prints the public key (sealtorch-release-key-v1:...) that enclaves and key caches pin with
+--keyserver-pubkey; its key id goes to stderr. Copy it to the enclave configuration through
+a channel you trust: the enclave accepts only keys vouched for by a pinned key.
+""",
+)
+@click.argument("data_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+def signing_key_show(data_dir: Path) -> None:
+    """Print the release-signing public key of the key server in DATA_DIR."""
+    from sealtorch.keyserver.settings import load_settings
+    from sealtorch.keyserver.signingkey import open_signing_key
+
+    settings = load_settings(data_dir)
+    if settings.signing_key is None:  # pragma: no cover - load_settings always sets it
+        raise ConfigError("the configuration names no release-signing key")
+    signer = open_signing_key(settings.signing_key)
+    try:
+        click.echo(signer.public_key.text)
+        click.echo(f"key id {signer.key_id}", err=True)
+    finally:
+        signer.close()
+
+
+@signing_key.command(
+    "create",
+    epilog="""\b
+Examples:
+  # a data directory made before release statements: create the configured key
+  sealtorch keyserver signing-key create ./ks
+  # a rollover: a new key next to the current one (docs/keyserver.md)
+  sealtorch keyserver signing-key create ./ks --path ./ks/release-signing-2.key
+  SEALTORCH_PKCS11_PIN=... sealtorch keyserver signing-key create ./ks --key-label rsk-2027
+
+\b
+Never overwrites a key. A new key is not used until [signing_key] in keyserver.toml names
+it: pin it in every enclave next to the current one first, then switch the server.
+""",
+)
+@click.argument("data_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option(
+    "--path",
+    "key_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Create a new file key here (a rollover), instead of the configured one.",
+)
+@click.option(
+    "--key-label",
+    metavar="LABEL",
+    help="Create a new key pair with this label in the configured PKCS#11 token (a rollover).",
+)
+def signing_key_create(data_dir: Path, key_path: Path | None, key_label: str | None) -> None:
+    """Create a release-signing key for the key server in DATA_DIR and print its public key."""
+    from sealtorch.keyserver.datadir import create_signing_key
+
+    created = create_signing_key(data_dir, path=key_path, key_label=key_label)
+    click.echo(created.public_key)
+    click.echo(f"key id {created.key_id}", err=True)
+    if created.configured:
+        click.echo("the key server uses it from its next start", err=True)
+    else:
+        click.echo(
+            "not used yet: pin it in every enclave and key cache next to the current key "
+            "(--keyserver-pubkey, twice), redeploy them, then set "
+            f"[signing_key] {created.config_line} in keyserver.toml and restart the key "
+            "server; unpin the old key once no enclave needs it (docs/keyserver.md)",
+            err=True,
+        )

@@ -22,8 +22,10 @@ Examples:
 \b
   # production, inside the enclave: keys from the local key cache, released by attestation
   sealtorch serve /models/resnet50.sealed /models/lite0.sealed \\
-      --keys https://127.0.0.1:7443 --tee gramine --host 0.0.0.0 --port 8080
-  sealtorch serve model.sealed --keys unix:///run/sealtorch/keycache.sock --tee tdx
+      --keys https://127.0.0.1:7443 --keyserver-pubkey sealtorch-release-key-v1:... \\
+      --tee gramine --host 0.0.0.0 --port 8080
+  sealtorch serve model.sealed --keys unix:///run/sealtorch/keycache.sock --tee tdx \\
+      --keyserver-pubkey sealtorch-release-key-v1:...
 \b
   # several models, renamed; a random free port (the first stdout line tells which)
   sealtorch serve a.sealed b.sealed --name classifier --name detector --port 0 --key-file k
@@ -66,6 +68,15 @@ Details: docs/serving.md; enclave deployment: docs/deployment.md.
     type=click.Path(dir_okay=False, path_type=Path),
     help="DEVELOPMENT ONLY: read the data key from this file (`sealtorch keygen`); no "
     "attestation takes place.",
+)
+@click.option(
+    "--keyserver-pubkey",
+    "keyserver_pubkeys",
+    multiple=True,
+    metavar="KEY",
+    help="With --keys (required): the key server's release-signing public key "
+    "(sealtorch-release-key-v1:...; repeatable: old and new during a rollover). A key "
+    "without a statement signed by it is refused, whoever sends it.",
 )
 @tee_option("The TEE this server runs in, whose evidence is sent with --keys.")
 @click.option(
@@ -183,6 +194,7 @@ def serve(
     models: tuple[Path, ...],
     keys_url: str | None,
     key_file: Path | None,
+    keyserver_pubkeys: tuple[str, ...],
     tee: str | None,
     keys_ca: Path | None,
     sim_key: Path | None,
@@ -236,10 +248,10 @@ def serve(
     )
     provider: KeyProvider
     if key_file is not None:
-        if tee is not None or keys_ca or sim_key or tee_root or hpke_suite:
+        if tee is not None or keys_ca or sim_key or tee_root or hpke_suite or keyserver_pubkeys:
             raise click.UsageError(
-                "--tee, --keys-ca, --sim-key, --tee-root and --hpke-suite apply to "
-                "--keys; a --key-file involves no TEE"
+                "--tee, --keys-ca, --sim-key, --tee-root, --hpke-suite and --keyserver-pubkey "
+                "apply to --keys; a --key-file involves no TEE"
             )
         provider = dev_key_file(key_file)  # logs the development warning (once)
     else:
@@ -251,6 +263,7 @@ def serve(
             tee_root=tee_root,
             sim_key=sim_key,
             hpke_suite=hpke_suite,
+            keyserver_pubkeys=keyserver_pubkeys,
         )
     sources = [
         SealedModelSource(

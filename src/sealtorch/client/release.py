@@ -9,15 +9,22 @@ protocol. It is a :class:`~sealtorch.keys.KeyProvider`, so it plugs into loading
     from sealtorch.client import KeyReleaseClient
 
     with KeyReleaseClient(
-        "https://keys.example.com:8443", attester=attester_for("gramine"), ca="ca.crt"
+        "https://keys.example.com:8443",
+        attester=attester_for("gramine"),
+        ca="ca.crt",
+        trusted_release_keys=["sealtorch-release-key-v1:..."],
     ) as client:
         model = sealtorch.load_model("resnet50.sealed", key=client)
 
 Every granted key is checked before it is returned: its HPKE ``info`` (model, version, request
-id, nonce, policy digest, lease) must open, and the policy that came with it must hash to the
-digest bound into it; anything else is a :class:`~sealtorch.errors.ProtocolError`. Denials raise
-:class:`~sealtorch.errors.KeyReleaseError` with the server's reason codes. Connection errors are
-retried with jittered exponential backoff (a fresh challenge each time); denials never are.
+id, nonce, policy digest, lease) must open, the policy that came with it must hash to the
+digest bound into it, and the key server's release statement that came with it must verify
+under a pinned key server key (``trusted_release_keys``) and be about exactly this key
+(:meth:`KeyReleaseClient._check_statement`); anything else is a
+:class:`~sealtorch.errors.ProtocolError` (a :class:`~sealtorch.errors.ReleaseStatementError`
+with a reason code for the statement). Denials raise :class:`~sealtorch.errors.KeyReleaseError`
+with the server's reason codes. Connection errors are retried with jittered exponential
+backoff (a fresh challenge each time); denials never are.
 """
 
 from __future__ import annotations
@@ -28,10 +35,10 @@ import random
 import secrets
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import httpx
 
@@ -39,28 +46,6 @@ from sealtorch._crypto import hpke
 from sealtorch._crypto.tls import untrusted_server_message
 from sealtorch.attestation.binding import report_data_for
 from sealtorch.attestation.evidence import EvidenceProvider
-from sealtorch.errors import (
-    AttestationError,
-    IntegrityError,
-    KeyReleaseError,
-    KeySourceUnreachableError,
-    ProtocolError,
-)
-from sealtorch.keys import DataKey
-from sealtorch.protocol import (
-    API_PREFIX,
-    DEFAULT_HPKE_SUITE,
-    ChallengeResponse,
-    GrantedKey,
-    ReleaseRequest,
-    ReleaseResponse,
-    RenewRequest,
-    key_release_info,
-)
-
-if TYPE_CHECKING:
-    pass
-
 from sealtorch.client._http import (
     CA_OPTIONS,
     RETRYABLE,
@@ -69,6 +54,30 @@ from sealtorch.client._http import (
     parse_response,
     policy_digest,
 )
+from sealtorch.errors import (
+    AttestationError,
+    IntegrityError,
+    KeyReleaseError,
+    KeySourceUnreachableError,
+    ProtocolError,
+    ReleaseStatementError,
+)
+from sealtorch.keys import DataKey
+from sealtorch.protocol import (
+    API_PREFIX,
+    DEFAULT_HPKE_SUITE,
+    ChallengeResponse,
+    GrantedKey,
+    ReleasePublicKey,
+    ReleaseRequest,
+    ReleaseResponse,
+    ReleaseStatement,
+    RenewRequest,
+    SignedStatement,
+    TrustedReleaseKeys,
+    key_release_info,
+)
+from sealtorch.protocol.statement import STATEMENT_MISMATCH, STATEMENT_MISSING
 
 __all__ = ["Challenge", "Denial", "KeyReleaseClient", "ReleaseResult", "ReleasedKey", "Session"]
 
@@ -91,7 +100,8 @@ class Challenge:
 
 @dataclass(frozen=True)
 class ReleasedKey:
-    """One released data key, verified, with its lease and the policy that governs it."""
+    """One released data key, verified, with its lease, the policy that governs it and the key
+    server's signed release statement about it (verified; a key cache forwards it)."""
 
     model_id: str
     key_version: int
@@ -100,6 +110,10 @@ class ReleasedKey:
     policy: Mapping[str, Any]
     policy_version: int
     policy_digest: str
+    statement: SignedStatement = field(repr=False)
+    #: True when the key server released the key to another enclave (a key cache) that
+    #: forwarded it with the key server's statement; False when it released it to this client.
+    forwarded: bool = False
 
 
 @dataclass(frozen=True)
@@ -185,6 +199,12 @@ class KeyReleaseClient:
     ``remember``: keep released keys in memory while their leases last, so that
     :meth:`data_key` for several files of one model attests once; ``False`` keeps no copy (the
     caller holds what :meth:`release` returns). :meth:`forget` drops the copies at any time.
+    ``trusted_release_keys``: the key server release-signing public key(s) this client pins
+    (``sealtorch-release-key-v1:...``; two during a rollover). Required: a client without one
+    refuses to start, since nothing could prove where a key came from.
+    ``accept_forwarded_statements``: accept a key whose statement the key server issued to
+    another enclave (a key cache that forwards it); ``False`` for a client that must talk to
+    the key server itself (the key cache's own client).
     """
 
     def __init__(
@@ -202,8 +222,16 @@ class KeyReleaseClient:
         allow_insecure_http: bool = False,
         sleep: Callable[[float], None] = time.sleep,
         remember: bool = True,
+        trusted_release_keys: TrustedReleaseKeys | Iterable[ReleasePublicKey | str] | None = None,
+        accept_forwarded_statements: bool = True,
     ) -> None:
         hpke.get_suite(suite)  # ProtocolError for an unknown suite, now rather than later
+        self._trusted = (
+            trusted_release_keys
+            if isinstance(trusted_release_keys, TrustedReleaseKeys)
+            else TrustedReleaseKeys(trusted_release_keys or ())  # ConfigError when empty
+        )
+        self._accept_forwarded = accept_forwarded_statements
         self.url = url
         self._attester = attester
         self._suite = suite
@@ -225,7 +253,15 @@ class KeyReleaseClient:
         self._session_key: hpke.HpkePrivateKey | None = None
 
     def __repr__(self) -> str:
-        return f"KeyReleaseClient({self.url!r}, suite={self._suite!r})"
+        return (
+            f"KeyReleaseClient({self.url!r}, suite={self._suite!r}, "
+            f"release_keys={list(self._trusted.key_ids)!r})"
+        )
+
+    @property
+    def trusted_release_keys(self) -> TrustedReleaseKeys:
+        """The key server release-signing keys this client pins."""
+        return self._trusted
 
     def __enter__(self) -> KeyReleaseClient:
         return self
@@ -334,7 +370,11 @@ class KeyReleaseClient:
             raise error_from(response, "the key release")
         body = parse_response(ReleaseResponse, response, "release")
         result = self._open(
-            body, private_key=private_key, request_nonce=challenge.nonce, requested=models
+            body,
+            private_key=private_key,
+            public_key=public_key,
+            request_nonce=challenge.nonce,
+            requested=models,
         )
         with self._lock:
             if result.session is not None:
@@ -367,7 +407,13 @@ class KeyReleaseClient:
             if response.status_code != 200:
                 raise error_from(response, "the lease renewal")
             body = parse_response(ReleaseResponse, response, "renew")
-            return self._open(body, private_key=private_key, request_nonce=nonce, requested=wanted)
+            return self._open(
+                body,
+                private_key=private_key,
+                public_key=private_key.public_key().encode(),
+                request_nonce=nonce,
+                requested=wanted,
+            )
 
         result = self._with_retries("lease renewal", attempt)
         with self._lock:
@@ -379,6 +425,7 @@ class KeyReleaseClient:
         body: ReleaseResponse,
         *,
         private_key: hpke.HpkePrivateKey,
+        public_key: bytes,
         request_nonce: bytes,
         requested: tuple[str, ...] | None,
     ) -> ReleaseResult:
@@ -391,7 +438,8 @@ class KeyReleaseClient:
             seen.add(pair)
             if requested is not None and granted.model_id not in requested:
                 raise ProtocolError(f"the server released model {granted.model_id!r} unasked")
-            keys.append(self._open_one(granted, body.request_id, request_nonce, private_key))
+            released = self._open_one(granted, body.request_id, request_nonce, private_key)
+            keys.append(self._check_statement(released, granted, body.request_id, public_key))
         denied = tuple(
             Denial(model_id=d.model_id, reasons=d.reasons, message=d.message) for d in body.denied
         )
@@ -439,6 +487,14 @@ class KeyReleaseClient:
             ) from exc
         if len(material) != 32:
             raise ProtocolError("a released data key is not 32 bytes")
+        if granted.statement is None:
+            raise ReleaseStatementError(
+                STATEMENT_MISSING,
+                f"{self.url} sent the key of {granted.model_id!r} v{granted.key_version} without "
+                "the key server's release statement, so nothing proves where it came from; the "
+                "key is refused: check that --keys names your key cache or key server (and "
+                "that both run a sealtorch version that signs release statements)",
+            )
         return ReleasedKey(
             model_id=granted.model_id,
             key_version=granted.key_version,
@@ -447,7 +503,41 @@ class KeyReleaseClient:
             policy=granted.policy,
             policy_version=granted.policy_version,
             policy_digest=granted.policy_digest,
+            statement=granted.statement,
         )
+
+    def _check_statement(
+        self, released: ReleasedKey, granted: GrantedKey, request_id: str, public_key: bytes
+    ) -> ReleasedKey:
+        """``released``, if the key server's statement proves its origin; else
+        :class:`ReleaseStatementError`.
+
+        Always: the statement verifies under a pinned key, and names this model, version and
+        policy digest and commits to exactly this key. Addressed to this client's HPKE key
+        (direct from the key server): also its suite, lease end and request id must be the
+        grant's. Addressed to another key (forwarded by a key cache): accepted only with
+        ``accept_forwarded_statements`` (``docs/protocol.md``, what each party checks).
+        """
+        what = f"the key of {released.model_id!r} v{released.key_version}"
+        statement = self._trusted.verify(released.statement, what=what, source=self.url)
+        statement.check_key(
+            model_id=released.model_id,
+            key_version=released.key_version,
+            policy_digest=released.policy_digest,
+            key=released.key.material,
+            source=self.url,
+        )
+        if statement.addressed_to(hpke_suite=self._suite, hpke_public_key=public_key):
+            _check_direct(statement, granted, request_id, what=what, source=self.url)
+            return released
+        if not self._accept_forwarded:
+            raise ReleaseStatementError(
+                STATEMENT_MISMATCH,
+                f"{self.url} sent {what} with a key server statement issued to another HPKE "
+                "key: a statement replayed from another release (this client talks to the key "
+                "server itself); the key is refused",
+            )
+        return replace(released, forwarded=True)
 
     def _remember(self, result: ReleaseResult) -> None:
         if not self._remember_keys:
@@ -469,6 +559,23 @@ class KeyReleaseClient:
             if cached is not None and time.monotonic() < cached.expires_monotonic:
                 return cached.key.key
         return self.release([model_id]).key(model_id, key_version)
+
+
+def _check_direct(
+    statement: ReleaseStatement, granted: GrantedKey, request_id: str, *, what: str, source: str
+) -> None:
+    """A statement the key server issued to this client must be about this very grant."""
+    for name, theirs, ours in (
+        ("lease end", statement.lease_expires_at, granted.lease_expires_at),
+        ("request id", statement.request_id, request_id),
+    ):
+        if theirs != ours:
+            raise ReleaseStatementError(
+                STATEMENT_MISMATCH,
+                f"{source} sent {what} with a key server statement about another {name} than "
+                "the grant's: a statement replayed from another release, or an altered "
+                "grant; the key is refused",
+            )
 
 
 # -- administration ----------------------------------------------------------------------------

@@ -118,6 +118,7 @@ def gramine() -> None:
 Example:
   sealtorch deploy gramine serve /srv/models/resnet50.sealed \\
       --keys https://127.0.0.1:7443 --trust /srv/sealtorch/keycache-ca.pem \\
+      --keyserver-pubkey "$(cat release-signing.pub)" \\
       --port 8080 --threads 8 -o serve.manifest.template
 """
     + _FLOW,
@@ -129,6 +130,15 @@ Example:
     required=True,
     metavar="URL",
     help="Key cache URL (https://127.0.0.1:PORT on the same host).",
+)
+@click.option(
+    "--keyserver-pubkey",
+    "keyserver_pubkeys",
+    multiple=True,
+    required=True,
+    metavar="KEY",
+    help="The key server's release-signing public key the enclave pins (repeatable: old and "
+    "new during a rollover); measured with the manifest.",
 )
 @click.option("--name", "names", multiple=True, help="Model names, one per model, in order.")
 @click.option("--host", default="0.0.0.0", show_default=True, help="Address the server listens on.")  # noqa: S104
@@ -165,6 +175,7 @@ Example:
 def serve_manifest(
     models: tuple[Path, ...],
     keys_url: str,
+    keyserver_pubkeys: tuple[str, ...],
     names: tuple[str, ...],
     host: str,
     port: int,
@@ -190,6 +201,7 @@ def serve_manifest(
     config = ServeEnclave(
         models=models,
         keys_url=keys_url,
+        keyserver_pubkeys=keyserver_pubkeys,
         names=names,
         host=host,
         port=port,
@@ -216,6 +228,7 @@ Example (everything after -- is the `sealtorch keycache` command line, fixed in 
       --trust /srv/sealtorch/cache.key --state-dir /srv/sealtorch/keycache \\
       -o keycache.manifest.template -- \\
       serve --keyserver https://keys.example.com:8443 --ca /srv/sealtorch/keyserver-ca.pem \\
+      --keyserver-pubkey sealtorch-release-key-v1:... \\
       --tee gramine --tcp 127.0.0.1:7443 --tls-cert /srv/sealtorch/cache.crt \\
       --tls-key /srv/sealtorch/cache.key --persist /srv/sealtorch/keycache/state.sealed \\
       --pccs-url https://pccs.internal:8081/sgx/certification/v4
@@ -224,6 +237,14 @@ Example (everything after -- is the `sealtorch keycache` command line, fixed in 
 )
 @click.argument("args", nargs=-1, required=True, metavar="-- KEYCACHE_ARGS...")
 @click.option("--keyserver-host", help="The key server's host name (enables DNS if it is a name).")
+@click.option(
+    "--keyserver-pubkey",
+    "keyserver_pubkeys",
+    multiple=True,
+    metavar="KEY",
+    help="The key server's release-signing public key the cache pins (repeatable), added to "
+    "its command line (or give --keyserver-pubkey after --, or a --trust'ed --config).",
+)
 @click.option(
     "--trust",
     "trusted",
@@ -240,6 +261,7 @@ Example (everything after -- is the `sealtorch keycache` command line, fixed in 
 def keycache_manifest(
     args: tuple[str, ...],
     keyserver_host: str | None,
+    keyserver_pubkeys: tuple[str, ...],
     trusted: tuple[Path, ...],
     state_dir: Path | None,
     enclave_size: str | None,
@@ -258,6 +280,7 @@ def keycache_manifest(
     layout = _layout(gramine_libos, gramine_runtime_dir, arch_libdir)
     config = KeycacheEnclave(
         args=args,
+        keyserver_pubkeys=keyserver_pubkeys,
         trusted=trusted,
         state_dir=state_dir,
         keyserver_host=keyserver_host,

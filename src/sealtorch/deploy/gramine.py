@@ -11,7 +11,9 @@ Every value reaches the TOML through one encoder (:func:`toml_value`), so no val
 out of its string or add a manifest entry. Things a manifest must never hold are refused:
 a ``--key-file`` argument or a key file among the trusted files (secrets would be measured,
 readable and shipped with the image), a debug enclave, host environment or command line
-passthrough (not even representable here).
+passthrough (not even representable here), and an enclave that pins no key server
+release-signing key (``--keyserver-pubkey``: measured here, it is what lets the enclave tell the
+key server's keys from the host's).
 """
 
 from __future__ import annotations
@@ -260,6 +262,34 @@ def _refuse_secrets(args: Sequence[str], files: Iterable[Path]) -> None:
             )
 
 
+def _option_values(args: Sequence[str], option: str) -> list[str]:
+    """The values of ``option`` in a command line (``--opt VALUE`` or ``--opt=VALUE``)."""
+    values = []
+    for index, arg in enumerate(args):
+        if arg == option and index + 1 < len(args):
+            values.append(args[index + 1])
+        elif arg.startswith(option + "="):
+            values.append(arg.partition("=")[2])
+    return values
+
+
+def _pins(keys: Sequence[str], args: Sequence[str]) -> list[str]:
+    """The release-signing keys to add to the command line (each checked), refusing an enclave
+    that would pin none: without a pin it could not tell the key server's keys from the host's."""
+    from sealtorch.protocol import ReleasePublicKey
+
+    present = _option_values(args, "--keyserver-pubkey")
+    for key in [*keys, *present]:
+        ReleasePublicKey.parse(key)  # ConfigError naming what is wrong
+    if not keys and not present:
+        raise ConfigError(
+            "the enclave must pin the key server's release-signing public key: give "
+            "--keyserver-pubkey KEY (`sealtorch keyserver signing-key show DATA_DIR` prints it); "
+            "it is measured with the manifest, so the host cannot swap it"
+        )
+    return [key for key in dict.fromkeys(keys) if key not in present]
+
+
 def _environment(
     runtime: PythonRuntime, layout: GramineLayout, gramine_extra: Sequence[Path]
 ) -> dict[str, Any]:
@@ -324,6 +354,8 @@ class ServeEnclave:
     models: tuple[Path, ...]
     #: ``https://127.0.0.1:PORT`` (a key cache on this host) or ``https://HOST:PORT``.
     keys_url: str
+    #: The key server's release-signing public keys the enclave pins (at least one).
+    keyserver_pubkeys: tuple[str, ...] = ()
     names: tuple[str, ...] = ()
     host: str = "0.0.0.0"  # noqa: S104 - the enclave serves other machines
     port: int = 8080
@@ -370,6 +402,8 @@ def render_serve_manifest(config: ServeEnclave, *, runtime: PythonRuntime | None
         raise ConfigError("the manifest sets --tee gramine itself; drop --tee from the extra args")
     argv = _python_argv(runtime, "serve", *(str(m) for m in models))
     argv += ["--keys", config.keys_url, "--tee", "gramine"]
+    for key in _pins(config.keyserver_pubkeys, config.extra_args):
+        argv += ["--keyserver-pubkey", key]
     argv += ["--host", config.host, "--port", str(config.port)]
     argv += ["--threads", str(config.threads), "--workers", str(config.workers)]
     for name in config.names:
@@ -412,6 +446,9 @@ class KeycacheEnclave:
 
     #: The ``sealtorch keycache`` arguments, e.g. ``("serve", "--keyserver", URL, ...)``.
     args: tuple[str, ...]
+    #: The key server's release-signing public keys the cache pins, appended to ``args`` as
+    #: ``--keyserver-pubkey`` (or give them in ``args``, or in a trusted ``--config`` file).
+    keyserver_pubkeys: tuple[str, ...] = ()
     #: Trusted files mounted at their own path (the key server's CA certificate...).
     trusted: tuple[Path, ...] = ()
     #: Directory of the sealed restart state (an allowed file, sealed by the cache).
@@ -442,9 +479,22 @@ def render_keycache_manifest(
         state_dir = Path(config.state_dir).absolute()
         extra_mounts.append(state_dir)
         allowed.append(f"file:{state_dir}/")
+    args = list(config.args)
+    config_files = [Path(path).absolute() for path in _option_values(config.args, "--config")]
+    if config.keyserver_pubkeys or _option_values(config.args, "--keyserver-pubkey"):
+        for key in _pins(config.keyserver_pubkeys, config.args):
+            args += ["--keyserver-pubkey", key]
+    elif not config_files or any(path not in trusted for path in config_files):
+        # Pins in a config file count only if that file is measured (a trusted file).
+        raise ConfigError(
+            "the key cache must pin the key server's release-signing public key in measured "
+            "configuration: give --keyserver-pubkey KEY, or a --config file listed with --trust "
+            "that sets [keyserver] pubkeys (`sealtorch keyserver signing-key show DATA_DIR` "
+            "prints the key)"
+        )
     values = {
         **_environment(runtime, config.layout, extra_mounts),
-        "argv": _python_argv(runtime, "keycache", *config.args),
+        "argv": _python_argv(runtime, "keycache", *args),
         "domain_names": _needs_dns(config.keyserver_host),
         "edmm": config.edmm,
         "enclave_size": _check_size(config.enclave_size),

@@ -34,7 +34,14 @@ from typing import Final
 
 from sealtorch.attestation import Policy
 from sealtorch.client import ReleasedKey
-from sealtorch.errors import ConfigError, Error, FormatError, PolicyError, ProtocolError
+from sealtorch.errors import (
+    ConfigError,
+    Error,
+    FormatError,
+    PolicyError,
+    ProtocolError,
+    ReleaseStatementError,
+)
 from sealtorch.keycache.holdings import (
     HeldKey,
     Holdings,
@@ -187,6 +194,10 @@ class KeyCache:
                 self._attestation = ("error", (), str(exc))
                 self._failed(how, "attest_failed", str(exc), reachable=self._reachable)
                 return False
+            except ReleaseStatementError as exc:  # a fake key source, or a forged response
+                message = f"rejected a key server response ({exc.reason}): {exc}"
+                self._failed(how, "protocol_error", message)
+                return False
             except ProtocolError as exc:
                 self._failed(how, "protocol_error", f"rejected a key server response: {exc}")
                 return False
@@ -299,6 +310,7 @@ class KeyCache:
             policy_document=document,
             policy_version=released.policy_version,
             policy_digest=released.policy_digest,
+            statement=released.statement,
         )
 
     def _schedule_after_success(self, now: datetime) -> datetime:

@@ -20,6 +20,7 @@ from typing import Any
 
 from sealtorch.attestation import Policy
 from sealtorch.keys import DataKey
+from sealtorch.protocol import SignedStatement
 
 __all__ = [
     "MODEL_LEVEL_REASONS",
@@ -37,7 +38,8 @@ MODEL_LEVEL_REASONS = frozenset({"unknown_model", "no_active_key", "no_policy", 
 
 @dataclass(frozen=True, slots=True)
 class HeldKey:
-    """One data key version the cache holds, with its lease and governing policy."""
+    """One data key version the cache holds, with its lease, its governing policy and the key
+    server's signed release statement about it (forwarded to local clients with the key)."""
 
     model_id: str
     key_version: int
@@ -51,6 +53,7 @@ class HeldKey:
     policy_document: Mapping[str, Any] = field(repr=False)
     policy_version: int
     policy_digest: str
+    statement: SignedStatement = field(repr=False)
 
     def renew_due(self, fraction: float) -> datetime:
         """When this lease should be renewed: ``fraction`` of it has passed."""

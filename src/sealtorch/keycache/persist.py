@@ -16,10 +16,13 @@ a blob edited in any byte, or written under another measurement, is refused. Lay
     b"STKC" ‖ version (1 byte) ‖ header length (2 bytes, big endian) ‖ header (canonical JSON)
     ‖ nonce (12) ‖ AES-256-GCM(payload JSON) ‖ tag (16)
 
-On restart, keys whose leases are still running are served until the first refresh replaces
-them (or their leases end). A host that rolls the wall clock back can make an old lease look
-valid for longer; that is bounded by the lease the key server granted and ends at the first
-refresh that reaches the key server (see ``docs/keycache.md``).
+Each key is stored with the key server's signed release statement about it; on restart every
+statement is verified again under the pinned key server keys and against its key (a key whose
+statement no longer verifies — the pins changed — is dropped). Keys whose leases are still
+running are served until the first refresh replaces them (or their leases end). A host that
+rolls the wall clock back can make an old lease look valid for longer; that is bounded by the
+lease the key server granted and ends at the first refresh that reaches the key server (see
+``docs/keycache.md``).
 """
 
 from __future__ import annotations
@@ -40,9 +43,16 @@ from typing import Any, Final
 
 from sealtorch._crypto.dekwrap import GcmKey
 from sealtorch.attestation import Policy
-from sealtorch.errors import ConfigError, FormatError, IntegrityError, PolicyError
+from sealtorch.errors import (
+    ConfigError,
+    FormatError,
+    IntegrityError,
+    PolicyError,
+    ReleaseStatementError,
+)
 from sealtorch.keycache.holdings import HeldKey, Holdings
 from sealtorch.keys import DataKey
+from sealtorch.protocol import SignedStatement, TrustedReleaseKeys
 
 __all__ = [
     "GRAMINE_SEALING_KEY",
@@ -156,11 +166,19 @@ class PlatformSealer:
 
 
 class SealedState:
-    """The key cache's sealed state file (``--persist PATH``)."""
+    """The key cache's sealed state file (``--persist PATH``); ``trusted_release_keys`` are the
+    pinned key server keys that every restored key's statement must verify under."""
 
-    def __init__(self, path: str | os.PathLike[str], sealer: PlatformSealer) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        sealer: PlatformSealer,
+        *,
+        trusted_release_keys: TrustedReleaseKeys,
+    ) -> None:
         self.path = Path(path)
         self.sealer = sealer
+        self._trusted = trusted_release_keys
 
     def __repr__(self) -> str:
         return f"SealedState({str(self.path)!r}, {self.sealer!r})"
@@ -177,6 +195,7 @@ class SealedState:
                 "policy": dict(held.policy_document),
                 "policy_version": held.policy_version,
                 "policy_digest": held.policy_digest,
+                "statement": held.statement.model_dump(mode="json"),
             }
             for versions in holdings.keys.values()
             for held in versions
@@ -210,7 +229,25 @@ class SealedState:
             ) from exc
         finally:
             del payload
-        return [k for k in held if now < k.expires_at]
+        return [k for k in held if now < k.expires_at and self._verified(k)]
+
+    def _verified(self, held: HeldKey) -> bool:
+        """Whether the key server's statement about ``held`` verifies under the pinned keys
+        and is about exactly this key (else it is dropped, with a log line)."""
+        what = f"the key of {held.model_id!r} v{held.key_version}"
+        try:
+            statement = self._trusted.verify(held.statement, what=what, source=str(self.path))
+            statement.check_key(
+                model_id=held.model_id,
+                key_version=held.key_version,
+                policy_digest=held.policy_digest,
+                key=held.key.material,
+                source=str(self.path),
+            )
+        except ReleaseStatementError as exc:
+            _log.warning("not restoring %s: %s (%s)", what, exc.reason, exc)
+            return False
+        return True
 
 
 def _held(entry: dict[str, Any]) -> HeldKey:
@@ -227,6 +264,7 @@ def _held(entry: dict[str, Any]) -> HeldKey:
         policy_document=entry["policy"],
         policy_version=int(entry["policy_version"]),
         policy_digest=str(entry["policy_digest"]),
+        statement=SignedStatement.model_validate(entry["statement"]),
     )
 
 

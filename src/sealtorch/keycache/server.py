@@ -99,7 +99,9 @@ def build_state(settings: KeyCacheSettings, measurement: str | None) -> SealedSt
         sealer = PlatformSealer.for_sim(key_file=key_file, measurement=measurement)
     else:  # pragma: no cover - the settings refuse tdx persistence
         raise ConfigError("TDX has no platform sealing key")
-    return SealedState(settings.persist_path, sealer)
+    return SealedState(
+        settings.persist_path, sealer, trusted_release_keys=settings.trusted_release_keys()
+    )
 
 
 def build_cache(
@@ -126,6 +128,7 @@ def build_cache(
         attester=attester,
         models=settings.models,
         clock=clock,
+        trusted_release_keys=settings.trusted_release_keys(),
         ca=settings.keyserver_ca,
         suite=settings.hpke_suite,
         timeout=settings.keyserver_timeout,

@@ -17,7 +17,9 @@ Release, stopping at the first failure:
    (same evaluation, same reason codes as at the key server) — so a cache is never more
    permissive than the server;
 6. HPKE-seal each granted key to the client with ``key_release_info`` (model, version, request
-   id, nonce, policy digest, lease) and the *remaining* lease of the cache's own key.
+   id, nonce, policy digest, lease) and the *remaining* lease of the cache's own key, next to
+   the key server's signed release statement about that key (forwarded as received, so the
+   client checks the key's origin itself).
 
 Every decision is logged (structured, without secrets) and reported to an observer (metrics).
 The steps and codes shared with the key server are in :mod:`sealtorch._release`.
@@ -320,6 +322,7 @@ class LocalReleaseService:
                 policy_version=held.policy_version,
                 policy_digest=held.policy_digest,
                 lease_expires_at=collateral_cap(held.expires_at, claims),
+                statement=held.statement,
             )
             for model_id, versions in grants
             for held in versions

@@ -7,6 +7,8 @@ the file's directory. The schema (``docs/keycache.md``)::
     [keyserver]
     url = "https://keys.example.com:8443"  # or unix:///PATH for a key server on this host
     ca = "keyserver-ca.crt"
+    # the key server's release-signing public key(s) (two during a rollover); required
+    pubkeys = ["sealtorch-release-key-v1:..."]
     models = ["resnet50"]  # omit: every model this cache may hold
     timeout_seconds = 10
     hpke_suite = "DHKEM(X25519,HKDF-SHA256)/HKDF-SHA256/AES-256-GCM"
@@ -74,7 +76,13 @@ from sealtorch._settings import (
     resolve_path,
 )
 from sealtorch.errors import ConfigError
-from sealtorch.protocol import DEFAULT_HPKE_SUITE, HPKE_SUITES, MODEL_ID_PATTERN
+from sealtorch.protocol import (
+    DEFAULT_HPKE_SUITE,
+    HPKE_SUITES,
+    MODEL_ID_PATTERN,
+    ReleasePublicKey,
+    TrustedReleaseKeys,
+)
 
 __all__ = [
     "DEFAULT_MAX_REQUEST_BYTES",
@@ -92,6 +100,7 @@ _MODEL_ID = re.compile(MODEL_ID_PATTERN)
 class _KeyServer(_Section):
     url: str | None = None
     ca: str | None = None
+    pubkeys: tuple[str, ...] = ()
     models: tuple[str, ...] | None = None
     timeout_seconds: Annotated[float, Field(gt=0, le=600)] = 10.0
     hpke_suite: str = DEFAULT_HPKE_SUITE
@@ -169,6 +178,8 @@ class KeyCacheSettings:
     """Everything a key cache process needs, resolved (absolute paths, typed durations)."""
 
     keyserver_url: str
+    #: The key server's release-signing public keys this cache pins (``--keyserver-pubkey``).
+    keyserver_pubkeys: tuple[str, ...] = ()
     keyserver_ca: Path | None = None
     #: Model ids to hold; ``None`` holds every model the key server releases to this cache.
     models: tuple[str, ...] | None = None
@@ -203,6 +214,7 @@ class KeyCacheSettings:
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
+        self.trusted_release_keys()  # ConfigError when none is pinned, or one is malformed
         if self.socket_path is None and self.tcp is None:
             raise ConfigError(
                 "the key cache needs somewhere to listen: give --socket PATH (a Unix socket "
@@ -240,6 +252,17 @@ class KeyCacheSettings:
     def with_overrides(self, **changes: Any) -> KeyCacheSettings:
         return replace(self, **changes)
 
+    def trusted_release_keys(self) -> TrustedReleaseKeys:
+        """The pinned key server keys (ConfigError when none is pinned)."""
+        if not self.keyserver_pubkeys:
+            raise ConfigError(
+                "the key cache pins no key server release-signing public key, so it could not "
+                "tell the key server's keys from a fake's: give --keyserver-pubkey KEY "
+                "([keyserver] pubkeys); `sealtorch keyserver signing-key show DATA_DIR` on the "
+                "key server prints it"
+            )
+        return TrustedReleaseKeys(ReleasePublicKey.parse(k) for k in self.keyserver_pubkeys)
+
     @property
     def tcp_tls(self) -> bool:
         return self.tls_cert is not None
@@ -248,6 +271,7 @@ class KeyCacheSettings:
         """A secret-free summary for the start-up log."""
         return {
             "keyserver": self.keyserver_url,
+            "keyserver_pubkeys": [ReleasePublicKey.parse(k).key_id for k in self.keyserver_pubkeys],
             "models": list(self.models) if self.models is not None else "all",
             "tee": self.tee,
             "socket": str(self.socket_path) if self.socket_path else None,
@@ -369,6 +393,7 @@ def load_settings(
         mode = 0o660 if listen.socket_group else 0o600
     return KeyCacheSettings(
         keyserver_url=ks.url,
+        keyserver_pubkeys=ks.pubkeys,
         keyserver_ca=path_of("keyserver", "ca", ks.ca),
         models=ks.models,
         keyserver_timeout=ks.timeout_seconds,

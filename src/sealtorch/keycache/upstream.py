@@ -1,8 +1,9 @@
 """The key cache as a *client* of the key server: attest, fetch, renew.
 
 :class:`Upstream` wraps :class:`~sealtorch.client.KeyReleaseClient` (the same client every
-enclave uses; it verifies each released key's binding and policy digest) and sorts failures
-into what the cache must do about them:
+enclave uses; it verifies each released key's binding and policy digest, and the key server's
+release statement under the pinned key server key(s), which must be issued to this cache's own
+HPKE key) and sorts failures into what the cache must do about them:
 
 * :class:`Unreachable` — no answer, a 5xx, a TLS certificate this cache does not trust (its
   message says so, and to pass ``--ca``), or a transient protocol refusal (an expired nonce, the
@@ -11,7 +12,9 @@ into what the cache must do about them:
   invalid evidence, stale collateral, ...): the cache must drop every key, since serving them
   would make it more permissive than the server;
 * :class:`~sealtorch.errors.ProtocolError` — a response that fails the client's checks
-  (tampered): nothing from it is used; treated like an outage.
+  (tampered, or a key without a valid statement of the pinned key server: a fake key source,
+  :class:`~sealtorch.errors.ReleaseStatementError`): nothing from it is used; treated like an
+  outage (keys from the real key server keep being served until their leases end).
 
 A refresh renews with the session token while the session lasts (no new quote) and attests
 afresh when there is no session, it is about to end, or the server no longer knows it.
@@ -32,7 +35,7 @@ from sealtorch._uds import UnixSocketTransport
 from sealtorch.attestation import EvidenceProvider
 from sealtorch.client import KeyReleaseClient, ReleaseResult
 from sealtorch.errors import Error, KeyReleaseError, KeySourceUnreachableError
-from sealtorch.protocol import DEFAULT_HPKE_SUITE
+from sealtorch.protocol import DEFAULT_HPKE_SUITE, TrustedReleaseKeys
 
 __all__ = ["AttestFailed", "Refresh", "Refused", "Unreachable", "Upstream"]
 
@@ -92,6 +95,7 @@ class Upstream:
         attester: EvidenceProvider,
         models: Sequence[str] | None,
         clock: Callable[[], datetime],
+        trusted_release_keys: TrustedReleaseKeys,
         ca: str | os.PathLike[str] | None = None,
         suite: str = DEFAULT_HPKE_SUITE,
         timeout: float = 10.0,
@@ -112,6 +116,9 @@ class Upstream:
             remember=False,  # the cache's holdings are the only copy; revoked keys vanish
             transport=transport,
             suite=suite,
+            trusted_release_keys=trusted_release_keys,
+            # The cache talks to the key server itself: every statement must be issued to it.
+            accept_forwarded_statements=False,
         )
         #: When the current renewal session ends, on the cache's clock.
         self.session_expires_at: datetime | None = None

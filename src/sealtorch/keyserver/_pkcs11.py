@@ -245,6 +245,11 @@ class TokenKey:
                 self._closed = True
                 release_login(self._login)
 
+    @property
+    def key_label(self) -> str:
+        """The key's label in its token (not secret)."""
+        return self._key_label
+
     def _locate(self, lib: Any, session: Any) -> Any:
         """The key's handle in ``session``, checked (ConfigError if unusable)."""
         raise NotImplementedError

@@ -1,7 +1,8 @@
 """The key server's ASGI application: ``create_app(settings, ...)``.
 
-Nothing is created at import time. ``create_app`` either uses the store, master key and
-verifiers it is given (tests, embedding) or opens them from the settings when the app starts
+Nothing is created at import time. ``create_app`` either uses the store, master key,
+release-signing key and verifiers it is given (tests, embedding) or opens them from the settings
+when the app starts
 (lifespan startup), i.e. *in the worker process* — an SQLAlchemy engine or a PKCS#11 session
 must never cross a ``fork``. Startup also migrates the schema (safe on several replicas at
 once) and starts a task that purges expired nonces and sessions.
@@ -47,10 +48,12 @@ from sealtorch._release_http import (
     validation_message,
 )
 from sealtorch.attestation import VerifierSet, make_verifiers
+from sealtorch.errors import ConfigError
 from sealtorch.keyserver.masterkey import MasterKey, open_master_key
 from sealtorch.keyserver.metrics import Metrics
 from sealtorch.keyserver.service import ErrorKind, KeyService, ServiceError
 from sealtorch.keyserver.settings import KeyServerSettings
+from sealtorch.keyserver.signingkey import ReleaseSigningKey, open_signing_key
 from sealtorch.keyserver.store import Store, open_store
 
 __all__ = ["Runtime", "create_app", "error_response", "open_verifiers"]
@@ -255,11 +258,13 @@ def create_app(
     *,
     store: Store | None = None,
     master_key: MasterKey | None = None,
+    signing_key: ReleaseSigningKey | None = None,
     verifiers: VerifierSet | None = None,
     clock: Callable[[], datetime] | None = None,
 ) -> FastAPI:
-    """The key server app. Pass ``store``/``master_key``/``verifiers`` to use your own; anything
-    not passed is opened from ``settings`` at startup (and closed at shutdown)."""
+    """The key server app. Pass ``store``/``master_key``/``signing_key``/``verifiers`` to use
+    your own; anything not passed is opened from ``settings`` at startup (and closed at
+    shutdown)."""
     from sealtorch.keyserver.routes import admin, health, release
 
     metrics = Metrics()
@@ -274,29 +279,44 @@ def create_app(
         if keys:
             metrics.keys_released.inc(keys)
 
-    def build(s: Store, m: MasterKey, v: VerifierSet) -> KeyService:
+    def build(s: Store, m: MasterKey, k: ReleaseSigningKey, v: VerifierSet) -> KeyService:
         return KeyService(
             settings,
             store=s,
             master_key=m,
+            signing_key=k,
             verifiers=v,
             clock=clock,
             observer=observe,
             offload=runtime.run,
         )
 
-    if store is not None and master_key is not None and verifiers is not None:
-        runtime.service = build(store, master_key, verifiers)
+    if (
+        store is not None
+        and master_key is not None
+        and signing_key is not None
+        and verifiers is not None
+    ):
+        runtime.service = build(store, master_key, signing_key, verifiers)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         del app
         if runtime.service is None:
             runtime.service = await anyio.to_thread.run_sync(
-                lambda: _open_service(settings, store, master_key, verifiers, clock, build, runtime)
+                lambda: _open_service(
+                    settings, store, master_key, signing_key, verifiers, clock, build, runtime
+                )
             )
         purge = asyncio.create_task(_purge_loop(runtime))
-        _log.info("key server ready", extra={"settings": settings.describe()})
+        _log.info(
+            "key server ready; release statements signed with key %s",
+            runtime.service.release_public_key.key_id,
+            extra={
+                "settings": settings.describe(),
+                "release_public_key": runtime.service.release_public_key.text,
+            },
+        )
         try:
             yield
         finally:
@@ -366,9 +386,10 @@ def _open_service(
     settings: KeyServerSettings,
     store: Store | None,
     master_key: MasterKey | None,
+    signing_key: ReleaseSigningKey | None,
     verifiers: VerifierSet | None,
     clock: Callable[[], datetime] | None,
-    build: Callable[[Store, MasterKey, VerifierSet], KeyService],
+    build: Callable[[Store, MasterKey, ReleaseSigningKey, VerifierSet], KeyService],
     runtime: Runtime,
 ) -> KeyService:
     if store is None:
@@ -378,9 +399,17 @@ def _open_service(
     if master_key is None:
         master_key = open_master_key(settings.master_key)
         runtime.owned.append(master_key)
+    if signing_key is None:
+        if settings.signing_key is None:
+            raise ConfigError(
+                "no release-signing key is configured ([signing_key] in keyserver.toml); "
+                "create one with `sealtorch keyserver signing-key create DATA_DIR`"
+            )
+        signing_key = open_signing_key(settings.signing_key)
+        runtime.owned.append(signing_key)
     if verifiers is None:
         verifiers = open_verifiers(settings, clock)
-    return build(store, master_key, verifiers)
+    return build(store, master_key, signing_key, verifiers)
 
 
 async def _purge_loop(runtime: Runtime) -> None:

@@ -5,6 +5,8 @@ Layout (mode 0700; secrets 0600)::
     DIR/keyserver.toml     configuration (docs/keyserver.md)
     DIR/keyserver.db       SQLite key store, migrated (unless --database-url names another)
     DIR/master.key         file master key (absent with a PKCS#11 master key)
+    DIR/release-signing.key  release-signing key (absent with PKCS#11: then in the same token)
+    DIR/release-signing.pub  its public key, which every enclave and key cache pins
     DIR/tls/ca.crt         development CA certificate: give it to clients (--ca)
     DIR/tls/ca.key         its private key (keep it, or delete it once certificates are issued)
     DIR/tls/server.crt     server certificate for localhost, 127.0.0.1, ::1 and --name values
@@ -33,12 +35,22 @@ from sealtorch.keyserver.masterkey import (
     open_master_key,
 )
 from sealtorch.keyserver.settings import CONFIG_FILE, load_settings, render_config
+from sealtorch.keyserver.signingkey import (
+    DEFAULT_KEY_LABEL,
+    SIGNING_KEY_FILE,
+    FileSigningKeyConfig,
+    Pkcs11SigningKeyConfig,
+    ReleaseSigningKey,
+    open_signing_key,
+    public_key_path,
+    write_public_key,
+)
 from sealtorch.keyserver.store import open_store
 from sealtorch.keyserver.tokens import TokenKind, issue_token
 from sealtorch.protocol.admin import ADMIN_SCOPES
 from sealtorch.protocol.audit import AuditEntry, AuditKind
 
-__all__ = ["InitResult", "init_data_dir"]
+__all__ = ["InitResult", "NewSigningKey", "create_signing_key", "init_data_dir"]
 
 _log = logging.getLogger(__name__)
 
@@ -55,6 +67,11 @@ class InitResult:
     admin_token_id: str
     admin_token: str = field(repr=False)
     master_key_id: str
+    #: The release-signing public key (``sealtorch-release-key-v1:...``): pin it in every
+    #: enclave and key cache (``--keyserver-pubkey``).
+    release_public_key: str
+    #: Where that public key was written (``DIR/release-signing.pub``).
+    release_public_key_path: Path
 
 
 def _check_target(path: Path) -> bool:
@@ -81,18 +98,23 @@ def init_data_dir(
     sim_trusted_keys: Iterable[str] = (),
     port: int | None = None,
     environ: Mapping[str, str] | None = None,
+    signing_key_label: str = DEFAULT_KEY_LABEL,
 ) -> InitResult:
-    """Create a key server data directory (see the module docstring)."""
+    """Create a key server data directory (see the module docstring). With ``pkcs11``, the
+    release-signing key is created in the same token (label ``signing_key_label``), or used
+    from there with ``use_existing_pkcs11_key``."""
     target = Path(path).absolute()
     created_dir = _check_target(target)
     target.mkdir(mode=0o700, parents=True, exist_ok=True)
     target.chmod(0o700)
     master: MasterKey | None = None
+    signer: ReleaseSigningKey | None = None
     try:
         config_text = render_config(
             master_key=pkcs11,
             sim_trusted_keys=tuple(sim_trusted_keys),
             database_url=database_url or DEFAULT_DATABASE,
+            signing_key_label=signing_key_label,
             **({"port": port} if port is not None else {}),
         )
         config_path = target / CONFIG_FILE
@@ -106,6 +128,16 @@ def init_data_dir(
             master = open_master_key(
                 settings.master_key, environ=environ, create=not use_existing_pkcs11_key
             )
+        signing = settings.signing_key
+        if signing is None:  # pragma: no cover - load_settings always sets it
+            raise ConfigError("the configuration names no release-signing key")
+        if isinstance(signing, FileSigningKeyConfig):
+            signer = open_signing_key(signing, create=True)
+        else:
+            signer = open_signing_key(signing, environ=environ, create=not use_existing_pkcs11_key)
+        public_path = target / public_key_path(Path(SIGNING_KEY_FILE)).name
+        if not public_path.exists():
+            write_public_key(public_path, signer.public_key)
         tls = target / "tls"
         tls.mkdir(mode=0o700)
         ca = create_dev_ca(cert_path=tls / "ca.crt", key_path=tls / "ca.key")
@@ -137,6 +169,7 @@ def init_data_dir(
                             "token_id": issued.token_id,
                             "scopes": [scope.value for scope in ADMIN_SCOPES],
                             "master_key_id": master.key_id,
+                            "release_signing_key_id": signer.key_id,
                         },
                     )
                 )
@@ -150,6 +183,8 @@ def init_data_dir(
     finally:
         if master is not None:
             master.close()
+        if signer is not None:
+            signer.close()
     _log.info("key server data directory created", extra={"data_dir": str(target)})
     return InitResult(
         data_dir=target,
@@ -158,6 +193,8 @@ def init_data_dir(
         admin_token_id=issued.token_id,
         admin_token=issued.token,
         master_key_id=master.key_id,
+        release_public_key=signer.public_key.text,
+        release_public_key_path=public_path,
     )
 
 
@@ -170,3 +207,72 @@ def _cleanup(target: Path, created_dir: bool) -> None:
             shutil.rmtree(child, ignore_errors=True)
         else:
             child.unlink(missing_ok=True)
+
+
+@dataclass(frozen=True)
+class NewSigningKey:
+    """A release-signing key created by :func:`create_signing_key`."""
+
+    public_key: str
+    key_id: str
+    #: ``path = ...`` or ``key_label = ...``: what ``[signing_key]`` must say to use it.
+    config_line: str
+    #: Whether the configuration already names it (no switch needed).
+    configured: bool
+
+
+def create_signing_key(
+    data_dir: str | os.PathLike[str],
+    *,
+    path: str | os.PathLike[str] | None = None,
+    key_label: str | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> NewSigningKey:
+    """Create a release-signing key for the key server in ``data_dir``.
+
+    Without ``path``/``key_label``: the key its configuration names (a data directory made
+    before release statements existed). With one of them: a *new* key next to the current one,
+    for a rollover (``docs/keyserver.md``); the configuration is not changed. Nothing is
+    overwritten.
+    """
+    settings = load_settings(data_dir, environ=environ)
+    config = settings.signing_key
+    if config is None:  # pragma: no cover - load_settings always sets it
+        raise ConfigError("the configuration names no release-signing key")
+    if path is not None and key_label is not None:
+        raise ConfigError("give a new file path or a new PKCS#11 key label, not both")
+    if isinstance(config, FileSigningKeyConfig):
+        if key_label is not None:
+            raise ConfigError(
+                "this key server keeps its release-signing key in a file ([signing_key] kind "
+                "= 'file'): give a new file path, not a PKCS#11 key label"
+            )
+        target = Path(path).absolute() if path is not None else config.path
+        config = FileSigningKeyConfig(path=target)
+        line = f'path = "{target}"'
+        configured = path is None
+    else:
+        if path is not None:
+            raise ConfigError(
+                "this key server keeps its release-signing key in a PKCS#11 token: give a new "
+                "key label (--key-label), not a file path"
+            )
+        label = key_label or config.key_label
+        config = Pkcs11SigningKeyConfig(
+            token_label=config.token_label,
+            key_label=label,
+            module=config.module,
+            pin_env=config.pin_env,
+        )
+        line = f'key_label = "{label}"'
+        configured = key_label is None
+    signer = open_signing_key(config, environ=environ, create=True)
+    try:
+        return NewSigningKey(
+            public_key=signer.public_key.text,
+            key_id=signer.key_id,
+            config_line=line,
+            configured=configured,
+        )
+    finally:
+        signer.close()

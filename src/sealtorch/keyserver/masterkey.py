@@ -23,12 +23,9 @@ the authenticated data.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import logging
 import os
 import secrets
-import stat
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -38,6 +35,7 @@ from typing import Any, NoReturn, Protocol, runtime_checkable
 from sealtorch._crypto.dekwrap import NONCE_SIZE, TAG_SIZE, GcmKey, hkdf_sha256
 from sealtorch.errors import ConfigError, IntegrityError, StorageError
 from sealtorch.keys import KEY_SIZE, DataKey
+from sealtorch.keyserver._keyfile import SecretFileKind, create_secret_file, read_secret_file
 from sealtorch.keyserver._pkcs11 import (
     PIN_ENV,
     SOFTHSM2_MODULE,
@@ -67,6 +65,14 @@ __all__ = [
 _log = logging.getLogger(__name__)
 
 MASTER_KEY_FILE_PREFIX = "sealtorch-master-key-v1:"
+_MASTER_KEY_FILE = SecretFileKind(
+    prefix=MASTER_KEY_FILE_PREFIX,
+    what="master key",
+    size=KEY_SIZE,
+    never_overwritten="every wrapped data key depends on it",
+    protects="it protects every model key",
+    missing_hint="create a key server data directory with `sealtorch keyserver init DIR`",
+)
 
 UNWRAP_FAILED_MESSAGE = (
     "a wrapped data key failed authentication: it was modified, belongs to another model or key "
@@ -156,66 +162,13 @@ class FileMasterKey:
     @classmethod
     def create(cls, path: str | os.PathLike[str]) -> FileMasterKey:
         """Write a new random master key to ``path`` (mode 0600). Never overwrites."""
-        target = Path(path)
         secret = secrets.token_bytes(KEY_SIZE)
-        text = MASTER_KEY_FILE_PREFIX + base64.urlsafe_b64encode(secret).decode().rstrip("=")
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
-        try:
-            fd = os.open(target, flags, 0o600)
-        except FileExistsError as exc:
-            raise ConfigError(
-                f"{target} already exists; a master key file is never overwritten "
-                "(every wrapped data key depends on it)"
-            ) from exc
-        except OSError as exc:
-            raise ConfigError(f"cannot create master key file {target}: {exc.strerror}") from exc
-        with os.fdopen(fd, "w", encoding="ascii") as handle:
-            handle.write(text + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        return cls(secret, path=target)
+        return cls(secret, path=create_secret_file(path, secret, _MASTER_KEY_FILE))
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> FileMasterKey:
         """Read a master key file; refuses one that other users can read."""
-        source = Path(path)
-        try:
-            if not stat.S_ISREG(source.stat().st_mode):  # a FIFO would block open()
-                raise ConfigError(f"master key {source} is not a regular file")
-            with open(source, encoding="ascii") as handle:
-                info = os.fstat(handle.fileno())
-                text = handle.read(4096)
-        except FileNotFoundError as exc:
-            raise ConfigError(
-                f"master key file {source} does not exist; "
-                "create a key server data directory with `sealtorch keyserver init DIR`"
-            ) from exc
-        except UnicodeDecodeError as exc:
-            raise ConfigError(f"{source} is not a sealtorch master key file") from exc
-        except OSError as exc:
-            raise ConfigError(f"cannot read master key file {source}: {exc.strerror}") from exc
-        if not stat.S_ISREG(info.st_mode):
-            raise ConfigError(f"master key {source} is not a regular file")
-        if stat.S_IMODE(info.st_mode) & 0o077:
-            raise ConfigError(
-                f"master key file {source} is accessible by other users "
-                f"(mode {stat.S_IMODE(info.st_mode):o}); it protects every model key, so "
-                f"sealtorch refuses to use it. Run `chmod 600 {source}`"
-            )
-        text = text.strip()
-        if not text.startswith(MASTER_KEY_FILE_PREFIX):
-            raise ConfigError(
-                f"{source} is not a sealtorch master key file "
-                f"(it must start with {MASTER_KEY_FILE_PREFIX!r})"
-            )
-        body = text[len(MASTER_KEY_FILE_PREFIX) :]
-        try:
-            secret = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
-        except (binascii.Error, ValueError) as exc:
-            raise ConfigError(f"master key file {source} is damaged (bad base64)") from exc
-        if len(secret) != KEY_SIZE:
-            raise ConfigError(f"master key file {source} is damaged (wrong key length)")
-        return cls(secret, path=source)
+        return cls(read_secret_file(path, _MASTER_KEY_FILE), path=Path(path))
 
     @property
     def key_id(self) -> str:

@@ -17,8 +17,10 @@ The release path (``docs/protocol.md``), in order, stopping at the first failure
    active keys (share-locked until the commit, so a revocation committed before it wins),
    evaluate, create the renewal session if asked, append the audit record — the commit is the
    point of no return, and if it fails nothing is released (fail closed);
-3. only then unwrap each data key with the master key and HPKE-seal it to the enclave's key,
-   with ``key_release_info`` binding model, version, request, nonce, policy and lease.
+3. only then unwrap each data key with the master key, HPKE-seal it to the enclave's key, with
+   ``key_release_info`` binding model, version, request, nonce, policy and lease, and sign its
+   release statement (:mod:`sealtorch.protocol.statement`) with the release-signing key — so
+   nothing is ever signed for a refused key or before its audit record committed.
 
 Refused requests are audited in the same commit (their nonce is consumed as well). The steps
 and codes shared with the key cache are in :mod:`sealtorch._release`.
@@ -85,6 +87,7 @@ from sealtorch.keyserver.records import (
     WrappedKey,
 )
 from sealtorch.keyserver.settings import KeyServerSettings
+from sealtorch.keyserver.signingkey import ReleaseSigningKey
 from sealtorch.keyserver.store import GroupTransaction, Store
 from sealtorch.keyserver.tokens import (
     InvalidTokenError,
@@ -97,10 +100,12 @@ from sealtorch.protocol import (
     ChallengeResponse,
     DeniedModel,
     GrantedKey,
+    ReleasePublicKey,
     ReleaseRequest,
     ReleaseResponse,
     RenewRequest,
     SessionGrant,
+    issue_statement,
 )
 from sealtorch.protocol.admin import (
     ADMIN_SCOPES,
@@ -265,6 +270,7 @@ class KeyService:
         *,
         store: Store,
         master_key: MasterKey,
+        signing_key: ReleaseSigningKey,
         verifiers: VerifierSet,
         clock: Callable[[], datetime] | None = None,
         observer: DecisionObserver | None = None,
@@ -275,6 +281,10 @@ class KeyService:
         self._report = OutcomeReporter(_log, observer, error=ServiceError)
         self._store = store
         self._master = master_key
+        self._signer = signing_key
+        # Sealing and signing run on the event loop when both keys are in-process
+        # (microseconds), in a worker thread when either is in a PKCS#11 token.
+        self._seal_inline = isinstance(master_key, FileMasterKey) and signing_key.in_process
         self._verifiers = verifiers
         self._clock = clock or _system_clock
         self._policies: dict[str, Policy] = {}
@@ -284,6 +294,11 @@ class KeyService:
     @property
     def store(self) -> Store:
         return self._store
+
+    @property
+    def release_public_key(self) -> ReleasePublicKey:
+        """The public key of the key that signs release statements (enclaves pin it)."""
+        return self._signer.public_key
 
     def now(self) -> datetime:
         value = self._clock()
@@ -390,9 +405,11 @@ class KeyService:
             outcome.grants,
             suite=request.hpke.suite,
             recipient=recipient,
+            public_key=request.hpke.public_key,
             request_id=request_id,
             request_nonce=request.nonce,
             lease_end=outcome.lease_end,
+            issued_at=now,
         )
         self._log_decision("release", request_id, outcome.grants, outcome.denials, len(granted))
         return release_response(
@@ -479,9 +496,11 @@ class KeyService:
             outcome.grants,
             suite=session.hpke_suite,
             recipient=recipient,
+            public_key=session.public_key,
             request_id=request_id,
             request_nonce=request.nonce,
             lease_end=lease_end,
+            issued_at=now,
         )
         self._log_decision("renew", request_id, outcome.grants, outcome.denials, len(granted))
         return release_response(
@@ -633,9 +652,11 @@ class KeyService:
         *,
         suite: str,
         recipient: hpke.HpkePublicKey,
+        public_key: bytes,
         request_id: str,
         request_nonce: bytes,
         lease_end: datetime,
+        issued_at: datetime,
     ) -> tuple[GrantedKey, ...]:
         granted: list[GrantedKey] = []
         for grant in grants:
@@ -652,6 +673,27 @@ class KeyService:
                         "a data key could not be unwrapped by the master key; the operator "
                         "must check the master key configuration",
                     ) from exc
+                try:
+                    statement = issue_statement(
+                        self._signer,
+                        model_id=model_id,
+                        key_version=key.version,
+                        key=dek.material,
+                        policy_digest=grant.policy.digest,
+                        lease_expires_at=lease_end,
+                        hpke_suite=suite,
+                        hpke_public_key=public_key,
+                        request_id=request_id,
+                        issued_at=issued_at,
+                    )
+                except StorageError as exc:
+                    _log.error("cannot sign the release statement of %s: %s", model_id, exc)
+                    raise ServiceError(
+                        ErrorKind.UNAVAILABLE,
+                        "signing_unavailable",
+                        "the release-signing key could not sign; the operator must check the "
+                        "signing key configuration",
+                    ) from exc
                 granted.append(
                     seal_key(
                         dek.material,
@@ -665,17 +707,18 @@ class KeyService:
                         policy_version=grant.policy_record.version,
                         policy_digest=grant.policy.digest,
                         lease_expires_at=lease_end,
+                        statement=statement,
                     )
                 )
                 del dek
         return tuple(granted)
 
     async def _sealed(self, grants: list[_Grant], **options: Any) -> tuple[GrantedKey, ...]:
-        """:meth:`_seal`, on the event loop for an in-process master key (microseconds), in a
-        worker thread for a PKCS#11 token."""
+        """:meth:`_seal`, on the event loop for in-process master and signing keys
+        (microseconds), in a worker thread when either is in a PKCS#11 token."""
         if not grants:
             return ()
-        if isinstance(self._master, FileMasterKey):
+        if self._seal_inline:
             return self._seal(grants, **options)
         sealed: tuple[GrantedKey, ...] = await self._offload(self._seal, grants, **options)
         return sealed

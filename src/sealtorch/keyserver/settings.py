@@ -39,6 +39,13 @@ from sealtorch.keyserver.masterkey import (
     MasterKeyConfig,
     Pkcs11MasterKeyConfig,
 )
+from sealtorch.keyserver.signingkey import (
+    DEFAULT_KEY_LABEL,
+    SIGNING_KEY_FILE,
+    FileSigningKeyConfig,
+    Pkcs11SigningKeyConfig,
+    SigningKeyConfig,
+)
 
 __all__ = [
     "CONFIG_FILE",
@@ -87,6 +94,15 @@ class _MasterKey(_Section):
     pin_env: str = PIN_ENV
 
 
+class _SigningKey(_Section):
+    kind: Literal["file", "pkcs11"] = "file"
+    path: str = SIGNING_KEY_FILE
+    module: str = SOFTHSM2_MODULE
+    token_label: str | None = None
+    key_label: str = DEFAULT_KEY_LABEL
+    pin_env: str = PIN_ENV
+
+
 class _Tls(_Section):
     enabled: bool = True
     cert: str = "tls/server.crt"
@@ -115,6 +131,7 @@ class _ConfigFile(_Section):
     server: _Server = _Server()
     database: _Database = _Database()
     master_key: _MasterKey = _MasterKey()
+    signing_key: _SigningKey = _SigningKey()
     tls: _Tls = _Tls()
     attestation: _Attestation = _Attestation()
     release: _Release = _Release()
@@ -148,6 +165,8 @@ class KeyServerSettings:
     busy_timeout: float = 10.0
     pool_size: int = 10
     master_key: MasterKeyConfig
+    #: The release-signing key; ``None`` only when ``create_app`` is given an open one.
+    signing_key: SigningKeyConfig | None = None
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_ca: Path | None = None
@@ -195,6 +214,13 @@ class KeyServerSettings:
                 "file"
                 if isinstance(self.master_key, FileMasterKeyConfig)
                 else f"pkcs11:{self.master_key.token_label}/{self.master_key.key_label}"
+            ),
+            "signing_key": (
+                f"pkcs11:{self.signing_key.token_label}/{self.signing_key.key_label}"
+                if isinstance(self.signing_key, Pkcs11SigningKeyConfig)
+                else "file"
+                if self.signing_key is not None
+                else None
             ),
             "tls": self.tls_enabled,
             "workers": self.workers,
@@ -302,6 +328,7 @@ def _build(config: _ConfigFile, base: Path | None, sources: dict[str, str]) -> K
     tls = config.tls
     release = config.release
     return KeyServerSettings(
+        signing_key=_signing_key(config.signing_key, base),
         data_dir=base,
         database_url=_resolve_database(base, config.database.url),
         sqlite_synchronous=config.database.sqlite_synchronous,
@@ -333,6 +360,24 @@ def _build(config: _ConfigFile, base: Path | None, sources: dict[str, str]) -> K
     )
 
 
+def _signing_key(section: _SigningKey, base: Path | None) -> SigningKeyConfig:
+    if section.kind == "pkcs11":
+        if not section.token_label:
+            raise ConfigError(
+                "signing_key.kind = 'pkcs11' needs signing_key.token_label (the HSM token)"
+            )
+        return Pkcs11SigningKeyConfig(
+            token_label=section.token_label,
+            key_label=section.key_label,
+            module=section.module,
+            pin_env=section.pin_env,
+        )
+    path = resolve_path(base, section.path)
+    if path is None:  # pragma: no cover - the schema gives a default
+        raise ConfigError("signing_key.path is required for a file release-signing key")
+    return FileSigningKeyConfig(path=path)
+
+
 def _toml_string(value: str) -> str:
     # JSON string escapes (\" \\ \n \uXXXX) are valid TOML basic-string escapes.
     import json
@@ -346,6 +391,7 @@ def render_config(
     sim_trusted_keys: tuple[str, ...] = (),
     database_url: str = "sqlite:///keyserver.db",
     port: int = DEFAULT_PORT,
+    signing_key_label: str = DEFAULT_KEY_LABEL,
 ) -> str:
     """The text of a new ``keyserver.toml`` (written by ``sealtorch keyserver init``)."""
     if isinstance(master_key, Pkcs11MasterKeyConfig):
@@ -362,6 +408,20 @@ def render_config(
             'kind = "file"\n'
             "# 0600 file; keep it on an encrypted disk and back it up separately from the DB\n"
             'path = "master.key"\n'
+        )
+    if isinstance(master_key, Pkcs11MasterKeyConfig):
+        signing = (
+            'kind = "pkcs11"\n'
+            f"module = {_toml_string(master_key.module)}\n"
+            f"token_label = {_toml_string(master_key.token_label)}\n"
+            f"key_label = {_toml_string(signing_key_label)}\n"
+            f"pin_env = {_toml_string(master_key.pin_env)}\n"
+        )
+    else:
+        signing = (
+            'kind = "file"\n'
+            "# 0600 file; its public key (release-signing.pub) is pinned by every enclave\n"
+            f"path = {_toml_string(SIGNING_KEY_FILE)}\n"
         )
     keys = ", ".join(_toml_string(key) for key in sim_trusted_keys)
     return f"""\
@@ -389,6 +449,10 @@ busy_timeout = 10.0
 
 [master_key]
 {master}
+[signing_key]
+# signs a statement for every released key; enclaves and key caches pin its public key
+# (`sealtorch keyserver signing-key show DIR`) and refuse keys without such a statement
+{signing}
 [tls]
 enabled = true
 cert = "tls/server.crt"

@@ -1,7 +1,8 @@
 """The contracts between sealtorch's parties: wire schemas below everyone who speaks them.
 
 ``sealtorch.protocol`` - the key release protocol (``docs/protocol.md``), spoken by enclaves,
-key caches and key servers; ``sealtorch.protocol.admin`` - the key server's admin API.
+key caches and key servers, with the key server's signed release statement
+(``sealtorch.protocol.statement``); ``sealtorch.protocol.admin`` - the key server's admin API.
 """
 
 from sealtorch.protocol._wire import MODEL_ID_RE, B64Bytes, ModelId, UtcDatetime, WireModel, as_utc
@@ -29,6 +30,15 @@ from sealtorch.protocol.release import (
     key_release_info,
     utc_now,
 )
+from sealtorch.protocol.statement import (
+    RELEASE_KEY_PREFIX,
+    ReleasePublicKey,
+    ReleaseStatement,
+    SignedStatement,
+    TrustedReleaseKeys,
+    issue_statement,
+    key_commitment,
+)
 
 __all__ = [
     "API_PREFIX",
@@ -39,6 +49,7 @@ __all__ = [
     "MAX_RELEASE_BODY",
     "MODEL_ID_PATTERN",
     "MODEL_ID_RE",
+    "RELEASE_KEY_PREFIX",
     "B64Bytes",
     "ChallengeResponse",
     "DeniedModel",
@@ -48,15 +59,21 @@ __all__ = [
     "GrantedKey",
     "HpkeKey",
     "ModelId",
+    "ReleasePublicKey",
     "ReleaseRequest",
     "ReleaseResponse",
+    "ReleaseStatement",
     "RenewRequest",
     "SessionGrant",
+    "SignedStatement",
+    "TrustedReleaseKeys",
     "UtcDatetime",
     "WireModel",
     "as_utc",
     "b64decode",
     "b64encode",
+    "issue_statement",
+    "key_commitment",
     "key_release_info",
     "utc_now",
 ]

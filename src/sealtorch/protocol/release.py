@@ -26,6 +26,7 @@ from sealtorch.protocol._wire import (
     b64encode,
     utc_now,
 )
+from sealtorch.protocol.statement import SignedStatement
 
 __all__ = [
     "API_PREFIX",
@@ -118,6 +119,10 @@ class GrantedKey(WireModel):
     policy_version: Annotated[int, Field(ge=1)]
     #: SHA-256 (hex) of the policy's canonical JSON; bound into the HPKE ``info``.
     policy_digest: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+    #: The key server's signed release statement for this key (``statement.py``); a key
+    #: cache forwards the one it received. Optional on the wire only so that a client can
+    #: refuse its absence with a reason code (``statement_missing``): it is never optional.
+    statement: SignedStatement | None = None
 
 
 class DeniedModel(WireModel):

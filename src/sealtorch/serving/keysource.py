@@ -7,6 +7,10 @@
   Gramine deployments use a loopback URL);
 * ``https://HOST:PORT`` — a key server, or a key cache listening on TCP.
 
+Either way a key is accepted only with the key server's release statement, signed by a key
+pinned with ``--keyserver-pubkey`` (:class:`~sealtorch.protocol.TrustedReleaseKeys`): the host
+can answer on any socket or port, so the URL alone proves nothing.
+
 :func:`resolve_key_source` is the one place that turns the URL and the TEE name into a
 :class:`~sealtorch.keys.KeyProvider`; :func:`dev_key_file` is the unattested development
 path, which logs a loud warning.
@@ -17,6 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import urllib.parse
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
@@ -105,16 +110,18 @@ def resolve_key_source(
     tee_root: str | os.PathLike[str] | None = None,
     sim_key: str | os.PathLike[str] | None = None,
     hpke_suite: str | None = None,
+    keyserver_pubkeys: Sequence[str] = (),
 ) -> KeyReleaseClient:
     """The attested key provider for ``--keys URL`` running in TEE ``tee``.
 
     ``ca`` is the CA certificate to trust for ``https://`` (default: the system store);
     ``tee_root`` overrides the gramine/tdx device directory (tests); ``sim_key`` is the
     simulated TEE's attestation key file. The inference server attests as role ``serve``.
+    ``keyserver_pubkeys`` are the key server release-signing keys it pins (at least one).
     """
     from sealtorch.attestation import attester_for
     from sealtorch.client import KeyReleaseClient
-    from sealtorch.protocol import DEFAULT_HPKE_SUITE
+    from sealtorch.protocol import DEFAULT_HPKE_SUITE, TrustedReleaseKeys
 
     endpoint = parse_keys_url(url)
     if tee is None:
@@ -130,12 +137,23 @@ def resolve_key_source(
         raise ConfigError("--sim-key applies to --tee sim only")
     if tee_root is not None and tee == "sim":
         raise ConfigError("--tee-root applies to --tee gramine or tdx")
+    if not keyserver_pubkeys:
+        raise ConfigError(
+            "--keys needs --keyserver-pubkey KEY: the key server's release-signing public key, "
+            "which proves that a released key comes from your key server (through a key cache "
+            "or not); `sealtorch keyserver signing-key show DATA_DIR` prints it"
+        )
+    trusted = TrustedReleaseKeys(keyserver_pubkeys)
     if tee == "sim":
         attester = attester_for("sim", role="serve", key_path=sim_key)
     else:
         attester = attester_for(tee, root=tee_root)
     return KeyReleaseClient(
-        str(endpoint), attester=attester, ca=ca, suite=hpke_suite or DEFAULT_HPKE_SUITE
+        str(endpoint),
+        attester=attester,
+        ca=ca,
+        suite=hpke_suite or DEFAULT_HPKE_SUITE,
+        trusted_release_keys=trusted,
     )
 
 

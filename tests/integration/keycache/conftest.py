@@ -73,6 +73,6 @@ def cache(
     for model_id in ("m1", "m2"):
         keyserver.server.add_model(model_id, policy=attesters.policy())
     with running_cache(
-        cache_settings(tmp_path, attesters, keyserver.url), clock=clock, attester=attesters.cache
+        cache_settings(tmp_path, attesters, keyserver), clock=clock, attester=attesters.cache
     ) as running:
         yield running

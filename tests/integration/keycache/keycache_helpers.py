@@ -1,5 +1,6 @@
 """Helpers for key cache integration tests: a key server that can be stopped and restarted on
-the same Unix socket, and a key cache (real app, real socket) in front of it."""
+the same Unix socket (with the same release-signing key), and a key cache (real app, real
+socket) in front of it that pins that key, as do the clients of the cache."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from typing import Any
 import httpx
 
 from _fixtures.clock import FakeClock
-from _fixtures.keyserver import KeyServerUnderTest, running_keyserver
+from _fixtures.keyserver import KeyServerUnderTest, new_signing_key, running_keyserver
 from sealtorch._crypto import hpke
 from sealtorch.attestation import SimAttester, report_data_for
 from sealtorch.client import KeyReleaseClient
@@ -24,6 +25,7 @@ from sealtorch.keycache import KeyCache, KeyCacheApp, LocalReleaseService, build
 from sealtorch.keycache._http import HttpServer
 from sealtorch.keycache.server import listen_unix
 from sealtorch.keycache.settings import KeyCacheSettings
+from sealtorch.keyserver.signingkey import ReleaseSigningKey
 from sealtorch.keyserver.store import Store
 from sealtorch.protocol import DEFAULT_HPKE_SUITE, b64encode
 
@@ -77,6 +79,7 @@ class KeyServerControl:
     attester: SimAttester
     clock: FakeClock
     settings: dict[str, Any] = field(default_factory=dict)
+    signing_key: ReleaseSigningKey = field(default_factory=new_signing_key)
     socket: Path = field(init=False)
     running: KeyServerUnderTest | None = None
     _stack: contextlib.ExitStack | None = None
@@ -87,6 +90,11 @@ class KeyServerControl:
     @property
     def url(self) -> str:
         return f"unix://{self.socket}"
+
+    @property
+    def release_key(self) -> str:
+        """The release-signing public key that caches and clients pin."""
+        return self.signing_key.public_key.text
 
     def start(self) -> KeyServerUnderTest:
         assert self.running is None
@@ -100,6 +108,7 @@ class KeyServerControl:
                 attester=self.attester,
                 clock=self.clock,
                 uds=self.socket,
+                signing_key=self.signing_key,
                 **self.settings,
             )
         )
@@ -134,6 +143,9 @@ class CacheUnderTest:
         return f"unix://{self.socket}"
 
     def client(self, attester: SimAttester, **options: Any) -> KeyReleaseClient:
+        """A local client pinning the key server's release-signing key (the cache forwards
+        the key server's statements)."""
+        options.setdefault("trusted_release_keys", self.settings.keyserver_pubkeys)
         return KeyReleaseClient(self.url, attester=attester, **options)
 
     def http(self) -> httpx.Client:
@@ -143,10 +155,15 @@ class CacheUnderTest:
 
 
 def cache_settings(
-    tmp: Path, attesters: Attesters, keyserver_url: str, **changes: Any
+    tmp: Path,
+    attesters: Attesters,
+    keyserver: KeyServerControl | KeyServerUnderTest,
+    **changes: Any,
 ) -> KeyCacheSettings:
+    """Settings of a cache in front of ``keyserver``, pinning its release-signing key."""
     base = KeyCacheSettings(
-        keyserver_url=keyserver_url,
+        keyserver_url=keyserver.url,
+        keyserver_pubkeys=(keyserver.release_key,),
         tee="sim",
         sim_key=attesters.key_path,
         socket_path=tmp / "kc.sock",

@@ -9,7 +9,6 @@ import pytest
 from keycache_helpers import Attesters, KeyServerControl, cache_settings, running_cache
 
 from _fixtures.clock import FakeClock
-from sealtorch.client import KeyReleaseClient
 from sealtorch.errors import KeyReleaseError
 from sealtorch.keys import generate_key
 
@@ -37,15 +36,15 @@ def test_load_model_through_the_cache(
         arch_kwargs={"in_features": 8, "out_features": 3},
     )
     with running_cache(
-        cache_settings(tmp_path, attesters, keyserver.url), clock=clock, attester=attesters.cache
+        cache_settings(tmp_path, attesters, keyserver), clock=clock, attester=attesters.cache
     ) as cache:
         keyserver.stop()  # the cache alone releases the key now
-        with KeyReleaseClient(cache.url, attester=attesters.app) as client:
+        with cache.client(attesters.app) as client:
             model = sealtorch.load_model(sealed, key=client, allowed_archs=["torch.nn:Linear"])
         x = torch.randn(4, 8)
         assert torch.equal(model(x), reference(x))
         with (
-            KeyReleaseClient(cache.url, attester=attesters.serve) as outsider,
+            cache.client(attesters.serve) as outsider,
             pytest.raises(KeyReleaseError) as caught,
         ):
             sealtorch.load_model(sealed, key=outsider)

@@ -343,7 +343,7 @@ def test_cache_refused_by_the_key_server_starts_reports_and_serves_nothing(
         keyserver.server.add_model("m1", policy=attesters.policy("app"))
         models = ("m1",)
         expected = ("measurement_mismatch",)
-    settings = cache_settings(tmp_path, attesters, keyserver.url, models=models)
+    settings = cache_settings(tmp_path, attesters, keyserver, models=models)
     with running_cache(settings, clock=clock, attester=cache_attester) as running:
         status = running.cache.status()
         assert status.state == "denied"
@@ -400,11 +400,11 @@ def test_keyserver_over_https_with_its_ca(
         tmp_path, store=store, master=master, attester=attesters.app, clock=clock, tls=tls
     ) as server:
         server.add_model("m1", policy=attesters.policy())
-        good = cache_settings(tmp_path, attesters, server.url, keyserver_ca=tls.ca)
+        good = cache_settings(tmp_path, attesters, server, keyserver_ca=tls.ca)
         with running_cache(good, clock=clock, attester=attesters.cache) as running:
             assert running.cache.status().state == "ready"
         other = make_tls(tmp_path / "other-ca")
-        bad = cache_settings(tmp_path, attesters, server.url, keyserver_ca=other.ca)
+        bad = cache_settings(tmp_path, attesters, server, keyserver_ca=other.ca)
         with running_cache(bad, clock=clock, attester=attesters.cache) as running:
             status = running.cache.status()
             assert status.state == "unavailable"
@@ -441,7 +441,7 @@ def test_tampered_keyserver_response_is_not_used(
             return httpx.Response(response.status_code, json=data, request=request)
 
     transport = Weaken()
-    settings = cache_settings(tmp_path, attesters, keyserver.url)
+    settings = cache_settings(tmp_path, attesters, keyserver)
     kc, service = build_cache(settings, clock=clock, transport=transport, attester=attesters.cache)
     try:
         kc.start()

@@ -39,7 +39,12 @@ def https_keyserver(
 
 def test_key_release_client(https_keyserver: KeyServerUnderTest, attesters: Attesters) -> None:
     waits: list[float] = []
-    client = KeyReleaseClient(https_keyserver.url, attester=attesters.app, sleep=waits.append)
+    client = KeyReleaseClient(
+        https_keyserver.url,
+        attester=attesters.app,
+        sleep=waits.append,
+        trusted_release_keys=[https_keyserver.release_key],
+    )
     with client, pytest.raises(KeySourceUnreachableError) as refused:
         client.release(["m1"])
     message = str(refused.value)
@@ -68,7 +73,7 @@ def test_key_cache_logs_and_reports_it(
     clock: FakeClock,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    settings = cache_settings(tmp_path, attesters, https_keyserver.url)
+    settings = cache_settings(tmp_path, attesters, https_keyserver)
     with (
         caplog.at_level(logging.WARNING, logger="sealtorch.keycache"),
         running_cache(settings, clock=clock, attester=attesters.cache) as running,

@@ -123,6 +123,7 @@ def test_a_model_that_fails_authentication_stops_the_server(
         ),
         (["--keys", "http://127.0.0.1:7443", "--tee", "sim"], 2, "plain http is refused"),
         (["--keys", "unix:///run/keycache.sock"], 2, "--keys needs --tee"),
+        (["--keys", "unix:///run/keycache.sock", "--tee", "sim"], 2, "needs --keyserver-pubkey"),
         ([], 2, "exactly one key source"),
     ],
 )

@@ -11,6 +11,7 @@ import torch
 from click.testing import CliRunner
 
 import sealtorch
+from _fixtures.keyserver import new_signing_key
 from sealtorch.attestation import SimAttester
 from sealtorch.cli import cli
 from sealtorch.keys import write_key_file
@@ -61,6 +62,7 @@ def test_keycache_serve(tmp_path: Path, taken_port: int, option: str) -> None:
     trusted = SimAttester("keycache", sim_key).public_key
     code, output = _invoke(
         "keycache", "serve", "--keyserver", "https://127.0.0.1:9", "--tee", "sim",
+        "--keyserver-pubkey", new_signing_key().public_key.text,
         "--sim-key", str(sim_key), "--trust-sim-key", trusted,
         "--socket", str(tmp_path / "kc.sock"), option, f"127.0.0.1:{taken_port}",
     )  # fmt: skip

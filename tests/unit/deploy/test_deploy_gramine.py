@@ -18,6 +18,7 @@ import jinja2
 import pytest
 from click.testing import CliRunner
 
+from _fixtures.keyserver import new_signing_key
 from sealtorch.deploy.cli import deploy
 from sealtorch.deploy.gramine import (
     GramineLayout,
@@ -41,6 +42,9 @@ RUNTIME = PythonRuntime(
     libpython=Path("/opt/python/lib/libpython3.11.so.1.0"),
 )
 MODELS = (Path("/srv/models/resnet50.sealed"), Path("/srv/models/lite0.sealed"))
+#: The key server's release-signing public key the enclaves pin.
+PIN = new_signing_key().public_key.text
+PINNED_CACHE = KeycacheEnclave(args=("serve",), keyserver_pubkeys=(PIN,))
 GRAMINE = {
     "libos": "/usr/lib/x86_64-linux-gnu/gramine/libsysdb.so",
     "runtimedir": lambda: "/usr/lib/x86_64-linux-gnu/gramine/runtime/glibc",
@@ -52,6 +56,7 @@ def _serve(**changes: Any) -> dict[str, Any]:
         **{
             "models": MODELS,
             "keys_url": "https://127.0.0.1:7443",
+            "keyserver_pubkeys": (PIN,),
             "names": ("r50", "lite0"),
             **changes,
         }
@@ -107,6 +112,7 @@ def test_serve_manifest_has_what_the_enclave_and_attester_need() -> None:
     assert argv[8:10] == [str(m) for m in MODELS]
     assert argv[argv.index("--keys") + 1] == "https://127.0.0.1:7443"
     assert argv[argv.index("--tee") + 1] == "gramine"
+    assert [argv[i + 1] for i, a in enumerate(argv) if a == "--keyserver-pubkey"] == [PIN]
     assert argv[argv.index("--port") + 1] == "8080"
     assert [argv[i + 1] for i, a in enumerate(argv) if a == "--name"] == ["r50", "lite0"]
     assert "--key-file" not in argv
@@ -132,7 +138,8 @@ def test_serve_manifest_has_what_the_enclave_and_attester_need() -> None:
 
 def test_gramine_manifest_can_resolve_the_placeholders() -> None:
     text = render_serve_manifest(
-        ServeEnclave(models=MODELS, keys_url="https://127.0.0.1:7443"), runtime=RUNTIME
+        ServeEnclave(models=MODELS, keys_url="https://127.0.0.1:7443", keyserver_pubkeys=(PIN,)),
+        runtime=RUNTIME,
     )
     # What `gramine-manifest` does: render the output as a Jinja template with its `gramine`.
     resolved = tomllib.loads(jinja2.Template(text).render(gramine=GRAMINE))
@@ -170,6 +177,7 @@ def test_keycache_manifest() -> None:
     text = render_keycache_manifest(
         KeycacheEnclave(
             args=("serve", "--keyserver", "https://keys.example.com:8443", "--tee", "gramine"),
+            keyserver_pubkeys=(PIN,),
             trusted=(Path("/srv/sealtorch/keyserver-ca.pem"),),
             state_dir=Path("/srv/sealtorch/keycache"),
             keyserver_host="keys.example.com",
@@ -179,15 +187,14 @@ def test_keycache_manifest() -> None:
     manifest = tomllib.loads(text)
     _assert_production(manifest)
     assert manifest["loader"]["argv"][7:10] == ["keycache", "serve", "--keyserver"]
+    assert manifest["loader"]["argv"][-2:] == ["--keyserver-pubkey", PIN]
     assert "file:/srv/sealtorch/keyserver-ca.pem" in manifest["sgx"]["trusted_files"]
     assert manifest["sgx"]["allowed_files"] == ["file:/srv/sealtorch/keycache/"]
     assert manifest["sys"]["enable_extra_runtime_domain_names_conf"] is True
     assert manifest["sgx"]["enclave_size"] == "2G"
     resolved = tomllib.loads(jinja2.Template(text).render(gramine=GRAMINE))
     assert resolved["loader"]["entrypoint"]["uri"] == f"file:{GRAMINE['libos']}"
-    without_state = tomllib.loads(
-        render_keycache_manifest(KeycacheEnclave(args=("serve",)), runtime=RUNTIME)
-    )
+    without_state = tomllib.loads(render_keycache_manifest(PINNED_CACHE, runtime=RUNTIME))
     assert "allowed_files" not in without_state["sgx"]
 
 
@@ -204,7 +211,7 @@ def test_this_machine_s_runtime() -> None:
         if path is not None and path.is_dir() and path != Path.cwd():
             assert any(path.is_relative_to(root) for root in runtime.directories), path
     # Rendered, it is refused exactly when part of it is under /tmp (say, a checkout there).
-    config = ServeEnclave(models=MODELS, keys_url="https://127.0.0.1:1")
+    config = ServeEnclave(models=MODELS, keys_url="https://127.0.0.1:1", keyserver_pubkeys=(PIN,))
     if any(part.is_relative_to("/tmp") for part in (runtime.interpreter, *runtime.directories)):
         with pytest.raises(ConfigError, match="in-enclave tmpfs"):
             render_serve_manifest(config, runtime=runtime)
@@ -283,7 +290,8 @@ def test_a_python_runtime_on_disk_renders(outside_tmp: Path) -> None:
 
     manifest = tomllib.loads(
         render_serve_manifest(
-            ServeEnclave(models=MODELS, keys_url="https://127.0.0.1:1"), runtime=runtime
+            ServeEnclave(models=MODELS, keys_url="https://127.0.0.1:1", keyserver_pubkeys=(PIN,)),
+            runtime=runtime,
         )
     )
     _assert_production(manifest)
@@ -297,9 +305,7 @@ def test_a_python_runtime_on_disk_renders(outside_tmp: Path) -> None:
     env = manifest["loader"]["env"]
     assert env["PYTHONPATH"] == f"{site}:{checkout}"
     assert str(libpython.parent) in env["LD_LIBRARY_PATH"].split(":")
-    keycache = tomllib.loads(
-        render_keycache_manifest(KeycacheEnclave(args=("serve",)), runtime=runtime)
-    )
+    keycache = tomllib.loads(render_keycache_manifest(PINNED_CACHE, runtime=runtime))
     assert f"file:{checkout}/" in keycache["sgx"]["trusted_files"]
 
 
@@ -313,10 +319,11 @@ def test_a_python_runtime_under_tmp_is_refused() -> None:
     )
     with pytest.raises(ConfigError, match="/tmp/checkout/src is under /tmp"):
         render_serve_manifest(
-            ServeEnclave(models=MODELS, keys_url="https://127.0.0.1:1"), runtime=runtime
+            ServeEnclave(models=MODELS, keys_url="https://127.0.0.1:1", keyserver_pubkeys=(PIN,)),
+            runtime=runtime,
         )
     with pytest.raises(ConfigError, match="in-enclave tmpfs"):
-        render_keycache_manifest(KeycacheEnclave(args=("serve",)), runtime=runtime)
+        render_keycache_manifest(PINNED_CACHE, runtime=runtime)
 
 
 # -- the attacker's side -----------------------------------------------------------------------
@@ -343,6 +350,36 @@ def test_a_manifest_never_carries_a_key(tmp_path: Path) -> None:
         _serve(trusted=(key_file,))
     with pytest.raises(ConfigError, match="is a sealtorch key file"):
         _serve(models=(key_file,), names=())
+
+
+def test_an_enclave_that_pins_no_key_server_key_is_refused() -> None:
+    """Without a measured pin the enclave could not tell the key server's keys from a key source
+    the host runs: the manifest is refused, and a pin must be a well-formed key."""
+    with pytest.raises(ConfigError, match="must pin the key server's release-signing"):
+        _serve(keyserver_pubkeys=())
+    with pytest.raises(ConfigError, match="must pin the key server's release-signing"):
+        render_keycache_manifest(KeycacheEnclave(args=("serve",)), runtime=RUNTIME)
+    hostile = PIN + '"\nsgx.debug = true'
+    with pytest.raises(ConfigError, match="damaged"):
+        _serve(keyserver_pubkeys=(hostile,))
+    with pytest.raises(ConfigError, match="must start with"):
+        render_keycache_manifest(
+            KeycacheEnclave(args=("serve", "--keyserver-pubkey", "ed25519:11")), runtime=RUNTIME
+        )
+    # pins given on the cache's own command line, or in a *trusted* (measured) config file
+    in_args = render_keycache_manifest(
+        KeycacheEnclave(args=("serve", "--keyserver-pubkey", PIN)), runtime=RUNTIME
+    )
+    assert tomllib.loads(in_args)["loader"]["argv"].count(PIN) == 1
+    config = Path("/srv/sealtorch/keycache.toml")  # never read: only named
+    with pytest.raises(ConfigError, match="--config file listed with --trust"):
+        render_keycache_manifest(
+            KeycacheEnclave(args=("serve", "--config", str(config))), runtime=RUNTIME
+        )
+    trusted_config = render_keycache_manifest(
+        KeycacheEnclave(args=("serve", f"--config={config}"), trusted=(config,)), runtime=RUNTIME
+    )
+    assert "--keyserver-pubkey" not in tomllib.loads(trusted_config)["loader"]["argv"]
 
 
 def test_only_gramine_evidence_in_a_gramine_manifest() -> None:
@@ -396,6 +433,8 @@ def test_cli_writes_templates(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
             *map(str, MODELS),
             "--keys",
             "https://127.0.0.1:7443",
+            "--keyserver-pubkey",
+            PIN,
             "--name",
             "a",
             "--name",
@@ -413,17 +452,33 @@ def test_cli_writes_templates(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     assert manifest["sgx"]["max_threads"] == 64
     result = CliRunner().invoke(
         deploy,
-        ["gramine", "keycache", "--", "serve", "--tee", "gramine", "--tcp", "127.0.0.1:7443"],
+        [
+            "gramine",
+            "keycache",
+            "--keyserver-pubkey",
+            PIN,
+            "--",
+            "serve",
+            "--tee",
+            "gramine",
+            "--tcp",
+            "127.0.0.1:7443",
+        ],
     )
     assert result.exit_code == 0, result.output
     keycache = tomllib.loads(result.output)
     assert keycache["sgx"]["enclave_size"] == "2G"
-    assert keycache["loader"]["argv"][-5:] == [
+    assert keycache["loader"]["argv"][-7:] == [
         "serve",
         "--tee",
         "gramine",
         "--tcp",
         "127.0.0.1:7443",
+        "--keyserver-pubkey",
+        PIN,
     ]
+    unpinned = CliRunner().invoke(deploy, ["gramine", "serve", str(MODELS[0]), "--keys", "x"])
+    assert unpinned.exit_code == 2
+    assert "--keyserver-pubkey" in unpinned.output
     help_text = CliRunner().invoke(deploy, ["gramine", "serve", "--help"]).output
     assert "gramine-sgx-sign" in help_text

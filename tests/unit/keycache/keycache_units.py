@@ -1,5 +1,7 @@
 """Builders for key cache unit tests: a simulated host's attesters, held keys and release
-results built directly (no key server), and a stand-in upstream for the refresh schedule."""
+results built directly (no key server; each key with a release statement signed by
+:data:`SIGNER`, whose public key :data:`RELEASE_KEY` the cache pins), and a stand-in upstream
+for the refresh schedule."""
 
 from __future__ import annotations
 
@@ -10,11 +12,19 @@ from pathlib import Path
 from typing import Any
 
 from _fixtures.clock import FakeClock
+from _fixtures.keyserver import new_signing_key
+from sealtorch._crypto import hpke
 from sealtorch.attestation import Policy, SimAttester
 from sealtorch.client import ReleasedKey, ReleaseResult, Session
 from sealtorch.keycache.holdings import HeldKey
 from sealtorch.keycache.upstream import Refresh
 from sealtorch.keys import DataKey, generate_key
+from sealtorch.keyserver.signingkey import ReleaseSigningKey
+from sealtorch.protocol import DEFAULT_HPKE_SUITE, SignedStatement, issue_statement
+
+#: The key server's release-signing key in these tests, and its public key (the cache's pin).
+SIGNER = new_signing_key()
+RELEASE_KEY = SIGNER.public_key.text
 
 
 @dataclass
@@ -47,6 +57,30 @@ def make_host(directory: Path) -> Host:
     return made
 
 
+def statement(
+    model_id: str,
+    version: int,
+    key: DataKey,
+    policy_digest: str,
+    *,
+    lease_end: datetime,
+    signer: ReleaseSigningKey = SIGNER,
+) -> SignedStatement:
+    """The key server's statement about one key, issued to some cache's HPKE key."""
+    return issue_statement(
+        signer,
+        model_id=model_id,
+        key_version=version,
+        key=key.material,
+        policy_digest=policy_digest,
+        lease_expires_at=lease_end,
+        hpke_suite=DEFAULT_HPKE_SUITE,
+        hpke_public_key=hpke.generate_private_key().public_key().encode(),
+        request_id="r" * 32,
+        issued_at=lease_end - timedelta(hours=1),
+    )
+
+
 def held_key(
     model_id: str,
     policy: Policy,
@@ -55,17 +89,22 @@ def held_key(
     version: int = 1,
     lease: timedelta = timedelta(minutes=10),
     key: DataKey | None = None,
+    signer: ReleaseSigningKey = SIGNER,
 ) -> HeldKey:
+    key = key or generate_key()
     return HeldKey(
         model_id=model_id,
         key_version=version,
-        key=key or generate_key(),
+        key=key,
         expires_at=now + lease,
         received_at=now,
         policy=policy,
         policy_document=policy.to_dict(),
         policy_version=1,
         policy_digest=policy.digest,
+        statement=statement(
+            model_id, version, key, policy.digest, lease_end=now + lease, signer=signer
+        ),
     )
 
 
@@ -78,14 +117,16 @@ def released(
     key: DataKey | None = None,
     document: dict[str, Any] | None = None,
 ) -> ReleasedKey:
+    key = key or generate_key()
     return ReleasedKey(
         model_id=model_id,
         key_version=version,
-        key=key or generate_key(),
+        key=key,
         lease_expires_at=expires,
         policy=document if document is not None else policy.to_dict(),
         policy_version=1,
         policy_digest=policy.digest,
+        statement=statement(model_id, version, key, policy.digest, lease_end=expires),
     )
 
 

@@ -13,15 +13,18 @@ from pathlib import Path
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from keycache_units import Host, StubUpstream, held_key, released, result_with
+from keycache_units import RELEASE_KEY, Host, StubUpstream, held_key, released, result_with
 
 from _fixtures.clock import FakeClock
+from _fixtures.keyserver import new_signing_key
 from sealtorch.errors import ConfigError, FormatError
 from sealtorch.keycache.cache import KeyCache
 from sealtorch.keycache.holdings import Holdings
 from sealtorch.keycache.persist import PlatformSealer, SealedState, StateRefused
 from sealtorch.keycache.upstream import Unreachable
+from sealtorch.protocol import TrustedReleaseKeys
 
+PINS = TrustedReleaseKeys([RELEASE_KEY])
 MEASUREMENT = "ab" * 32
 OTHER = "cd" * 32
 
@@ -46,7 +49,7 @@ def test_round_trip_keeps_keys_policies_and_leases(
     tmp_path: Path, sealer: PlatformSealer, host: Host, clock: FakeClock
 ) -> None:
     holdings = _holdings(host, clock)
-    state = SealedState(tmp_path / "state.sealed", sealer)
+    state = SealedState(tmp_path / "state.sealed", sealer, trusted_release_keys=PINS)
     state.save(holdings, now=clock())
     assert stat.S_IMODE(state.path.stat().st_mode) == 0o600
     loaded = {(k.model_id, k.key_version): k for k in state.load(now=clock())}
@@ -57,6 +60,7 @@ def test_round_trip_keeps_keys_policies_and_leases(
             assert restored.expires_at == original.expires_at
             assert restored.policy_digest == original.policy_digest
             assert restored.policy == original.policy
+            assert restored.statement == original.statement
     # a restart after m2's lease ended restores only what still runs
     clock.advance(minutes=2)
     assert {(k.model_id, k.key_version) for k in state.load(now=clock())} == {
@@ -69,7 +73,7 @@ def test_no_key_bytes_on_disk(
     tmp_path: Path, sealer: PlatformSealer, host: Host, clock: FakeClock
 ) -> None:
     holdings = _holdings(host, clock)
-    state = SealedState(tmp_path / "state.sealed", sealer)
+    state = SealedState(tmp_path / "state.sealed", sealer, trusted_release_keys=PINS)
     state.save(holdings, now=clock())
     disk = b"".join(p.read_bytes() for p in tmp_path.rglob("*") if p.is_file())
     for versions in holdings.keys.values():
@@ -89,13 +93,13 @@ def test_other_measurement_platform_key_or_tee_is_refused(
     tmp_path: Path, sealer: PlatformSealer, host: Host, clock: FakeClock
 ) -> None:
     path = tmp_path / "state.sealed"
-    SealedState(path, sealer).save(_holdings(host, clock), now=clock())
+    SealedState(path, sealer, trusted_release_keys=PINS).save(_holdings(host, clock), now=clock())
     other_code = PlatformSealer.for_sim(key_file=tmp_path / "sealing.key", measurement=OTHER)
     with pytest.raises(StateRefused, match="another enclave measurement"):
-        SealedState(path, other_code).load(now=clock())
+        SealedState(path, other_code, trusted_release_keys=PINS).load(now=clock())
     other_host = PlatformSealer.for_sim(key_file=tmp_path / "other.key", measurement=MEASUREMENT)
     with pytest.raises(StateRefused, match="failed authentication"):
-        SealedState(path, other_host).load(now=clock())
+        SealedState(path, other_host, trusted_release_keys=PINS).load(now=clock())
     raw = (tmp_path / "sealing.key").read_text()
     (tmp_path / "gramine" / "keys").mkdir(parents=True)
     (tmp_path / "gramine" / "keys" / "_sgx_mrenclave").write_bytes(b"k" * 16)
@@ -103,7 +107,7 @@ def test_other_measurement_platform_key_or_tee_is_refused(
     gramine = PlatformSealer.for_gramine(tmp_path / "gramine")
     assert gramine.measurement == MEASUREMENT
     with pytest.raises(StateRefused):
-        SealedState(path, gramine).load(now=clock())
+        SealedState(path, gramine, trusted_release_keys=PINS).load(now=clock())
     assert raw == (tmp_path / "sealing.key").read_text()
 
 
@@ -114,11 +118,11 @@ def test_header_relabelled_to_our_measurement_still_fails(
     the associated data both bind the measurement, so it does not open."""
     foreign = PlatformSealer.for_sim(key_file=tmp_path / "sealing.key", measurement=OTHER)
     path = tmp_path / "state.sealed"
-    SealedState(path, foreign).save(_holdings(host, clock), now=clock())
+    SealedState(path, foreign, trusted_release_keys=PINS).save(_holdings(host, clock), now=clock())
     blob = path.read_bytes().replace(OTHER.encode(), MEASUREMENT.encode())
     path.write_bytes(blob)
     with pytest.raises(StateRefused, match="failed authentication"):
-        SealedState(path, sealer).load(now=clock())
+        SealedState(path, sealer, trusted_release_keys=PINS).load(now=clock())
 
 
 @given(data=st.data())
@@ -164,7 +168,7 @@ def test_cache_restores_then_refreshes_and_refuses_a_bad_state(
     tmp_path: Path, sealer: PlatformSealer, host: Host, clock: FakeClock
 ) -> None:
     path = tmp_path / "state.sealed"
-    state = SealedState(path, sealer)
+    state = SealedState(path, sealer, trusted_release_keys=PINS)
     first = StubUpstream(clock)
     first.outcomes.append(
         result_with(clock, [released("m", host.policy(), expires=clock() + timedelta(minutes=10))])
@@ -198,3 +202,20 @@ def test_cache_restores_then_refreshes_and_refuses_a_bad_state(
     assert tampered.holdings().key_count == 0
     assert tampered.status().persistence.error
     assert "failed authentication" in tampered.status().persistence.error
+
+
+def test_restored_keys_need_a_statement_the_pinned_keys_verify(
+    tmp_path: Path,
+    sealer: PlatformSealer,
+    host: Host,
+    clock: FakeClock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The key server's statements are verified again on restore: under pins that no longer
+    include the key that signed them (a finished rollover), the keys are not restored."""
+    path = tmp_path / "state.sealed"
+    SealedState(path, sealer, trusted_release_keys=PINS).save(_holdings(host, clock), now=clock())
+    assert len(SealedState(path, sealer, trusted_release_keys=PINS).load(now=clock())) == 3
+    rotated = TrustedReleaseKeys([new_signing_key().public_key])
+    assert SealedState(path, sealer, trusted_release_keys=rotated).load(now=clock()) == []
+    assert "statement_unpinned_key" in caplog.text

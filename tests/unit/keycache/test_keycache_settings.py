@@ -8,16 +8,19 @@ from pathlib import Path
 
 import pytest
 
+from _fixtures.keyserver import new_signing_key
 from sealtorch._listen import ReadTimeouts
 from sealtorch.errors import ConfigError
 from sealtorch.keycache.settings import load_settings, parse_host_port
 
 SIM_KEY = "ed25519:" + "11" * 32
+RELEASE = new_signing_key().public_key
 
 CONFIG = f"""
 [keyserver]
 url = "https://keys.example.com:8443"
 ca = "ks-ca.crt"
+pubkeys = ["{RELEASE.text}"]
 models = ["resnet50", "efficientnet-lite0"]
 timeout_seconds = 5
 
@@ -51,7 +54,7 @@ path = "state/keycache.sealed"
 
 def _minimal(**sections: dict[str, object]) -> dict[str, dict[str, object]]:
     base: dict[str, dict[str, object]] = {
-        "keyserver": {"url": "https://keys.test:8443"},
+        "keyserver": {"url": "https://keys.test:8443", "pubkeys": (RELEASE.text,)},
         "tee": {"type": "sim"},
         "listen": {"socket": "/tmp/kc.sock"},
         "local": {"sim_trusted_keys": (SIM_KEY,)},
@@ -67,6 +70,8 @@ def test_config_file_with_relative_paths(tmp_path: Path) -> None:
     settings = load_settings(config)
     assert settings.keyserver_url == "https://keys.example.com:8443"
     assert settings.keyserver_ca == tmp_path / "ks-ca.crt"
+    assert settings.keyserver_pubkeys == (RELEASE.text,)
+    assert settings.trusted_release_keys().key_ids == (RELEASE.key_id,)
     assert settings.models == ("resnet50", "efficientnet-lite0")
     assert settings.sim_key == tmp_path / "sim.key"
     assert settings.socket_path == tmp_path / "run" / "keycache.sock"
@@ -83,6 +88,7 @@ def test_config_file_with_relative_paths(tmp_path: Path) -> None:
     described = settings.describe()
     assert described["socket_mode"] == "0660"
     assert described["models"] == ["resnet50", "efficientnet-lite0"]
+    assert described["keyserver_pubkeys"] == [RELEASE.key_id]
 
 
 def test_options_override_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

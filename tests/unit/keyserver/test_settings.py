@@ -20,6 +20,7 @@ from sealtorch.keyserver.settings import (
     load_settings,
     render_config,
 )
+from sealtorch.keyserver.signingkey import FileSigningKeyConfig, Pkcs11SigningKeyConfig
 
 
 def _write(directory: Path, text: str) -> Path:
@@ -33,6 +34,8 @@ def test_the_rendered_default_config_loads_with_resolved_paths(tmp_path: Path) -
     settings = load_settings(data, environ={})
     assert settings.database_url == f"sqlite:///{data / 'keyserver.db'}"
     assert settings.master_key == FileMasterKeyConfig(path=data / "master.key")
+    assert settings.signing_key == FileSigningKeyConfig(path=data / "release-signing.key")
+    assert settings.describe()["signing_key"] == "file"
     assert settings.tls_cert == data / "tls" / "server.crt"
     assert settings.sim_trusted_keys == ("ed25519:" + "ab" * 32,)
     assert settings.nonce_ttl == timedelta(seconds=60)
@@ -70,6 +73,8 @@ def test_options_beat_environment_beat_file(tmp_path: Path) -> None:
         ("[server]\nport = 'eighty'\n", "server.port"),
         ("[database]\nsqlite_synchronous = 'OFF'\n", "sqlite_synchronous"),
         ("[master_key]\nkind = 'pkcs11'\n", "token_label"),
+        ("[signing_key]\nkind = 'pkcs11'\n", "signing_key.token_label"),
+        ("[signing_key]\nkind = 'hsm'\n", "signing_key.kind"),
         ("[server\n", "not valid TOML"),
     ],
 )
@@ -86,8 +91,19 @@ def test_a_missing_config_points_at_init(tmp_path: Path) -> None:
 
 def test_pkcs11_config_round_trips(tmp_path: Path) -> None:
     config = Pkcs11MasterKeyConfig(token_label="tok", key_label="mk", module="/lib/p11.so")
-    data = _write(tmp_path / "ks", render_config(master_key=config))
-    assert load_settings(data, environ={}).master_key == config
+    data = _write(tmp_path / "ks", render_config(master_key=config, signing_key_label="rsk"))
+    settings = load_settings(data, environ={})
+    assert settings.master_key == config
+    # the release-signing key lives in the same token, under its own label
+    assert settings.signing_key == Pkcs11SigningKeyConfig(
+        token_label="tok", key_label="rsk", module="/lib/p11.so"
+    )
+    assert settings.describe()["signing_key"] == "pkcs11:tok/rsk"
+    moved = load_settings(
+        data, environ={"SEALTORCH_KEYSERVER_SIGNING_KEY_KEY_LABEL": "rsk-2027"}
+    ).signing_key
+    assert isinstance(moved, Pkcs11SigningKeyConfig)
+    assert moved.key_label == "rsk-2027"
 
 
 def test_every_setting_has_an_environment_variable() -> None:

@@ -52,7 +52,8 @@ def test_help_teaches_with_examples() -> None:
             ["--key-file", "k", "--name", "a", "--name", "b"],
             "--name was given 2 times for 1 models",
         ),
-        (["--key-file", "k", "--tee", "sim"], "--hpke-suite apply to --keys"),
+        (["--key-file", "k", "--tee", "sim"], "--keyserver-pubkey apply to --keys"),
+        (["--key-file", "k", "--keyserver-pubkey", "x"], "--keyserver-pubkey apply to --keys"),
     ],
 )
 def test_usage_errors(sealed: tuple[Path, Path], extra: list[str], message: str) -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from _fixtures.keyserver import new_signing_key
 from sealtorch.errors import ConfigError
 from sealtorch.keys import KeyFile, write_key_file
 from sealtorch.serving.keysource import (
@@ -67,6 +68,12 @@ def test_resolving_needs_a_tee_and_says_what_is_missing() -> None:
         resolve_key_source("unix:///run/keycache.sock", tee="tdx", sim_key="/k")
     with pytest.raises(ConfigError, match="--tee-root applies"):
         resolve_key_source("unix:///run/keycache.sock", tee="sim", tee_root="/d")
+    # No pinned key server key: nothing could prove where a key comes from.
+    with pytest.raises(ConfigError, match="--keys needs --keyserver-pubkey") as info:
+        resolve_key_source("unix:///run/keycache.sock", tee="tdx")
+    assert info.value.exit_code == 2
+    with pytest.raises(ConfigError, match="must start with"):
+        resolve_key_source("unix:///run/keycache.sock", tee="tdx", keyserver_pubkeys=["x"])
 
 
 def test_resolving_builds_an_attested_client_for_the_serve_role(tmp_path: Path) -> None:
@@ -74,12 +81,17 @@ def test_resolving_builds_an_attested_client_for_the_serve_role(tmp_path: Path) 
     from sealtorch.attestation.sim import SimAttester
     from sealtorch.client import KeyReleaseClient
 
+    pins = [new_signing_key().public_key, new_signing_key().public_key]
     client = resolve_key_source(
-        "unix:///run/keycache.sock", tee="sim", sim_key=tmp_path / "sim.key"
+        "unix:///run/keycache.sock",
+        tee="sim",
+        sim_key=tmp_path / "sim.key",
+        keyserver_pubkeys=[pin.text for pin in pins],
     )
     try:
         assert isinstance(client, KeyReleaseClient)
         assert client.url == "unix:///run/keycache.sock"
+        assert client.trusted_release_keys.keys == tuple(sorted(pins, key=lambda k: k.key_id))
         attester = client._attester
         assert isinstance(attester, SimAttester)
         assert attester.role == "serve"
