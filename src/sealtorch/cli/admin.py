@@ -465,24 +465,77 @@ def _parse_head(text: str | None) -> Any:
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="Verify this export file offline instead of the server's log.",
 )
+@click.option(
+    "--checkpoint",
+    "checkpoint_files",
+    multiple=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="A JSON Lines file of checkpoints saved by `audit checkpoint` (repeatable): the log "
+    "must still hold each one's record. Needs --keyserver-pubkey.",
+)
+@click.option(
+    "--keyserver-pubkey",
+    "keyserver_pubkeys",
+    multiple=True,
+    metavar="KEY",
+    help="The key server's release-signing public key (sealtorch-release-key-v1:...; "
+    "repeatable during a rollover): every checkpoint must be signed by it.",
+)
 @pass_context
-def audit_verify(ctx: _Context, expected_head: str | None, export_file: Path | None) -> None:
+def audit_verify(
+    ctx: _Context,
+    expected_head: str | None,
+    export_file: Path | None,
+    checkpoint_files: tuple[Path, ...],
+    keyserver_pubkeys: tuple[str, ...],
+) -> None:
     """Recompute the whole chain; any edited, deleted, inserted or reordered record fails.
 
-    The records are fetched and checked here, not by the server."""
+    With --checkpoint, a log rolled back (tail deleted, head rewritten) or rewritten since a
+    saved checkpoint fails too (audit_rolled_back, audit_rewritten). The records are fetched and
+    checked here, not by the server."""
     from sealtorch.protocol.audit import read_jsonl, verify_chain
+    from sealtorch.protocol.checkpoint import (
+        check_log_against,
+        read_checkpoints,
+        verify_checkpoint,
+    )
+    from sealtorch.protocol.statement import TrustedReleaseKeys
 
     anchor = _parse_head(expected_head)
+    checkpoints = []
+    if checkpoint_files:
+        if not keyserver_pubkeys:
+            raise click.UsageError(
+                "--checkpoint needs --keyserver-pubkey (`sealtorch keyserver signing-key show "
+                "DATA_DIR` prints it): a checkpoint is only as good as the key that signed it"
+            )
+        trusted = TrustedReleaseKeys(keyserver_pubkeys)
+        for path in checkpoint_files:
+            with open(path, encoding="utf-8") as handle:
+                for where, signed in read_checkpoints(handle, name=str(path)):
+                    checkpoints.append((where, verify_checkpoint(signed, trusted, where=where)))
+    hashes: dict[int, str] = {}
+    wanted = {checkpoint.seq for _, checkpoint in checkpoints}
+
+    def remember(records: Any) -> Any:
+        for record in records:
+            if record.seq in wanted:
+                hashes[record.seq] = record.hash
+            yield record
+
     if export_file is not None:
         with open(export_file, encoding="utf-8") as handle:
-            summary = verify_chain(read_jsonl(handle), expected_head=anchor)
+            summary = verify_chain(remember(read_jsonl(handle)), expected_head=anchor)
     else:
         with ctx.client() as client:
             records = list(client.iter_audit())
             head = client.audit_head()
         summary = verify_chain(
-            (r for r in records if r.seq <= head.seq), head=head, expected_head=anchor
+            remember(r for r in records if r.seq <= head.seq), head=head, expected_head=anchor
         )
+    for where, checkpoint in checkpoints:
+        check_log_against(hashes, last_seq=summary.last_seq, checkpoint=checkpoint, where=where)
     if ctx.as_json:
         click.echo(
             json.dumps(
@@ -493,7 +546,41 @@ def audit_verify(ctx: _Context, expected_head: str | None, export_file: Path | N
         click.echo(
             f"audit chain verified: {summary.count} records; head "
             f"{summary.last_seq}:{summary.last_hash}"
+            + (f"; {len(checkpoints)} checkpoint(s) hold" if checkpoints else "")
         )
+
+
+@audit.command("checkpoint")
+@click.option(
+    "-o",
+    "--output",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="JSON Lines file to append the checkpoint to (created if missing; '-' for stdout). "
+    "Keep it off the key server's host.",
+)
+@pass_context
+def audit_checkpoint(ctx: _Context, output: Path) -> None:
+    """Save the server's signed audit head (a checkpoint) for `audit verify --checkpoint`.
+
+    Run it regularly from somewhere the key server's operators cannot write to (your CI, a
+    WORM bucket's uploader): a later rollback or rewrite of the log cannot match it."""
+    with ctx.client() as client:
+        signed = client.audit_checkpoint()
+    line = signed.model_dump_json() + "\n"
+    if str(output) == "-":
+        click.echo(line, nl=False)
+    else:
+        with open(output, "a", encoding="ascii") as handle:
+            handle.write(line)
+    from sealtorch.protocol.checkpoint import AuditCheckpoint
+
+    checkpoint = AuditCheckpoint.from_payload(signed.payload)
+    click.echo(
+        f"checkpoint {checkpoint.seq}:{checkpoint.head_hash} (key {checkpoint.signing_key_id}) "
+        f"{'written' if str(output) == '-' else f'appended to {output}'}",
+        err=True,
+    )
 
 
 @audit.command("export")

@@ -43,6 +43,7 @@ from sealtorch.protocol.admin import (
     check_scopes,
 )
 from sealtorch.protocol.audit import AuditHead, read_jsonl
+from sealtorch.protocol.checkpoint import SignedCheckpoint
 from sealtorch.sealed.header import KeyBlock
 
 if TYPE_CHECKING:
@@ -276,6 +277,14 @@ class AdminClient:
             lines = [json.dumps(record, sort_keys=True) for record in page.records]
             yield from read_jsonl(lines)
             cursor = page.next_after
+
+    def audit_checkpoint(self) -> SignedCheckpoint:
+        """The server's current audit head, signed (verify it with ``verify_checkpoint``)."""
+
+        result: SignedCheckpoint = self._as(
+            SignedCheckpoint, self._call("GET", "/audit/checkpoint")
+        )
+        return result
 
     # -- content keys --
 

@@ -124,6 +124,7 @@ from sealtorch.protocol.admin import (
     WrapRequest,
 )
 from sealtorch.protocol.audit import AuditEntry, AuditKind, canonical_json
+from sealtorch.protocol.checkpoint import SignedCheckpoint, issue_checkpoint
 
 __all__ = [
     "Actor",
@@ -1139,6 +1140,23 @@ class KeyService:
             records=tuple(r.as_json() for r in records),
             next_after=last if records and last < head.seq else None,
         )
+
+    def audit_checkpoint(self) -> SignedCheckpoint:
+        """The audit head, signed with the release-signing key (``protocol.checkpoint``): the
+        owner keeps it outside this host, and a later rollback or rewrite fails verification."""
+        head = self._read(self._store.audit_head)
+        try:
+            return issue_checkpoint(
+                self._signer, seq=head.seq, head_hash=head.hash, issued_at=self.now()
+            )
+        except StorageError as exc:
+            _log.error("cannot sign an audit checkpoint: %s", exc)
+            raise ServiceError(
+                ErrorKind.UNAVAILABLE,
+                "signing_unavailable",
+                "the release-signing key could not sign; the operator must check the signing key "
+                "configuration",
+            ) from exc
 
     # -- admin: content key wrapping (encrypt --keyserver, rewrap --keyserver) ---------------------
 

@@ -47,6 +47,7 @@ ROUTE_SCOPES: dict[tuple[str, str], tuple[str, ...]] = {
     ("GET", "/v1/admin/tokens"): ("read", "token-admin"),
     ("POST", "/v1/admin/tokens/{token_id}/revoke"): ("token-admin",),
     ("GET", "/v1/admin/audit"): ("read",),
+    ("GET", "/v1/admin/audit/checkpoint"): ("read",),
     ("POST", "/v1/admin/wrap"): ("seal",),
     ("POST", "/v1/admin/rewrap"): ("seal",),
 }

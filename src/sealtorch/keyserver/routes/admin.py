@@ -39,6 +39,7 @@ from sealtorch.protocol.admin import (
     TokenInfo,
     WrapRequest,
 )
+from sealtorch.protocol.checkpoint import SignedCheckpoint
 
 _admin_bearer = HTTPBearer(
     auto_error=False,
@@ -345,6 +346,19 @@ async def audit(
     state = runtime(request)
     service = state.require_service()
     return json_response(await state.run(service.audit_page, after=after, limit=limit))
+
+
+@router.get(
+    "/audit/checkpoint",
+    response_model=SignedCheckpoint,
+    summary="The audit head, signed with the release-signing key (keep it off this host)",
+    **_needs(AdminScope.READ, action="audit.read", purpose="read the audit log"),
+)
+async def audit_checkpoint(request: Request, actor: AdminActor) -> Response:
+    del actor
+    state = runtime(request)
+    service = state.require_service()
+    return json_response(await state.run(service.audit_checkpoint))
 
 
 # -- content keys (sealtorch encrypt/rewrap --keyserver) ---------------------------------------
