@@ -130,6 +130,8 @@ def test_options_override_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         ({"keyserver": {"models": ("ok", "not ok")}}, "not valid model ids"),
         ({"keyserver": {"models": ("a", "a")}}, "must not repeat"),
         ({"keyserver": {"hpke_suite": "RSA"}}, "must be one of"),
+        ({"keyserver": {"pubkeys": ()}}, "pins no key server release-signing public key"),
+        ({"keyserver": {"pubkeys": ("nope",)}}, "is not a key server release-signing public key"),
         ({"leases": {"renew_fraction": 1.0}}, "renew_fraction"),
         ({"leases": {"backoff_initial_seconds": 10, "backoff_max_seconds": 5}}, "backoff_max"),
         ({"leases": {"refresh_everyday": True}}, "unknown setting"),
