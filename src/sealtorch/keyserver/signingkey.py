@@ -108,13 +108,14 @@ class ReleaseSigningKey(Protocol):
 class FileReleaseSigningKey:
     """An Ed25519 release-signing key read from a mode-0600 file (development)."""
 
-    __slots__ = ("_public", "_signer", "path")
+    __slots__ = ("_key_id", "_public", "_signer", "path")
 
     def __init__(self, seed: bytes, *, path: Path | None = None) -> None:
         if len(seed) != ED25519_SEED_SIZE:
             raise ConfigError(f"a release-signing key is exactly {ED25519_SEED_SIZE} bytes")
         self._signer = Ed25519Signer(seed)
         self._public = ReleasePublicKey(self._signer.public_key)
+        self._key_id = self._public.key_id
         self.path = path
 
     @classmethod
@@ -133,7 +134,7 @@ class FileReleaseSigningKey:
 
     @property
     def key_id(self) -> str:
-        return self._public.key_id
+        return self._key_id
 
     @property
     def public_key(self) -> ReleasePublicKey:
