@@ -306,9 +306,19 @@ class _Demo:
     def _start_keyserver(self, sim_public: str) -> tuple[str, Path, str, str]:
         from sealtorch.keyserver.datadir import init_data_dir
 
+        # The demo uses the simulated TEE on purpose: opt in explicitly (its WARNING lines go
+        # to the service's log file).
         result = init_data_dir(self.ws / "keyserver", sim_trusted_keys=[sim_public])
         process = self._start(
-            "keyserver", ["keyserver", "serve", str(result.data_dir), "--port", "0"]
+            "keyserver",
+            [
+                "keyserver",
+                "serve",
+                str(result.data_dir),
+                "--port",
+                "0",
+                "--allow-simulated-tee-insecure",
+            ],
         )
         url = process.wait_for(r"^listening on (\S+)", timeout=60).group(1)
         return url, result.ca_path, result.admin_token, result.release_public_key

@@ -169,6 +169,12 @@ def init(
     click.echo(f"    {result.release_public_key}")
     click.echo(f"  TLS CA:      {result.ca_path}  (give this file to clients: --ca)")
     click.echo(f"  start it:    sealtorch keyserver serve {result.data_dir}")
+    if sim_keys:
+        click.echo(
+            "  simulated TEE: trusted (INSECURE, development only): the config says "
+            "[attestation] allow_simulated_tee_insecure = true; set it to false, or remove "
+            "sim_trusted_keys, before any production use"
+        )
     click.echo(
         "  admin token scopes: all (" + ", ".join(scope.value for scope in ADMIN_SCOPES) + "); "
         "for CI sealing make a narrower one: sealtorch admin token create --name ci --scope seal"
@@ -254,7 +260,8 @@ Examples:
 Prints "listening on https://HOST:PORT" once the socket is bound. Settings: options >
 environment (SEALTORCH_KEYSERVER_<SECTION>_<KEY>) > DATA_DIR/keyserver.toml > defaults.
 SIGTERM or Ctrl-C shuts down gracefully (in-flight requests finish). Endpoints: /v1/...,
-/healthz, /readyz, /metrics, /openapi.json.
+/healthz, /readyz, /metrics, /openapi.json. Trusted simulated-TEE keys are refused unless
+--allow-simulated-tee-insecure (development only) is given.
 """
 )
 @click.argument("data_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
@@ -271,12 +278,22 @@ SIGTERM or Ctrl-C shuts down gracefully (in-flight requests finish). Endpoints: 
     type=click.Path(dir_okay=False, path_type=Path),
     help="Serve plain HTTP on this Unix socket instead of HTTPS on TCP (local clients only).",
 )
+@click.option(
+    "--allow-simulated-tee-insecure",
+    "allow_sim",
+    is_flag=True,
+    default=None,
+    help="INSECURE, development only: start although simulated-TEE keys are trusted "
+    "([attestation] sim_trusted_keys); without it such a server refuses to start "
+    "(config: [attestation] allow_simulated_tee_insecure).",
+)
 def serve(
     data_dir: Path,
     host: str | None,
     port: int | None,
     workers: int | None,
     unix_socket: Path | None,
+    allow_sim: bool | None,
 ) -> None:
     """Run the key server over HTTPS (uvicorn)."""
     import uvicorn
@@ -290,7 +307,10 @@ def serve(
     from sealtorch.keyserver.signingkey import open_signing_key
     from sealtorch.keyserver.store import open_store
 
-    overrides = {"server": {"host": host, "port": port, "workers": workers}}
+    overrides: dict[str, dict[str, Any]] = {
+        "server": {"host": host, "port": port, "workers": workers},
+        "attestation": {"allow_simulated_tee_insecure": allow_sim or None},
+    }
     settings = load_settings(data_dir, overrides=overrides)
     if unix_socket is None and not settings.tls_enabled:
         raise ConfigError(
@@ -354,9 +374,11 @@ def serve(
             root = logging.getLogger()
             json_logs = any(type(h.formatter).__name__ == "JsonFormatter" for h in root.handlers)
             os.environ[_LOG_ENV] = f"{root.level},{'json' if json_logs else 'text'}"
-            for key, value in overrides["server"].items():
-                if value is not None:
-                    os.environ[f"SEALTORCH_KEYSERVER_SERVER_{key.upper()}"] = str(value)
+            for section, values in overrides.items():
+                for key, value in values.items():
+                    if value is not None:
+                        name = f"SEALTORCH_KEYSERVER_{section.upper()}_{key.upper()}"
+                        os.environ[name] = str(value).lower() if value is True else str(value)
             spec = WorkerSpec(
                 app="sealtorch.cli.keyserver:_worker_app",
                 options=options,

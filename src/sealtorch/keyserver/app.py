@@ -56,7 +56,13 @@ from sealtorch.keyserver.settings import KeyServerSettings
 from sealtorch.keyserver.signingkey import ReleaseSigningKey, open_signing_key
 from sealtorch.keyserver.store import Store, open_store
 
-__all__ = ["Runtime", "create_app", "error_response", "open_verifiers"]
+__all__ = [
+    "Runtime",
+    "check_simulated_tee",
+    "create_app",
+    "error_response",
+    "open_verifiers",
+]
 
 _log = logging.getLogger("sealtorch.keyserver")
 _access = logging.getLogger("sealtorch.keyserver.access")
@@ -104,7 +110,11 @@ def open_verifiers(
     settings: KeyServerSettings, clock: Callable[[], datetime] | None = None
 ) -> VerifierSet:
     """The verifiers the settings configure; none configured is allowed (every release is then
-    refused with ``tee_not_allowed``/``simulated_not_allowed``) but logged as a warning."""
+    refused with ``tee_not_allowed``/``simulated_not_allowed``) but logged as a warning.
+
+    Trusted sim keys are refused (:class:`ConfigError`) unless
+    ``allow_simulated_tee_insecure`` is set, and logged at WARNING when it is."""
+    check_simulated_tee(settings)
     if not (settings.sim_trusted_keys or settings.pccs_url or settings.collateral_path):
         _log.warning(
             "no attestation verifier is configured: every key release will be refused; set "
@@ -120,6 +130,29 @@ def open_verifiers(
         collateral_path=settings.collateral_path,
         sim_trusted_keys=settings.sim_trusted_keys,
         **options,
+    )
+
+
+def check_simulated_tee(settings: KeyServerSettings) -> None:
+    """Refuse trusted sim keys without ``allow_simulated_tee_insecure``; warn with it."""
+    if not settings.sim_trusted_keys:
+        return
+    source = settings.sources.get("attestation.sim_trusted_keys", "settings")
+    where = "keyserver.toml" if source == "file" else source.removeprefix("env:")
+    if not settings.allow_simulated_tee_insecure:
+        raise ConfigError(
+            f"[attestation] sim_trusted_keys is set ({len(settings.sim_trusted_keys)} key(s), "
+            f"from {where}): refusing to start, since simulated-TEE evidence is signed by a key "
+            "on a host, not by hardware, and releases real keys to every policy naming 'sim'; "
+            "for development only, add --allow-simulated-tee-insecure (or [attestation] "
+            "allow_simulated_tee_insecure = true)"
+        )
+    _log.warning(
+        "INSECURE: the simulated TEE is trusted (allow_simulated_tee_insecure): evidence "
+        "signed by sim key(s) %s obtains the keys of every model whose policy names 'sim'; "
+        "development only, never in production",
+        ", ".join(settings.sim_trusted_keys),
+        extra={"sim_trusted_keys": list(settings.sim_trusted_keys)},
     )
 
 
@@ -279,8 +312,11 @@ def create_app(
         if keys:
             metrics.keys_released.inc(keys)
 
+    def observe_simulated(decision: str) -> None:
+        metrics.simulated_tee_releases.labels(decision).inc()
+
     def build(s: Store, m: MasterKey, k: ReleaseSigningKey, v: VerifierSet) -> KeyService:
-        return KeyService(
+        service = KeyService(
             settings,
             store=s,
             master_key=m,
@@ -289,7 +325,10 @@ def create_app(
             clock=clock,
             observer=observe,
             offload=runtime.run,
+            simulated_observer=observe_simulated,
         )
+        metrics.simulated_tee_trusted.set(1 if service.simulated_tee else 0)
+        return service
 
     if (
         store is not None

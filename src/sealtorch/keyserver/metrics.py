@@ -81,6 +81,17 @@ class Metrics(MetricsRegistry):
             ["flag"],
             multiprocess_mode="mostrecent",
         )
+        self.simulated_tee_trusted = self.gauge(
+            "sealtorch_keyserver_simulated_tee_trusted",
+            "1 while simulated-TEE evidence is trusted (allow_simulated_tee_insecure), else 0",
+            multiprocess_mode="mostrecent",
+        )
+        self.simulated_tee_releases = self.counter(
+            "sealtorch_keyserver_simulated_tee_releases",
+            "Release requests decided on simulated-TEE evidence, by decision "
+            "(allow, partial, deny, refuse)",
+            ["decision"],
+        )
         for flag in INSECURE_FLAGS:
             self.insecure_policy_sets.labels(flag)
         self._observe_request = RequestObserver(self.requests, self.latency)

@@ -276,8 +276,10 @@ class KeyService:
         clock: Callable[[], datetime] | None = None,
         observer: DecisionObserver | None = None,
         offload: Offload | None = None,
+        simulated_observer: Callable[[str], None] | None = None,
     ) -> None:
         self._settings = settings
+        self._simulated_observer = simulated_observer
         self._offload: Offload = offload or asyncio.to_thread
         self._report = OutcomeReporter(_log, observer, error=ServiceError)
         self._store = store
@@ -295,6 +297,11 @@ class KeyService:
     @property
     def store(self) -> Store:
         return self._store
+
+    @property
+    def simulated_tee(self) -> bool:
+        """Whether simulated-TEE evidence is verified (sim keys trusted): development only."""
+        return "sim" in self._evidence_types
 
     @property
     def release_public_key(self) -> ReleasePublicKey:
@@ -340,7 +347,32 @@ class KeyService:
         self, request: ReleaseRequest, *, client_address: str | None
     ) -> ReleaseResponse:
         """Verify, then consume the nonce, decide and audit in one commit, then seal (see the
-        module docstring)."""
+        module docstring). A release on simulated-TEE evidence is logged at WARNING and
+        reported to ``simulated_observer``, whatever its decision."""
+        if request.evidence.type != "sim":
+            return await self._release(request, client_address=client_address)
+        try:
+            response = await self._release(request, client_address=client_address)
+        except ServiceError as exc:
+            self._simulated_release("refuse", exc.code)
+            raise
+        if not response.granted:
+            self._simulated_release("deny", response.request_id)
+        else:
+            decision = "partial" if response.denied else "allow"
+            self._simulated_release(decision, response.request_id)
+        return response
+
+    def _simulated_release(self, decision: str, detail: str) -> None:
+        _log.warning(
+            "INSECURE: release decided on simulated-TEE evidence: %s (%s)", decision, detail
+        )
+        if self._simulated_observer is not None:
+            self._simulated_observer(decision)
+
+    async def _release(
+        self, request: ReleaseRequest, *, client_address: str | None
+    ) -> ReleaseResponse:
         request_id = secrets.token_hex(16)
         context: dict[str, Any] = {
             "kind": AuditKind.RELEASE,

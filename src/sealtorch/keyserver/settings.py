@@ -113,6 +113,10 @@ class _Tls(_Section):
 class _Attestation(VerifierSection):
     """How the evidence of release requests is verified."""
 
+    #: Start although ``sim_trusted_keys`` is set (development only: sim evidence is signed by
+    #: a key on a host, not by hardware).
+    allow_simulated_tee_insecure: bool = False
+
 
 class _Release(_Section):
     nonce_ttl_seconds: Annotated[float, Field(gt=0, le=3600)] = 60.0
@@ -177,6 +181,8 @@ class KeyServerSettings:
     #: How long a client may take to send a request.
     read_timeouts: ReadTimeouts = field(default_factory=ReadTimeouts)
     sim_trusted_keys: tuple[str, ...] = ()
+    #: The server refuses to start with ``sim_trusted_keys`` unless this is set.
+    allow_simulated_tee_insecure: bool = False
     pccs_url: str | None = None
     collateral_path: Path | None = None
     collateral_cache_dir: Path | None = None
@@ -226,6 +232,7 @@ class KeyServerSettings:
             "workers": self.workers,
             "evidence": {
                 "sim_trusted_keys": len(self.sim_trusted_keys),
+                "allow_simulated_tee_insecure": self.allow_simulated_tee_insecure,
                 "pccs_url": self.pccs_url,
                 "collateral_path": str(self.collateral_path) if self.collateral_path else None,
             },
@@ -348,6 +355,7 @@ def _build(config: _ConfigFile, base: Path | None, sources: dict[str, str]) -> K
             keep_alive=config.server.keep_alive_timeout,
         ),
         sim_trusted_keys=config.attestation.sim_trusted_keys,
+        allow_simulated_tee_insecure=config.attestation.allow_simulated_tee_insecure,
         pccs_url=config.attestation.pccs_url,
         collateral_path=resolve_path(base, config.attestation.collateral_path),
         collateral_cache_dir=resolve_path(base, config.attestation.collateral_cache_dir),
@@ -424,6 +432,7 @@ def render_config(
             f"path = {_toml_string(SIGNING_KEY_FILE)}\n"
         )
     keys = ", ".join(_toml_string(key) for key in sim_trusted_keys)
+    allow_sim = "true" if sim_trusted_keys else "false"
     return f"""\
 # sealtorch key server configuration (docs/keyserver.md).
 # Every key can be overridden by an environment variable SEALTORCH_KEYSERVER_<SECTION>_<KEY>,
@@ -464,6 +473,10 @@ ca = "tls/ca.crt"
 # simulated-TEE attestation keys to trust (`sealtorch attest sim-key --show-public` on the TEE
 # host); development only
 sim_trusted_keys = [{keys}]
+# INSECURE, development only: the server refuses to start with sim_trusted_keys unless this is
+# true. Whoever holds a trusted sim key's private half obtains the keys of every model whose
+# policy names "sim". Written true by `keyserver init --trust-sim-key`; never in production.
+allow_simulated_tee_insecure = {allow_sim}
 # DCAP (SGX/TDX) collateral: a PCCS URL (cached on disk) or an offline collateral file/directory
 # pccs_url = "https://pccs.example.com/sgx/certification/v4"
 # collateral_path = "collateral/"

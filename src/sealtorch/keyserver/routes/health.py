@@ -1,5 +1,6 @@
 """Liveness, readiness and Prometheus metrics (with the current insecure policies, read from
-the key store at each scrape)."""
+the key store at each scrape). Both probes say whether the simulated TEE is trusted
+(``"simulated_tee": true``: development only)."""
 
 from __future__ import annotations
 
@@ -14,8 +15,14 @@ router = APIRouter(tags=["health"])
 
 
 @router.get("/healthz", summary="Liveness: the process serves requests")
-async def healthz() -> JSONResponse:
-    return JSONResponse({"status": "ok"})
+async def healthz(request: Request) -> JSONResponse:
+    return JSONResponse({"status": "ok", "simulated_tee": _simulated_tee(request)})
+
+
+def _simulated_tee(request: Request) -> bool:
+    """Whether simulated-TEE evidence is trusted (``allow_simulated_tee_insecure``)."""
+    service = runtime(request).service
+    return service is not None and service.simulated_tee
 
 
 @router.get(
@@ -27,7 +34,7 @@ async def readyz(request: Request) -> JSONResponse:
     state = runtime(request)
     service = state.require_service()
     await state.run(service.check_ready)
-    return JSONResponse({"status": "ready"})
+    return JSONResponse({"status": "ready", "simulated_tee": service.simulated_tee})
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
