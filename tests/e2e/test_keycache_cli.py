@@ -26,6 +26,7 @@ import pytest
 from _fixtures.keyserver import (
     ServeProcess,
     init_dir,
+    new_signing_key,
     release_key_of,
     sealtorch_command,
     start_serve,
@@ -179,7 +180,7 @@ class Deployment:
             "--keyserver", self.url, "--ca", str(self.ca), "--tee", "sim",
             "--keyserver-pubkey", self.release_key,
             "--sim-key", str(self.app.key_path), "--trust-sim-key", self.app.public_key,
-            "--refresh", "1", "--backoff-max", "0.5", *extra,
+            "--allow-simulated-tee-insecure", "--refresh", "1", "--backoff-max", "0.5", *extra,
         ]  # fmt: skip
 
 
@@ -242,6 +243,7 @@ def test_processes_end_to_end_status_metrics_and_a_refused_cache(deployment: Dep
         assert cache.metrics is not None
         metrics = httpx.get(cache.metrics, timeout=10).text
         assert "sealtorch_keycache_keys_released_total 2.0" in metrics  # release + renew
+        assert "sealtorch_keycache_simulated_tee_trusted 1.0" in metrics  # opted in: said so
         metrics_base = cache.metrics.removesuffix("/metrics")
         challenge = httpx.post(f"{metrics_base}/v1/attestation/challenge", timeout=10)
         assert challenge.status_code == 404  # the metrics listener releases nothing
@@ -258,7 +260,7 @@ def test_processes_end_to_end_status_metrics_and_a_refused_cache(deployment: Dep
             tmp,
             "--keyserver", deployment.url, "--ca", str(deployment.ca), "--tee", "sim",
             "--keyserver-pubkey", deployment.release_key, "--sim-key", str(rogue_key),
-            "--trust-sim-key", deployment.app.public_key,
+            "--trust-sim-key", deployment.app.public_key, "--allow-simulated-tee-insecure",
             socket_name="rogue.sock",
         )  # fmt: skip
         try:
@@ -305,6 +307,43 @@ def test_processes_end_to_end_status_metrics_and_a_refused_cache(deployment: Dep
 
 
 @pytest.mark.slow
+def test_a_sim_key_without_the_opt_in_is_refused_and_with_it_warned(tmp_path: Path) -> None:
+    attester = SimAttester(role="keycache", key_path=tmp_path / "sim.key")
+    args = [
+        "keycache", "serve", "--keyserver", "https://127.0.0.1:9", "--tee", "sim",
+        "--keyserver-pubkey", new_signing_key().public_key.text,
+        "--sim-key", str(attester.key_path), "--trust-sim-key", attester.public_key,
+        "--socket", str(tmp_path / "kc.sock"),
+    ]  # fmt: skip
+    refused = subprocess.run(
+        sealtorch_command(*args), capture_output=True, text=True, timeout=60, check=False
+    )
+    assert refused.returncode == 2
+    assert len(refused.stderr.strip().splitlines()) == 1
+    assert "refusing to start" in refused.stderr
+    assert "--allow-simulated-tee-insecure" in refused.stderr
+    assert not (tmp_path / "kc.sock").exists()
+    # With the opt-in it starts (the key server at port 9 is unreachable: it keeps retrying),
+    # and says at WARNING that it trusts the sim key.
+    process = subprocess.Popen(
+        sealtorch_command("--log-format", "json", *args, "--allow-simulated-tee-insecure"),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert process.stderr is not None
+        records = []
+        for line in process.stderr:  # until the warning; the cache then keeps running
+            records.append(json.loads(line))
+            if "INSECURE" in records[-1]["message"]:
+                break
+    finally:
+        process.terminate()
+        process.communicate(timeout=60)
+    assert records[-1]["level"] == "warning"
+    assert "simulated TEE is trusted" in records[-1]["message"]
+    assert attester.public_key in records[-1]["message"]
+
+
 def test_outage_lease_expiry_recovery_revocation_and_sealed_restart(
     deployment: Deployment,
 ) -> None:

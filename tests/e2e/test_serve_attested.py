@@ -87,7 +87,7 @@ def stack(tmp_path: Path) -> Iterator[dict[str, object]]:
                 "keycache", "serve", "--keyserver", url, "--ca", str(init.ca_path),
                 "--keyserver-pubkey", init.release_public_key, "--tee", "sim",
                 "--sim-key", str(sim_key), "--socket", str(socket),
-                "--trust-sim-key", public, "--refresh", "60",
+                "--trust-sim-key", public, "--allow-simulated-tee-insecure", "--refresh", "60",
             ],
         )  # fmt: skip
         cache.wait_for(r"^ready: ", timeout=60)

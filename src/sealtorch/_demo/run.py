@@ -256,6 +256,7 @@ class _Demo:
                     str(socket_path),
                     "--trust-sim-key",
                     sim_public,
+                    "--allow-simulated-tee-insecure",
                 ],
             )
             cache.wait_for(r"^ready: ", timeout=60)

@@ -41,7 +41,8 @@ Examples:
   sealtorch keycache serve --keyserver https://127.0.0.1:8443 --ca ./ks/tls/ca.crt \\
       --keyserver-pubkey "$(sealtorch keyserver signing-key show ./ks)" \\
       --tee sim --socket /tmp/keycache.sock \\
-      --trust-sim-key "$(sealtorch attest sim-key --show-public)"
+      --trust-sim-key "$(sealtorch attest sim-key --show-public)" \\
+      --allow-simulated-tee-insecure
 \b
   # production in Gramine-SGX: two models, loopback HTTPS for the inference enclave,
   # metrics for Prometheus, keys sealed to this enclave across restarts
@@ -147,6 +148,15 @@ refreshes at once.
 @trust_sim_key_option(
     "Accept sim evidence from local clients signed by this key (development; repeatable)."
 )
+@click.option(
+    "--allow-simulated-tee-insecure",
+    "allow_sim",
+    is_flag=True,
+    default=None,
+    help="INSECURE, development only: start although --trust-sim-key / [local] "
+    "sim_trusted_keys is set; without it such a cache refuses to start "
+    "(config: [local] allow_simulated_tee_insecure).",
+)
 @click.option("--pccs-url", metavar="URL", help="PCCS for verifying local SGX/TDX quotes.")
 @click.option(
     "--collateral",
@@ -210,6 +220,7 @@ def serve(
     tls_key: Path | None,
     metrics: str | None,
     sim_keys: tuple[str, ...],
+    allow_sim: bool | None,
     pccs_url: str | None,
     collateral_path: Path | None,
     collateral_cache_dir: Path | None,
@@ -246,6 +257,7 @@ def serve(
         },
         "local": {
             "sim_trusted_keys": sim_keys or None,
+            "allow_simulated_tee_insecure": allow_sim or None,
             "pccs_url": pccs_url,
             "collateral_path": text(collateral_path),
             "collateral_cache_dir": text(collateral_cache_dir),

@@ -71,6 +71,11 @@ class CacheMetrics(MetricsRegistry):
             "sealtorch_keycache_last_renewal_timestamp_seconds",
             "Unix time of the last successful refresh from the key server",
         )
+        self.simulated_tee_trusted = self.gauge(
+            "sealtorch_keycache_simulated_tee_trusted",
+            "1 while simulated-TEE evidence of local enclaves is trusted "
+            "(allow_simulated_tee_insecure), else 0",
+        )
         self._observe_request = RequestObserver(self.requests, self.latency)
         self._decision_children = LabelCache(self.decisions)
 

@@ -154,6 +154,7 @@ def build_cache(
         session_duration=settings.session_duration,
         observer=cache.metrics.observe_decision,
     )
+    cache.metrics.simulated_tee_trusted.set(1 if "sim" in verifiers.evidence_types else 0)
     return cache, service
 
 
@@ -341,8 +342,32 @@ async def serve(
         executor.shutdown(wait=False, cancel_futures=True)
 
 
+def check_simulated_tee(settings: KeyCacheSettings) -> None:
+    """Refuse trusted sim keys for local enclaves without ``allow_simulated_tee_insecure``;
+    warn with it (as the key server does)."""
+    keys = settings.local_sim_trusted_keys
+    if not keys:
+        return
+    if not settings.local_allow_simulated_tee_insecure:
+        raise ConfigError(
+            f"[local] sim_trusted_keys is set ({len(keys)} key(s), e.g. --trust-sim-key): "
+            "refusing to start, since simulated-TEE evidence is signed by a key on a host, not "
+            "by hardware, and this cache would release keys to anyone holding it; for "
+            "development only, add --allow-simulated-tee-insecure (or [local] "
+            "allow_simulated_tee_insecure = true)"
+        )
+    _log.warning(
+        "INSECURE: the simulated TEE is trusted for local enclaves "
+        "(allow_simulated_tee_insecure): evidence signed by sim key(s) %s obtains keys whose "
+        "policy names 'sim'; development only, never in production",
+        ", ".join(keys),
+        extra={"sim_trusted_keys": list(keys)},
+    )
+
+
 def run(settings: KeyCacheSettings, *, announce: Callable[[str], None]) -> None:
     """The whole ``sealtorch keycache serve`` lifecycle (blocking)."""
+    check_simulated_tee(settings)
     cache, service = build_cache(settings)
     _log.info("key cache starting", extra={"settings": settings.describe()})
     listeners = Listeners.bind(settings)  # before attesting: fail fast on a busy path/port

@@ -147,6 +147,8 @@ class _Listen(_Section):
 
 
 class _Local(VerifierSection):
+    #: Start although ``sim_trusted_keys`` is set (development only).
+    allow_simulated_tee_insecure: bool = False
     nonce_ttl_seconds: Annotated[float, Field(gt=0, le=600)] = 30.0
     session_seconds: Annotated[float, Field(ge=0, le=86400)] = 600.0
     max_request_bytes: Annotated[int, Field(ge=4096, le=1024 * 1024)] = DEFAULT_MAX_REQUEST_BYTES
@@ -198,6 +200,8 @@ class KeyCacheSettings:
     #: How long a client of any listener may take to send a request.
     read_timeouts: ReadTimeouts = field(default_factory=ReadTimeouts)
     local_sim_trusted_keys: tuple[str, ...] = ()
+    #: ``keycache serve`` refuses to start with ``local_sim_trusted_keys`` unless this is set.
+    local_allow_simulated_tee_insecure: bool = False
     local_pccs_url: str | None = None
     local_collateral_path: Path | None = None
     local_collateral_cache_dir: Path | None = None
@@ -284,6 +288,7 @@ class KeyCacheSettings:
             "persistence": str(self.persist_path) if self.persist_path else None,
             "local_verifiers": {
                 "sim_trusted_keys": len(self.local_sim_trusted_keys),
+                "allow_simulated_tee_insecure": self.local_allow_simulated_tee_insecure,
                 "pccs_url": self.local_pccs_url,
                 "collateral_path": (
                     str(self.local_collateral_path) if self.local_collateral_path else None
@@ -414,6 +419,7 @@ def load_settings(
             keep_alive=listen.keep_alive_timeout_seconds,
         ),
         local_sim_trusted_keys=local.sim_trusted_keys,
+        local_allow_simulated_tee_insecure=local.allow_simulated_tee_insecure,
         local_pccs_url=local.pccs_url,
         local_collateral_path=path_of("local", "collateral_path", local.collateral_path),
         local_collateral_cache_dir=path_of(

@@ -63,7 +63,7 @@ def test_keycache_serve(tmp_path: Path, taken_port: int, option: str) -> None:
     code, output = _invoke(
         "keycache", "serve", "--keyserver", "https://127.0.0.1:9", "--tee", "sim",
         "--keyserver-pubkey", new_signing_key().public_key.text,
-        "--sim-key", str(sim_key), "--trust-sim-key", trusted,
+        "--sim-key", str(sim_key), "--trust-sim-key", trusted, "--allow-simulated-tee-insecure",
         "--socket", str(tmp_path / "kc.sock"), option, f"127.0.0.1:{taken_port}",
     )  # fmt: skip
     assert code == 2, output
