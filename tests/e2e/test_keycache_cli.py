@@ -244,6 +244,7 @@ def test_processes_end_to_end_status_metrics_and_a_refused_cache(deployment: Dep
         metrics = httpx.get(cache.metrics, timeout=10).text
         assert "sealtorch_keycache_keys_released_total 2.0" in metrics  # release + renew
         assert "sealtorch_keycache_simulated_tee_trusted 1.0" in metrics  # opted in: said so
+        assert 'sealtorch_keycache_simulated_tee_releases_total{decision="allow"} 1.0' in metrics
         metrics_base = cache.metrics.removesuffix("/metrics")
         challenge = httpx.post(f"{metrics_base}/v1/attestation/challenge", timeout=10)
         assert challenge.status_code == 404  # the metrics listener releases nothing
@@ -286,6 +287,7 @@ def test_processes_end_to_end_status_metrics_and_a_refused_cache(deployment: Dep
     finally:
         assert cache.stop() == 0
     assert not cache.socket.exists()
+    assert "INSECURE: local release decided on simulated-TEE evidence: allow" in cache.logs()
     # Nothing on disk or in the logs holds the key or the session token in the clear.
     haystacks = {
         "cache log": cache.logs().encode(),

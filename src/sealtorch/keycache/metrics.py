@@ -76,6 +76,12 @@ class CacheMetrics(MetricsRegistry):
             "1 while simulated-TEE evidence of local enclaves is trusted "
             "(allow_simulated_tee_insecure), else 0",
         )
+        self.simulated_tee_releases = self.counter(
+            "sealtorch_keycache_simulated_tee_releases",
+            "Local release requests decided on simulated-TEE evidence, by decision "
+            "(allow, partial, deny, refuse)",
+            ["decision"],
+        )
         self._observe_request = RequestObserver(self.requests, self.latency)
         self._decision_children = LabelCache(self.decisions)
 

@@ -153,6 +153,9 @@ def build_cache(
         nonce_ttl=settings.nonce_ttl,
         session_duration=settings.session_duration,
         observer=cache.metrics.observe_decision,
+        simulated_observer=lambda decision: cache.metrics.simulated_tee_releases.labels(
+            decision
+        ).inc(),
     )
     cache.metrics.simulated_tee_trusted.set(1 if "sim" in verifiers.evidence_types else 0)
     return cache, service

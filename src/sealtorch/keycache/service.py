@@ -131,8 +131,10 @@ class LocalReleaseService:
         observer: DecisionObserver | None = None,
         max_nonces: int = 100_000,
         max_sessions: int = 10_000,
+        simulated_observer: Callable[[str], None] | None = None,
     ) -> None:
         self._holdings = holdings
+        self._simulated_observer = simulated_observer
         self._verifiers = verifiers
         self._clock = clock
         self._nonce_ttl = nonce_ttl
@@ -181,6 +183,29 @@ class LocalReleaseService:
     # -- release --------------------------------------------------------------------------------
 
     def release(self, request: ReleaseRequest) -> ReleaseResponse:
+        """A local release; one on simulated-TEE evidence is logged at WARNING and reported
+        to ``simulated_observer``, whatever its decision (as the key server does)."""
+        if request.evidence.type != "sim":
+            return self._release(request)
+        try:
+            response = self._release(request)
+        except LocalError as exc:
+            self._simulated_release("refuse", exc.code)
+            raise
+        if not response.granted:
+            self._simulated_release("deny", response.request_id)
+        else:
+            self._simulated_release("partial" if response.denied else "allow", response.request_id)
+        return response
+
+    def _simulated_release(self, decision: str, detail: str) -> None:
+        _log.warning(
+            "INSECURE: local release decided on simulated-TEE evidence: %s (%s)", decision, detail
+        )
+        if self._simulated_observer is not None:
+            self._simulated_observer(decision)
+
+    def _release(self, request: ReleaseRequest) -> ReleaseResponse:
         request_id = secrets.token_hex(16)
         self._consume_nonce(request.nonce, request_id)
         now = self.now()
