@@ -59,7 +59,8 @@ def _start_cache(
          "--keyserver", keyserver.url, "--ca", str(keyserver.ca),
          "--keyserver-pubkey", keyserver.release_key,
          "--tee", "sim", "--sim-key", str(keyserver.key_path),
-         "--socket", str(socket), "--trust-sim-key", public_key],
+         "--socket", str(socket), "--trust-sim-key", public_key,
+         "--allow-simulated-tee-insecure"],
         ready=_READY, timeout=120,
     )  # fmt: skip
     return process, elapsed, int(match.group(2))
