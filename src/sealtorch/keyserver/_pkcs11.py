@@ -15,6 +15,7 @@ import hmac
 import logging
 import os
 import threading
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
@@ -210,7 +211,7 @@ def pin_from(environ: Mapping[str, str], *, pin_env: str, token_label: str) -> s
     return pin
 
 
-class TokenKey:
+class TokenKey(ABC):
     """A key inside a PKCS#11 token, found by label in this process's login on that token.
 
     Subclasses implement :meth:`_locate` (look the key up in the session and check its
@@ -250,9 +251,9 @@ class TokenKey:
         """The key's label in its token (not secret)."""
         return self._key_label
 
+    @abstractmethod
     def _locate(self, lib: Any, session: Any) -> Any:
         """The key's handle in ``session``, checked (ConfigError if unusable)."""
-        raise NotImplementedError
 
     def _find_key(self) -> None:
         """Look the key up in the current session (caller holds the token lock)."""
