@@ -32,16 +32,22 @@ import json
 import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Annotated, Final
 
 from pydantic import Field, ValidationError
 
 from sealtorch._crypto.sign import BadSignature, ed25519_verify
 from sealtorch.errors import AuditError
-from sealtorch.protocol._wire import B64Bytes, WireModel, as_utc
+from sealtorch.protocol._wire import B64Bytes, WireModel
 from sealtorch.protocol.audit import GENESIS_HASH, AuditChainError
-from sealtorch.protocol.statement import StatementSigner, TrustedReleaseKeys
+from sealtorch.protocol.statement import (
+    StatementSigner,
+    TrustedReleaseKeys,
+    canonical_payload,
+    parse_payload_time,
+    payload_time,
+)
 
 __all__ = [
     "AUDIT_REWRITTEN",
@@ -70,7 +76,6 @@ _SIGNING_CONTEXT: Final = b"sealtorch/v1/audit-checkpoint\x00"
 _FIELDS: Final = frozenset({"head_hash", "issued_at", "seq", "signing_key_id", "type", "version"})
 _HEX64: Final = re.compile(r"[0-9a-f]{64}")
 _KEY_ID: Final = re.compile(r"[0-9a-f]{32}")
-_TIME_FORMAT: Final = "%Y-%m-%dT%H:%M:%S.%fZ"
 
 
 class SignedCheckpoint(WireModel):
@@ -93,15 +98,13 @@ class AuditCheckpoint:
     def payload(self) -> bytes:
         document = {
             "head_hash": self.head_hash,
-            "issued_at": as_utc(self.issued_at).strftime(_TIME_FORMAT),
+            "issued_at": payload_time(self.issued_at),
             "seq": self.seq,
             "signing_key_id": self.signing_key_id,
             "type": CHECKPOINT_TYPE,
             "version": CHECKPOINT_VERSION,
         }
-        return json.dumps(
-            document, sort_keys=True, separators=(",", ":"), ensure_ascii=True
-        ).encode("ascii")
+        return canonical_payload(document)
 
     @classmethod
     def from_payload(cls, payload: bytes) -> AuditCheckpoint:
@@ -122,7 +125,7 @@ class AuditCheckpoint:
         checkpoint = cls(
             seq=seq,
             head_hash=document["head_hash"],
-            issued_at=datetime.strptime(document["issued_at"], _TIME_FORMAT).replace(tzinfo=UTC),
+            issued_at=parse_payload_time(document["issued_at"]),
             signing_key_id=document["signing_key_id"],
         )
         if checkpoint.payload() != payload:
@@ -153,8 +156,7 @@ def verify_checkpoint(
 ) -> AuditCheckpoint:
     """The checkpoint, if it verifies under a pinned key; else :class:`AuditChainError`
     (``checkpoint_unpinned_key``, ``checkpoint_invalid``). ``where`` names it in messages."""
-    keys = {key.key_id: key for key in trusted.keys}
-    key = keys.get(signed.key_id)
+    key = trusted.find(signed.key_id)
     if key is None:
         shown = signed.key_id if _KEY_ID.fullmatch(signed.key_id) else "(malformed id)"
         raise AuditChainError(

@@ -72,8 +72,11 @@ __all__ = [
     "SignedStatement",
     "StatementSigner",
     "TrustedReleaseKeys",
+    "canonical_payload",
     "issue_statement",
     "key_commitment",
+    "parse_payload_time",
+    "payload_time",
     "release_key_id",
 ]
 
@@ -131,7 +134,7 @@ def key_commitment(*, model_id: str, key_version: int, key: bytes) -> str:
     return hashlib.sha256(body + key).hexdigest()
 
 
-def _time(value: datetime) -> str:
+def payload_time(value: datetime) -> str:
     """RFC 3339 UTC with microseconds and ``Z`` (``%Y-%m-%dT%H:%M:%S.%fZ``, without strftime's
     cost)."""
     return as_utc(value).replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
@@ -140,7 +143,8 @@ def _time(value: datetime) -> str:
 _ENCODER: Final = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=True)
 
 
-def _canonical(document: dict[str, Any]) -> bytes:
+def canonical_payload(document: dict[str, Any]) -> bytes:
+    """A signed payload's canonical JSON: sorted keys, no whitespace, ASCII."""
     return _ENCODER.encode(document).encode("ascii")
 
 
@@ -227,14 +231,14 @@ class ReleaseStatement:
 
     def payload(self) -> bytes:
         """The canonical JSON payload."""
-        return _canonical(
+        return canonical_payload(
             {
                 "hpke_public_key": b64encode(self.hpke_public_key),
                 "hpke_suite": self.hpke_suite,
-                "issued_at": _time(self.issued_at),
+                "issued_at": payload_time(self.issued_at),
                 "key_commitment": self.key_commitment,
                 "key_version": self.key_version,
-                "lease_expires_at": _time(self.lease_expires_at),
+                "lease_expires_at": payload_time(self.lease_expires_at),
                 "model_id": self.model_id,
                 "policy_digest": self.policy_digest,
                 "request_id": self.request_id,
@@ -269,11 +273,11 @@ class ReleaseStatement:
             key_version=version,
             key_commitment=document["key_commitment"],
             policy_digest=document["policy_digest"],
-            lease_expires_at=_parse_time(document["lease_expires_at"]),
+            lease_expires_at=parse_payload_time(document["lease_expires_at"]),
             hpke_suite=document["hpke_suite"],
             hpke_public_key=b64decode(document["hpke_public_key"]),
             request_id=document["request_id"],
-            issued_at=_parse_time(document["issued_at"]),
+            issued_at=parse_payload_time(document["issued_at"]),
             signing_key_id=document["signing_key_id"],
         )
         if statement.payload() != payload:
@@ -316,9 +320,9 @@ class ReleaseStatement:
             )
 
 
-def _parse_time(value: Any) -> datetime:
-    """A payload time; any other spelling than ``_time``'s is refused by the canonical check
-    of :meth:`ReleaseStatement.from_payload` (it re-encodes the payload)."""
+def parse_payload_time(value: Any) -> datetime:
+    """A payload time; any other spelling than :func:`payload_time`'s is refused by the
+    canonical check of each payload parser (it re-encodes the payload)."""
     if not isinstance(value, str) or not value.endswith("Z"):
         raise ValueError("a time is not RFC 3339 UTC")
     return as_utc(datetime.fromisoformat(value))
@@ -400,6 +404,10 @@ class TrustedReleaseKeys:
 
     def __repr__(self) -> str:
         return f"TrustedReleaseKeys(key_ids={list(self.key_ids)!r})"
+
+    def find(self, key_id: str) -> ReleasePublicKey | None:
+        """The pinned key with ``key_id``, or None."""
+        return self._keys.get(key_id)
 
     def verify(self, signed: SignedStatement, *, what: str, source: str) -> ReleaseStatement:
         """The statement, if ``signed`` verifies under a pinned key; else
