@@ -274,18 +274,7 @@ class _Demo:
             server = self._start(
                 "serve",
                 [
-                    "serve",
-                    str(sealed_path),
-                    "--keys",
-                    f"unix://{socket_path}",
-                    "--keyserver-pubkey",
-                    pin,
-                    "--tee",
-                    "sim",
-                    "--sim-key",
-                    str(self.sim_key),
-                    "--port",
-                    "0",
+                    *self._serve_args(sealed_path, keys=f"unix://{socket_path}", pin=pin),
                     "--threads",
                     str(torch.get_num_threads()),
                 ],
@@ -303,6 +292,23 @@ class _Demo:
         console.rule("[bold green]done[/bold green]")
 
     # -- steps ------------------------------------------------------------------------------
+
+    def _serve_args(self, sealed: Path, *, keys: str, pin: str) -> list[str]:
+        """``sealtorch serve`` of ``sealed`` in the simulated TEE, keys from ``keys``."""
+        return [
+            "serve",
+            str(sealed),
+            "--keys",
+            keys,
+            "--keyserver-pubkey",
+            pin,
+            "--tee",
+            "sim",
+            "--sim-key",
+            str(self.sim_key),
+            "--port",
+            "0",
+        ]
 
     def _start_keyserver(self, sim_public: str) -> tuple[str, Path, str, str]:
         from sealtorch.keyserver.datadir import init_data_dir
@@ -487,20 +493,7 @@ class _Demo:
         with FakeKeySource(self.ws / "fake-keysource.sock", key=host_key.material) as fake:
             serve = self._start(
                 "serve-fake",
-                [
-                    "serve",
-                    str(host_file),
-                    "--keys",
-                    fake.url,
-                    "--keyserver-pubkey",
-                    pin,
-                    "--tee",
-                    "sim",
-                    "--sim-key",
-                    str(self.sim_key),
-                    "--port",
-                    "0",
-                ],
+                self._serve_args(host_file, keys=fake.url, pin=pin),
             )
             status = serve.wait(timeout=300)
         lines = serve.log_lines()
