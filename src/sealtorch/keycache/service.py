@@ -184,26 +184,20 @@ class LocalReleaseService:
 
     def release(self, request: ReleaseRequest) -> ReleaseResponse:
         """A local release; one on simulated-TEE evidence is logged at WARNING and reported
-        to ``simulated_observer``, whatever its decision (as the key server does)."""
+        to ``simulated_observer``, whatever its decision (as the key server does): a refusal
+        here, a decision in its own decision line (one line per request, not two)."""
         if request.evidence.type != "sim":
             return self._release(request)
         try:
-            response = self._release(request)
+            return self._release(request)
         except LocalError as exc:
-            self._simulated_release("refuse", exc.code)
+            self._simulated_refusal(exc.code)
             raise
-        if not response.granted:
-            self._simulated_release("deny", response.request_id)
-        else:
-            self._simulated_release("partial" if response.denied else "allow", response.request_id)
-        return response
 
-    def _simulated_release(self, decision: str, detail: str) -> None:
-        _log.warning(
-            "INSECURE: local release decided on simulated-TEE evidence: %s (%s)", decision, detail
-        )
+    def _simulated_refusal(self, code: str) -> None:
+        _log.warning("INSECURE: local release decided on simulated-TEE evidence: refuse (%s)", code)
         if self._simulated_observer is not None:
-            self._simulated_observer(decision)
+            self._simulated_observer("refuse")
 
     def _release(self, request: ReleaseRequest) -> ReleaseResponse:
         request_id = secrets.token_hex(16)
@@ -367,11 +361,18 @@ class LocalReleaseService:
         decision = self._report.decided(
             action, granted=bool(grants), denials=denials, released=released
         )
-        if _log.isEnabledFor(logging.INFO):
+        # A release decided on simulated-TEE evidence is a WARNING (whatever the verbosity),
+        # written into this one line rather than a second one: the release path is hot.
+        simulated = action == "release" and claims.tee == "sim"
+        if simulated and self._simulated_observer is not None:
+            self._simulated_observer(decision)
+        level = logging.WARNING if simulated else logging.INFO
+        if _log.isEnabledFor(level):
             granted = {m: [k.key_version for k in v] for m, v in grants}
             denied = {d.model_id: list(d.reasons) for d in denials}
-            _log.info(
-                "local %s %s: granted %s, denied %s",
+            _log.log(
+                level,
+                _SIMULATED_DECISION if simulated else _DECISION,
                 action,
                 decision,
                 ", ".join(f"{m} v{','.join(map(str, v))}" for m, v in granted.items()) or "-",
@@ -386,6 +387,12 @@ class LocalReleaseService:
                     "denied": denied,
                 },
             )
+
+
+_DECISION = "local %s %s: granted %s, denied %s"
+_SIMULATED_DECISION = (
+    "INSECURE: local %s decided on simulated-TEE evidence: %s; granted %s, denied %s"
+)
 
 
 def _token_digest(token: str) -> bytes:

@@ -348,27 +348,19 @@ class KeyService:
     ) -> ReleaseResponse:
         """Verify, then consume the nonce, decide and audit in one commit, then seal (see the
         module docstring). A release on simulated-TEE evidence is logged at WARNING and
-        reported to ``simulated_observer``, whatever its decision."""
+        reported to ``simulated_observer``, whatever its decision: a refusal here, a decision
+        in its decision line (one line per request, not two: the release path is hot)."""
         if request.evidence.type != "sim":
             return await self._release(request, client_address=client_address)
         try:
-            response = await self._release(request, client_address=client_address)
+            return await self._release(request, client_address=client_address)
         except ServiceError as exc:
-            self._simulated_release("refuse", exc.code)
+            _log.warning(
+                "INSECURE: release decided on simulated-TEE evidence: refuse (%s)", exc.code
+            )
+            if self._simulated_observer is not None:
+                self._simulated_observer("refuse")
             raise
-        if not response.granted:
-            self._simulated_release("deny", response.request_id)
-        else:
-            decision = "partial" if response.denied else "allow"
-            self._simulated_release(decision, response.request_id)
-        return response
-
-    def _simulated_release(self, decision: str, detail: str) -> None:
-        _log.warning(
-            "INSECURE: release decided on simulated-TEE evidence: %s (%s)", decision, detail
-        )
-        if self._simulated_observer is not None:
-            self._simulated_observer(decision)
 
     async def _release(
         self, request: ReleaseRequest, *, client_address: str | None
@@ -444,7 +436,14 @@ class KeyService:
             lease_end=outcome.lease_end,
             issued_at=now,
         )
-        self._log_decision("release", request_id, outcome.grants, outcome.denials, len(granted))
+        self._log_decision(
+            "release",
+            request_id,
+            outcome.grants,
+            outcome.denials,
+            len(granted),
+            simulated=request.evidence.type == "sim",
+        )
         return release_response(
             request_id=request_id,
             server_time=now,
@@ -535,7 +534,14 @@ class KeyService:
             lease_end=lease_end,
             issued_at=now,
         )
-        self._log_decision("renew", request_id, outcome.grants, outcome.denials, len(granted))
+        self._log_decision(
+            "renew",
+            request_id,
+            outcome.grants,
+            outcome.denials,
+            len(granted),
+            simulated=False,  # warned at its release
+        )
         return release_response(
             request_id=request_id,
             server_time=now,
@@ -767,12 +773,24 @@ class KeyService:
         grants: list[_Grant],
         denials: list[DeniedModel],
         released: int,
+        *,
+        simulated: bool,
     ) -> None:
-        self._report.decided(action, granted=bool(grants), denials=denials, released=released)
-        if _log.isEnabledFor(logging.INFO):
-            _log.info(
-                "%s decided",
-                action,
+        """Count and log one decision; one on simulated-TEE evidence is a WARNING (whatever
+        the verbosity) and reported to ``simulated_observer``."""
+        decision = self._report.decided(
+            action, granted=bool(grants), denials=denials, released=released
+        )
+        if simulated and self._simulated_observer is not None:
+            self._simulated_observer(decision)
+        level = logging.WARNING if simulated else logging.INFO
+        if _log.isEnabledFor(level):
+            _log.log(
+                level,
+                "INSECURE: %s decided on simulated-TEE evidence: %s (%s)"
+                if simulated
+                else "%s decided",
+                *((action, decision, request_id) if simulated else (action,)),
                 extra={
                     "request_id": request_id,
                     "granted": [g.material.model_id for g in grants],
