@@ -2,7 +2,7 @@
 
 Inside a TEE, an *evidence provider* binds 64 bytes of report_data into evidence::
 
-    attester = attester_for("gramine")  # or "tdx", or "sim" (development)
+    attester = attester_for("gramine")  # or "tdx", "snp", or "sim" (development)
     evidence = attester.evidence(report_data_for(nonce=n, hpke_suite=s, public_key=pk))
 
 At the key server (or key cache), a *verifier* turns evidence into :class:`Claims`, and a
@@ -56,6 +56,7 @@ from sealtorch.attestation.policy import REASON_CODES, Decision, Policy
 from sealtorch.attestation.providers import (
     ATTESTER_NAMES,
     GramineAttester,
+    SnpAttester,
     TdxAttester,
     attester_for,
 )
@@ -70,6 +71,14 @@ from sealtorch.attestation.sim import (
     measure,
     parse_sim_public_key,
 )
+from sealtorch.attestation.snp import SnpVerifier
+from sealtorch.attestation.snp_collateral import (
+    AMD_KDS_URL,
+    AMD_ROOTS,
+    SnpCollateralDirectory,
+    TrustedArks,
+    fetch_from_kds,
+)
 from sealtorch.attestation.verifier import (
     UnsupportedEvidenceError,
     UntrustedAttestationKeyError,
@@ -79,6 +88,8 @@ from sealtorch.attestation.verifier import (
 )
 
 __all__ = [
+    "AMD_KDS_URL",
+    "AMD_ROOTS",
     "ATTESTER_NAMES",
     "BINDING_DOMAIN_TAG",
     "EVIDENCE_TYPES",
@@ -107,9 +118,13 @@ __all__ = [
     "Policy",
     "SimAttester",
     "SimVerifier",
+    "SnpAttester",
+    "SnpCollateralDirectory",
+    "SnpVerifier",
     "TcbStatus",
     "TdxAttester",
     "TeeType",
+    "TrustedArks",
     "UnsupportedEvidenceError",
     "UntrustedAttestationKeyError",
     "Verifier",
@@ -119,6 +134,7 @@ __all__ = [
     "default_collateral_cache_dir",
     "default_sim_key_path",
     "detect_evidence",
+    "fetch_from_kds",
     "format_sim_public_key",
     "load_or_create_sim_key",
     "make_verifiers",

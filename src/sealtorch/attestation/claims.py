@@ -20,8 +20,8 @@ __all__ = [
     "normalise_tcb_status",
 ]
 
-TeeType = Literal["sgx", "tdx", "sim"]
-TEE_TYPES: Final[tuple[TeeType, ...]] = ("sgx", "tdx", "sim")
+TeeType = Literal["sgx", "tdx", "snp", "sim"]
+TEE_TYPES: Final[tuple[TeeType, ...]] = ("sgx", "tdx", "snp", "sim")
 
 TcbStatus = Literal[
     "UpToDate",
@@ -90,6 +90,28 @@ _HEX_FIELDS: Final[dict[str, int]] = {
     "xfam": 8,
     "evidence_digest": 32,
     "fmspc": 6,
+    "launch_measurement": 48,
+    "host_data": 32,
+    "family_id": 16,
+    "image_id": 16,
+    "id_key_digest": 48,
+    "author_key_digest": 48,
+    "chip_id": 64,
+    "reported_tcb": 8,
+}
+_INT_FIELDS: Final[dict[str, int]] = {
+    # field -> largest value
+    "isv_prod_id": 0xFFFF,
+    "isv_svn": 0xFFFF,
+    "guest_svn": 0xFFFFFFFF,
+    "vmpl": 3,
+    "guest_policy": 2**64 - 1,
+    "platform_info": 2**64 - 1,
+    "tcb_bootloader": 0xFF,
+    "tcb_tee": 0xFF,
+    "tcb_snp": 0xFF,
+    "tcb_microcode": 0xFF,
+    "tcb_fmc": 0xFF,
 }
 _DATE_FIELDS: Final = ("verified_at", "collateral_issued_at", "collateral_next_update")
 
@@ -141,6 +163,33 @@ class Claims:
     mrownerconfig: str | None = None
     mrseam: str | None = None
     xfam: str | None = None
+    # SEV-SNP (see docs/attestation.md for each field)
+    #: Milan, Genoa or Turin (from the endorsement key's AMD chain).
+    snp_product: str | None = None
+    #: ``vcek`` or ``vlek``: which AMD key signed the report.
+    snp_signing_key: str | None = None
+    #: MEASUREMENT: the launch digest of the VM's initial memory (firmware, kernel...).
+    launch_measurement: str | None = None
+    host_data: str | None = None
+    family_id: str | None = None
+    image_id: str | None = None
+    id_key_digest: str | None = None
+    author_key_digest: str | None = None
+    author_key_enabled: bool | None = None
+    chip_id: str | None = None
+    #: The TCB_VERSION the report (and the VCEK) is for, as in the report (8 bytes hex).
+    reported_tcb: str | None = None
+    guest_svn: int | None = None
+    vmpl: int | None = None
+    guest_policy: int | None = None
+    platform_info: int | None = None
+    #: reported_tcb decoded for the product (the security patch levels).
+    tcb_bootloader: int | None = None
+    tcb_tee: int | None = None
+    tcb_snp: int | None = None
+    tcb_microcode: int | None = None
+    #: Turin only.
+    tcb_fmc: int | None = None
     # sim
     #: The sim role (``keycache``, ``serve``, ...) the measurement was taken for.
     sim_role: str | None = None
@@ -155,12 +204,15 @@ class Claims:
         flags: tuple[object, ...] = (self.simulated, self.debug)
         if not all(isinstance(flag, bool) for flag in flags):
             raise EvidenceError("claims simulated and debug must be booleans")
-        for name in ("isv_prod_id", "isv_svn"):
+        author: object = self.author_key_enabled
+        if author is not None and not isinstance(author, bool):
+            raise EvidenceError("claim author_key_enabled must be a boolean")
+        for name, largest in _INT_FIELDS.items():
             value = getattr(self, name)
             if value is not None and (
-                not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 0xFFFF
+                not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= largest
             ):
-                raise EvidenceError(f"claim {name} must be an integer from 0 to 65535")
+                raise EvidenceError(f"claim {name} must be an integer from 0 to {largest}")
         texts: tuple[object, ...] = (self.tcb_status, *self.advisory_ids)
         if not all(isinstance(item, str) for item in texts):
             raise EvidenceError("claims tcb_status and advisory_ids must be strings")
@@ -180,7 +232,10 @@ class Claims:
 
     @property
     def measurement(self) -> str | None:
-        """The primary code measurement: MRENCLAVE (SGX, sim) or MRTD (TDX)."""
+        """The primary code measurement: MRENCLAVE (SGX, sim), MRTD (TDX) or the launch
+        measurement (SNP)."""
+        if self.tee == "snp":
+            return self.launch_measurement
         return self.mrtd if self.tee == "tdx" else self.mrenclave
 
     @property

@@ -25,8 +25,8 @@ __all__ = [
     "require_report_data",
 ]
 
-EvidenceType = Literal["sgx-dcap", "tdx-dcap", "sim"]
-EVIDENCE_TYPES: Final[tuple[EvidenceType, ...]] = ("sgx-dcap", "tdx-dcap", "sim")
+EvidenceType = Literal["sgx-dcap", "tdx-dcap", "sev-snp", "sim"]
+EVIDENCE_TYPES: Final[tuple[EvidenceType, ...]] = ("sgx-dcap", "tdx-dcap", "sev-snp", "sim")
 
 #: Largest evidence accepted anywhere (a DCAP quote with its PCK chain is about 5 KiB).
 MAX_EVIDENCE_SIZE: Final = 48 * 1024
@@ -38,6 +38,8 @@ SIM_EVIDENCE_MAGIC: Final = b"SEALTORCH-SIM-EVIDENCE-V1\x00"
 _B64URL = re.compile(r"[A-Za-z0-9_-]*")
 _TEE_TYPE_SGX: Final = 0x00000000
 _TEE_TYPE_TDX: Final = 0x00000081
+_SNP_REPORT_SIZE: Final = 1184
+_SNP_VERSIONS: Final = (2, 3, 4, 5)
 
 
 def _is_evidence_type(value: object) -> TypeGuard[EvidenceType]:
@@ -46,7 +48,8 @@ def _is_evidence_type(value: object) -> TypeGuard[EvidenceType]:
 
 @dataclass(frozen=True, slots=True)
 class Evidence:
-    """Attestation evidence: its type and its raw bytes (a DCAP quote, or sim evidence).
+    """Attestation evidence: its type and its raw bytes (a DCAP quote, an SEV-SNP report with
+    its certificate table, or sim evidence).
 
     Construction validates the type and the size; it does not verify anything (that is a
     :class:`~sealtorch.attestation.Verifier`'s job).
@@ -153,8 +156,9 @@ def detect_evidence(raw: bytes) -> Evidence:
     """Recognise evidence in a file's bytes, for the CLI and for tools.
 
     Accepts: the JSON wire form; simulated-TEE evidence; a binary DCAP quote (SGX v3/v5 or
-    TDX v4/v5, told apart by the header's TEE type); or any of these binary forms as hex text,
-    with or without ``0x`` and surrounding whitespace.
+    TDX v4/v5, told apart by the header's TEE type); an SEV-SNP attestation report (versions
+    2-5, signature algorithm 1), optionally followed by its certificate table; or any of these
+    binary forms as hex text, with or without ``0x`` and surrounding whitespace.
     """
     if not raw:
         raise EvidenceError("the evidence file is empty")
@@ -169,6 +173,12 @@ def detect_evidence(raw: bytes) -> Evidence:
         if len(compact) % 2:
             raise EvidenceError("the evidence file looks like hex but has an odd number of digits")
         return detect_evidence(binascii.unhexlify(compact))
+    if len(raw) >= _SNP_REPORT_SIZE:
+        # An SNP report starts with a u32 version (so bytes 2-3 are zero, where a DCAP quote
+        # has its nonzero attestation key type) and has signature algorithm 1 at 0x34.
+        snp_version, snp_algo = struct.unpack_from("<I", raw, 0)[0], raw[0x34:0x38]
+        if snp_version in _SNP_VERSIONS and snp_algo == b"\x01\0\0\0":
+            return Evidence(type="sev-snp", data=bytes(raw))
     if len(raw) >= 8:
         version, _key_type, tee_type = struct.unpack_from("<HHI", raw, 0)
         if version in (3, 4, 5) and tee_type == _TEE_TYPE_SGX:
@@ -176,6 +186,6 @@ def detect_evidence(raw: bytes) -> Evidence:
         if version in (4, 5) and tee_type == _TEE_TYPE_TDX:
             return Evidence(type="tdx-dcap", data=bytes(raw))
     raise EvidenceError(
-        "not recognised as evidence: expected a DCAP quote (binary or hex), simulated-TEE "
-        'evidence, or the JSON form {"type": ..., "data": ...}'
+        "not recognised as evidence: expected a DCAP quote or an SEV-SNP report (binary or "
+        'hex), simulated-TEE evidence, or the JSON form {"type": ..., "data": ...}'
     )

@@ -25,7 +25,6 @@ import functools
 import hashlib
 import json
 import os
-import re
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -33,10 +32,12 @@ from pathlib import Path
 from typing import Annotated, Any, Final, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
+from sealtorch.attestation._policy_fields import U16, Hex32, Hex48, StrictBool, _Schema
 from sealtorch.attestation.binding import binding_reasons
 from sealtorch.attestation.claims import Claims, TcbStatus, TeeType
+from sealtorch.attestation.snp_policy import SNP_REASON_CODES, SnpRules, check_snp
 from sealtorch.errors import PolicyDenied, PolicyError
 
 __all__ = [
@@ -45,6 +46,7 @@ __all__ = [
     "Decision",
     "Policy",
     "SgxRules",
+    "SnpRules",
     "TcbRules",
     "TdxRules",
 ]
@@ -55,8 +57,8 @@ REASON_CODES: Final[dict[str, str]] = {
     "(or that no verifier is configured for)",
     "simulated_not_allowed": "the evidence is from the simulated TEE and the policy does not "
     "list sim",
-    "measurement_mismatch": "the code measurement (MRENCLAVE for SGX/sim, MRTD for TDX) is not "
-    "one the policy allows",
+    "measurement_mismatch": "the code measurement (MRENCLAVE for SGX/sim, MRTD for TDX, "
+    "MEASUREMENT for SNP) is not one the policy allows",
     "mrsigner_mismatch": "MRSIGNER (the enclave signer) is not one the policy allows",
     "isv_prod_id_mismatch": "ISVPRODID is not the product id the policy requires",
     "isv_svn_too_low": "ISVSVN is below the policy's minimum",
@@ -77,39 +79,11 @@ REASON_CODES: Final[dict[str, str]] = {
     "the PCCS unreachable)",
     "attestation_key_untrusted": "sim evidence signed by an attestation key the verifier does "
     "not trust",
+    **SNP_REASON_CODES,
 }
 
 _OUT_OF_DATE: Final = frozenset({"OutOfDate", "OutOfDateConfigurationNeeded"})
 _ADVISORY_ID: Final = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
-
-
-def _hex(size: int) -> Callable[[Any], str]:
-    def check(value: Any) -> str:
-        if not isinstance(value, str):
-            raise ValueError(
-                f"must be a quoted string of {2 * size} hex digits (YAML reads unquoted digits "
-                "as a number)"
-            )
-        text = value.strip().lower()
-        if not re.fullmatch(f"[0-9a-f]{{{2 * size}}}", text):
-            raise ValueError(
-                f"must be {2 * size} hex digits ({size} bytes), not {value!r}"
-                if len(value) < 120
-                else f"must be {2 * size} hex digits ({size} bytes)"
-            )
-        return text
-
-    return check
-
-
-Hex32 = Annotated[str, BeforeValidator(_hex(32))]
-Hex48 = Annotated[str, BeforeValidator(_hex(48))]
-U16 = Annotated[int, Field(strict=True, ge=0, le=0xFFFF)]
-StrictBool = Annotated[bool, Field(strict=True)]
-
-
-class _Schema(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, str_max_length=4096)
 
 
 class SgxRules(_Schema):
@@ -161,6 +135,7 @@ class Policy(_Schema):
     allowed_tees: Annotated[tuple[TeeType, ...], Field(min_length=1)]
     sgx: SgxRules | None = None
     tdx: TdxRules | None = None
+    snp: SnpRules | None = None
     sim: SgxRules | None = None
     tcb: TcbRules = TcbRules()
     allow_debug_enclave_insecure: StrictBool = False
@@ -170,7 +145,7 @@ class Policy(_Schema):
     def _coherent(self) -> Policy:
         if len(set(self.allowed_tees)) != len(self.allowed_tees):
             raise ValueError("allowed_tees: each TEE may be listed once")
-        for tee in ("sgx", "tdx", "sim"):
+        for tee in ("sgx", "tdx", "snp", "sim"):
             if getattr(self, tee) is not None and tee not in self.allowed_tees:
                 raise ValueError(
                     f"{tee}: rules are given but {tee!r} is not in allowed_tees; add it there "
@@ -178,13 +153,12 @@ class Policy(_Schema):
                 )
         if not self.allow_any_measurement_insecure:
             for tee in self.allowed_tees:
-                rules: SgxRules | TdxRules | None = getattr(self, tee)
+                rules: SgxRules | TdxRules | SnpRules | None = getattr(self, tee)
                 if rules is None or not rules.identity_pinned():
-                    need = (
-                        "mrtd and at least one of rtmr0-rtmr3"
-                        if tee == "tdx"
-                        else "mrenclave, or mrsigner together with isv_prod_id"
-                    )
+                    need = {
+                        "tdx": "mrtd and at least one of rtmr0-rtmr3",
+                        "snp": "measurement",
+                    }.get(tee, "mrenclave, or mrsigner together with isv_prod_id")
                     raise ValueError(
                         f"{tee}: the policy allows {tee} but does not pin its code identity "
                         f"(needs {need}); without pins any code on that TEE would get the "
@@ -293,6 +267,11 @@ class Policy(_Schema):
             _check_sgx(rules, claims, deny)
         elif isinstance(rules, TdxRules):
             _check_tdx(rules, claims, deny)
+        elif isinstance(rules, SnpRules):
+            check_snp(rules, claims, deny)
+        elif claims.tee == "snp" and not simulated:
+            # allow_any_measurement_insecure without an snp section: the platform rules still hold
+            check_snp(SnpRules(), claims, deny)
 
         if claims.debug and not self.allow_debug_enclave_insecure:
             deny(
@@ -302,7 +281,8 @@ class Policy(_Schema):
             )
 
         status = claims.tcb_status
-        if status not in self.tcb.accepted_statuses:
+        # SNP has no TCB status: its platform rule is snp.min_tcb (checked above).
+        if claims.tee != "snp" and status not in self.tcb.accepted_statuses:
             code = (
                 "tcb_out_of_date"
                 if status in _OUT_OF_DATE

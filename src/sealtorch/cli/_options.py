@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 import click
 
-TEE_CHOICES = ("sim", "gramine", "tdx")
+TEE_CHOICES = ("sim", "gramine", "tdx", "snp")
 SIM_KEY_DEFAULT = "$SEALTORCH_SIM_KEY or ~/.local/share/sealtorch/sim-attestation.key"
 
 _F = TypeVar("_F", bound=Callable[..., Any])

@@ -92,7 +92,7 @@ __all__ = [
     "parse_host_port",
 ]
 
-TeeName = Literal["sim", "gramine", "tdx"]
+TeeName = Literal["sim", "gramine", "tdx", "snp"]
 DEFAULT_MAX_REQUEST_BYTES: Final = 64 * 1024
 _MODEL_ID = re.compile(MODEL_ID_PATTERN)
 

@@ -42,7 +42,7 @@ __all__ = [
 
 _log = logging.getLogger(__name__)
 
-TEE_NAMES: Final = ("sim", "gramine", "tdx")
+TEE_NAMES: Final = ("sim", "gramine", "tdx", "snp")
 
 DEV_KEY_WARNING: Final = (
     "--key-file: the model key is read from a file and NO ATTESTATION takes place. Anyone who "

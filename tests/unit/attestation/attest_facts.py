@@ -31,3 +31,16 @@ TDX_REPORT_DATA = bytes.fromhex(
     "9a9d48e7f6799642d3d1b34e1e5e1742d4bb02dd6ddd551862c1211d35c304f9"
     "eca3efdbb481601c163cf52493d6e44aed55d51ec39b7e518fadb92c2b523f20"
 )
+
+# The real AMD SEV-SNP Milan report in tests/data/attestation/snp (facts from its README.md).
+SNP_TIME = datetime(2024, 6, 1, tzinfo=UTC)  # inside the VCEK's validity (2023-04-03..2030-04-03)
+SNP_MEASUREMENT = (
+    "7a1e5c266c0108dbc9bb94fa926951320940915d0aafb42464bd88b5"
+    "79ea158d3e1a0dc39b2c60bd95b9c480cd81841f"
+)
+SNP_REPORT_DATA = bytes.fromhex(
+    "d447b55d197491bfe15cf298f9de9986b7a7c4be2468b4f6e2d53b71d7c64581"
+    "0b0f2cdfca0040433be063fc1a8293f0f3f8dae7b79fecb3d1cd82bd6a93ebfd"
+)
+SNP_REPORTED_TCB = "0300000000000873"  # boot loader 3, TEE 0, SNP 8, microcode 115
+SNP_MILAN_ARK_SHA256 = "69d063b45344d26a2e94e1f4210de49ef555308287d4c174445c95639a540bcd"

@@ -58,7 +58,7 @@ def test_wire_round_trip(sgx_evidence: Evidence) -> None:
         ("{", "not valid JSON"),
         ({"type": "sim"}, "missing field"),
         ({"type": "sim", "data": "AA", "extra": 1}, "unknown field"),
-        ({"type": "sev-snp", "data": "AA"}, "evidence.type must be one of"),
+        ({"type": "sev", "data": "AA"}, "evidence.type must be one of"),
         ({"type": "sim", "data": "AA=="}, "base64url without padding"),
         ({"type": "sim", "data": "A+/A"}, "base64url without padding"),
         ({"type": "sim", "data": 12}, "base64url without padding"),
@@ -305,12 +305,13 @@ def test_make_verifiers_from_settings(
     directory = make_verifiers(
         collateral_path=attestation_samples, sim_trusted_keys=[sim_attester.public_key]
     )
-    assert directory.evidence_types == {"sgx-dcap", "tdx-dcap", "sim"}
+    # a collateral directory also serves SNP from its snp/ folder
+    assert directory.evidence_types == {"sgx-dcap", "tdx-dcap", "sev-snp", "sim"}
     assert directory.verify(sgx_evidence, now=SGX_TIME).tee == "sgx"
     sim_only = make_verifiers(sim_trusted_keys=[sim_attester.public_key])
     assert sim_only.evidence_types == {"sim"}
     pccs = make_verifiers(pccs_url="http://127.0.0.1:9", cache_dir=tmp_path)
-    assert pccs.evidence_types == {"sgx-dcap", "tdx-dcap"}
+    assert pccs.evidence_types == {"sgx-dcap", "tdx-dcap", "sev-snp"}
     with pytest.raises(ConfigError, match="no attestation verifier"):
         make_verifiers()
     with pytest.raises(ConfigError, match="not both"):

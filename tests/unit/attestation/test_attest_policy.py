@@ -443,4 +443,4 @@ def test_documented_examples_are_valid_policies() -> None:
         policy = Policy.from_yaml(text) if kind == "yaml" else Policy.from_json(text)
         assert policy.name
         checked += 1
-    assert checked == 4
+    assert checked == 6
