@@ -1,0 +1,183 @@
+"""Group commit: one thread commits submitted units of work in groups (``Store.submit``).
+
+Work submitted while a group is being committed waits for the next group, so under load many
+requests share one transaction and one disk flush, and at low load a request is committed at
+once (no timer). The committer first takes the store's write lock, then takes every waiting unit
+of work (up to :data:`MAX_GROUP`), runs each in order on one transaction
+(:class:`~sealtorch.keyserver.store._transactions.GroupTransaction`), flushes and commits, and
+only then completes the futures: a caller learns its result only once it is durable (or that
+nothing was committed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, TypeVar
+
+import sqlalchemy as sa
+from sqlalchemy import exc as sa_exc
+
+from sealtorch.errors import AuditError, StorageError
+from sealtorch.keyserver.store._engine import first_line
+from sealtorch.keyserver.store._sqlite_lock import SqliteWriteLock
+from sealtorch.keyserver.store._transactions import GroupTransaction
+
+__all__ = ["MAX_GROUP", "GroupCommitter"]
+
+_log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+
+#: Most submitted units of work committed together in one group (one transaction).
+MAX_GROUP = 256
+
+#: Opens a write transaction (``durable``: wait for the disk) and yields its connection.
+BeginWrite = Callable[[bool], AbstractContextManager[sa.Connection]]
+
+
+@dataclass(frozen=True, slots=True)
+class _Work:
+    function: Callable[[Any], Any]
+    durable: bool
+    future: Future[Any]
+    nonce: bytes | None = None
+
+
+class GroupCommitter:
+    """The committer thread and its queue (see the module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        begin_write: BeginWrite,
+        sqlite_lock: SqliteWriteLock | None,
+        clock: Callable[[], datetime],
+        backend: str,
+    ) -> None:
+        self._begin_write = begin_write
+        self._sqlite_lock = sqlite_lock
+        self._clock = clock
+        self._backend = backend
+        self._pending: list[_Work] = []
+        self._condition = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    def submit(
+        self, function: Callable[[Any], _T], *, durable: bool, nonce: bytes | None
+    ) -> Future[_T]:
+        future: Future[_T] = Future()
+        with self._condition:
+            if self._closed:
+                raise StorageError("the key store is closed")
+            self._pending.append(_Work(function, durable, future, nonce))
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="sealtorch-keystore-commit", daemon=True
+                )
+                self._thread.start()
+            self._condition.notify()
+        return future
+
+    def _take(self) -> list[_Work]:
+        """Up to ``MAX_GROUP`` waiting units; those whose caller gave up are dropped (a taken
+        unit can no longer be cancelled: its caller waits for the outcome)."""
+        with self._condition:
+            waiting = self._pending[:MAX_GROUP]
+            del self._pending[:MAX_GROUP]
+        return [work for work in waiting if work.future.set_running_or_notify_cancel()]
+
+    def _run(self) -> None:
+        while True:
+            with self._condition:
+                while not self._pending and not self._closed:
+                    self._condition.wait()
+                if not self._pending:
+                    return
+            self._commit_group()
+
+    def close(self, timeout: float = 30.0) -> None:
+        with self._condition:
+            self._closed = True
+            self._condition.notify()
+            thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+        with self._condition:
+            left, self._pending = self._pending, []
+        for work in left:
+            if work.future.set_running_or_notify_cancel():
+                work.future.set_exception(StorageError("the key store was closed"))
+
+    def _commit_group(self) -> None:
+        """Commit one group (the committer thread's body)."""
+        group: list[_Work] = []
+        outcomes: list[tuple[_Work, bool, Any]] = []
+        lock = self._sqlite_lock
+        try:
+            # SQLite: the write lock before taking the group, so that it grows meanwhile.
+            with lock.patient() if lock else contextlib.nullcontext():
+                group = self._take()
+                if group:
+                    self._run_group(group, outcomes)
+        except (sa_exc.SQLAlchemyError, StorageError) as exc:
+            self._fail_group(group or self._take(), exc)
+            return
+        except Exception as exc:  # noqa: BLE001 - the committer must survive; callers learn it
+            _log.error("group commit failed unexpectedly: %s", type(exc).__name__)
+            self._fail_group(group or self._take(), exc)
+            return
+        for work, ok, value in outcomes:
+            if ok:
+                work.future.set_result(value)
+            else:
+                work.future.set_exception(value)
+
+    def _run_group(self, group: list[_Work], outcomes: list[tuple[_Work, bool, Any]]) -> None:
+        tx: GroupTransaction | None = None
+        try:
+            with self._begin_write(any(work.durable for work in group)) as conn:
+                nonces = [work.nonce for work in group if work.nonce is not None]
+                tx = GroupTransaction(conn, self._clock, nonces)
+                for work in group:
+                    mark = tx.mark()
+                    try:
+                        outcomes.append((work, True, work.function(tx)))
+                    except sa_exc.SQLAlchemyError:
+                        raise  # the transaction is broken: the whole group fails
+                    except Exception as exc:  # noqa: BLE001 - handed to that caller
+                        tx.undo(mark)
+                        outcomes.append((work, False, exc))
+                tx.flush()
+        except sa_exc.SQLAlchemyError as exc:
+            if tx is not None and tx.records:
+                raise AuditError(
+                    f"the audit records could not be committed ({first_line(exc)}); "
+                    "nothing was committed"
+                ) from exc
+            raise
+
+    def _fail_group(self, group: list[_Work], exc: BaseException) -> None:
+        """Every caller of a failed group gets its own error (nothing of it was committed)."""
+        for work in group:
+            error: StorageError
+            if isinstance(exc, AuditError):
+                error = AuditError(str(exc))
+            elif isinstance(exc, StorageError):
+                error = StorageError(str(exc))
+            elif isinstance(exc, sa_exc.SQLAlchemyError):
+                error = StorageError(
+                    f"the key store ({self._backend}) failed while committing "
+                    f"({first_line(exc)}); check that the database is reachable"
+                )
+            else:
+                error = StorageError("the key store failed while committing (internal error)")
+            error.__cause__ = exc
+            work.future.set_exception(error)
