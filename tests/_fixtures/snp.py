@@ -276,7 +276,7 @@ class FakeSevGuest(SnpAttester):
         self.calls += 1
         _version, req_addr, resp_addr, _ = struct.unpack("<B7xQQQ", arg)
         req = ctypes.string_at(req_addr, 112)
-        data, _vmpl, certs_addr, certs_len = struct.unpack("<64sI28xQI", req)
+        data, _vmpl, certs_addr, certs_len = struct.unpack_from("<64sI28xQI", req)
         if self.need_pages and certs_len < self.need_pages * 4096:
             ctypes.memmove(req_addr + 104, struct.pack("<I", self.need_pages * 4096), 4)
             struct.pack_into("<Q", arg, 24, 1 << 32)

@@ -83,6 +83,8 @@ Examples:
       --policy resnet50.yaml --report-data 9a9d...20 --json
   # sim evidence from this host
   sealtorch attest verify ev.sim --trust-local-sim-key --policy dev-policy.yaml
+  # an AMD SEV-SNP report, with the snp/ collateral the operator fetched into collateral/
+  sealtorch attest verify report.bin --collateral-dir collateral/ --policy snp.yaml
 
 \b
 Exit status: 0 verified and allowed; 1 refused (the reason codes are printed);
@@ -132,6 +134,12 @@ Exit status: 0 verified and allowed; 1 refused (the reason codes are printed);
     metavar="HEX",
     help="Expected report_data (128 hex digits); a difference is binding_mismatch.",
 )
+@click.option(
+    "--allow-missing-crl-insecure",
+    is_flag=True,
+    help="SEV-SNP: accept a collateral directory without AMD's CRL for the product (revoked "
+    "ASKs then go unnoticed). For checking evidence by hand only.",
+)
 @trust_sim_key_option("Trust this simulated attestation public key (repeatable).")
 @click.option(
     "--trust-local-sim-key",
@@ -153,6 +161,7 @@ def verify_cmd(
     at: int | None,
     policy_file: Path | None,
     report_data: str | None,
+    allow_missing_crl_insecure: bool,
     sim_keys: tuple[str, ...],
     trust_local_sim_key: bool,
     sim_key: Path | None,
@@ -160,8 +169,10 @@ def verify_cmd(
 ) -> None:
     """Verify a quote or sim evidence and evaluate it against a release policy.
 
-    QUOTE is a binary DCAP quote (SGX v3, TDX v4/v5), the same as hex text (with or without
-    0x), simulated-TEE evidence, or the JSON form {"type": ..., "data": ...}.
+    QUOTE is a binary DCAP quote (SGX v3, TDX v4/v5), an AMD SEV-SNP report (with or without
+    its certificate table), the same as hex text (with or without 0x), simulated-TEE
+    evidence, or the JSON form {"type": ..., "data": ...}. SNP collateral is read from the
+    snp/ folder of --collateral-dir (or of the --pccs-url cache).
     """
     from sealtorch import attestation as att
 
@@ -185,6 +196,7 @@ def verify_cmd(
             cache_dir=cache_dir,
             collateral_path=collateral_file or collateral_dir,
             sim_trusted_keys=trusted,
+            snp_allow_missing_crl_insecure=allow_missing_crl_insecure,
             clock=lambda: now,
         )
 
@@ -197,11 +209,10 @@ def verify_cmd(
             "sha256": evidence.digest,
         }
         if evidence.type not in verifier_set.evidence_types:
-            hint = (
-                "pass --trust-sim-key or --trust-local-sim-key"
-                if evidence.type == "sim"
-                else "pass --collateral, --collateral-dir or --pccs-url"
-            )
+            hint = {
+                "sim": "pass --trust-sim-key or --trust-local-sim-key",
+                "sev-snp": "pass --collateral-dir (its snp/ folder holds the SNP collateral)",
+            }.get(evidence.type, "pass --collateral, --collateral-dir or --pccs-url")
             raise click.UsageError(f"{quote} is {evidence.type} evidence: {hint}")
         claims = verifier_set.verify(evidence, now=now)
     except AttestationError as exc:
@@ -213,7 +224,7 @@ def verify_cmd(
     report["claims"] = claims.to_dict()
     note = None
     if policy is None:
-        baseline_tees = ["sgx", "tdx"] + (["sim"] if claims.simulated else [])
+        baseline_tees = ["sgx", "tdx", "snp"] + (["sim"] if claims.simulated else [])
         policy = att.Policy.from_dict(
             {
                 "name": "platform rules only (no --policy)",
@@ -246,6 +257,25 @@ _CLAIM_ORDER = (
     "rtmr2",
     "rtmr3",
     "td_attributes",
+    "snp_product",
+    "snp_signing_key",
+    "launch_measurement",
+    "host_data",
+    "family_id",
+    "image_id",
+    "id_key_digest",
+    "author_key_digest",
+    "guest_svn",
+    "vmpl",
+    "guest_policy",
+    "platform_info",
+    "reported_tcb",
+    "tcb_bootloader",
+    "tcb_tee",
+    "tcb_snp",
+    "tcb_microcode",
+    "tcb_fmc",
+    "chip_id",
     "sim_role",
     "attestation_key",
     "fmspc",
@@ -430,17 +460,46 @@ def check_policy_cmd(policy_file: Path) -> None:
     _echo_json({"digest": policy.digest, "policy": policy.to_dict()})
 
 
-@attest.command("fetch-collateral")
+_FETCH_EPILOG = """\b
+Examples:
+  sealtorch attest fetch-collateral quote.bin --pccs-url https://pccs.example:8081
+  # SEV-SNP: AMD's chain and CRL for the product, and the VCEK of the report's chip and TCB
+  sealtorch attest fetch-collateral report.bin --cache-dir collateral/
+  sealtorch attest fetch-collateral report.bin --product Genoa --cache-dir collateral/
+"""
+
+
+@attest.command("fetch-collateral", epilog=_FETCH_EPILOG)
 @click.argument("quote", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--pccs-url", metavar="URL", required=True, help="PCCS or Intel PCS base URL.")
+@click.option("--pccs-url", metavar="URL", help="PCCS or Intel PCS base URL (SGX, TDX).")
+@click.option(
+    "--amd-kds-url",
+    metavar="URL",
+    default="https://kdsintf.amd.com",
+    show_default=True,
+    help="AMD Key Distribution Service (SEV-SNP).",
+)
+@click.option(
+    "--product",
+    type=click.Choice(["Milan", "Genoa", "Turin"]),
+    help="SEV-SNP: the processor generation, when the report does not tell (version 2 "
+    "reports without a VCEK).",
+)
 @click.option(
     "--cache-dir",
     type=click.Path(file_okay=False, path_type=Path),
     help="Where to store it  [default: ~/.cache/sealtorch/collateral]",
 )
-def fetch_collateral_cmd(quote: Path, pccs_url: str, cache_dir: Path | None) -> None:
+def fetch_collateral_cmd(
+    quote: Path,
+    pccs_url: str | None,
+    amd_kds_url: str,
+    product: str | None,
+    cache_dir: Path | None,
+) -> None:
     """Fetch the collateral QUOTE's platform needs into a cache directory.
 
+    DCAP quotes need --pccs-url; SEV-SNP reports are fetched from AMD KDS into the snp/ folder.
     The directory can then be used offline with `verify --collateral-dir`.
     """
     import dcap_qvl
@@ -455,6 +514,11 @@ def fetch_collateral_cmd(quote: Path, pccs_url: str, cache_dir: Path | None) -> 
     evidence = detect_evidence(_read_evidence_file(quote))
     if evidence.type == "sim":
         raise click.UsageError("sim evidence needs no collateral")
+    if evidence.type == "sev-snp":
+        _fetch_snp(evidence.data, amd_kds_url, product, cache_dir or default_collateral_cache_dir())
+        return
+    if pccs_url is None:
+        raise click.UsageError(f"{quote} is a DCAP quote: pass --pccs-url")
     try:
         parsed = dcap_qvl.parse_quote(evidence.data)
         key = CollateralKey(
@@ -472,3 +536,44 @@ def fetch_collateral_cmd(quote: Path, pccs_url: str, cache_dir: Path | None) -> 
         f"{key}: valid until {collateral.next_update.isoformat()}, stored in "
         f"{source.cache_dir / key.filename}"
     )
+
+
+def _fetch_snp(data: bytes, kds_url: str, product_name: str | None, cache_dir: Path) -> None:
+    from sealtorch.attestation import fetch_from_kds
+    from sealtorch.attestation.snp_collateral import parse_product
+    from sealtorch.attestation.snp_report import (
+        GUID_VCEK,
+        GUID_VLEK,
+        parse_cert_table,
+        parse_report,
+        split_evidence,
+    )
+    from sealtorch.errors import EvidenceError
+
+    raw, table = split_evidence(data)
+    report = parse_report(raw)
+    sent = parse_cert_table(table)
+    product = parse_product(product_name) if product_name else None
+    if product is None:
+        cert = sent.get(GUID_VCEK) or sent.get(GUID_VLEK)
+        if cert is not None:
+            from sealtorch._crypto.amdsev import cn_of, load_certificate
+
+            issuer = cn_of(load_certificate(cert).issuer)
+            product = parse_product(issuer.rsplit("-", 1)[-1])
+        elif report.cpuid is not None and report.cpuid[0] == 0x1A:
+            product = "Turin"
+        elif report.cpuid is not None and report.cpuid[0] == 0x19:
+            product = "Milan" if report.cpuid[1] < 0x10 else "Genoa"
+        else:
+            raise EvidenceError("the report does not tell its processor generation: pass --product")
+    kind = report.signing_key
+    needs_vcek = kind == "vcek" and GUID_VCEK not in sent
+    written = fetch_from_kds(
+        cache_dir / "snp",
+        product=product,
+        report=report if needs_vcek else None,
+        kind=kind,
+        base_url=kds_url,
+    )
+    click.echo(f"SEV-SNP {product}: stored {', '.join(str(path) for path in written)}")

@@ -9,7 +9,6 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from _fixtures.snp import NOW, FakeAmd
 from attest_facts import (
     SNP_MEASUREMENT,
     SNP_MILAN_ARK_SHA256,
@@ -19,6 +18,7 @@ from attest_facts import (
 )
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from _fixtures.snp import NOW, FakeAmd
 from sealtorch._crypto import amdsev
 from sealtorch.attestation import (
     AMD_ROOTS,
@@ -92,7 +92,8 @@ def test_the_real_milan_report_verifies_with_the_real_chain(
     evidence = detect_evidence(real["report"])
     assert evidence.type == "sev-snp"
     claims = _real_verifier(real_cache).verify(evidence, now=SNP_TIME)
-    assert claims.tee == "snp" and claims.snp_product == "Milan"
+    assert claims.tee == "snp"
+    assert claims.snp_product == "Milan"
     assert claims.launch_measurement == SNP_MEASUREMENT == claims.measurement
     assert claims.report_data == SNP_REPORT_DATA
     assert claims.reported_tcb == SNP_REPORTED_TCB
@@ -103,10 +104,15 @@ def test_the_real_milan_report_verifies_with_the_real_chain(
         115,
     )
     assert claims.tcb_fmc is None
-    assert claims.guest_svn == 0 and claims.vmpl == 0 and claims.guest_policy == 0x30000
-    assert claims.debug is False and claims.platform_info == 1
-    assert claims.host_data == "00" * 32 and claims.family_id == "00" * 16
-    assert claims.chip_id is not None and claims.chip_id.startswith("d49554ec717f4e5b")
+    assert claims.guest_svn == 0
+    assert claims.vmpl == 0
+    assert claims.guest_policy == 0x30000
+    assert claims.debug is False
+    assert claims.platform_info == 1
+    assert claims.host_data == "00" * 32
+    assert claims.family_id == "00" * 16
+    assert claims.chip_id is not None
+    assert claims.chip_id.startswith("d49554ec717f4e5b")
     assert claims.snp_signing_key == "vcek"
     # the same with the VCEK in the certificate table instead of the cache
     (real_cache / "Milan" / "vcek").rename(real_cache / "Milan" / "moved")
@@ -133,7 +139,7 @@ def test_every_flipped_byte_of_the_real_report_is_refused(
     verifier = _real_verifier(real_cache)
     report = real["report"]
     verifier.verify(Evidence(type="sev-snp", data=report), now=SNP_TIME)
-    vcek = amdsev.load_certificate(real["vcek"])
+    amdsev.load_certificate(real["vcek"])
     accepted = []
     for position in range(REPORT_SIZE):
         for flip in (0x01, 0x80):
@@ -215,7 +221,8 @@ def test_real_report_policy_decisions(real: dict[str, bytes], real_cache: Path) 
     higher = {**pinned["snp"], "min_tcb": {"microcode": 116, "snp": 9}}  # type: ignore[dict-item]
     decision = Policy.from_dict({**pinned, "snp": higher}).evaluate(claims, now=SNP_TIME)
     assert decision.reasons == ("tcb_below_minimum",)
-    assert "microcode 115 < 116" in decision.message and "snp 8 < 9" in decision.message
+    assert "microcode 115 < 116" in decision.message
+    assert "snp 8 < 9" in decision.message
     other = {**pinned["snp"], "measurement": ["00" * 48]}
     decision = Policy.from_dict({**pinned, "snp": other}).evaluate(claims, now=SNP_TIME)
     assert decision.reasons == ("measurement_mismatch",)
@@ -248,7 +255,8 @@ def test_test_hierarchy_round_trip_and_cache_only_vcek(amd: FakeAmd, tmp_path: P
     cache = amd.write_cache(tmp_path / "snp", vcek=True)
     verifier = _verifier(amd, cache)
     claims = verifier.verify(Evidence(type="sev-snp", data=amd.evidence(b"\7" * 64)), now=NOW)
-    assert claims.report_data == b"\7" * 64 and claims.guest_svn == 1
+    assert claims.report_data == b"\7" * 64
+    assert claims.guest_svn == 1
     assert claims.collateral_next_update == NOW - timedelta(days=9) + timedelta(days=30)
     bare = verifier.verify(Evidence(type="sev-snp", data=amd.report(b"\7" * 64)), now=NOW)
     assert bare.launch_measurement == claims.launch_measurement
@@ -312,7 +320,8 @@ def test_turin_tcb_layout(tmp_path: Path) -> None:
         Evidence(type="sev-snp", data=turin.evidence(b"\0" * 64, version=3)), now=NOW
     )
     assert (claims.tcb_fmc, claims.tcb_bootloader, claims.tcb_tee, claims.tcb_snp) == (1, 2, 3, 4)
-    assert claims.tcb_microcode == 0x20 and claims.snp_product == "Turin"
+    assert claims.tcb_microcode == 0x20
+    assert claims.snp_product == "Turin"
 
 
 def test_debug_report_refused_by_default_policy(amd: FakeAmd, tmp_path: Path) -> None:
@@ -373,7 +382,7 @@ def test_policy_requires_a_measurement_pin_for_snp() -> None:
 
     with pytest.raises(PolicyError, match="needs measurement"):
         Policy.from_dict({"allowed_tees": ["snp"], "snp": {"host_data": ["00" * 32]}})
-    with pytest.raises(PolicyError, match="snp.measurement"):
+    with pytest.raises(PolicyError, match=r"snp\.measurement"):
         Policy.from_dict({"allowed_tees": ["snp"], "snp": {"measurement": ["12"]}})
 
 
@@ -404,7 +413,7 @@ def test_parser_refuses_unknown_versions_and_reserved_bits(real: dict[str, bytes
         parse_report(with_u32(0x1F8, 1))
     with pytest.raises(EvidenceError, match="not signed by a VCEK or VLEK"):
         parse_report(with_u32(0x48, 7 << 2))
-    with pytest.raises(EvidenceError, match="1184 bytes"):
+    with pytest.raises(EvidenceError, match=r"1184 bytes"):
         parse_report(real["report"][:-1])
     assert hashlib.sha256(real["report"]).hexdigest()  # the sample itself parses
     assert parse_report(real["report"]).version == 2
