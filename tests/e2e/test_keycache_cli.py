@@ -240,6 +240,7 @@ def test_processes_end_to_end_status_metrics_and_a_refused_cache(deployment: Dep
         assert report["state"] == "ready"
         assert report["models"][0]["model_id"] == "resnet50"
         assert report["keyserver"]["reachable"] is True
+        assert report["simulated_tee"] is True  # opted in: the status says so too
         assert cache.metrics is not None
         metrics = httpx.get(cache.metrics, timeout=10).text
         assert "sealtorch_keycache_keys_released_total 2.0" in metrics  # release + renew
@@ -253,6 +254,9 @@ def test_processes_end_to_end_status_metrics_and_a_refused_cache(deployment: Dep
             capture_output=True, text=True, timeout=60, check=True,
         )  # fmt: skip
         assert "resnet50" in over_tcp.stdout
+        assert "INSECURE:       the simulated TEE is trusted" in over_tcp.stdout
+        for probe in ("healthz", "readyz"):
+            assert httpx.get(f"{metrics_base}/{probe}", timeout=10).json()["simulated_tee"] is True
 
         # A second cache whose host key the key server does not trust: it starts, says so,
         # and serves nothing.

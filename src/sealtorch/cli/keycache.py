@@ -360,6 +360,8 @@ def _print_status(report: dict[str, Any]) -> None:
         keyserver.get("reachable")
     ]
     click.echo(f"state:          {report['state']}")
+    if report.get("simulated_tee"):
+        click.echo("INSECURE:       the simulated TEE is trusted for local enclaves (development)")
     click.echo(f"key server:     {keyserver['url']} ({reachable})")
     if keyserver.get("last_error"):
         click.echo(f"  last error:   {keyserver['last_error']}")

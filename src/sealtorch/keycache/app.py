@@ -242,13 +242,15 @@ class KeyCacheApp:
 
     def _healthz(self, request: Request) -> Response:
         del request
-        return Response(200, b'{"status":"ok"}', [_JSON])
+        body = {"status": "ok", "simulated_tee": self.service.simulated_tee}
+        return Response(200, json.dumps(body).encode(), [_JSON])
 
     def _readyz(self, request: Request) -> Response:
         del request
         state = self.cache.state()
         if state in ("ready", "degraded"):
-            return Response(200, json.dumps({"status": state}).encode(), [_JSON])
+            body = {"status": state, "simulated_tee": self.service.simulated_tee}
+            return Response(200, json.dumps(body).encode(), [_JSON])
         return error_response(
             503,
             "not_ready",
@@ -258,7 +260,8 @@ class KeyCacheApp:
 
     def _status(self, request: Request) -> Response:
         del request
-        return _ok(self.cache.status())
+        status = self.cache.status()
+        return _ok(status.model_copy(update={"simulated_tee": self.service.simulated_tee}))
 
     def _metrics(self, request: Request) -> Response:
         del request

@@ -180,6 +180,11 @@ class LocalReleaseService:
         if self.now() >= expires_at:
             self._report.refuse("release", request_id, NONCE_EXPIRED)
 
+    @property
+    def simulated_tee(self) -> bool:
+        """Whether simulated-TEE evidence of local enclaves is verified (development only)."""
+        return "sim" in self._verifiers.evidence_types
+
     # -- release --------------------------------------------------------------------------------
 
     def release(self, request: ReleaseRequest) -> ReleaseResponse:

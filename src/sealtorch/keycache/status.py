@@ -98,3 +98,5 @@ class CacheStatus(_Status):
     denied: tuple[DeniedStatus, ...] = ()
     expired: tuple[ExpiredStatus, ...] = ()
     persistence: PersistenceStatus | None = None
+    #: Whether simulated-TEE evidence of local enclaves is trusted (development only).
+    simulated_tee: bool = False

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -55,6 +56,7 @@ from sealtorch.keyserver.service import ErrorKind, KeyService, ServiceError
 from sealtorch.keyserver.settings import KeyServerSettings
 from sealtorch.keyserver.signingkey import ReleaseSigningKey, open_signing_key
 from sealtorch.keyserver.store import Store, open_store
+from sealtorch.protocol.checkpoint import AuditCheckpoint
 
 __all__ = [
     "Runtime",
@@ -348,6 +350,12 @@ def create_app(
                 )
             )
         purge = asyncio.create_task(_purge_loop(runtime))
+        interval = settings.audit_checkpoint_interval
+        checkpoints = (
+            asyncio.create_task(_checkpoint_loop(runtime, interval.total_seconds()))
+            if interval
+            else None
+        )
         _log.info(
             "key server ready; release statements signed with key %s",
             runtime.service.release_public_key.key_id,
@@ -359,9 +367,11 @@ def create_app(
         try:
             yield
         finally:
-            purge.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await purge
+            for task in (purge, checkpoints):
+                if task is not None:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
             for resource in reversed(runtime.owned):
                 with contextlib.suppress(Exception):
                     resource.close()
@@ -464,3 +474,29 @@ async def _purge_loop(runtime: Runtime) -> None:
         else:
             if removed:
                 _log.debug("purged %d expired nonces/sessions", removed)
+
+
+async def _checkpoint_loop(runtime: Runtime, interval: float) -> None:
+    """Log a signed audit checkpoint every ``interval`` seconds while the audit head moves, for
+    log shipping to carry off this host (docs/keyserver.md, "Audit checkpoints")."""
+    logged: tuple[int, str] | None = None
+    while True:
+        await asyncio.sleep(interval)
+        service = runtime.service
+        if service is None:
+            continue
+        try:
+            signed = await anyio.to_thread.run_sync(service.audit_checkpoint)
+        except Exception as exc:  # noqa: BLE001 - housekeeping must never stop the server
+            _log.warning("could not sign the periodic audit checkpoint: %s", exc)
+            continue
+        checkpoint = AuditCheckpoint.from_payload(signed.payload)
+        if logged == (checkpoint.seq, checkpoint.head_hash):
+            continue  # nothing happened since: no new line
+        logged = (checkpoint.seq, checkpoint.head_hash)
+        _log.info(
+            "audit checkpoint %d:%s signed (keep it off this host)",
+            checkpoint.seq,
+            checkpoint.head_hash,
+            extra={"audit_checkpoint": json.loads(signed.model_dump_json())},
+        )

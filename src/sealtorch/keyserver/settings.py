@@ -131,6 +131,12 @@ class _Release(_Section):
     verify_threads: Annotated[int, Field(ge=1, le=256)] = 2
 
 
+class _Audit(_Section):
+    #: Seconds between signed audit checkpoints written to the log (0 = never), for log
+    #: shipping to carry off the host; ``sealtorch admin audit checkpoint`` fetches one on demand.
+    checkpoint_log_seconds: Annotated[float, Field(ge=0, le=86400)] = 300.0
+
+
 class _ConfigFile(_Section):
     server: _Server = _Server()
     database: _Database = _Database()
@@ -139,6 +145,7 @@ class _ConfigFile(_Section):
     tls: _Tls = _Tls()
     attestation: _Attestation = _Attestation()
     release: _Release = _Release()
+    audit: _Audit = _Audit()
 
 
 _SECTIONS: Final[dict[str, type[_Section]]] = {
@@ -191,6 +198,8 @@ class KeyServerSettings:
     session_duration: timedelta = timedelta(hours=4)
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     verify_threads: int = 2
+    #: How often each worker logs a signed audit checkpoint (``None``: never).
+    audit_checkpoint_interval: timedelta | None = timedelta(minutes=5)
     #: Where each setting came from (``"default"``, ``"file"``, ``"env:NAME"``, ``"option"``).
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)
 
@@ -364,6 +373,11 @@ def _build(config: _ConfigFile, base: Path | None, sources: dict[str, str]) -> K
         session_duration=timedelta(seconds=release.session_seconds),
         max_request_bytes=release.max_request_bytes,
         verify_threads=release.verify_threads,
+        audit_checkpoint_interval=(
+            timedelta(seconds=config.audit.checkpoint_log_seconds)
+            if config.audit.checkpoint_log_seconds
+            else None
+        ),
         sources=dict(sources),
     )
 
@@ -486,4 +500,9 @@ nonce_ttl_seconds = 60
 lease_seconds = 3600
 session_seconds = 14400
 max_request_bytes = 65536
+
+[audit]
+# seconds between signed audit checkpoints written to the log, for your log shipping to keep
+# off this host (0 = never); `sealtorch admin audit verify --checkpoint` reads them
+checkpoint_log_seconds = 300
 """

@@ -139,6 +139,12 @@ class AuditCheckpoint:
         )
 
 
+#: The fields of a JSON log record (``--log-format json``), and the one that carries a checkpoint
+#: in the key server's periodic ``audit checkpoint`` records.
+_LOG_RECORD: Final = frozenset({"time", "level", "logger", "message"})
+_LOGGED_CHECKPOINT: Final = "audit_checkpoint"
+
+
 def issue_checkpoint(
     signer: StatementSigner, *, seq: int, head_hash: str, issued_at: datetime
 ) -> SignedCheckpoint:
@@ -186,17 +192,36 @@ def verify_checkpoint(
 
 
 def read_checkpoints(lines: Iterable[str], *, name: str) -> Iterator[tuple[str, SignedCheckpoint]]:
-    """Parse a JSON Lines file of saved checkpoints: ``(where, checkpoint)`` for each line."""
+    """Parse saved checkpoints: ``(where, checkpoint)`` for each one in ``lines``, a JSON Lines
+    file of them (``admin audit checkpoint -o``) or a key server's JSON log (``--log-format
+    json``), whose periodic ``audit checkpoint`` records carry one each (its other records are
+    skipped). Anything else, or no checkpoint at all, is an :class:`AuditError`."""
+    found = 0
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         where = f"{name} line {number}"
         try:
-            yield where, SignedCheckpoint.model_validate_json(line)
+            document = json.loads(line)
+        except ValueError as exc:
+            raise AuditError(f"{where} is not an audit checkpoint: not JSON") from exc
+        if isinstance(document, dict) and document.keys() >= _LOG_RECORD:
+            if _LOGGED_CHECKPOINT not in document:
+                continue  # another log record
+            document = document[_LOGGED_CHECKPOINT]
+        try:
+            signed = SignedCheckpoint.model_validate(document)
         except ValidationError as exc:
             raise AuditError(
                 f"{where} is not an audit checkpoint: {exc.errors()[0]['msg']}"
             ) from exc
+        found += 1
+        yield where, signed
+    if not found:
+        raise AuditError(
+            f"{name} holds no audit checkpoint (expected the lines `sealtorch admin audit "
+            "checkpoint -o` appends, or a key server's JSON log with `audit checkpoint` records)"
+        )
 
 
 def check_log_against(

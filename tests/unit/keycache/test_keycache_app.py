@@ -71,12 +71,12 @@ def test_health_readiness_and_status(
     served: Served, clock: FakeClock, host: Host, upstream: StubUpstream
 ) -> None:
     with served.http() as http:
-        assert http.get("/healthz").json() == {"status": "ok"}
+        assert http.get("/healthz").json() == {"status": "ok", "simulated_tee": True}
         starting = http.get("/readyz")
         assert starting.status_code == 503
         assert starting.json()["error"]["reasons"] == ["starting"]
         _grant(clock, host, upstream, served)
-        assert http.get("/readyz").json() == {"status": "ready"}
+        assert http.get("/readyz").json() == {"status": "ready", "simulated_tee": True}
         status = http.get("/v1/keycache/status").json()
         assert status["state"] == "ready"
         assert status["models"][0]["model_id"] == "m1"
