@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import re
 import threading
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Final
 
@@ -69,6 +70,19 @@ def _der_int(raw: bytes | None, what: str) -> int | None:
     return int.from_bytes(raw[2:], "big", signed=True)
 
 
+@dataclass(frozen=True, slots=True)
+class _Endorsement:
+    """A VCEK/VLEK whose chain verified, with what it certifies, valid from start to end."""
+
+    product: Product
+    cert: amdsev.Certificate
+    chain: ChainFiles
+    start: datetime
+    end: datetime
+    spl: dict[str, int | None]
+    hwid: bytes | None
+
+
 class SnpVerifier:
     """Verifies ``sev-snp`` evidence with collateral from an offline cache.
 
@@ -90,11 +104,8 @@ class SnpVerifier:
         self.roots = roots
         self.allow_missing_crl_insecure = allow_missing_crl_insecure
         self._lock = threading.Lock()
-        # (endorsement DER digest, chain stamp) -> (product, certificate, valid from, until)
-        self._verified: dict[
-            tuple[str, tuple[int, ...]],
-            tuple[Product, amdsev.Certificate, datetime, datetime, ChainFiles],
-        ] = {}
+        # (SHA-256 of the endorsement certificate, kind) -> its verified chain and facts
+        self._verified: dict[tuple[bytes, ChainKind], _Endorsement] = {}
 
     def __repr__(self) -> str:
         return f"SnpVerifier(collateral={self.collateral!r})"
@@ -126,13 +137,14 @@ class SnpVerifier:
                     f"{report.reported_tcb.hex()} in {self.collateral.root} and none came with "
                     "the report (run `sealtorch attest fetch-collateral` with this evidence)"
                 )
-        product, cert, chain = self._endorsement(endorsement, kind, now)
+        known = self._endorsement(endorsement, kind, now)
+        product, cert, chain = known.product, known.cert, known.chain
         if report.cpuid is not None and report.cpuid[0] not in (0, _FAMILY[product]):
             raise EvidenceError(
                 f"the report's CPU family 0x{report.cpuid[0]:x} is not a {product} processor"
             )
         tcb = TcbVersion.decode(report.reported_tcb, turin=product == "Turin")
-        self._check_endorsement_binding(cert, kind, product, report, tcb)
+        self._check_endorsement_binding(known, kind, report, tcb)
         r, s = report.signature
         try:
             amdsev.check_p384_signature(cert, report.signed_bytes, r, s)
@@ -147,9 +159,39 @@ class SnpVerifier:
 
     # -- the endorsement key's chain ----------------------------------------------------------
 
-    def _endorsement(
-        self, der: bytes, kind: ChainKind, now: datetime
-    ) -> tuple[Product, amdsev.Certificate, ChainFiles]:
+    def _endorsement(self, der: bytes, kind: ChainKind, now: datetime) -> _Endorsement:
+        digest = hashlib.sha256(der).digest()
+        with self._lock:
+            known = self._verified.get((digest, kind))
+        if known is not None:
+            chain = self._chain(known.product, kind)
+            if chain.stamp != known.chain.stamp:
+                known = None
+        if known is None:
+            known = self._verify_endorsement(der, kind)
+            with self._lock:
+                if len(self._verified) >= _CACHE_LIMIT:
+                    self._verified.clear()
+                self._verified[(digest, kind)] = known
+        if not known.start <= now <= known.end:
+            stale = known.chain.crl is not None and now > known.end and now > known.start
+            raise CollateralError(
+                f"the {known.product} SNP certificate chain or CRL is not valid at "
+                f"{now.isoformat()} (valid {known.start.isoformat()} to {known.end.isoformat()})",
+                stale=stale,
+            )
+        return known
+
+    def _chain(self, product: Product, kind: ChainKind) -> ChainFiles:
+        chain = self.collateral.chain(product, kind)
+        if chain.crl is None and not self.allow_missing_crl_insecure:
+            raise CollateralError(
+                f"no CRL for {product} in {self.collateral.root / product} (AMD KDS "
+                f"/{kind}/v1/{product}/crl); revocation cannot be checked"
+            )
+        return chain
+
+    def _verify_endorsement(self, der: bytes, kind: ChainKind) -> _Endorsement:
         try:
             cert = amdsev.load_certificate(der)
         except ValueError as exc:
@@ -161,34 +203,7 @@ class SnpVerifier:
                 f"signing key for {', '.join(PRODUCTS)}"
             )
         product: Product = next(p for p in PRODUCTS if p == match.group(1))
-        chain = self.collateral.chain(product, kind)
-        if chain.crl is None and not self.allow_missing_crl_insecure:
-            raise CollateralError(
-                f"no CRL for {product} in {self.collateral.root / product} (AMD KDS "
-                f"/{kind}/v1/{product}/crl); revocation cannot be checked"
-            )
-        key = (hashlib.sha256(der).hexdigest(), chain.stamp)
-        with self._lock:
-            cached = self._verified.get(key)
-        if cached is None:
-            cached = self._verify_chain(cert, product, chain, kind)
-            with self._lock:
-                if len(self._verified) >= _CACHE_LIMIT:
-                    self._verified.clear()
-                self._verified[key] = cached
-        product, cert, start, end, chain = cached
-        if not start <= now <= end:
-            stale = chain.crl is not None and now > end and now > start
-            raise CollateralError(
-                f"the {product} SNP certificate chain or CRL is not valid at {now.isoformat()} "
-                f"(valid {start.isoformat()} to {end.isoformat()})",
-                stale=stale,
-            )
-        return product, cert, chain
-
-    def _verify_chain(
-        self, cert: amdsev.Certificate, product: Product, chain: ChainFiles, kind: ChainKind
-    ) -> tuple[Product, amdsev.Certificate, datetime, datetime, ChainFiles]:
+        chain = self._chain(product, kind)
         try:
             self.roots.pinned(product, chain.ark)
             amdsev.check_issued_by(chain.ark, chain.ark)
@@ -216,39 +231,40 @@ class SnpVerifier:
             start = max(start, this_update)
             if next_update is not None:
                 end = min(end, next_update)
-        return product, cert, start, end, chain
-
-    @staticmethod
-    def _check_endorsement_binding(
-        cert: amdsev.Certificate,
-        kind: ChainKind,
-        product: Product,
-        report: SnpReport,
-        tcb: TcbVersion,
-    ) -> None:
         try:
-            for name, value in tcb.components().items():
-                certified = _der_int(amdsev.extension_bytes(cert, _OID_SPL[name]), name)
-                if certified is None and kind == "vcek":
-                    raise EvidenceError(f"the VCEK has no {name} TCB extension")
-                if certified is not None and certified != value:
-                    raise EvidenceError(
-                        f"the {kind.upper()} was issued for {name} SPL {certified}, but the "
-                        f"report's reported_tcb says {value}: it is not this TCB's key"
-                    )
-            if kind == "vcek" and not report.mask_chip_key:
-                hwid = amdsev.extension_bytes(cert, _OID_HWID)
-                expected = report.chip_id[:8] if product == "Turin" else report.chip_id
-                if hwid != expected:
-                    raise EvidenceError(
-                        "the VCEK belongs to another chip (its hwID is not the report's chip_id)"
-                    )
+            spl = {
+                name: _der_int(amdsev.extension_bytes(cert, oid), name)
+                for name, oid in _OID_SPL.items()
+            }
+            hwid = amdsev.extension_bytes(cert, _OID_HWID)
         except ValueError as exc:
-            if isinstance(exc, EvidenceError):
-                raise
             raise EvidenceError(
                 f"the {kind.upper()}'s AMD extensions are unreadable: {exc}"
             ) from exc
+        return _Endorsement(
+            product=product, cert=cert, chain=chain, start=start, end=end, spl=spl, hwid=hwid
+        )
+
+    @staticmethod
+    def _check_endorsement_binding(
+        endorsement: _Endorsement, kind: ChainKind, report: SnpReport, tcb: TcbVersion
+    ) -> None:
+        for name, value in tcb.components().items():
+            certified = endorsement.spl[name]
+            if certified is None and kind == "vcek":
+                raise EvidenceError(f"the VCEK has no {name} TCB extension")
+            if certified is not None and certified != value:
+                raise EvidenceError(
+                    f"the {kind.upper()} was issued for {name} SPL {certified}, but the "
+                    f"report's reported_tcb says {value}: it is not this TCB's key"
+                )
+        if kind == "vcek" and not report.mask_chip_key:
+            turin = endorsement.product == "Turin"
+            expected = report.chip_id[:8] if turin else report.chip_id
+            if endorsement.hwid != expected:
+                raise EvidenceError(
+                    "the VCEK belongs to another chip (its hwID is not the report's chip_id)"
+                )
 
     @staticmethod
     def _claims(

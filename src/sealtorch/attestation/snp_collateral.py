@@ -107,6 +107,15 @@ class SnpCollateralDirectory:
         self.root = Path(root)
         self._lock = threading.Lock()
         self._chains: dict[tuple[Product, ChainKind], ChainFiles] = {}
+        self._vceks: dict[str, tuple[Path, tuple[int, ...], bytes]] = {}
+        self._paths = {
+            (product, kind): (
+                self.root / product / _CHAIN_FILE[kind],
+                self.root / product / _CRL_FILE[kind],
+            )
+            for product in PRODUCTS
+            for kind in ("vcek", "vlek")
+        }
 
     def __repr__(self) -> str:
         return f"SnpCollateralDirectory({str(self.root)!r})"
@@ -135,7 +144,7 @@ class SnpCollateralDirectory:
     def chain(self, product: Product, kind: ChainKind = "vcek") -> ChainFiles:
         """The product's (ASK or ASVK, ARK, CRL or None); CollateralError when missing."""
         folder = self.root / product
-        chain_path, crl_path = folder / _CHAIN_FILE[kind], folder / _CRL_FILE[kind]
+        chain_path, crl_path = self._paths[(product, kind)]
         stamp = self._stamp(chain_path, crl_path)
         with self._lock:
             cached = self._chains.get((product, kind))
@@ -163,10 +172,19 @@ class SnpCollateralDirectory:
     def vcek(self, chip_id: bytes, reported_tcb: bytes) -> bytes | None:
         """A cached VCEK for this chip at this TCB (any product), or ``None``."""
         name = vcek_filename(chip_id, reported_tcb)
+        with self._lock:
+            known = self._vceks.get(name)
+        if known is not None and self._stamp(known[0]) == known[1]:
+            return known[2]
         for product in PRODUCTS:
             path = self.root / product / "vcek" / name
             if path.is_file():
-                return self._read(path)
+                stamp, data = self._stamp(path), self._read(path)
+                with self._lock:
+                    if len(self._vceks) >= 4096:
+                        self._vceks.clear()
+                    self._vceks[name] = (path, stamp, data)
+                return data
         return None
 
 
