@@ -73,7 +73,7 @@ class ChallengeResponse(WireModel):
 
 
 class EvidenceWire(WireModel):
-    type: Literal["sgx-dcap", "tdx-dcap", "sim"]
+    type: Literal["sgx-dcap", "tdx-dcap", "sev-snp", "sim"]
     data: Annotated[B64Bytes, Field(min_length=1, max_length=48 * 1024)]
 
 
