@@ -33,7 +33,9 @@ __all__ = [
     "PolicyError",
     "ProtocolError",
     "ReleaseStatementError",
+    "StorageCorruptError",
     "StorageError",
+    "StorageFullError",
     "UnsafePickleError",
 ]
 
@@ -169,3 +171,14 @@ class StorageError(Error):
 
 class AuditError(StorageError):
     """The audit log could not be written, or its hash chain does not verify."""
+
+
+class StorageCorruptError(StorageError):
+    """The key store's database is damaged (SQLite ``quick_check`` failed, a malformed page,
+    not a database file; PostgreSQL reported data corruption). Retrying does not help: restore
+    the database from a backup (docs/keyserver.md, "Backups and restore")."""
+
+
+class StorageFullError(StorageError):
+    """The key store cannot write because its disk (or file size limit) is full. Nothing was
+    committed; free space and it recovers by itself."""

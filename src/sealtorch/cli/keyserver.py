@@ -301,11 +301,11 @@ def serve(
     from sealtorch._uvicorn import http_options
     from sealtorch.keyserver._workers import WorkerSpec, listen_reusable, run_workers
     from sealtorch.keyserver.app import create_app, open_verifiers
+    from sealtorch.keyserver.datadir import open_serving_store
     from sealtorch.keyserver.masterkey import open_master_key
     from sealtorch.keyserver.metrics import MULTIPROC_ENV
     from sealtorch.keyserver.settings import load_settings
     from sealtorch.keyserver.signingkey import open_signing_key
-    from sealtorch.keyserver.store import open_store
 
     overrides: dict[str, dict[str, Any]] = {
         "server": {"host": host, "port": port, "workers": workers},
@@ -320,8 +320,7 @@ def serve(
     # Fail fast, in this process, on a bad database, master key or signing key; migrate once.
     if settings.signing_key is None:  # pragma: no cover - load_settings always sets it
         raise ConfigError("the configuration names no release-signing key")
-    store = open_store(settings.database_url, **settings.store_options())
-    store.migrate()
+    store = open_serving_store(data_dir, settings)  # refuses a missing/empty/foreign store
     master = open_master_key(settings.master_key)
     signer = open_signing_key(settings.signing_key)
     verifiers = open_verifiers(settings)

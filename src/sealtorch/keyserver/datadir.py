@@ -4,6 +4,7 @@ Layout (mode 0700; secrets 0600)::
 
     DIR/keyserver.toml     configuration (docs/keyserver.md)
     DIR/keyserver.db       SQLite key store, migrated (unless --database-url names another)
+    DIR/instance-id        the store's instance id: `serve` refuses a database that differs
     DIR/master.key         file master key (absent with a PKCS#11 master key)
     DIR/release-signing.key  release-signing key (absent with PKCS#11: then in the same token)
     DIR/release-signing.pub  its public key, which every enclave and key cache pins
@@ -34,7 +35,12 @@ from sealtorch.keyserver.masterkey import (
     Pkcs11MasterKeyConfig,
     open_master_key,
 )
-from sealtorch.keyserver.settings import CONFIG_FILE, load_settings, render_config
+from sealtorch.keyserver.settings import (
+    CONFIG_FILE,
+    KeyServerSettings,
+    load_settings,
+    render_config,
+)
 from sealtorch.keyserver.signingkey import (
     DEFAULT_KEY_LABEL,
     SIGNING_KEY_FILE,
@@ -45,16 +51,25 @@ from sealtorch.keyserver.signingkey import (
     public_key_path,
     write_public_key,
 )
-from sealtorch.keyserver.store import open_store
+from sealtorch.keyserver.store import Store, open_store
 from sealtorch.keyserver.tokens import TokenKind, issue_token
 from sealtorch.protocol.admin import ADMIN_SCOPES
 from sealtorch.protocol.audit import AuditEntry, AuditKind
 
-__all__ = ["InitResult", "NewSigningKey", "create_signing_key", "init_data_dir"]
+__all__ = [
+    "INSTANCE_ID_FILE",
+    "InitResult",
+    "NewSigningKey",
+    "create_signing_key",
+    "init_data_dir",
+    "open_serving_store",
+]
 
 _log = logging.getLogger(__name__)
 
 DEFAULT_DATABASE = "sqlite:///keyserver.db"
+#: The store's instance id, written by ``init`` (and by the first start after an upgrade).
+INSTANCE_ID_FILE = "instance-id"
 
 
 @dataclass(frozen=True)
@@ -173,6 +188,7 @@ def init_data_dir(
                         },
                     )
                 )
+            _write_instance_id(target, store.instance_id())
         finally:
             store.close()
     except (Error, OSError) as exc:
@@ -196,6 +212,73 @@ def init_data_dir(
         release_public_key=signer.public_key.text,
         release_public_key_path=public_path,
     )
+
+
+def _write_instance_id(data_dir: Path, instance_id: str) -> None:
+    path = data_dir / INSTANCE_ID_FILE
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="ascii") as handle:
+        handle.write(instance_id + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def open_serving_store(data_dir: str | os.PathLike[str], settings: KeyServerSettings) -> Store:
+    """The store ``keyserver serve`` may start on, checked and migrated; refuses the wrong data.
+
+    * a missing or empty (0-byte) SQLite file: ConfigError (never created here: only ``init``
+      creates a store — a volume that failed to mount looks exactly like a missing file);
+    * a database that was never initialised (no schema: an empty PostgreSQL database):
+      ConfigError;
+    * damage (SQLite ``quick_check``): :class:`~sealtorch.errors.StorageCorruptError`;
+    * a foreign database — its instance id is not the one in ``DIR/instance-id``: ConfigError
+      naming both (``database_url`` or ``SEALTORCH_KEYSERVER_DATABASE_URL`` points elsewhere).
+
+    A data directory from before instance ids adopts the store's id (logged at WARNING).
+    """
+    directory = Path(data_dir).absolute()
+    store = open_store(settings.database_url, create=False, **settings.store_options())
+    try:
+        store.integrity_check()
+        if store.schema_version() == 0:
+            raise ConfigError(
+                f"the key store ({_shown(store)}) holds no key server: it was never initialised; "
+                "check database_url (or SEALTORCH_KEYSERVER_DATABASE_URL) and that the right "
+                "database is mounted (`sealtorch keyserver init` creates a new key server)"
+            )
+        store.migrate()
+        _check_instance(directory, store)
+    except BaseException:
+        store.close()
+        raise
+    return store
+
+
+def _shown(store: Store) -> str:
+    return repr(store).removeprefix("SqlStore(").removesuffix(")")
+
+
+def _check_instance(directory: Path, store: Store) -> None:
+    actual = store.instance_id()
+    path = directory / INSTANCE_ID_FILE
+    try:
+        expected = path.read_text(encoding="ascii").strip()
+    except FileNotFoundError:
+        _write_instance_id(directory, actual)
+        _log.warning(
+            "this data directory had no instance id; recorded the key store's (%s) in %s",
+            actual,
+            path,
+        )
+        return
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read {path}: {exc}; restore it from a backup") from exc
+    if expected != actual:
+        raise ConfigError(
+            f"the key store ({_shown(store)}) belongs to another key server (instance "
+            f"{actual}, but {path} says {expected}); check database_url (or "
+            "SEALTORCH_KEYSERVER_DATABASE_URL) and which volume is mounted"
+        )
 
 
 def _cleanup(target: Path, created_dir: bool) -> None:

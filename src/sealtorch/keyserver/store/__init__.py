@@ -203,6 +203,23 @@ class Store(Protocol):
         """StorageError unless the database answers (health checks)."""
         ...
 
+    def instance_id(self) -> str:
+        """The store's random instance id (made by migration 3); the data directory of every
+        key server on this store holds the same id (``DIR/instance-id``)."""
+        ...
+
+    def integrity_check(self) -> None:
+        """:class:`~sealtorch.errors.StorageCorruptError` if SQLite's ``quick_check`` finds
+        damage (PostgreSQL: ``ping``); ``keyserver serve`` runs it at start."""
+        ...
+
+    def probe(self) -> None:
+        """Raise unless the store can *commit* (readiness): a durable one-row write, at most
+        once a second. :class:`~sealtorch.errors.StorageCorruptError` once the database said
+        it is damaged, :class:`~sealtorch.errors.StorageFullError` on a full disk, else
+        :class:`~sealtorch.errors.StorageError`. Recovers by itself when the cause goes."""
+        ...
+
     def close(self) -> None: ...
 
     def transaction(self) -> AbstractContextManager[StoreTransaction]: ...
@@ -314,7 +331,8 @@ def open_store(url: str, *, clock: Clock | None = None, **options: Any) -> Store
     """Open the store at ``url`` (``sqlite:///PATH`` or ``postgresql+psycopg://...``).
 
     Options: ``busy_timeout`` (seconds to wait for a lock, default 10), ``sqlite_synchronous``
-    (``"FULL"`` default, or ``"NORMAL"``), ``pool_size`` (PostgreSQL, default 10). The schema
+    (``"FULL"`` default, or ``"NORMAL"``), ``pool_size`` (PostgreSQL, default 10), ``create``
+    (default true; false refuses a missing or empty SQLite file: ``keyserver serve``). The schema
     is *not* migrated here: call :meth:`Store.migrate` (``keyserver init``/``serve`` do) or
     :meth:`Store.check_schema`.
     """

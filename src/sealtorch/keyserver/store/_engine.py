@@ -20,9 +20,9 @@ import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy import exc as sa_exc
 
-from sealtorch.errors import ConfigError
+from sealtorch.errors import ConfigError, StorageCorruptError, StorageError, StorageFullError
 
-__all__ = ["WRITE", "Database", "first_line", "open_database"]
+__all__ = ["WRITE", "Database", "failure_kind", "first_line", "open_database"]
 
 #: The execution option that makes a connection's transaction a write (``BEGIN IMMEDIATE``).
 WRITE = "sealtorch_write"
@@ -34,6 +34,32 @@ def first_line(exc: BaseException) -> str:
     original = getattr(exc, "orig", None) or exc
     text = str(original).strip().splitlines()
     return f"{type(original).__name__}: {text[0][:200]}" if text else type(original).__name__
+
+
+# SQLite result codes and PostgreSQL SQLSTATEs that mean "damaged" or "no space".
+_CORRUPT = frozenset({"SQLITE_CORRUPT", "SQLITE_NOTADB", "XX001", "XX002"})
+_FULL = frozenset({"SQLITE_FULL", "53100"})
+
+
+def failure_kind(exc: BaseException) -> type[StorageError]:
+    """The StorageError class a database error stands for: :class:`StorageCorruptError`,
+    :class:`StorageFullError` or plain :class:`StorageError` (unreachable, locked, ...)."""
+    original = getattr(exc, "orig", None) or exc
+    names = {
+        str(getattr(original, "sqlite_errorname", "") or ""),
+        str(getattr(original, "sqlstate", "") or ""),
+    }
+    text = str(original).lower()
+    if _named(names, _CORRUPT) or "malformed" in text or "file is not a database" in text:
+        return StorageCorruptError
+    if _named(names, _FULL) or "disk is full" in text or "no space left" in text:
+        return StorageFullError
+    return StorageError
+
+
+def _named(names: set[str], codes: frozenset[str]) -> bool:
+    """Whether a result code (or an extended one: ``SQLITE_CORRUPT_INDEX``) is in ``codes``."""
+    return any(name.startswith(code) for name in names if name for code in codes)
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,9 +78,13 @@ class Database:
 
 
 def open_database(
-    url: str, *, busy_timeout: float, sqlite_synchronous: str, pool_size: int
+    url: str, *, busy_timeout: float, sqlite_synchronous: str, pool_size: int, create: bool
 ) -> Database:
-    """The engine for ``url`` (ConfigError for a bad URL or an unusable SQLite path)."""
+    """The engine for ``url`` (ConfigError for a bad URL or an unusable SQLite path).
+
+    ``create=False``: a missing or empty (0-byte) SQLite file is refused instead of created —
+    ``keyserver serve`` must never start on a new, empty store (a volume that failed to mount
+    looks exactly like that)."""
     try:
         parsed = sa.engine.make_url(url)
     except sa_exc.ArgumentError as exc:
@@ -67,7 +97,7 @@ def open_database(
     synchronous = sqlite_synchronous.upper()
     sqlite_path: Path | None = None
     if backend == "sqlite":
-        engine = _sqlite_engine(parsed, timeout_ms, synchronous)
+        engine = _sqlite_engine(parsed, timeout_ms, synchronous, create=create)
         sqlite_path = Path(str(parsed.database))
     elif backend == "postgresql":
         if parsed.drivername in ("postgresql", "postgres", "postgresql+psycopg2"):
@@ -97,7 +127,7 @@ def open_database(
     )
 
 
-def _sqlite_engine(parsed: sa.URL, timeout_ms: int, synchronous: str) -> sa.Engine:
+def _sqlite_engine(parsed: sa.URL, timeout_ms: int, synchronous: str, *, create: bool) -> sa.Engine:
     database = parsed.database
     if not database or database == ":memory:" or database.startswith("file:"):
         raise ConfigError(
@@ -109,6 +139,8 @@ def _sqlite_engine(parsed: sa.URL, timeout_ms: int, synchronous: str) -> sa.Engi
     path = Path(database)
     if not path.parent.is_dir():
         raise ConfigError(f"the directory of the SQLite store {path} does not exist")
+    if not create:
+        _check_existing(path)
     try:  # create the file ourselves so it is private (SQLite would use the umask)
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
     except FileExistsError:
@@ -136,3 +168,22 @@ def _sqlite_engine(parsed: sa.URL, timeout_ms: int, synchronous: str) -> sa.Engi
         conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
     return engine
+
+
+def _check_existing(path: Path) -> None:
+    """Refuse a missing or empty SQLite store (see :func:`open_database`)."""
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise ConfigError(
+            f"the key store {path} does not exist; `keyserver serve` never creates one: check "
+            "that the volume holding it is mounted and database_url is right (a new key "
+            "server is made with `sealtorch keyserver init`)"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read the key store {path}: {exc.strerror}") from exc
+    if size == 0:
+        raise ConfigError(
+            f"the key store {path} is empty (0 bytes); check that the volume holding it is "
+            'mounted, or restore it from a backup (docs/keyserver.md, "Backups and restore")'
+        )

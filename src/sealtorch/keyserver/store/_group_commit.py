@@ -25,7 +25,7 @@ import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
 
 from sealtorch.errors import AuditError, StorageError
-from sealtorch.keyserver.store._engine import first_line
+from sealtorch.keyserver.store._engine import failure_kind, first_line
 from sealtorch.keyserver.store._sqlite_lock import SqliteWriteLock
 from sealtorch.keyserver.store._transactions import GroupTransaction
 
@@ -60,8 +60,10 @@ class GroupCommitter:
         sqlite_lock: SqliteWriteLock | None,
         clock: Callable[[], datetime],
         backend: str,
+        on_failure: Callable[[BaseException], None] = lambda exc: None,
     ) -> None:
         self._begin_write = begin_write
+        self._on_failure = on_failure
         self._sqlite_lock = sqlite_lock
         self._clock = clock
         self._backend = backend
@@ -166,6 +168,7 @@ class GroupCommitter:
 
     def _fail_group(self, group: list[_Work], exc: BaseException) -> None:
         """Every caller of a failed group gets its own error (nothing of it was committed)."""
+        self._on_failure(exc)
         for work in group:
             error: StorageError
             if isinstance(exc, AuditError):
@@ -173,7 +176,7 @@ class GroupCommitter:
             elif isinstance(exc, StorageError):
                 error = StorageError(str(exc))
             elif isinstance(exc, sa_exc.SQLAlchemyError):
-                error = StorageError(
+                error = failure_kind(exc)(
                     f"the key store ({self._backend}) failed while committing "
                     f"({first_line(exc)}); check that the database is reachable"
                 )

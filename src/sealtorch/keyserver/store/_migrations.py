@@ -17,6 +17,7 @@ Steps are frozen snapshots: a step never changes once released (a later change i
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -192,9 +193,35 @@ def _v2_admin_token_scopes(conn: sa.Connection) -> None:
         conn.exec_driver_sql("ALTER TABLE admin_tokens ALTER COLUMN scopes DROP DEFAULT")
 
 
+def _v3_store_identity(conn: sa.Connection) -> None:
+    """The store's instance id (random, made once): ``keyserver init`` writes it into the data
+    directory, and ``keyserver serve`` refuses a database whose id does not match (a foreign
+    database). ``probed_at`` is written by the readiness probe (a commit that proves the store
+    can write). A store made before this step gets its id now; its data directory adopts it on
+    the next start."""
+    md = sa.MetaData()
+    identity = sa.Table(
+        "store_identity",
+        md,
+        sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
+        sa.Column("instance_id", sa.String(64), nullable=False),
+        sa.Column("created_at", sa.BigInteger, nullable=False),
+        sa.Column("probed_at", sa.BigInteger, nullable=False),
+        sa.CheckConstraint("id = 1", name="ck_store_identity_single_row"),
+    )
+    md.create_all(conn)
+    micros = int(datetime.now(UTC).timestamp() * 1_000_000)
+    conn.execute(
+        sa.insert(identity).values(
+            id=1, instance_id=secrets.token_hex(16), created_at=micros, probed_at=micros
+        )
+    )
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "initial schema", _v1_initial),
     Migration(2, "admin token scopes", _v2_admin_token_scopes),
+    Migration(3, "store identity", _v3_store_identity),
 )
 
 

@@ -26,6 +26,7 @@ __all__ = [
     "policies",
     "schema_migrations",
     "sessions",
+    "store_identity",
 ]
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -186,4 +187,14 @@ audit_head = sa.Table(
     sa.Column("seq", sa.BigInteger, nullable=False),
     sa.Column("hash", sa.String(64), nullable=False),
     sa.CheckConstraint("id = 1", name="ck_audit_head_single_row"),
+)
+
+store_identity = sa.Table(
+    "store_identity",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("instance_id", sa.String(64), nullable=False),
+    sa.Column("created_at", sa.BigInteger, nullable=False),
+    sa.Column("probed_at", sa.BigInteger, nullable=False),
+    sa.CheckConstraint("id = 1", name="ck_store_identity_single_row"),
 )

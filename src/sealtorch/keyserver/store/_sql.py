@@ -13,6 +13,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import sqlite3
+import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from contextlib import AbstractContextManager, contextmanager
@@ -22,7 +24,7 @@ from typing import Any, NoReturn, TypeVar
 import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
 
-from sealtorch.errors import AuditError, StorageError
+from sealtorch.errors import AuditError, StorageCorruptError, StorageError, StorageFullError
 from sealtorch.keyserver.records import (
     AdminTokenRecord,
     ConflictError,
@@ -39,7 +41,7 @@ from sealtorch.keyserver.records import (
 from sealtorch.keyserver.store import _rows
 from sealtorch.keyserver.store import _schema as t
 from sealtorch.keyserver.store import _statements as q
-from sealtorch.keyserver.store._engine import WRITE, first_line, open_database
+from sealtorch.keyserver.store._engine import WRITE, failure_kind, first_line, open_database
 from sealtorch.keyserver.store._group_commit import GroupCommitter
 from sealtorch.keyserver.store._migrations import applied_version, latest_version, run_migrations
 from sealtorch.keyserver.store._sqlite_lock import SqliteWriteLock
@@ -53,6 +55,8 @@ _log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
 _AUDIT_BATCH = 500
+#: Seconds between two probe commits (readiness checks in between share the last outcome).
+_PROBE_INTERVAL = 1.0
 
 
 def _system_clock() -> datetime:
@@ -70,6 +74,7 @@ class SqlStore:
         busy_timeout: float = 10.0,
         sqlite_synchronous: str = "FULL",
         pool_size: int = 10,
+        create: bool = True,
     ) -> None:
         self._clock = clock or _system_clock
         database = open_database(
@@ -77,6 +82,7 @@ class SqlStore:
             busy_timeout=busy_timeout,
             sqlite_synchronous=sqlite_synchronous,
             pool_size=pool_size,
+            create=create,
         )
         self._engine = database.engine
         self._backend = database.backend
@@ -93,11 +99,16 @@ class SqlStore:
         self._write_lock: AbstractContextManager[Any] = (
             self._sqlite_lock or contextlib.nullcontext()
         )
+        # Set once a database error said "corrupt": only a restore (and a restart) clears it.
+        self._corruption: str | None = None
+        self._probe_lock = threading.Lock()
+        self._probed: tuple[float, StorageError | None] | None = None
         self._committer = GroupCommitter(
             begin_write=lambda durable: self._begin_write(durable=durable),
             sqlite_lock=self._sqlite_lock,
             clock=self._clock,
             backend=self._backend,
+            on_failure=self._note_failure,
         )
 
     # -- plumbing --
@@ -109,7 +120,26 @@ class SqlStore:
     def __repr__(self) -> str:
         return f"SqlStore({self._description!r})"
 
+    def _note_failure(self, exc: BaseException) -> None:
+        """Remember a database error that said "corrupt" (the probe reports it from then on)."""
+        for error in (exc, exc.__cause__):
+            if error is not None and failure_kind(error) is StorageCorruptError:
+                self._corruption = first_line(error)
+                _log.error("the key store is corrupt: %s", self._corruption)
+
     def _fail(self, exc: sa_exc.SQLAlchemyError, what: str) -> NoReturn:
+        kind = failure_kind(exc)
+        if kind is StorageCorruptError:
+            self._corruption = first_line(exc)
+            raise StorageCorruptError(
+                f"the key store ({self._backend}) is corrupt ({first_line(exc)}) while {what}; "
+                "retrying does not help: restore it from a backup (docs/keyserver.md)"
+            ) from exc
+        if kind is StorageFullError:
+            raise StorageFullError(
+                f"the key store ({self._backend}) cannot write: the disk is full "
+                f"({first_line(exc)}) while {what}; free space on its volume"
+            ) from exc
         raise StorageError(
             f"the key store ({self._backend}) failed while {what} ({first_line(exc)}); check "
             "that the database is reachable and not locked by another program"
@@ -229,6 +259,57 @@ class SqlStore:
     def ping(self) -> None:
         with self._read("answering a health check") as conn:
             conn.execute(sa.text("SELECT 1")).scalar()
+
+    def instance_id(self) -> str:
+        with self._read("reading the store's instance id") as conn:
+            value = conn.execute(sa.select(t.store_identity.c.instance_id)).scalar()
+        if not value:
+            raise StorageError(
+                "the key store has no instance id; run `sealtorch keyserver serve` once with "
+                "this sealtorch to migrate it"
+            )
+        return str(value)
+
+    def integrity_check(self) -> None:
+        if self._backend != "sqlite":
+            self.ping()  # PostgreSQL checks its own pages (and reports XX001 when it reads one)
+            return
+        with self._read("checking the database's integrity") as conn:
+            rows = [str(r[0]) for r in conn.exec_driver_sql("PRAGMA quick_check").fetchall()]
+        if rows != ["ok"]:
+            self._corruption = rows[0][:200] if rows else "no answer"
+            raise StorageCorruptError(
+                f"the key store {self._description} is corrupt (SQLite quick_check: "
+                f"{'; '.join(rows[:3])[:300]}); restore it from a backup (docs/keyserver.md, "
+                '"Backups and restore")'
+            )
+
+    def probe(self) -> None:
+        """Prove the store can commit: a durable write of ``store_identity.probed_at`` (at most
+        one a second; callers in between get the last outcome). StorageCorruptError once a
+        database error said "corrupt"; StorageFullError / StorageError as the write fails."""
+        if self._corruption is not None:
+            raise StorageCorruptError(
+                f"the key store is corrupt ({self._corruption}); restore it from a backup "
+                "(docs/keyserver.md)"
+            )
+        with self._probe_lock:
+            now = time.monotonic()
+            if self._probed is None or now - self._probed[0] >= _PROBE_INTERVAL:
+                error: StorageError | None = None
+                try:
+                    with self._write("proving the store can commit") as conn:
+                        conn.execute(
+                            sa.update(t.store_identity)
+                            .where(t.store_identity.c.id == 1)
+                            .values(probed_at=t.to_micros(utc(self._clock())))
+                        )
+                except StorageError as exc:
+                    error = exc
+                self._probed = (time.monotonic(), error)
+            error = self._probed[1]
+        if error is not None:
+            raise type(error)(str(error)) from error
 
     def close(self) -> None:
         self._committer.close()
