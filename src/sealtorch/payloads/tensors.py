@@ -26,7 +26,7 @@ import math
 import mmap
 import struct
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
@@ -41,6 +41,7 @@ __all__ = [
     "SafetensorsPlan",
     "TensorEntry",
     "parse_header",
+    "plan_layout",
     "read_safetensors",
     "tensors_from_buffer",
 ]
@@ -97,6 +98,41 @@ class TensorEntry:
     end: int
 
 
+def plan_layout(
+    items: Sequence[tuple[str, str, tuple[int, ...]]],
+    *,
+    metadata: Mapping[str, str] | None,
+    align: int | None,
+) -> tuple[bytes, list[TensorEntry], int]:
+    """Lay out tensors ``(name, dtype code, shape)``: the padded header (``u64le N`` included),
+    the entries in data order, and the data size.
+
+    Aligned: the given order, each tensor at the next multiple of ``align``. Packed: largest
+    elements first, which keeps every tensor aligned to its element size.
+    """
+    layout = list(items) if align else sorted(items, key=lambda item: -ITEM_SIZES[item[1]])
+    position = 0
+    entries: dict[str, TensorEntry] = {}
+    for name, code, shape in layout:
+        size = math.prod(shape) * ITEM_SIZES[code]
+        if align:
+            position += -position % align
+        entries[name] = TensorEntry(name, code, tuple(shape), position, position + size)
+        position += size
+    header_obj: dict[str, Any] = {"__metadata__": {"format": "pt", **dict(metadata or {})}}
+    for name, _, _ in items:  # the JSON keeps the given order
+        entry = entries[name]
+        header_obj[name] = {
+            "dtype": entry.dtype,
+            "shape": list(entry.shape),
+            "data_offsets": [entry.start, entry.end],
+        }
+    text = json.dumps(header_obj, separators=(",", ":"), ensure_ascii=False).encode()
+    padded = len(text) + (-(8 + len(text)) % DATA_ALIGNMENT)
+    header = _U64.pack(padded) + text.ljust(padded, b" ")
+    return header, [entries[name] for name, _, _ in layout], position
+
+
 class SafetensorsPlan:
     """The safetensors layout of a state dict, computed without touching tensor data."""
 
@@ -137,33 +173,15 @@ class SafetensorsPlan:
                     f"(supported: {supported})"
                 )
             items.append((name, tensor, code))
-        # Aligned: state_dict order, each tensor at the next multiple of ``align``. Packed:
-        # largest elements first keeps every tensor aligned to its element size.
-        layout = items if align else sorted(items, key=lambda item: -ITEM_SIZES[item[2]])
-        position = 0
-        entries: dict[str, TensorEntry] = {}
-        for name, tensor, code in layout:
-            size = tensor.numel() * ITEM_SIZES[code]
-            if align:
-                position += -position % align
-            entries[name] = TensorEntry(name, code, tuple(tensor.shape), position, position + size)
-            position += size
-        header_obj: dict[str, Any] = {"__metadata__": {"format": "pt", **dict(metadata or {})}}
-        for name, _, _ in items:  # the JSON keeps the state_dict's order
-            entry = entries[name]
-            header_obj[name] = {
-                "dtype": entry.dtype,
-                "shape": list(entry.shape),
-                "data_offsets": [entry.start, entry.end],
-            }
-        text = json.dumps(header_obj, separators=(",", ":"), ensure_ascii=False).encode()
-        padded = len(text) + (-(8 + len(text)) % DATA_ALIGNMENT)
-        self.header = _U64.pack(padded) + text.ljust(padded, b" ")
+        self.header, self.entries, self.data_size = plan_layout(
+            [(name, code, tuple(tensor.shape)) for name, tensor, code in items],
+            metadata=metadata,
+            align=align,
+        )
+        by_name = {name: tensor for name, tensor, _ in items}
         self.align = align
-        self.entries = [entries[name] for name, _, _ in layout]
-        self._tensors = [tensor for _, tensor, _ in layout]
-        self.data_size = position
-        self.size = len(self.header) + position
+        self._tensors = [by_name[entry.name] for entry in self.entries]
+        self.size = len(self.header) + self.data_size
 
     @property
     def tensor_count(self) -> int:

@@ -2,9 +2,14 @@
 
 Layout::
 
-    magic "SEALTRCH" (8) | version u16be (=1) | reserved u16be (=0) | header length u32be
+    magic "SEALTRCH" (8) | version u16be (1 or 2) | reserved u16be (=0) | header length u32be
     header (canonical JSON, at most 64 KiB)
     body (chunked AES-256-GCM)
+
+Version 1 is one file. Version 2 is one file of a *sealed set* (a model split over several
+files): ``body.set`` names the set (random id), the file's index and the file count, and the
+first file (index 0, the one that holds the wrapped content key) lists the body digests of all
+the others, so the set's files cannot be swapped, dropped, duplicated or mixed between sets.
 
 Only the fields needed to obtain the key and decrypt are public. A bad magic or an unknown
 version is a :class:`~sealtorch.errors.FormatError` (nothing has been authenticated yet, but
@@ -37,20 +42,29 @@ __all__ = [
     "MIN_CHUNK_SIZE",
     "PREAMBLE_SIZE",
     "SUITE",
+    "SET_FORMAT_VERSION",
     "BodyHeader",
     "Header",
     "KeyBlock",
+    "SetBlock",
+    "ShardHeader",
     "b64url_decode",
     "b64url_encode",
     "check_chunk_size",
     "check_key_version",
     "check_model_id",
     "parse_preamble",
+    "parse_preamble_version",
     "wrap_aad",
 ]
 
 MAGIC: Final = b"SEALTRCH"
 FORMAT_VERSION: Final = 1
+#: The format version of the files of a sealed set (docs/format.md § Sealed sets).
+SET_FORMAT_VERSION: Final = 2
+#: Most files in one sealed set (the first file's digest list must fit its 64 KiB header).
+MAX_SET_FILES: Final = 512
+SET_ID_SIZE: Final = 16
 PREAMBLE: Final = struct.Struct(">8sHHI")
 PREAMBLE_SIZE: Final = PREAMBLE.size  # 16
 MAX_HEADER_SIZE: Final = 64 * 1024
@@ -67,6 +81,7 @@ MAX_KEY_VERSION: Final = 2**31 - 1
 BODY_DIGEST_TAG: Final = b"sealtorch/v1/header-body\x00"
 _MODEL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _B64URL = re.compile(r"[A-Za-z0-9_-]*")
+_HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
 def check_model_id(model_id: object) -> str:
@@ -138,6 +153,63 @@ def _exact_keys(obj: dict[str, Any], keys: set[str]) -> None:
 
 
 @dataclass(frozen=True)
+class SetBlock:
+    """Where a file sits in a sealed set; bound into its body digest (and so its body key).
+
+    The first file (``index`` 0) lists the body digests of files ``1 … count − 1`` in order.
+    """
+
+    set_id: bytes
+    index: int
+    count: int
+    digests: tuple[bytes, ...] = ()
+
+    def __post_init__(self) -> None:
+        if len(self.set_id) != SET_ID_SIZE:
+            raise ConfigError("a sealed set id is 16 bytes")
+        for name, value in (("index", self.index), ("count", self.count)):
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ConfigError(f"set {name} must be an integer")
+        if not 2 <= self.count <= MAX_SET_FILES or not 0 <= self.index < self.count:
+            raise ConfigError(
+                f"a sealed set has 2 to {MAX_SET_FILES} files; index {self.index} of "
+                f"{self.count} is out of range"
+            )
+        expected = self.count - 1 if self.index == 0 else 0
+        if len(self.digests) != expected or any(len(d) != 32 for d in self.digests):
+            raise ConfigError("the first file of a sealed set lists every other file's digest")
+
+    def to_json(self) -> dict[str, Any]:
+        document: dict[str, Any] = {
+            "count": self.count,
+            "id": b64url_encode(self.set_id),
+            "index": self.index,
+        }
+        if self.index == 0:
+            document["digests"] = [digest.hex() for digest in self.digests]
+        return document
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> SetBlock:
+        index = _field(obj, "index", int)
+        _exact_keys(obj, {"count", "id", "index"} | ({"digests"} if index == 0 else set()))
+        digests: tuple[bytes, ...] = ()
+        if index == 0:
+            listed = obj["digests"]
+            if not isinstance(listed, list) or not all(
+                isinstance(d, str) and _HEX64.fullmatch(d) for d in listed
+            ):
+                raise ValueError("digests must be lowercase hex SHA-256 digests")
+            digests = tuple(bytes.fromhex(d) for d in listed)
+        return cls(
+            set_id=b64url_decode(_field(obj, "id", str), size=SET_ID_SIZE),
+            index=index,
+            count=_field(obj, "count", int),
+            digests=digests,
+        )
+
+
+@dataclass(frozen=True)
 class BodyHeader:
     """The public description of the body; all of it is bound into the body key derivation."""
 
@@ -146,6 +218,8 @@ class BodyHeader:
     chunk_size: int
     salt: bytes
     suite: str = SUITE
+    #: Set only in the files of a sealed set (format version 2).
+    set: SetBlock | None = None
 
     def __post_init__(self) -> None:
         check_model_id(self.model_id)
@@ -175,13 +249,16 @@ class BodyHeader:
         return self.plaintext_size + TAG_SIZE * self.chunk_count
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        document: dict[str, Any] = {
             "chunk_size": self.chunk_size,
             "model_id": self.model_id,
             "plaintext_size": self.plaintext_size,
             "salt": b64url_encode(self.salt),
             "suite": self.suite,
         }
+        if self.set is not None:
+            document["set"] = self.set.to_json()
+        return document
 
     @property
     def digest(self) -> bytes:
@@ -189,9 +266,11 @@ class BodyHeader:
         return sha256(BODY_DIGEST_TAG + canonical.dumps(self.to_json()))
 
     @classmethod
-    def from_json(cls, obj: dict[str, Any]) -> BodyHeader:
-        _exact_keys(obj, {"chunk_size", "model_id", "plaintext_size", "salt", "suite"})
+    def from_json(cls, obj: dict[str, Any], *, in_set: bool = False) -> BodyHeader:
+        fields = {"chunk_size", "model_id", "plaintext_size", "salt", "suite"}
+        _exact_keys(obj, fields | {"set"} if in_set else fields)
         return cls(
+            set=SetBlock.from_json(_field(obj, "set", dict)) if in_set else None,
             model_id=_field(obj, "model_id", str),
             plaintext_size=_field(obj, "plaintext_size", int),
             chunk_size=_field(obj, "chunk_size", int),
@@ -262,21 +341,34 @@ class Header:
     def key_version(self) -> int:
         return self.key.key_version
 
+    def __post_init__(self) -> None:
+        if self.body.set is not None and self.body.set.index != 0:
+            raise ConfigError("only the first file of a sealed set holds the key block")
+
+    @property
+    def version(self) -> int:
+        return FORMAT_VERSION if self.body.set is None else SET_FORMAT_VERSION
+
     def encode(self) -> bytes:
         """Preamble plus canonical header: the first bytes of the file."""
         text = canonical.dumps({"body": self.body.to_json(), "key": self.key.to_json()})
-        if len(text) > MAX_HEADER_SIZE:  # pragma: no cover - fixed fields are far below 64 KiB
+        if len(text) > MAX_HEADER_SIZE:  # pragma: no cover - MAX_SET_FILES keeps it below
             raise ConfigError("header too large")
-        return PREAMBLE.pack(MAGIC, FORMAT_VERSION, 0, len(text)) + text
+        return PREAMBLE.pack(MAGIC, self.version, 0, len(text)) + text
 
     @classmethod
-    def decode(cls, data: bytes) -> Header:
-        """Parse the canonical header JSON (without preamble); IntegrityError on any defect."""
+    def decode(cls, data: bytes, *, version: int = FORMAT_VERSION) -> Header:
+        """Parse the canonical header JSON (without preamble); IntegrityError on any defect.
+
+        ``version`` 2 (a sealed set's first file) requires ``body.set`` with index 0.
+        """
         try:
             obj = canonical.loads(data)
             _exact_keys(obj, {"body", "key"})
             return cls(
-                body=BodyHeader.from_json(_field(obj, "body", dict)),
+                body=BodyHeader.from_json(
+                    _field(obj, "body", dict), in_set=version == SET_FORMAT_VERSION
+                ),
                 key=KeyBlock.from_json(_field(obj, "key", dict)),
             )
         except (ValueError, ConfigError) as exc:
@@ -285,7 +377,7 @@ class Header:
     def public_fields(self) -> dict[str, Any]:
         """What ``sealtorch inspect`` shows: the header fields, decoded, plus derived sizes."""
         return {
-            "format_version": FORMAT_VERSION,
+            "format_version": self.version,
             "model_id": self.body.model_id,
             "key_version": self.key.key_version,
             "suite": self.body.suite,
@@ -296,8 +388,41 @@ class Header:
         }
 
 
+@dataclass(frozen=True)
+class ShardHeader:
+    """The header of a sealed set's file ``1 … count − 1``: the body only (format version 2).
+
+    Its content key is the set's, wrapped in the first file; its body digest is listed there.
+    """
+
+    body: BodyHeader
+
+    def __post_init__(self) -> None:
+        if self.body.set is None or self.body.set.index == 0:
+            raise ConfigError("a shard header belongs to file 1 or later of a sealed set")
+
+    def encode(self) -> bytes:
+        text = canonical.dumps({"body": self.body.to_json()})
+        return PREAMBLE.pack(MAGIC, SET_FORMAT_VERSION, 0, len(text)) + text
+
+    @classmethod
+    def decode(cls, data: bytes) -> ShardHeader:
+        try:
+            obj = canonical.loads(data)
+            _exact_keys(obj, {"body"})
+            return cls(body=BodyHeader.from_json(_field(obj, "body", dict), in_set=True))
+        except (ValueError, ConfigError) as exc:
+            raise IntegrityError() from exc
+
+
 def parse_preamble(data: bytes) -> int:
-    """Check the 16-byte preamble; return the header length.
+    """Check the 16-byte preamble; return the header length (see :func:`parse_preamble_version`).
+    """
+    return parse_preamble_version(data)[1]
+
+
+def parse_preamble_version(data: bytes) -> tuple[int, int]:
+    """Check the 16-byte preamble; return the format version (1 or 2) and the header length.
 
     Bad magic and unknown versions are :class:`FormatError` (specific); a nonzero reserved field
     or an oversized header length is :class:`IntegrityError`.
@@ -312,16 +437,17 @@ def parse_preamble(data: bytes) -> int:
             "not a sealtorch sealed model (bad magic bytes); "
             "seal a model with `sealtorch encrypt` first"
         )
-    if version != FORMAT_VERSION:
-        if version > FORMAT_VERSION:
+    if version not in (FORMAT_VERSION, SET_FORMAT_VERSION):
+        if version > SET_FORMAT_VERSION:
             raise FormatError(
                 f"this sealed model was written by a newer sealtorch (format v{version}); "
-                f"this sealtorch reads format v{FORMAT_VERSION}: upgrade sealtorch"
+                f"this sealtorch reads formats v{FORMAT_VERSION} and v{SET_FORMAT_VERSION}: "
+                "upgrade sealtorch"
             )
         raise FormatError(
-            f"unknown sealed format version {version}; this sealtorch reads format "
-            f"v{FORMAT_VERSION}"
+            f"unknown sealed format version {version}; this sealtorch reads formats "
+            f"v{FORMAT_VERSION} and v{SET_FORMAT_VERSION}"
         )
     if reserved != 0 or not 0 < header_length <= MAX_HEADER_SIZE:
         raise IntegrityError()
-    return int(header_length)
+    return int(version), int(header_length)

@@ -10,6 +10,11 @@ decrypted straight into its place in the destination.
 Nothing decrypted is exposed until every chunk has authenticated: :meth:`SealedReader.decrypt`
 returns the plaintext only then, and :meth:`SealedReader.iter_plaintext` is for callers that
 write to a temporary file and discard it on failure.
+
+A sealed set (format version 2: one model in several files) is opened by its first file; the
+reader opens the others (:func:`sealtorch.sealed.sets.member_path`), checks each one's header
+against the digest the first file lists before any key is requested, and decrypts the files in
+order into one buffer, as if they were one body.
 """
 
 from __future__ import annotations
@@ -25,8 +30,16 @@ from typing import BinaryIO, cast
 from sealtorch._crypto.stream import TAG_SIZE, BodyCipher
 from sealtorch.errors import ConfigError, IntegrityError
 from sealtorch.keys import DataKey, KeyProvider
-from sealtorch.sealed.header import PREAMBLE_SIZE, Header, parse_preamble
+from sealtorch.sealed.header import (
+    PREAMBLE_SIZE,
+    SET_FORMAT_VERSION,
+    BodyHeader,
+    Header,
+    ShardHeader,
+    parse_preamble_version,
+)
 from sealtorch.sealed.keywrap import unwrap_content_key
+from sealtorch.sealed.sets import SetMember, open_members
 
 __all__ = ["SealedReader", "allocate_plaintext", "read_header"]
 
@@ -83,11 +96,29 @@ class SealedReader:
         else:
             self._file = source
             self._owned = False
+        self.members: list[SetMember] = []
         try:
             self.header, self.body_offset = self._read_header()
+            if self.header.body.set is not None:
+                if self.path is None:
+                    raise ConfigError("a sealed set must be read from its files, not a stream")
+                self.members = open_members(self.path, self.header)
         except BaseException:
             self.close()
             raise
+
+    @property
+    def plaintext_size(self) -> int:
+        """The whole model's plaintext: this file's, plus the other files' of a sealed set."""
+        return self.header.body.plaintext_size + sum(
+            m.body.plaintext_size for m in self.members
+        )
+
+    @property
+    def file_size(self) -> int:
+        """Bytes on disk: this file's, plus the other files' of a sealed set."""
+        own = len(self.header.encode()) + self.header.body.sealed_size
+        return own + sum(m.file_size for m in self.members)
 
     def _read_header(self) -> tuple[Header, int]:
         try:
@@ -97,10 +128,22 @@ class SealedReader:
         except (OSError, ValueError) as exc:
             raise ConfigError("a sealed model must be read from a seekable file") from exc
         preamble = self._read_exact(min(PREAMBLE_SIZE, total))
-        header_length = parse_preamble(preamble)
+        version, header_length = parse_preamble_version(preamble)
         if PREAMBLE_SIZE + header_length > total:
             raise IntegrityError()
-        header = Header.decode(self._read_exact(header_length))
+        text = self._read_exact(header_length)
+        try:
+            header = Header.decode(text, version=version)
+        except IntegrityError:
+            if version != SET_FORMAT_VERSION:
+                raise
+            shard = ShardHeader.decode(text).body.set
+            assert shard is not None
+            raise ConfigError(
+                f"{self.path or 'this file'} is file {shard.index + 1} of {shard.count} of a "
+                "sealed set: open the set's first file (the one without a .NNNNN-of-NNNNN "
+                "suffix)"
+            ) from None
         body_offset = PREAMBLE_SIZE + header_length
         if total - body_offset != header.body.sealed_size:
             raise IntegrityError()
@@ -133,9 +176,10 @@ class SealedReader:
             raise TypeError(f"{keys!r}.data_key() must return a DataKey")
         return unwrap_content_key(dek, self.header)
 
-    def _cipher(self, cek: bytes) -> BodyCipher:
-        body = self.header.body
-        return BodyCipher(cek, salt=body.salt, body_digest=body.digest)
+    def _parts(self) -> list[tuple[BinaryIO, int, BodyHeader]]:
+        """Every file of the model in order: (file, body start, body header)."""
+        own = (self._file, self._body_start, self.header.body)
+        return [own, *((m.file, m.body_start, m.body) for m in self.members)]
 
     # -- body ---------------------------------------------------------------------------------
 
@@ -145,24 +189,27 @@ class SealedReader:
         The last chunk is only known to be genuine - and the body complete - when the iterator
         finishes without raising :class:`IntegrityError`; callers must not use the output before.
         """
-        cipher = self._cipher(cek)
-        body = self.header.body
-        chunk = body.chunk_size
-        sealed = memoryview(bytearray(chunk + TAG_SIZE))
-        plain = memoryview(bytearray(chunk))
-        self._file.seek(self._body_start)
-        remaining = body.plaintext_size
-        last_index = body.chunk_count - 1
-        for index in range(body.chunk_count):
-            size = min(chunk, remaining)
-            self._readinto_exact(sealed[: size + TAG_SIZE])
-            cipher.open_into(
-                index, last=index == last_index, sealed=sealed[: size + TAG_SIZE], out=plain[:size]
-            )
-            remaining -= size
-            if index == last_index:
-                self._check_end()
-            yield plain[:size]
+        for source, start, body in self._parts():
+            cipher = BodyCipher(cek, salt=body.salt, body_digest=body.digest)
+            chunk = body.chunk_size
+            sealed = memoryview(bytearray(chunk + TAG_SIZE))
+            plain = memoryview(bytearray(chunk))
+            source.seek(start)
+            remaining = body.plaintext_size
+            last_index = body.chunk_count - 1
+            for index in range(body.chunk_count):
+                size = min(chunk, remaining)
+                _readinto_exact(source, sealed[: size + TAG_SIZE])
+                cipher.open_into(
+                    index,
+                    last=index == last_index,
+                    sealed=sealed[: size + TAG_SIZE],
+                    out=plain[:size],
+                )
+                remaining -= size
+                if index == last_index:
+                    _check_end(source)
+                yield plain[:size]
 
     def decrypt(
         self,
@@ -178,29 +225,32 @@ class SealedReader:
         released, ``into`` holds unauthenticated bytes, and nothing is returned.
         ``progress(done, total)`` is called after each chunk with plaintext bytes.
         """
-        cipher = self._cipher(cek)
-        body = self.header.body
-        chunk = body.chunk_size
-        if into is not None and len(into) < body.plaintext_size:
+        total = self.plaintext_size
+        if into is not None and len(into) < total:
             raise ValueError("the buffer is smaller than the plaintext")
-        out = allocate_plaintext(body.plaintext_size) if into is None else into
+        out = allocate_plaintext(total) if into is None else into
         target = memoryview(out)
-        sealed = memoryview(bytearray(min(chunk, body.plaintext_size) + TAG_SIZE))
         try:
-            self._file.seek(self._body_start)
-            readinto = self._readinto_exact
-            open_into = cipher.open_into
-            last_index = body.chunk_count - 1
             position = 0
-            for index in range(body.chunk_count):
-                end = min(position + chunk, body.plaintext_size)
-                piece = sealed[: end - position + TAG_SIZE]
-                readinto(piece)
-                open_into(index, last=index == last_index, sealed=piece, out=target[position:end])
-                position = end
-                if progress is not None:
-                    progress(position, body.plaintext_size)
-            self._check_end()
+            for source, start, body in self._parts():
+                cipher = BodyCipher(cek, salt=body.salt, body_digest=body.digest)
+                chunk = body.chunk_size
+                sealed = memoryview(bytearray(min(chunk, body.plaintext_size) + TAG_SIZE))
+                source.seek(start)
+                open_into = cipher.open_into
+                last_index = body.chunk_count - 1
+                end_of_part = position + body.plaintext_size
+                for index in range(body.chunk_count):
+                    end = min(position + chunk, end_of_part)
+                    piece = sealed[: end - position + TAG_SIZE]
+                    _readinto_exact(source, piece)
+                    open_into(
+                        index, last=index == last_index, sealed=piece, out=target[position:end]
+                    )
+                    position = end
+                    if progress is not None:
+                        progress(position, total)
+                _check_end(source)
         except BaseException:
             target.release()
             if into is None:
@@ -210,8 +260,7 @@ class SealedReader:
         return out
 
     def _check_end(self) -> None:
-        if self._file.read(1):
-            raise IntegrityError()
+        _check_end(self._file)
 
     def copy_body(self, destination: BinaryIO, *, buffer_size: int = 1 << 20) -> None:
         """Copy the sealed body bytes unchanged (key rotation rewraps only the header)."""
@@ -229,6 +278,8 @@ class SealedReader:
         self._check_end()
 
     def close(self) -> None:
+        for member in getattr(self, "members", ()):
+            member.file.close()
         if self._owned:
             self._file.close()
 
@@ -245,6 +296,19 @@ class SealedReader:
 
     def __repr__(self) -> str:
         return f"SealedReader({self.path or self._file!r}, model_id={self.header.model_id!r})"
+
+
+def _readinto_exact(source: BinaryIO, view: memoryview) -> None:
+    while view:
+        got = source.readinto(view)  # type: ignore[attr-defined]
+        if not got:
+            raise IntegrityError()
+        view = view[got:]
+
+
+def _check_end(source: BinaryIO) -> None:
+    if source.read(1):
+        raise IntegrityError()
 
 
 def read_header(source: Source) -> Header:

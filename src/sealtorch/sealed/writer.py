@@ -24,6 +24,7 @@ from sealtorch.sealed.header import (
     BodyHeader,
     Header,
     KeyBlock,
+    ShardHeader,
 )
 from sealtorch.sealed.keywrap import ContentKeyWrapper
 
@@ -65,7 +66,49 @@ class SealedWriter:
         key_block = wrapper.wrap(model_id=model_id, body_digest=body.digest, cek=cek)
         if not isinstance(key_block, KeyBlock):
             raise ConfigError(f"key wrapper {wrapper!r} did not return a KeyBlock")
-        self.header = Header(body=body, key=key_block)
+        self._start(
+            destination,
+            Header(body=body, key=key_block),
+            cek,
+            overwrite=overwrite,
+            progress=progress,
+            defer_commit=False,
+        )
+
+    @classmethod
+    def prepared(
+        cls,
+        destination: str | os.PathLike[str],
+        *,
+        header: Header | ShardHeader,
+        cek: bytes,
+        overwrite: bool = False,
+        progress: Progress | None = None,
+    ) -> SealedWriter:
+        """A writer for one file of a sealed set, whose header and content key the set chose.
+
+        :meth:`finish` leaves the file as a temporary file; :meth:`commit` puts it in place.
+        """
+        writer = cls.__new__(cls)
+        writer._start(
+            destination, header, cek, overwrite=overwrite, progress=progress, defer_commit=True
+        )
+        return writer
+
+    def _start(
+        self,
+        destination: str | os.PathLike[str] | BinaryIO,
+        header: Header | ShardHeader,
+        cek: bytes,
+        *,
+        overwrite: bool,
+        progress: Progress | None,
+        defer_commit: bool,
+    ) -> None:
+        body = header.body
+        chunk_size = body.chunk_size
+        self.header = header
+        self._defer_commit = defer_commit
         self._cipher = BodyCipher(cek, salt=body.salt, body_digest=body.digest)
         del cek
         self._chunk_size = chunk_size
@@ -136,7 +179,7 @@ class SealedWriter:
             written = self._stream.write(view)
             view = view[written:]
 
-    def finish(self) -> Header:
+    def finish(self) -> Header | ShardHeader:
         """Seal the last chunk and commit the file; returns the header written."""
         if self._finished:
             return self.header
@@ -153,7 +196,10 @@ class SealedWriter:
             if self._index != self._chunks:  # pragma: no cover - guarded by the size checks
                 raise PayloadError("internal error: chunk count mismatch")
             if self._atomic is not None:
-                self._atomic.commit()
+                if self._defer_commit:
+                    self._atomic.file.flush()
+                else:
+                    self._atomic.commit()
             else:
                 self._stream.flush()
         except BaseException:
@@ -161,6 +207,11 @@ class SealedWriter:
             raise
         self._finished = True
         return self.header
+
+    def commit(self) -> None:
+        """Put a finished file of a sealed set in place (see :meth:`prepared`)."""
+        if self._atomic is not None:
+            self._atomic.commit()
 
     def abort(self) -> None:
         """Discard everything written (the destination is untouched)."""
@@ -183,4 +234,4 @@ class SealedWriter:
             self.abort()
 
     def __repr__(self) -> str:
-        return f"SealedWriter(model_id={self.header.model_id!r}, destination={self.destination})"
+        return f"SealedWriter(model_id={self.header.body.model_id!r}, destination={self.destination})"

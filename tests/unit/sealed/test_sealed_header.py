@@ -68,7 +68,7 @@ def test_encode_decode_round_trip(tmp_path: Path) -> None:
     ("preamble", "message"),
     [
         (b"NOTSEALD" + bytes(8), "bad magic"),
-        (b"SEALTRCH\x00\x02\x00\x00\x00\x00\x01\x00", r"newer sealtorch \(format v2\)"),
+        (b"SEALTRCH\x00\x03\x00\x00\x00\x00\x01\x00", r"newer sealtorch \(format v3\)"),
         (b"SEALTRCH\x00\x00\x00\x00\x00\x00\x01\x00", "unknown sealed format version 0"),
         (b"PK\x03\x04" + bytes(12), "bad magic"),
         (b"", "too short"),
