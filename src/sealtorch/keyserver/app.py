@@ -486,7 +486,7 @@ async def _checkpoint_loop(runtime: Runtime, interval: float) -> None:
         if service is None:
             continue
         try:
-            signed = await anyio.to_thread.run_sync(service.audit_checkpoint)
+            signed = await anyio.to_thread.run_sync(service.admin.audit_checkpoint)
         except Exception as exc:  # noqa: BLE001 - housekeeping must never stop the server
             _log.warning("could not sign the periodic audit checkpoint: %s", exc)
             continue

@@ -106,6 +106,12 @@ class MasterKey(Protocol):
         """A stable, non-secret identifier of this master key (stored next to each blob)."""
         ...
 
+    @property
+    def in_process(self) -> bool:
+        """True when wrapping costs microseconds in this process (may run on the event loop);
+        False for a token (a worker thread unwraps)."""
+        ...
+
     def wrap(self, dek: DataKey | bytes, aad: bytes) -> bytes:
         """Encrypt a 32-byte data key, binding ``aad`` (use :func:`wrap_aad`)."""
         ...
@@ -173,6 +179,10 @@ class FileMasterKey:
     @property
     def key_id(self) -> str:
         return self._key_id
+
+    @property
+    def in_process(self) -> bool:
+        return True
 
     def wrap(self, dek: DataKey | bytes, aad: bytes) -> bytes:
         return bytes([_FORMAT_FILE]) + self._gcm.seal(
@@ -321,6 +331,10 @@ class Pkcs11MasterKey(TokenKey):
     @property
     def key_id(self) -> str:
         return f"pkcs11:{self._token_label}/{self._key_label}"
+
+    @property
+    def in_process(self) -> bool:
+        return False
 
     def wrap(self, dek: DataKey | bytes, aad: bytes) -> bytes:
         material = _dek_bytes(dek)

@@ -10,7 +10,7 @@ from pydantic import BaseModel
 from sealtorch.keyserver.app import Runtime
 from sealtorch.keyserver.service import ErrorKind, ServiceError
 
-__all__ = ["bearer_token", "client_address", "json_response", "runtime"]
+__all__ = ["Runtime", "bearer_token", "client_address", "json_response", "runtime"]
 
 
 def runtime(request: Request) -> Runtime:

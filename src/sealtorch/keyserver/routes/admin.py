@@ -18,7 +18,25 @@ from pydantic import TypeAdapter
 
 from sealtorch.attestation.policy import INSECURE_FLAGS
 from sealtorch.keys import DataKey
-from sealtorch.keyserver.routes._common import bearer_token, client_address, json_response, runtime
+from sealtorch.keyserver.admin_service import AdminService
+from sealtorch.keyserver.routes._common import (
+    Runtime,
+    bearer_token,
+    client_address,
+    json_response,
+    runtime,
+)
+from sealtorch.keyserver.routes._wire import (
+    audit_page,
+    created_model,
+    created_token,
+    key_block,
+    key_info,
+    model_detail,
+    model_info,
+    policy_info,
+    token_info,
+)
 from sealtorch.keyserver.service import Actor, ErrorKind, ServiceError
 from sealtorch.protocol import API_PREFIX, MODEL_ID_PATTERN, MODEL_ID_RE, ErrorBody
 from sealtorch.protocol.admin import (
@@ -48,12 +66,16 @@ _admin_bearer = HTTPBearer(
 )
 
 
+def _admin(request: Request) -> tuple[Runtime, AdminService]:
+    state = runtime(request)
+    return state, state.require_service().admin
+
+
 async def _actor(
     request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_admin_bearer)],
 ) -> Actor:
-    state = runtime(request)
-    service = state.require_service()
+    state, admin = _admin(request)
     try:
         token = bearer_token(credentials, "admin token")
     except ServiceError:
@@ -61,7 +83,7 @@ async def _actor(
         raise
     try:
         return await state.run(
-            service.authenticate_admin, token, client_address=client_address(request)
+            admin.authenticate_admin, token, client_address=client_address(request)
         )
     except ServiceError as exc:
         if exc.kind is ErrorKind.FORBIDDEN:
@@ -78,15 +100,14 @@ def _needs(*scopes: AdminScope, action: str, purpose: str) -> dict[str, Any]:
     extension ``x-sealtorch-scopes``. ``purpose`` completes "needed to ..."."""
 
     async def authorize(request: Request, actor: AdminActor) -> None:
-        state = runtime(request)
-        service = state.require_service()
+        state, admin = _admin(request)
         model_id = request.path_params.get("model_id")
         model_ids = (
             [model_id] if isinstance(model_id, str) and MODEL_ID_RE.fullmatch(model_id) else []
         )
         try:
             await state.run(
-                service.authorize,
+                admin.authorize,
                 actor,
                 scopes,
                 action=action,
@@ -142,11 +163,10 @@ def _list(model: type, items: list[object]) -> Response:
     **_needs(AdminScope.MODEL_ADMIN, action="model.create", purpose="create models"),
 )
 async def create_model(body: CreateModelRequest, request: Request, actor: AdminActor) -> Response:
-    state = runtime(request)
-    service = state.require_service()
+    state, admin = _admin(request)
     key = DataKey(body.key) if body.key is not None else None
-    created = await state.run(service.create_model, actor, body.model_id, key=key)
-    return json_response(created, 201)
+    created = await state.run(admin.create_model, actor, body.model_id, key=key)
+    return json_response(created_model(created), 201)
 
 
 @router.get(
@@ -157,9 +177,8 @@ async def create_model(body: CreateModelRequest, request: Request, actor: AdminA
 )
 async def list_models(request: Request, actor: AdminActor) -> Response:
     del actor
-    state = runtime(request)
-    service = state.require_service()
-    return _list(ModelInfo, list(await state.run(service.list_models)))
+    state, admin = _admin(request)
+    return _list(ModelInfo, [model_info(m) for m in await state.run(admin.list_models)])
 
 
 @router.get(
@@ -170,9 +189,8 @@ async def list_models(request: Request, actor: AdminActor) -> Response:
 )
 async def show_model(model_id: ModelIdPath, request: Request, actor: AdminActor) -> Response:
     del actor
-    state = runtime(request)
-    service = state.require_service()
-    return json_response(await state.run(service.show_model, model_id))
+    state, admin = _admin(request)
+    return json_response(model_detail(await state.run(admin.show_model, model_id)))
 
 
 @router.delete(
@@ -182,9 +200,8 @@ async def show_model(model_id: ModelIdPath, request: Request, actor: AdminActor)
     **_needs(AdminScope.MODEL_ADMIN, action="model.delete", purpose="delete models"),
 )
 async def delete_model(model_id: ModelIdPath, request: Request, actor: AdminActor) -> Response:
-    state = runtime(request)
-    service = state.require_service()
-    return json_response(await state.run(service.delete_model, actor, model_id))
+    state, admin = _admin(request)
+    return json_response(model_info(await state.run(admin.delete_model, actor, model_id)))
 
 
 @router.get(
@@ -195,9 +212,8 @@ async def delete_model(model_id: ModelIdPath, request: Request, actor: AdminActo
 )
 async def list_keys(model_id: ModelIdPath, request: Request, actor: AdminActor) -> Response:
     del actor
-    state = runtime(request)
-    service = state.require_service()
-    return _list(KeyVersionInfo, list(await state.run(service.list_keys, model_id)))
+    state, admin = _admin(request)
+    return _list(KeyVersionInfo, [key_info(k) for k in await state.run(admin.list_keys, model_id)])
 
 
 @router.post(
@@ -210,10 +226,9 @@ async def list_keys(model_id: ModelIdPath, request: Request, actor: AdminActor) 
 async def rotate_key(
     model_id: ModelIdPath, body: RotateRequest, request: Request, actor: AdminActor
 ) -> Response:
-    state = runtime(request)
-    service = state.require_service()
+    state, admin = _admin(request)
     key = DataKey(body.key) if body.key is not None else None
-    return json_response(await state.run(service.rotate_key, actor, model_id, key=key), 201)
+    return json_response(key_info(await state.run(admin.rotate_key, actor, model_id, key=key)), 201)
 
 
 @router.post(
@@ -225,9 +240,8 @@ async def rotate_key(
 async def revoke_key(
     model_id: ModelIdPath, version: VersionPath, request: Request, actor: AdminActor
 ) -> Response:
-    state = runtime(request)
-    service = state.require_service()
-    return json_response(await state.run(service.revoke_key, actor, model_id, version))
+    state, admin = _admin(request)
+    return json_response(key_info(await state.run(admin.revoke_key, actor, model_id, version)))
 
 
 # -- policies ---------------------------------------------------------------------------------
@@ -242,9 +256,8 @@ async def revoke_key(
 async def set_policy(
     model_id: ModelIdPath, body: SetPolicyRequest, request: Request, actor: AdminActor
 ) -> Response:
-    state = runtime(request)
-    service = state.require_service()
-    info = await state.run(service.set_policy, actor, model_id, body.policy)
+    state, admin = _admin(request)
+    info = policy_info(await state.run(admin.set_policy, actor, model_id, body.policy))
     for flag in INSECURE_FLAGS:
         if info.policy.get(flag) is True:
             state.metrics.insecure_policy_sets.labels(flag).inc()
@@ -259,9 +272,8 @@ async def set_policy(
 )
 async def show_policy(model_id: ModelIdPath, request: Request, actor: AdminActor) -> Response:
     del actor
-    state = runtime(request)
-    service = state.require_service()
-    return json_response(await state.run(service.show_policy, model_id))
+    state, admin = _admin(request)
+    return json_response(policy_info(await state.run(admin.show_policy, model_id)))
 
 
 @router.get(
@@ -272,9 +284,10 @@ async def show_policy(model_id: ModelIdPath, request: Request, actor: AdminActor
 )
 async def policy_history(model_id: ModelIdPath, request: Request, actor: AdminActor) -> Response:
     del actor
-    state = runtime(request)
-    service = state.require_service()
-    return _list(PolicyInfo, list(await state.run(service.policy_history, model_id)))
+    state, admin = _admin(request)
+    return _list(
+        PolicyInfo, [policy_info(p) for p in await state.run(admin.policy_history, model_id)]
+    )
 
 
 # -- tokens -----------------------------------------------------------------------------------
@@ -288,16 +301,15 @@ async def policy_history(model_id: ModelIdPath, request: Request, actor: AdminAc
     **_needs(AdminScope.TOKEN_ADMIN, action="token.create", purpose="create admin tokens"),
 )
 async def create_token(body: CreateTokenRequest, request: Request, actor: AdminActor) -> Response:
-    state = runtime(request)
-    service = state.require_service()
+    state, admin = _admin(request)
     created = await state.run(
-        service.create_token,
+        admin.create_token,
         actor,
         name=body.name,
         scopes=body.scopes,
         expires_in=body.expires_in,
     )
-    return json_response(created, 201)
+    return json_response(created_token(created), 201)
 
 
 @router.get(
@@ -310,9 +322,8 @@ async def create_token(body: CreateTokenRequest, request: Request, actor: AdminA
 )
 async def list_tokens(request: Request, actor: AdminActor) -> Response:
     del actor
-    state = runtime(request)
-    service = state.require_service()
-    return _list(TokenInfo, list(await state.run(service.list_tokens)))
+    state, admin = _admin(request)
+    return _list(TokenInfo, [token_info(t) for t in await state.run(admin.list_tokens)])
 
 
 @router.post(
@@ -322,9 +333,8 @@ async def list_tokens(request: Request, actor: AdminActor) -> Response:
     **_needs(AdminScope.TOKEN_ADMIN, action="token.revoke", purpose="revoke admin tokens"),
 )
 async def revoke_token(token_id: TokenIdPath, request: Request, actor: AdminActor) -> Response:
-    state = runtime(request)
-    service = state.require_service()
-    return json_response(await state.run(service.revoke_token, actor, token_id))
+    state, admin = _admin(request)
+    return json_response(token_info(await state.run(admin.revoke_token, actor, token_id)))
 
 
 # -- audit ------------------------------------------------------------------------------------
@@ -343,9 +353,8 @@ async def audit(
     limit: Annotated[int, Query(ge=1, le=1000)] = 500,
 ) -> Response:
     del actor
-    state = runtime(request)
-    service = state.require_service()
-    return json_response(await state.run(service.audit_page, after=after, limit=limit))
+    state, admin = _admin(request)
+    return json_response(audit_page(await state.run(admin.audit_page, after=after, limit=limit)))
 
 
 @router.get(
@@ -356,9 +365,8 @@ async def audit(
 )
 async def audit_checkpoint(request: Request, actor: AdminActor) -> Response:
     del actor
-    state = runtime(request)
-    service = state.require_service()
-    return json_response(await state.run(service.audit_checkpoint))
+    state, admin = _admin(request)
+    return json_response(await state.run(admin.audit_checkpoint))
 
 
 # -- content keys (sealtorch encrypt/rewrap --keyserver) ---------------------------------------
@@ -371,9 +379,8 @@ async def audit_checkpoint(request: Request, actor: AdminActor) -> Response:
     **_needs(AdminScope.SEAL, action="key.wrap", purpose="wrap content keys"),
 )
 async def wrap(body: WrapRequest, request: Request, actor: AdminActor) -> Response:
-    state = runtime(request)
-    service = state.require_service()
-    return json_response(await state.run(service.wrap, actor, body))
+    state, admin = _admin(request)
+    return json_response(key_block(await state.run(admin.wrap, actor, body)))
 
 
 @router.post(
@@ -383,6 +390,5 @@ async def wrap(body: WrapRequest, request: Request, actor: AdminActor) -> Respon
     **_needs(AdminScope.SEAL, action="key.rewrap", purpose="rewrap content keys"),
 )
 async def rewrap(body: RewrapRequest, request: Request, actor: AdminActor) -> Response:
-    state = runtime(request)
-    service = state.require_service()
-    return json_response(await state.run(service.rewrap, actor, body))
+    state, admin = _admin(request)
+    return json_response(key_block(await state.run(admin.rewrap, actor, body)))

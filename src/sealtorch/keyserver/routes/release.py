@@ -49,7 +49,7 @@ _errors: dict[int | str, dict[str, object]] = {
     responses={503: _errors[503]},
 )
 async def challenge(request: Request) -> Response:
-    return json_response(await runtime(request).require_service().challenge())
+    return json_response(await runtime(request).require_service().releases.challenge())
 
 
 @router.post(
@@ -59,7 +59,7 @@ async def challenge(request: Request) -> Response:
     responses=_errors,
 )
 async def release(body: ReleaseRequest, request: Request) -> Response:
-    service = runtime(request).require_service()
+    service = runtime(request).require_service().releases
     return json_response(await service.release(body, client_address=client_address(request)))
 
 
@@ -74,7 +74,7 @@ async def renew(
     request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_session_bearer)],
 ) -> Response:
-    service = runtime(request).require_service()
+    service = runtime(request).require_service().releases
     token = bearer_token(credentials, "session token")
     result = await service.renew(token, body, client_address=client_address(request))
     return json_response(result)
@@ -113,7 +113,7 @@ def _json_body(scope: Scope, body: bytes) -> bytes:
 
 async def _fast_challenge(state: Runtime, scope: Scope, body: bytes) -> tuple[int, bytes]:
     del scope, body
-    result = await state.require_service().challenge()
+    result = await state.require_service().releases.challenge()
     return 200, result.model_dump_json().encode()
 
 
@@ -123,7 +123,7 @@ async def _fast_release(state: Runtime, scope: Scope, body: bytes) -> tuple[int,
     except ValidationError as exc:
         raise RequestValidationError(exc.errors(include_url=False, include_input=False)) from exc
     client = scope.get("client")
-    result = await state.require_service().release(
+    result = await state.require_service().releases.release(
         parsed, client_address=client[0] if client else None
     )
     return 200, result.model_dump_json().encode()
