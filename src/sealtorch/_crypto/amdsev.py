@@ -105,7 +105,8 @@ def crl_revokes(crl: Crl, issuer: Certificate, serials: list[int]) -> list[int]:
     """Check the CRL's issuer and signature; return which of ``serials`` it revokes."""
     if crl.issuer != issuer.subject:
         raise ValueError(
-            f"the CRL is issued by {cn_of(crl.issuer)!r}, not {cn_of(issuer.subject)!r}"
+            f"the CRL's issuer ({crl.issuer.rfc4514_string()}) is not "
+            f"{issuer.subject.rfc4514_string()}"
         )
     try:
         valid = crl.is_signature_valid(issuer.public_key())  # type: ignore[arg-type]

@@ -1,7 +1,7 @@
 """Options that several commands share, so that they read and behave the same everywhere.
 
 Every command that runs in (or asks) a TEE names it ``--tee``, the simulated TEE's key file
-``--sim-key`` and the gramine/tdx device directory ``--tee-root``; every verifier trusts
+``--sim-key`` and the gramine/tdx/snp device directory ``--tee-root``; every verifier trusts
 simulated evidence with ``--trust-sim-key``.
 """
 
@@ -20,7 +20,7 @@ _F = TypeVar("_F", bound=Callable[..., Any])
 
 
 def tee_option(help: str, *, required: bool = False) -> Callable[[_F], _F]:
-    """``--tee sim|gramine|tdx``."""
+    """``--tee sim|gramine|tdx|snp``."""
     return click.option("--tee", type=click.Choice(TEE_CHOICES), required=required, help=help)
 
 
@@ -34,11 +34,12 @@ def sim_key_option(help: str = "") -> Callable[[_F], _F]:
 
 
 def tee_root_option() -> Callable[[_F], _F]:
-    """``--tee-root DIR``: the gramine/tdx attestation device directory, if not the standard one."""
+    """``--tee-root DIR``: the gramine/tdx/snp attestation device directory, if not the standard
+    one."""
     return click.option(
         "--tee-root",
         type=click.Path(file_okay=False, path_type=Path),
-        help="--tee gramine/tdx: the attestation device directory, if not the standard one "
+        help="--tee gramine/tdx/snp: the attestation device directory, if not the standard one "
         "(/dev/attestation, /sys/kernel/config/tsm/report).",
     )
 

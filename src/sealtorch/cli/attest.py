@@ -322,11 +322,15 @@ Examples:
       'print("00"*64)') -o ev.sim
   sealtorch attest evidence --tee gramine --report-data HEX -o quote.bin   # inside Gramine-SGX
   sealtorch attest evidence --tee tdx --report-data HEX -o quote.bin --format hex
+  sealtorch attest evidence --tee snp --report-data HEX -o report.bin   # in an SNP guest
 """
 
 
 @attest.command("evidence", epilog=_EVIDENCE_EPILOG)
-@tee_option("Which TEE to ask: sim (software, development), gramine (SGX), tdx.", required=True)
+@tee_option(
+    "Which TEE to ask: sim (software, development), gramine (SGX), tdx, snp (SEV-SNP).",
+    required=True,
+)
 @click.option("--report-data", metavar="HEX", required=True, help="64 bytes as 128 hex digits.")
 @click.option(
     "-o",
@@ -364,7 +368,7 @@ def evidence_cmd(
     data = _parse_report_data(report_data)
     if tee == "sim":
         if tee_root is not None:
-            raise click.UsageError("--tee-root applies to gramine and tdx, not sim")
+            raise click.UsageError("--tee-root applies to gramine, tdx and snp, not sim")
         provider = attester_for("sim", role=role, key_path=sim_key)
     else:
         if role is not None or sim_key is not None:
@@ -392,18 +396,49 @@ _MEASURE_EPILOG = """\b
 Examples:
   sealtorch attest measure                 # every role
   sealtorch attest measure --role serve    # paste into a policy's sim.mrenclave list
+  # the snp: policy section matching a known-good SEV-SNP guest's report
+  sealtorch attest measure --snp-report report.bin --product Milan
 """
 
 
 @attest.command("measure", epilog=_MEASURE_EPILOG)
 @click.option("--role", help="Only this role (keycache, serve, app).")
+@click.option(
+    "--snp-report",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Print the snp: policy section that pins this SEV-SNP report's guest (its "
+    "measurement, HOST_DATA, ID block, GUEST_SVN, reported TCB, VMPL) instead.",
+)
+@click.option(
+    "--product",
+    type=click.Choice(["Milan", "Genoa", "Turin"]),
+    help="--snp-report: the processor generation, to read the TCB (Turin's layout differs).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print {role: mrenclave} as JSON.")
-def measure_cmd(role: str | None, as_json: bool) -> None:
+def measure_cmd(
+    role: str | None, snp_report: Path | None, product: str | None, as_json: bool
+) -> None:
     """Print the sim TEE measurement (MRENCLAVE) of this installation's sealtorch code.
 
     It is SHA-256 over the package's files and the role, so any code change changes it, as on
-    real hardware. Put it in a policy's `sim: {mrenclave: [...]}` list.
+    real hardware. Put it in a policy's `sim: {mrenclave: [...]}` list. With --snp-report,
+    print the `snp:` policy section for a known-good SEV-SNP report instead (the report is
+    read, not verified: check it with `attest verify` too; compute the expected measurement of
+    an image with sev-snp-measure, see docs/deployment.md).
     """
+    if snp_report is not None:
+        if role is not None:
+            raise click.UsageError("--role applies to the sim measurement, not --snp-report")
+        section = _snp_section(_read_evidence_file(snp_report), product)
+        if as_json:
+            _echo_json({"snp": section})
+        else:
+            import yaml
+
+            click.echo(yaml.safe_dump({"snp": section}, sort_keys=False).rstrip())
+        return
+    if product is not None:
+        raise click.UsageError("--product applies to --snp-report")
     from sealtorch.attestation import KNOWN_ROLES, SIM_MRSIGNER, measure
 
     roles = (role,) if role else KNOWN_ROLES
@@ -416,6 +451,33 @@ def measure_cmd(role: str | None, as_json: bool) -> None:
         for name, value in values.items():
             click.echo(f"{name:<9} {value}")
         click.echo(f"(MRSIGNER of every sim enclave: {SIM_MRSIGNER})", err=True)
+
+
+def _snp_section(raw: bytes, product: str | None) -> dict[str, Any]:
+    from sealtorch.attestation import detect_evidence
+    from sealtorch.attestation.snp_report import TcbVersion, parse_report, split_evidence
+    from sealtorch.errors import EvidenceError
+
+    evidence = detect_evidence(raw)
+    if evidence.type != "sev-snp":
+        raise EvidenceError(f"--snp-report needs an SEV-SNP report, not {evidence.type} evidence")
+    report = parse_report(split_evidence(evidence.data)[0])
+    turin = product == "Turin" or (report.cpuid is not None and report.cpuid[0] == 0x1A)
+    if product is None and report.cpuid is None:
+        raise click.UsageError("a version 2 report does not tell its processor: pass --product")
+    section: dict[str, Any] = {"measurement": [report.measurement.hex()]}
+    for name in ("host_data", "family_id", "image_id", "id_key_digest", "author_key_digest"):
+        value: bytes = getattr(report, name)
+        if any(value) or name == "host_data":
+            section[name] = [value.hex()]
+    section["min_guest_svn"] = report.guest_svn
+    section["min_tcb"] = TcbVersion.decode(report.reported_tcb, turin=turin).components()
+    section["vmpl"] = report.vmpl
+    if report.migration_agent:
+        section["allow_migration_agent"] = True
+    if report.smt_enabled:
+        section["allow_smt"] = True
+    return section
 
 
 @attest.command("sim-key")

@@ -14,9 +14,9 @@ the file's directory. The schema (``docs/keycache.md``)::
     hpke_suite = "DHKEM(X25519,HKDF-SHA256)/HKDF-SHA256/AES-256-GCM"
 
     [tee]  # the cache's own TEE
-    type = "gramine"  # sim | gramine | tdx
+    type = "gramine"  # sim | gramine | tdx | snp
     sim_key = "sim-attestation.key"  # sim only
-    root = "/dev/attestation"  # gramine / tdx device root (tests use a fake one)
+    root = "/dev/attestation"  # gramine / tdx / snp device root (tests use a fake one)
 
     [listen]
     socket = "/run/sealtorch/keycache.sock"
@@ -240,10 +240,10 @@ class KeyCacheSettings:
             raise ConfigError("--tls-cert/--tls-key apply to the TCP listener: give --tcp too")
         if self.backoff_max < self.backoff_initial:
             raise ConfigError("leases.backoff_max_seconds must be >= backoff_initial_seconds")
-        if self.persist_path is not None and self.tee == "tdx":
+        if self.persist_path is not None and self.tee in ("tdx", "snp"):
             raise ConfigError(
-                "TDX has no platform sealing key, so the key cache cannot persist keys across "
-                "restarts there; remove --persist (keys are fetched again at start)"
+                f"{self.tee.upper()} has no platform sealing key, so the key cache cannot persist "
+                "keys across restarts there; remove --persist (keys are fetched again at start)"
             )
         if not self.local_sim_trusted_keys and not (
             self.local_pccs_url or self.local_collateral_path
@@ -392,7 +392,7 @@ def load_settings(
             "config file)"
         )
     if tee.type is None:
-        raise ConfigError("give the cache's own TEE with --tee sim|gramine|tdx ([tee] type)")
+        raise ConfigError("give the cache's own TEE with --tee sim|gramine|tdx|snp ([tee] type)")
     mode = _parse_mode(listen.socket_mode) if listen.socket_mode else None
     if mode is None:
         mode = 0o660 if listen.socket_group else 0o600

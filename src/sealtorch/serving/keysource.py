@@ -115,7 +115,7 @@ def resolve_key_source(
     """The attested key provider for ``--keys URL`` running in TEE ``tee``.
 
     ``ca`` is the CA certificate to trust for ``https://`` (default: the system store);
-    ``tee_root`` overrides the gramine/tdx device directory (tests); ``sim_key`` is the
+    ``tee_root`` overrides the gramine/tdx/snp device directory (tests); ``sim_key`` is the
     simulated TEE's attestation key file. The inference server attests as role ``serve``.
     ``keyserver_pubkeys`` are the key server release-signing keys it pins (at least one).
     """
@@ -126,7 +126,7 @@ def resolve_key_source(
     endpoint = parse_keys_url(url)
     if tee is None:
         raise ConfigError(
-            "--keys needs --tee (sim, gramine or tdx): the TEE whose evidence proves this "
+            "--keys needs --tee (sim, gramine, tdx or snp): the TEE whose evidence proves this "
             "server to the key cache or key server"
         )
     if tee not in TEE_NAMES:
@@ -136,7 +136,7 @@ def resolve_key_source(
     if sim_key is not None and tee != "sim":
         raise ConfigError("--sim-key applies to --tee sim only")
     if tee_root is not None and tee == "sim":
-        raise ConfigError("--tee-root applies to --tee gramine or tdx")
+        raise ConfigError("--tee-root applies to --tee gramine, tdx or snp")
     if not keyserver_pubkeys:
         raise ConfigError(
             "--keys needs --keyserver-pubkey KEY: the key server's release-signing public key, "

@@ -106,3 +106,30 @@ def test_fetch_collateral_needs_a_product_for_a_bare_v2_report(
     )
     assert result.exit_code != 0
     assert "pass --product" in result.output
+
+
+def test_measure_prints_a_policy_section_that_accepts_the_report(
+    tmp_path: Path, attestation_samples: Path, collateral: Path
+) -> None:
+    import yaml
+
+    report = str(attestation_samples / "snp" / "report_milan.hex")
+    measured = run("measure", "--snp-report", report, "--product", "Milan")
+    assert measured.exit_code == 0, measured.output
+    section = yaml.safe_load(measured.output)["snp"]
+    assert section["measurement"] == [SNP_MEASUREMENT]
+    assert section["min_tcb"] == {"bootloader": 3, "tee": 0, "snp": 8, "microcode": 115}
+    policy = tmp_path / "measured.yaml"
+    policy.write_text(yaml.safe_dump({"allowed_tees": ["snp"], "snp": section}))
+    verified = run(
+        "verify", report, "--collateral-dir", str(collateral), "--at", AT,
+        "--allow-missing-crl-insecure", "--policy", str(policy),
+    )  # fmt: skip
+    assert verified.exit_code == 0, verified.output
+    assert "ALLOWED" in verified.output
+    bare = run("measure", "--snp-report", report)
+    assert bare.exit_code == 2
+    assert "pass --product" in bare.output
+    wrong = run("measure", "--snp-report", str(attestation_samples / "sgx_quote"))
+    assert wrong.exit_code != 0
+    assert "needs an SEV-SNP report" in wrong.output
