@@ -41,8 +41,12 @@ named "image") and answer top-k labels with the classification parameter:
   {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": ["<base64>"]}],
    "outputs": [{"name": "probabilities", "parameters": {"classification": 5}}]}
 \b
-Stdout carries two machine-readable lines: "listening on http://HOST:PORT" once the socket
-is bound, and "ready on http://HOST:PORT" once every model is decrypted and warmed up.
+  # gRPC too (tritonclient.grpc, kserve.InferenceGRPCClient, grpcurl with reflection)
+  sealtorch serve resnet50.sealed --key-file resnet50.key --port 8080 --grpc-port 8081
+\b
+Stdout carries machine-readable lines: "listening on http://HOST:PORT" once the socket
+is bound (then "grpc listening on grpc://HOST:PORT" with --grpc-port), and
+"ready on http://HOST:PORT" once every model is decrypted and warmed up.
 SIGTERM or Ctrl-C: stop accepting, finish in-flight requests, exit 0.
 Details: docs/serving.md; enclave deployment: docs/deployment.md.
 """
@@ -122,6 +126,13 @@ Details: docs/serving.md; enclave deployment: docs/deployment.md.
     show_default=True,
     type=click.IntRange(0, 65535),
     help="TCP port; 0 picks a free one.",
+)
+@click.option(
+    "--grpc-port",
+    type=click.IntRange(0, 65535),
+    help="Also serve the Open Inference Protocol over gRPC (inference.GRPCInferenceService, "
+    "with health and reflection) on this TCP port of --host; 0 picks a free one. Off unless "
+    "given. Messages are limited by --max-body-size.",
 )
 @click.option(
     "--threads",
@@ -204,6 +215,7 @@ def serve(
     allow_archs: tuple[str, ...],
     host: str,
     port: int,
+    grpc_port: int | None,
     threads: int | None,
     workers: int,
     max_body_size: str,
@@ -236,6 +248,7 @@ def serve(
     settings = ServerSettings(
         host=host,
         port=port,
+        grpc_port=grpc_port,
         threads=threads,
         workers=workers,
         max_body_bytes=_parse_size(max_body_size),
@@ -278,6 +291,8 @@ def serve(
 
     def listening(url: str) -> None:
         click.echo(f"listening on {url}")
+        if server.grpc_url is not None:
+            click.echo(f"grpc listening on {server.grpc_url}")
         sys.stdout.flush()
 
     def ready(server: InferenceServer) -> None:
@@ -288,4 +303,5 @@ def serve(
         click.echo(f"ready on {server.url} ({', '.join(server.state.names)})")
         sys.stdout.flush()
 
-    InferenceServer(settings, sources, on_listening=listening, on_ready=ready).run()
+    server = InferenceServer(settings, sources, on_listening=listening, on_ready=ready)
+    server.run()

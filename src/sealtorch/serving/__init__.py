@@ -15,6 +15,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
+    from sealtorch.serving.codec import InferenceResult
     from sealtorch.serving.errors import (
         ModelNotFoundError,
         ModelNotReadyError,
@@ -23,7 +24,7 @@ if TYPE_CHECKING:  # pragma: no cover
         ServerBusyError,
     )
     from sealtorch.serving.keysource import parse_keys_url, resolve_key_source
-    from sealtorch.serving.model import InferenceResult, ServedModel
+    from sealtorch.serving.model import ServedModel
     from sealtorch.serving.preprocess import ImageDecodeError, preprocess_image
     from sealtorch.serving.protocol import InferenceRequest, parse_inference_request
     from sealtorch.serving.server import (
@@ -39,7 +40,7 @@ _LAZY: dict[str, str] = {
     "SealedModelSource": "sealtorch.serving.server",
     "ServerSettings": "sealtorch.serving.server",
     "ServedModel": "sealtorch.serving.model",
-    "InferenceResult": "sealtorch.serving.model",
+    "InferenceResult": "sealtorch.serving.codec",
     "InferenceRequest": "sealtorch.serving.protocol",
     "parse_inference_request": "sealtorch.serving.protocol",
     "RequestError": "sealtorch.serving.errors",

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import zlib
 from typing import Any, Final
 
 from fastapi import FastAPI, Request, Response
@@ -25,15 +26,18 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sealtorch import __version__
+from sealtorch.serving import codec
 from sealtorch.serving.errors import (
     PayloadTooLargeError,
     RequestError,
-    ServerBusyError,
+    UnsupportedEncodingError,
+    show,
 )
 from sealtorch.serving.jsondata import DEFAULT_MAX_JSON_ELEMENTS
 from sealtorch.serving.metrics import CONTENT_TYPE
 from sealtorch.serving.model import ServedModel
 from sealtorch.serving.protocol import (
+    check_target,
     parse_inference_request,
     render_error,
     render_response,
@@ -47,7 +51,7 @@ _log = logging.getLogger(__name__)
 #: The binary tensor data extension's header (length of the JSON part of the body).
 HEADER_LENGTH: Final = "Inference-Header-Content-Length"
 _JSON: Final = "application/json"
-_EXTENSIONS: Final = ["classification", "binary_tensor_data"]
+_GET: Final = ["GET", "HEAD"]
 
 
 class AppLimits:
@@ -129,14 +133,62 @@ def _json_length(request: Request) -> int | None:
     return int(value)
 
 
+def _content_encoding(request: Request) -> str | None:
+    """``gzip`` or ``deflate`` for a compressed body, None for a plain one (415 otherwise)."""
+    value = request.headers.get("content-encoding", "identity").strip().lower()
+    if value in ("", "identity"):
+        return None
+    if value not in ("gzip", "deflate"):
+        raise UnsupportedEncodingError(
+            f"Content-Encoding {show(value)} is not supported; send gzip, deflate or identity"
+        )
+    return value
+
+
+def _decompress(body: bytearray, encoding: str, limit: int) -> bytearray:
+    """The decompressed body, refused (413) as soon as it grows past ``limit`` bytes."""
+    # gzip: a gzip member; deflate: a zlib stream (RFC 9110), or raw deflate as some send.
+    wbits = 31 if encoding == "gzip" else (15 if body[:1] and body[0] & 0x0F == 8 else -15)
+    inflater = zlib.decompressobj(wbits)
+    out = bytearray()
+    data: bytes | bytearray = body
+    try:
+        while data:
+            out += inflater.decompress(data, limit + 1 - len(out))
+            if len(out) > limit:
+                raise PayloadTooLargeError(
+                    f"the request body decompresses to more than {limit:,} bytes, the most this "
+                    "server accepts (--max-body-size)"
+                )
+            data = inflater.unconsumed_tail
+        out += inflater.flush()
+    except zlib.error as exc:
+        raise RequestError(f"the {encoding} request body is corrupt ({exc})") from exc
+    if not inflater.eof or inflater.unused_data:
+        raise RequestError(f"the {encoding} request body is truncated or has trailing bytes")
+    if len(out) > limit:
+        raise PayloadTooLargeError(
+            f"the request body decompresses to more than {limit:,} bytes (--max-body-size)"
+        )
+    return out
+
+
 def _run(
-    model: ServedModel, body: bytearray, json_length: int | None, max_json_elements: int
+    model: ServedModel,
+    version: str | None,
+    body: bytearray,
+    encoding: str | None,
+    json_length: int | None,
+    limits: AppLimits,
 ) -> tuple[float, bytes, int | None]:
-    """Worker thread: parse, infer, encode."""
+    """Worker thread: decompress, parse, infer, encode."""
+    if encoding is not None:
+        body = _decompress(body, encoding, limits.max_body_bytes)
     request = parse_inference_request(
-        body, json_length=json_length, max_json_elements=max_json_elements
+        body, json_length=json_length, max_json_elements=limits.max_json_elements
     )
-    result = model.infer(request)
+    check_target(request, model.name, model.version if version is None else version)
+    result = codec.infer(model, request)
     content, header_length = render_response(result.document, result.binary)
     return result.compute_seconds, content, header_length
 
@@ -179,32 +231,37 @@ def create_app(state: ServerState, limits: AppLimits) -> FastAPI:
 
     # -- server -------------------------------------------------------------------------------
 
-    @app.get("/v2")
+    @app.api_route("/v2", methods=_GET)
     async def server_metadata() -> Response:
-        return _json({"name": "sealtorch", "version": __version__, "extensions": _EXTENSIONS})
+        return _json(codec.server_metadata())
 
-    @app.get("/v2/health/live")
+    @app.api_route("/v2/health/live", methods=_GET)
     async def live() -> Response:
         return _json({"live": True})
 
-    @app.get("/v2/health/ready")
+    @app.api_route("/v2/health/ready", methods=_GET)
     async def ready() -> Response:
         ok = state.ready
         return _json({"ready": ok}, 200 if ok else 503)
 
-    @app.get("/metrics")
+    @app.api_route("/metrics", methods=_GET)
     async def metrics() -> Response:
         return Response(content=state.metrics.render(), media_type=CONTENT_TYPE)
 
     # -- models -------------------------------------------------------------------------------
 
-    @app.get("/v2/models/{name}")
-    @app.get("/v2/models/{name}/versions/{version}")
+    @app.api_route("/v2/models/{name}", methods=_GET)
+    @app.api_route("/v2/models/{name}/versions/{version}", methods=_GET)
     async def model_metadata(name: str, version: str | None = None) -> Response:
-        return _json(state.lookup(name, version).metadata())
+        return _json(codec.model_metadata(state.lookup(name, version)))
 
-    @app.get("/v2/models/{name}/ready")
-    @app.get("/v2/models/{name}/versions/{version}/ready")
+    @app.api_route("/v2/models/{name}/config", methods=_GET)
+    @app.api_route("/v2/models/{name}/versions/{version}/config", methods=_GET)
+    async def model_config(name: str, version: str | None = None) -> Response:
+        return _json(codec.model_config(state.lookup(name, version)))
+
+    @app.api_route("/v2/models/{name}/ready", methods=_GET)
+    @app.api_route("/v2/models/{name}/versions/{version}/ready", methods=_GET)
     async def model_ready(name: str, version: str | None = None) -> Response:
         if name not in state.models and state.known(name):
             return _json({"name": name, "ready": False}, 503)
@@ -221,18 +278,14 @@ def create_app(state: ServerState, limits: AppLimits) -> FastAPI:
         state.metrics.in_flight.inc()
         try:
             model = state.lookup(name, version)
+            encoding = _content_encoding(request)
             body = await _read_body(request, limits.max_body_bytes)
             json_length = _json_length(request)
-            if state.pending >= limits.max_pending:
-                raise ServerBusyError(f"{state.pending} requests are already queued; retry shortly")
-            state.pending += 1
-            try:
+            with state.admitted(limits.max_pending):
                 loop = asyncio.get_running_loop()
                 compute, content, header_length = await loop.run_in_executor(
-                    state.executor, _run, model, body, json_length, limits.max_json_elements
+                    state.executor, _run, model, version, body, encoding, json_length, limits
                 )
-            finally:
-                state.pending -= 1
             state.metrics.compute.labels(label).observe(compute)
             status = 200
             if header_length is None:

@@ -16,6 +16,7 @@ __all__ = [
     "PayloadTooLargeError",
     "RequestError",
     "ServerBusyError",
+    "UnsupportedEncodingError",
     "show",
 ]
 
@@ -36,6 +37,12 @@ class PayloadTooLargeError(RequestError):
     """The request body is larger than the server accepts (HTTP 413)."""
 
     status_code = 413
+
+
+class UnsupportedEncodingError(RequestError):
+    """The request body uses a Content-Encoding the server does not read (HTTP 415)."""
+
+    status_code = 415
 
 
 class ModelNotReadyError(RequestError):

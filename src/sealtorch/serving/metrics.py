@@ -82,3 +82,8 @@ class ServingMetrics(MetricsRegistry):
             "HTTP requests by route template, method and status",
             ["route", "method", "status"],
         )
+        self.grpc = self.counter(
+            "sealtorch_grpc_requests",
+            "gRPC inference calls by method and status code",
+            ["method", "code"],
+        )

@@ -29,9 +29,7 @@ from __future__ import annotations
 import io
 import logging
 import re
-import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
 import torch
@@ -39,26 +37,10 @@ from torch import nn
 
 from sealtorch.errors import ConfigError, PayloadError
 from sealtorch.payloads.manifest import ImagePreprocessSpec, TensorSpec
-from sealtorch.serving.errors import RequestError, show
+from sealtorch.serving.errors import RequestError
 from sealtorch.serving.preprocess import ImageDecodeError, preprocess_image
-from sealtorch.serving.protocol import (
-    InferenceRequest,
-    RequestInput,
-    binary_output_default,
-    classification_count,
-    shape_text,
-    wants_binary,
-)
-from sealtorch.serving.tensors import (
-    DTYPES,
-    datatype_of,
-    decode_base64_elements,
-    decode_bytes_elements,
-    decode_tensor,
-    encode_binary,
-    encode_bytes_binary,
-    encode_json,
-)
+from sealtorch.serving.protocol import shape_text
+from sealtorch.serving.tensors import DTYPES, datatype_of
 
 if TYPE_CHECKING:
     from sealtorch.api import SealedModel
@@ -67,7 +49,6 @@ __all__ = [
     "IMAGE_INPUT",
     "PROBABILITIES",
     "WARMUP_SIZE",
-    "InferenceResult",
     "ServedModel",
     "check_model_name",
 ]
@@ -95,15 +76,6 @@ def check_model_name(name: str, *, what: str = "model name") -> str:
             "(starting with a letter or digit)"
         )
     return name
-
-
-@dataclass(frozen=True)
-class InferenceResult:
-    """A response document plus the binary output parts (binary tensor data extension)."""
-
-    document: dict[str, Any]
-    binary: tuple[bytes, ...]
-    compute_seconds: float
 
 
 # -- interface inference -----------------------------------------------------------------------
@@ -227,10 +199,12 @@ def _synthetic_png(width: int, height: int) -> bytes:
 
 
 class ServedModel:
-    """A decrypted, warmed-up model and its Open Inference Protocol interface.
+    """A decrypted, warmed-up model and its interface: tensors in, tensors out.
 
-    Thread-safe: :meth:`infer` may run in several threads at once (``torch.inference_mode``,
-    no state is changed).
+    It knows nothing of the wire format: :mod:`sealtorch.serving.codec` checks requests against
+    the interface (:attr:`inputs`, :attr:`outputs`...) and renders the results. Thread-safe:
+    :meth:`forward` may run in several threads at once (``torch.inference_mode``, no state is
+    changed).
     """
 
     platform: Final = "pytorch"
@@ -379,100 +353,22 @@ class ServedModel:
         batch = image.unsqueeze(0).to(DTYPES[self.inputs[0].datatype])
         _warm_up(self.module, self.name, [batch])
 
-    # -- metadata -----------------------------------------------------------------------------
+    # -- inference (tensors in, tensors out) ------------------------------------------------
 
-    def metadata(self) -> dict[str, Any]:
-        """The model metadata response of the protocol."""
-        inputs = list(self.public_inputs)
-        if self.image_input is not None and self.image_input not in inputs:
-            inputs.append(self.image_input)
-        return {
-            "name": self.name,
-            "versions": [self.version],
-            "platform": self.platform,
-            "inputs": [spec.to_json() for spec in inputs],
-            "outputs": [spec.to_json() for spec in self.outputs],
-        }
-
-    # -- inference ----------------------------------------------------------------------------
-
-    def infer(self, request: InferenceRequest) -> InferenceResult:
-        """Run one request (call from a worker thread, never the event loop)."""
-        tensors = self._request_tensors(request)
-        start = time.perf_counter()
-        produced = self._forward(tensors)
-        compute = time.perf_counter() - start
-        return self._response(request, produced, compute)
-
-    def _request_tensors(self, request: InferenceRequest) -> list[torch.Tensor]:
-        given = {item.name: item for item in request.inputs}
-        if self.image_input is not None and self.image_input.name in given:
-            if len(given) != 1:
-                raise RequestError(
-                    f"send either the encoded images ({self.image_input.name!r}) or the "
-                    "tensor input(s), not both"
-                )
-            batch = self._image_batch(given[self.image_input.name])
-            return [batch.to(DTYPES[self.inputs[0].datatype])]
-        expected = [spec.name for spec in self.public_inputs]
-        unknown = [name for name in given if name not in expected]
-        if unknown:
-            accepted = expected + ([self.image_input.name] if self.image_input else [])
-            raise RequestError(
-                f"model {self.name!r} has no input {show(unknown[0])}; its inputs are "
-                f"{', '.join(repr(n) for n in accepted)}"
-            )
-        missing = [name for name in expected if name not in given]
-        if missing:
-            raise RequestError(f"input {missing[0]!r} of model {self.name!r} is missing")
-        return [
-            self._tensor(spec, given[spec.name], f"input {spec.name!r}") for spec in self.inputs
-        ]
-
-    @staticmethod
-    def _tensor(spec: TensorSpec, item: RequestInput, where: str) -> torch.Tensor:
-        if item.datatype != spec.datatype:
-            raise RequestError(
-                f"{where} has datatype {item.datatype}, but the model takes {spec.datatype}"
-            )
-        if len(item.shape) != len(spec.shape) or any(
-            want not in (-1, got) for want, got in zip(spec.shape, item.shape, strict=True)
-        ):
-            raise RequestError(
-                f"{where} has shape {shape_text(item.shape)}, but the model takes "
-                f"{shape_text(spec.shape)} (-1: any size)"
-            )
-        return decode_tensor(
-            datatype=item.datatype, shape=item.shape, data=item.data, raw=item.raw, where=where
-        )
-
-    def _image_batch(self, item: RequestInput) -> torch.Tensor:
+    def images(self, elements: Sequence[bytes], where: str) -> torch.Tensor:
+        """The input batch of encoded images (decoded, preprocessed, stacked)."""
         assert self.preprocess is not None  # noqa: S101 - image_input implies preprocess
-        where = f"input {item.name!r}"
-        if item.datatype != "BYTES":
-            raise RequestError(f"{where} must be BYTES (encoded images), not {item.datatype}")
-        if len(item.shape) != 1 or not 1 <= item.shape[0] <= self.max_images:
-            raise RequestError(
-                f"{where} must have shape [N] with 1 <= N <= {self.max_images} images, "
-                f"not {shape_text(item.shape)}"
-            )
-        content_type = item.parameters.get("content_type")
-        if content_type not in (None, "base64"):
-            raise RequestError(f"{where}.parameters.content_type must be 'base64' if given")
-        elements = decode_bytes_elements(
-            shape=item.shape, data=item.data, raw=item.raw, where=where
-        )
-        if item.raw is None or content_type == "base64":
-            elements = decode_base64_elements(elements, where)
         images = []
         for index, data in enumerate(elements):
             try:
                 images.append(preprocess_image(data, self.preprocess))
             except ImageDecodeError as exc:
                 raise RequestError(f"{where}[{index}]: {exc}") from exc
-        return torch.stack(images)
+        return torch.stack(images).to(DTYPES[self.inputs[0].datatype])
 
-    def _forward(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    def forward(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """The model's outputs for ``tensors`` (its :attr:`inputs`, in order), without the
+        derived probabilities (:meth:`output` computes them). Call from a worker thread."""
         try:
             with torch.inference_mode():
                 produced = _flatten_outputs(self.module(*tensors))
@@ -493,89 +389,22 @@ class ServedModel:
             )
         return [tensor for _, tensor in produced]
 
-    def _response(
-        self, request: InferenceRequest, produced: list[torch.Tensor], compute: float
-    ) -> InferenceResult:
-        binary_default = binary_output_default(request)
-        if request.outputs is None:
-            requested: list[tuple[str, dict[str, Any]]] = [
-                (spec.name, {}) for spec in self.outputs[: len(produced)]
-            ]
-        else:
-            requested = [(out.name, dict(out.parameters)) for out in request.outputs]
-        outputs: list[dict[str, Any]] = []
-        binary: list[bytes] = []
-        for index, (name, parameters) in enumerate(requested):
-            where = f"outputs[{index}]"
-            position = self._output_index.get(name)
-            if position is None:
-                raise RequestError(
-                    f"model {self.name!r} has no output {show(name)}; its outputs are "
-                    f"{', '.join(repr(spec.name) for spec in self.outputs)}"
-                )
-            labelled = position == self.labelled_output
-            if position < len(produced):
-                tensor = produced[position]
-            else:  # the probabilities output
-                assert self.labelled_output is not None  # noqa: S101
-                tensor = torch.softmax(produced[self.labelled_output], dim=-1)
-                labelled = True
-            count = classification_count(parameters, where)
-            as_binary = wants_binary(parameters, binary_default, where)
-            entry: dict[str, Any] = {"name": name}
-            if count is not None:
-                strings = self._classify(tensor, count, labelled=labelled, where=where)
-                entry["datatype"] = "BYTES"
-                entry["shape"] = [*tensor.shape[:-1], min(count, tensor.shape[-1])]
-                flat = [s for row in strings for s in row]
-                if as_binary:
-                    part = encode_bytes_binary([s.encode("utf-8") for s in flat])
-                    entry["parameters"] = {"binary_data_size": len(part)}
-                    binary.append(part)
-                else:
-                    entry["data"] = flat
-            else:
-                entry["datatype"] = datatype_of(tensor.dtype)
-                entry["shape"] = list(tensor.shape)
-                if as_binary:
-                    part = encode_binary(tensor)
-                    entry["parameters"] = {"binary_data_size": len(part)}
-                    binary.append(part)
-                else:
-                    entry["data"] = encode_json(tensor)
-            outputs.append(entry)
-        document: dict[str, Any] = {"model_name": self.name, "model_version": self.version}
-        if request.id is not None:
-            document["id"] = request.id
-        document["outputs"] = outputs
-        return InferenceResult(document=document, binary=tuple(binary), compute_seconds=compute)
+    def output_position(self, name: str) -> int | None:
+        """The position of output ``name`` in :attr:`outputs`, or None."""
+        return self._output_index.get(name)
 
-    def _classify(
-        self, tensor: torch.Tensor, count: int, *, labelled: bool, where: str
-    ) -> list[list[str]]:
-        """Top-k as ``"<value>:<index>[:<label>]"`` strings (the classification extension)."""
-        if tensor.dim() not in (1, 2) or tensor.shape[-1] == 0:
-            raise RequestError(
-                f"{where}: classification needs an output of shape [classes] or "
-                f"[batch, classes], not {shape_text(list(tensor.shape))}"
-            )
-        rows = tensor.unsqueeze(0) if tensor.dim() == 1 else tensor
-        k = min(count, rows.shape[-1])
-        values, indices = torch.sort(rows, dim=-1, descending=True, stable=True)
-        floating = tensor.is_floating_point()
-        labels = self.labels if labelled else None
-        result = []
-        for row_values, row_indices in zip(
-            values[:, :k].tolist(), indices[:, :k].tolist(), strict=True
-        ):
-            row = []
-            for value, index in zip(row_values, row_indices, strict=True):
-                text = f"{float(value)!r}:{index}" if floating else f"{int(value)}:{index}"
-                if labels is not None:
-                    text += f":{labels[index]}"
-                row.append(text)
-            result.append(row)
-        return result
+    def output(self, produced: Sequence[torch.Tensor], position: int) -> torch.Tensor:
+        """Output ``position`` of a :meth:`forward` result (the derived probabilities too)."""
+        if position < len(produced):
+            return produced[position]
+        assert self.labelled_output is not None  # noqa: S101 - only derived probabilities
+        return torch.softmax(produced[self.labelled_output], dim=-1)
+
+    def is_labelled(self, position: int) -> bool:
+        """Whether output ``position`` is ranked over :attr:`labels` (classification)."""
+        return position == self.labelled_output or (
+            self.derived_probabilities and position == len(self.outputs) - 1
+        )
 
 
 # -- helpers of build() ------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Final
 
-from sealtorch.serving.errors import RequestError, show
+from sealtorch.serving.errors import PayloadTooLargeError, RequestError, show
 from sealtorch.serving.jsondata import DEFAULT_MAX_JSON_ELEMENTS, load_request_json
 
 __all__ = [
@@ -36,6 +36,7 @@ __all__ = [
     "RequestInput",
     "RequestedOutput",
     "binary_output_default",
+    "check_target",
     "classification_count",
     "parse_inference_request",
     "render_error",
@@ -105,6 +106,24 @@ class InferenceRequest:
     outputs: tuple[RequestedOutput, ...] | None = None
     id: str | None = None
     parameters: Parameters = field(default_factory=lambda: _EMPTY)
+    #: The model (and version) the body names, as the kserve SDK and KServe transformers send
+    #: it; the route checks it against the URL (:func:`check_target`).
+    model_name: str | None = None
+    model_version: str | None = None
+
+
+def check_target(request: InferenceRequest, name: str, version: str | None) -> None:
+    """Refuse a body that names another model or version than the URL (or gRPC field)."""
+    if request.model_name is not None and request.model_name != name:
+        raise RequestError(
+            f"the request body names model {show(request.model_name)}, but it was sent to "
+            f"model {show(name)}; leave model_name out or make them agree"
+        )
+    if request.model_version is not None and request.model_version != version:
+        raise RequestError(
+            f"the request body names model version {show(request.model_version)}, but it was "
+            f"sent to version {show(version)}; leave model_version out or make them agree"
+        )
 
 
 def _object(value: object, where: str) -> dict[str, Any]:
@@ -164,7 +183,9 @@ def _binary_size(parameters: Parameters, where: str) -> int | None:
     return size
 
 
-_REQUEST_FIELDS: Final = frozenset({"id", "parameters", "inputs", "outputs"})
+_REQUEST_FIELDS: Final = frozenset(
+    {"id", "parameters", "inputs", "outputs", "model_name", "model_version"}
+)
 _INPUT_FIELDS: Final = frozenset({"name", "shape", "datatype", "parameters", "data"})
 _OUTPUT_FIELDS: Final = frozenset({"name", "parameters"})
 
@@ -191,9 +212,19 @@ def parse_inference_request(
                 "Inference-Header-Content-Length must be between 1 and the body size"
             )
         header, binary = body[:json_length], view[json_length:]
-    document = _object(load_request_json(header, max_elements=max_json_elements), "the request")
+    try:
+        loaded = load_request_json(header, max_elements=max_json_elements)
+    except PayloadTooLargeError:
+        raise
+    except RequestError as exc:
+        raise RequestError(_binary_hint(str(exc), body, json_length)) from exc
+    document = _object(loaded, "the request")
     _keys(document, "the request", _REQUEST_FIELDS)
 
+    targets = [
+        _string(document[key], key) if key in document else None
+        for key in ("model_name", "model_version")
+    ]
     request_id = document.get("id")
     if request_id is not None and (
         not isinstance(request_id, str) or len(request_id) > MAX_ID_LENGTH
@@ -281,7 +312,24 @@ def parse_inference_request(
         outputs=outputs,
         id=request_id,
         parameters=_parameters(document.get("parameters"), "parameters"),
+        model_name=targets[0],
+        model_version=targets[1],
     )
+
+
+def _binary_hint(message: str, body: bytes | bytearray, json_length: int | None) -> str:
+    """Say what is likely wrong when a body that carries binary tensor data does not parse."""
+    if json_length is not None:
+        return (
+            f"{message}: the first {json_length} bytes (Inference-Header-Content-Length) are not "
+            "the JSON header; the header must give the exact length of the JSON part"
+        )
+    if b"binary_data_size" in body[:65536] and body.lstrip()[:1] == b"{":
+        return (
+            f"{message}: a body with binary tensor data (binary_data_size) needs the "
+            "Inference-Header-Content-Length header with the length of its JSON part"
+        )
+    return message
 
 
 def classification_count(parameters: Parameters, where: str) -> int | None:

@@ -47,6 +47,7 @@ if TYPE_CHECKING:
     from fastapi import FastAPI
 
     from sealtorch.api import KeyLike
+    from sealtorch.serving.grpc_service import GrpcServer
 
 __all__ = ["InferenceServer", "ModelSource", "SealedModelSource", "ServerSettings"]
 
@@ -73,6 +74,8 @@ class ServerSettings:
     max_images: int = DEFAULT_MAX_IMAGES
     #: Seconds to let in-flight requests finish after SIGTERM.
     drain_timeout: int = 30
+    #: Port of the Open Inference Protocol gRPC service (0: any free port; None: no gRPC).
+    grpc_port: int | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -89,6 +92,8 @@ class ServerSettings:
             raise ConfigError("max_pending must be at least 1")
         if self.max_images < 1:
             raise ConfigError("max_images must be at least 1")
+        if self.grpc_port is not None and not 0 <= self.grpc_port <= 65535:
+            raise ConfigError(f"gRPC port {self.grpc_port} is not in 0..65535")
         if self.drain_timeout < 0:
             raise ConfigError("the drain timeout cannot be negative")
 
@@ -280,6 +285,9 @@ class InferenceServer:
             ),
         )
         self.url: str | None = None
+        #: ``grpc://HOST:PORT`` once bound, with ``settings.grpc_port``.
+        self.grpc_url: str | None = None
+        self._grpc: GrpcServer | None = None
         self.listening = threading.Event()
         self.ready = threading.Event()
         self._on_listening = on_listening
@@ -292,6 +300,8 @@ class InferenceServer:
         """Drain and stop (thread-safe; what SIGTERM does)."""
         self._stop_requested = True
         self.state.stopping = True
+        if self._grpc is not None:
+            self._grpc.serving(False)
         if self._server is not None:
             self._server.should_exit = True
 
@@ -303,6 +313,13 @@ class InferenceServer:
             torch.set_num_threads(self.settings.threads)
         sock = _bind(self.settings.host, self.settings.port)
         self.url = _url(sock)
+        if self.settings.grpc_port is not None:
+            try:
+                self._grpc = self._grpc_server(self.settings.grpc_port)
+            except BaseException:
+                sock.close()
+                raise
+            self.grpc_url = self._grpc.address
         config = uvicorn.Config(
             self.app,
             log_config=None,
@@ -318,6 +335,9 @@ class InferenceServer:
         loader = threading.Thread(target=self._load_all, name="sealtorch-loader", daemon=True)
         try:
             _log.info("listening on %s", self.url)
+            if self._grpc is not None:
+                self._grpc.start()
+                _log.info("gRPC listening on %s", self.grpc_url)
             self.listening.set()
             if self._on_listening is not None:
                 self._on_listening(self.url)
@@ -325,13 +345,29 @@ class InferenceServer:
             self._server.run(sockets=[sock])
         finally:
             sock.close()
+            if self._grpc is not None:
+                self._grpc.stop(self.settings.drain_timeout)
             self.state.close()
         if self._load_error is not None:
             raise self._load_error
         _log.info("stopped")
 
+    def _grpc_server(self, port: int) -> GrpcServer:
+        from sealtorch.serving.grpc_service import GrpcServer
+
+        return GrpcServer(
+            self.state,
+            host=self.settings.host,
+            port=port,
+            max_message_bytes=self.settings.max_body_bytes,
+            max_pending=self.settings.max_pending,
+            workers=self.settings.workers,
+        )
+
     def _signalled(self, sig: int) -> None:
         self.state.stopping = True
+        if self._grpc is not None:
+            self._grpc.serving(False)
         _log.warning(
             "received %s: no new connections; draining in-flight requests (at most %.0f s)",
             signal.Signals(sig).name,
@@ -360,6 +396,8 @@ class InferenceServer:
                 )
             self.state.add(model)
         self.ready.set()
+        if self._grpc is not None:
+            self._grpc.serving(True)
         _log.info(
             "ready: serving %s",
             ", ".join(f"{m.name} (v{m.version})" for m in self.state.models.values()),

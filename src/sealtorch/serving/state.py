@@ -6,13 +6,19 @@ is replaced, never mutated, so readers need no lock.
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from types import MappingProxyType
 
 from sealtorch.errors import ConfigError
-from sealtorch.serving.errors import ModelNotFoundError, ModelNotReadyError, show
+from sealtorch.serving.errors import (
+    ModelNotFoundError,
+    ModelNotReadyError,
+    ServerBusyError,
+    show,
+)
 from sealtorch.serving.metrics import ServingMetrics
 from sealtorch.serving.model import ServedModel
 
@@ -33,7 +39,8 @@ class ServerState:
         self.executor = ThreadPoolExecutor(
             max_workers=workers, thread_name_prefix="sealtorch-infer"
         )
-        self.pending = 0  # only touched on the event loop thread
+        self.pending = 0  # requests admitted and not finished (REST and gRPC)
+        self._pending_lock = threading.Lock()
         self._models: MappingProxyType[str, ServedModel] = MappingProxyType({})
         self._lock = threading.Lock()
         self._all_loaded = False
@@ -68,6 +75,23 @@ class ServerState:
     @property
     def models(self) -> MappingProxyType[str, ServedModel]:
         return self._models
+
+    @contextlib.contextmanager
+    def admitted(self, limit: int) -> Iterator[None]:
+        """Count one request as pending while it runs; 503 when ``limit`` already are.
+
+        Thread-safe: REST requests are admitted on the event loop, gRPC requests in the gRPC
+        server's threads, against the same count.
+        """
+        with self._pending_lock:
+            if self.pending >= limit:
+                raise ServerBusyError(f"{self.pending} requests are already queued; retry shortly")
+            self.pending += 1
+        try:
+            yield
+        finally:
+            with self._pending_lock:
+                self.pending -= 1
 
     def known(self, name: str) -> bool:
         return name in self.names
