@@ -359,6 +359,8 @@ class ServeEnclave:
     names: tuple[str, ...] = ()
     host: str = "0.0.0.0"  # noqa: S104 - the enclave serves other machines
     port: int = 8080
+    #: Port of the Open Inference Protocol gRPC service (``serve --grpc-port``); None: REST only.
+    grpc_port: int | None = None
     threads: int = 4
     workers: int = 1
     #: Extra trusted files mounted at their own path (e.g. the key cache's CA certificate).
@@ -374,6 +376,23 @@ class ServeEnclave:
     isvprodid: int = 1
     isvsvn: int = 1
     layout: GramineLayout = field(default_factory=GramineLayout)
+
+
+def _grpc_port(config: ServeEnclave) -> int | None:
+    """The gRPC port, from ``grpc_port`` or an extra ``--grpc-port`` argument (not both)."""
+    args = list(config.extra_args)
+    given = [
+        arg.partition("=")[2] if "=" in arg else (args[i + 1] if i + 1 < len(args) else "")
+        for i, arg in enumerate(args)
+        if arg == "--grpc-port" or arg.startswith("--grpc-port=")
+    ]
+    if given and config.grpc_port is not None:
+        raise ConfigError("give the gRPC port once (grpc_port or --grpc-port in the extra args)")
+    if not given:
+        return config.grpc_port
+    if len(given) > 1 or not given[0].isdigit():
+        raise ConfigError("--grpc-port in the extra args must be given once, as a port number")
+    return int(given[0])
 
 
 def render_serve_manifest(config: ServeEnclave, *, runtime: PythonRuntime | None = None) -> str:
@@ -393,6 +412,12 @@ def render_serve_manifest(config: ServeEnclave, *, runtime: PythonRuntime | None
         raise ConfigError("give one name per model, or none")
     if not 1 <= config.port <= 65535:
         raise ConfigError("the port must be in 1..65535 (port 0 cannot be published)")
+    grpc_port = _grpc_port(config)
+    if grpc_port is not None and (not 1 <= grpc_port <= 65535 or grpc_port == config.port):
+        raise ConfigError(
+            "the gRPC port must be in 1..65535 and differ from the HTTP port (port 0 cannot be "
+            "published)"
+        )
     if config.threads < 1 or config.workers < 1:
         raise ConfigError("threads and workers must be at least 1")
     models = [Path(path).absolute() for path in config.models]
@@ -405,6 +430,8 @@ def render_serve_manifest(config: ServeEnclave, *, runtime: PythonRuntime | None
     for key in _pins(config.keyserver_pubkeys, config.extra_args):
         argv += ["--keyserver-pubkey", key]
     argv += ["--host", config.host, "--port", str(config.port)]
+    if config.grpc_port is not None:
+        argv += ["--grpc-port", str(config.grpc_port)]
     argv += ["--threads", str(config.threads), "--workers", str(config.workers)]
     for name in config.names:
         argv += ["--name", name]
@@ -416,6 +443,8 @@ def render_serve_manifest(config: ServeEnclave, *, runtime: PythonRuntime | None
     values = {
         **_environment(runtime, config.layout, [*model_dirs, *trusted]),
         "argv": argv,
+        "port": config.port,
+        "grpc_port": grpc_port,
         "omp_threads": str(config.threads),
         "domain_names": _needs_dns(endpoint.host),
         "edmm": config.edmm,
