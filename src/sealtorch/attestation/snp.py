@@ -228,9 +228,11 @@ class SnpVerifier:
                     + " that endorses this report"
                 )
             this_update, next_update = amdsev.crl_window(chain.crl)
-            start = max(start, this_update)
-            if next_update is not None:
-                end = min(end, next_update)
+            if next_update is None:
+                raise CollateralError(
+                    f"the {product} CRL has no nextUpdate: its freshness cannot be judged"
+                )
+            start, end = max(start, this_update), min(end, next_update)
         try:
             spl = {
                 name: _der_int(amdsev.extension_bytes(cert, oid), name)

@@ -426,3 +426,56 @@ def test_evidence_detection_keeps_dcap_and_snp_apart(
     assert detect_evidence(real["report"].hex().encode()).type == "sev-snp"
     shutil.copy(attestation_samples / "snp" / "report_milan.hex", tmp_path / "r.hex")
     assert detect_evidence((tmp_path / "r.hex").read_bytes()).data == real["report"]
+
+
+def test_vlek_signed_reports_use_the_vlek_chain(tmp_path: Path) -> None:
+    """A VLEK (cloud-provider key) report: the VLEK comes with the report and chains through
+    the ASVK (``SEV-VLEK-Milan``) to the same ARK; there is no chip id to match."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec, padding
+
+    amd = FakeAmd()
+    pss = padding.PSS(mgf=padding.MGF1(hashes.SHA384()), salt_length=48)
+    asvk = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name.from_rfc4514_string("CN=SEV-VLEK-Milan"))
+        .issuer_name(amd.ark.subject)
+        .public_key(amd.ask_key.public_key())
+        .serial_number(7)
+        .not_valid_before(amd.ark.not_valid_before_utc)
+        .not_valid_after(amd.ark.not_valid_after_utc)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(amd.ark_key, hashes.SHA384(), rsa_padding=pss)
+    )
+    vlek_key = ec.generate_private_key(ec.SECP384R1())
+    vlek = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name.from_rfc4514_string("CN=SEV-VLEK"))
+        .issuer_name(asvk.subject)
+        .public_key(vlek_key.public_key())
+        .serial_number(8)
+        .not_valid_before(amd.ark.not_valid_before_utc)
+        .not_valid_after(amd.ark.not_valid_after_utc)
+        .sign(amd.ask_key, hashes.SHA384(), rsa_padding=pss)
+    )
+    cache = amd.write_cache(tmp_path / "snp")
+    folder = cache / "Milan"
+    (folder / "vlek_cert_chain.pem").write_bytes(
+        asvk.public_bytes(Encoding.PEM) + amd.ark.public_bytes(Encoding.PEM)
+    )
+    verifier = _verifier(amd, cache)
+    report = amd.report(b"\3" * 64, signing_key=1, key=vlek_key)
+    evidence = Evidence(type="sev-snp", data=report + amd.cert_table(vlek, vlek=True))
+    with pytest.raises(CollateralError, match="no CRL for Milan"):
+        verifier.verify(evidence, now=NOW)
+    (folder / "vlek_crl.der").write_bytes(amd.crl())
+    claims = verifier.verify(evidence, now=NOW)
+    assert claims.snp_signing_key == "vlek"
+    assert claims.report_data == b"\3" * 64
+    # the VCEK chain does not vouch for a VLEK, nor the VLEK for a VCEK-signed report
+    vcek_labelled = amd.report(b"\3" * 64, signing_key=0, key=vlek_key)
+    with pytest.raises(EvidenceError):
+        verifier.verify(
+            Evidence(type="sev-snp", data=vcek_labelled + amd.cert_table(vlek)), now=NOW
+        )
