@@ -1,17 +1,33 @@
-"""Liveness, readiness and Prometheus metrics (with the current insecure policies, read from
-the key store at each scrape). Both probes say whether the simulated TEE is trusted
-(``"simulated_tee": true``: development only)."""
+"""Liveness, readiness, the authenticated status and Prometheus metrics (with the current
+insecure policies, read from the key store at each scrape). Both probes say whether the
+simulated TEE is trusted (``"simulated_tee": true``: development only).
+
+``/readyz`` is 503 whenever the store cannot *commit* (database down, disk full, corruption):
+it proves a commit (``Store.probe``, at most one write a second) and recovers by itself when
+the cause goes. Its body is for anyone who can reach the port, so it names no host, port,
+path or driver message: those go to the log and to ``GET /v1/admin/status`` (an admin token with
+scope ``read``).
+"""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response
+import logging
+from typing import Annotated, Any
 
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from sealtorch.errors import StorageCorruptError, StorageError, StorageFullError
 from sealtorch.keyserver.metrics import CONTENT_TYPE
-from sealtorch.keyserver.routes._common import runtime
-from sealtorch.keyserver.service import ServiceError
+from sealtorch.keyserver.routes._common import bearer_token, client_address, runtime
+from sealtorch.keyserver.service import ErrorKind, ServiceError
+from sealtorch.keyserver.tokens import InvalidTokenError, authenticate_admin
+from sealtorch.protocol.admin import AdminScope
 
 router = APIRouter(tags=["health"])
+_log = logging.getLogger(__name__)
+_bearer = HTTPBearer(auto_error=False, scheme_name="admin")
 
 
 @router.get("/healthz", summary="Liveness: the process serves requests")
@@ -25,16 +41,97 @@ def _simulated_tee(request: Request) -> bool:
     return service is not None and service.simulated_tee
 
 
-@router.get(
-    "/readyz",
-    summary="Readiness: the key store answers with the expected schema",
-    responses={503: {"description": "the key store is unavailable"}},
-)
-async def readyz(request: Request) -> JSONResponse:
+def _store_problem(exc: StorageError) -> str:
+    """The coarse kind of a store failure (shown only to authenticated callers and the log)."""
+    if isinstance(exc, StorageCorruptError):
+        return "store_corrupt"
+    if isinstance(exc, StorageFullError):
+        return "store_full"
+    return "store_unavailable"
+
+
+async def _store_state(request: Request) -> tuple[str | None, str | None]:
+    """``(None, None)`` when the store can commit, else ``(problem, detail)`` (logged)."""
     state = runtime(request)
     service = state.require_service()
-    await state.run(service.check_ready)
-    return JSONResponse({"status": "ready", "simulated_tee": service.simulated_tee})
+
+    def check() -> None:
+        service.store.check_schema()
+        service.store.probe()
+
+    try:
+        await state.run(check)
+    except StorageError as exc:
+        problem = _store_problem(exc)
+        _log.warning("not ready (%s): %s", problem, exc)
+        return problem, str(exc)
+    return None, None
+
+
+@router.get(
+    "/readyz",
+    summary="Readiness: the key store can commit (not down, full or corrupt)",
+    responses={503: {"description": "not ready; the reason is in the log and /v1/admin/status"}},
+)
+async def readyz(request: Request) -> JSONResponse:
+    problem, _ = await _store_state(request)
+    if problem is not None:
+        # Nothing internal: no host, port, path or driver text for unauthenticated callers.
+        return JSONResponse(
+            {"status": "unavailable", "reason": "store_unavailable"},
+            status_code=503,
+            headers={"Retry-After": "5"},
+        )
+    return JSONResponse({"status": "ready", "simulated_tee": _simulated_tee(request)})
+
+
+@router.get(
+    "/v1/admin/status",
+    summary="Operator status: why the server is (not) ready, with details (scope: read)",
+    openapi_extra={"x-sealtorch-scopes": [AdminScope.READ.value]},
+)
+async def status(
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> JSONResponse:
+    state = runtime(request)
+    service = state.require_service()
+    token = bearer_token(credentials, "admin token")
+    # Authentication reads the store: with the database down this answers 503 (see the log).
+    try:
+        record = await state.run(authenticate_admin, service.store, token, now=service.now())
+    except InvalidTokenError as exc:
+        _log.warning(
+            "status request refused: %s token",
+            exc.reason,
+            extra={"client": client_address(request)},
+        )
+        raise ServiceError(ErrorKind.FORBIDDEN, "token_invalid", str(exc)) from exc
+    except StorageError as exc:
+        _log.warning("status request: the store cannot authenticate the token: %s", exc)
+        raise ServiceError(
+            ErrorKind.UNAVAILABLE, "store_unavailable", "the key store is unavailable"
+        ) from exc
+    if AdminScope.READ not in record.scopes:
+        _log.warning("status request refused: token %s lacks scope 'read'", record.token_id)
+        raise ServiceError(
+            ErrorKind.FORBIDDEN,
+            "insufficient_scope",
+            "this token lacks scope 'read', needed to read the server status",
+        )
+    problem, detail = await _store_state(request)
+    store = service.store
+    body: dict[str, Any] = {
+        "status": "ready" if problem is None else "unavailable",
+        "store": {
+            "backend": store.backend,
+            "ok": problem is None,
+            "problem": problem,
+            "detail": detail,
+        },
+        "simulated_tee": service.simulated_tee,
+    }
+    return JSONResponse(body, status_code=200)
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
