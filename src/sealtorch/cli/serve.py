@@ -135,6 +135,16 @@ Details: docs/serving.md; enclave deployment: docs/deployment.md.
     "given. Messages are limited by --max-body-size.",
 )
 @click.option(
+    "--tls-cert",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="Serve HTTPS (and gRPC over TLS) with this certificate chain (PEM); with --tls-key.",
+)
+@click.option(
+    "--tls-key",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="Private key of --tls-cert (PEM; refused if other users can read it).",
+)
+@click.option(
     "--threads",
     type=click.IntRange(min=1),
     help="PyTorch threads per inference (default: PyTorch's choice, one per core).",
@@ -216,6 +226,8 @@ def serve(
     host: str,
     port: int,
     grpc_port: int | None,
+    tls_cert: Path | None,
+    tls_key: Path | None,
     threads: int | None,
     workers: int,
     max_body_size: str,
@@ -249,6 +261,8 @@ def serve(
         host=host,
         port=port,
         grpc_port=grpc_port,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
         threads=threads,
         workers=workers,
         max_body_bytes=_parse_size(max_body_size),

@@ -28,6 +28,7 @@ import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Final
 
@@ -382,6 +383,8 @@ class GrpcServer:
         max_message_bytes: int,
         max_pending: int,
         workers: int,
+        tls_cert: Path | None = None,
+        tls_key: Path | None = None,
     ) -> None:
         self._threads = ThreadPoolExecutor(
             max_workers=max_pending + workers + 4, thread_name_prefix="sealtorch-grpc"
@@ -405,13 +408,19 @@ class GrpcServer:
         )
         shown = f"[{host}]" if ":" in host else host
         try:
-            self.port = self._server.add_insecure_port(f"{shown}:{port}")
+            if tls_cert is not None and tls_key is not None:
+                credentials = grpc.ssl_server_credentials(
+                    [(tls_key.read_bytes(), tls_cert.read_bytes())]
+                )
+                self.port = self._server.add_secure_port(f"{shown}:{port}", credentials)
+            else:
+                self.port = self._server.add_insecure_port(f"{shown}:{port}")
         except RuntimeError as exc:
             raise ConfigError(
                 f"cannot listen on {shown}:{port} for gRPC: the address is taken or not "
                 "available (--grpc-port 0 picks a free port and prints it)"
             ) from exc
-        self.address = f"grpc://{shown}:{self.port}"
+        self.address = f"{'grpcs' if tls_cert else 'grpc'}://{shown}:{self.port}"
 
     def start(self) -> None:
         self._server.start()

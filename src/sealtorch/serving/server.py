@@ -19,10 +19,12 @@ exits non-zero with its message (and, for refused keys, the reasons).
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import signal
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Generator, Iterable, Sequence
@@ -76,6 +78,9 @@ class ServerSettings:
     drain_timeout: int = 30
     #: Port of the Open Inference Protocol gRPC service (0: any free port; None: no gRPC).
     grpc_port: int | None = None
+    #: TLS certificate (chain, PEM) and its key: HTTPS and gRPC over TLS (both or neither).
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -94,6 +99,8 @@ class ServerSettings:
             raise ConfigError("max_images must be at least 1")
         if self.grpc_port is not None and not 0 <= self.grpc_port <= 65535:
             raise ConfigError(f"gRPC port {self.grpc_port} is not in 0..65535")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError("give both --tls-cert and --tls-key, or neither")
         if self.drain_timeout < 0:
             raise ConfigError("the drain timeout cannot be negative")
 
@@ -247,10 +254,18 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _url(sock: socket.socket) -> str:
+def _url(sock: socket.socket, scheme: str = "http") -> str:
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
-    return f"http://{shown}:{port}"
+    return f"{scheme}://{shown}:{port}"
+
+
+def _ssl_context(cert: str, key: str, config: object, default: object) -> ssl.SSLContext:
+    """uvicorn ``ssl_context_factory``: the project's TLS >= 1.2 server context."""
+    del config, default
+    from sealtorch._crypto.tls import server_ssl_context
+
+    return server_ssl_context(cert_path=cert, key_path=key)
 
 
 class InferenceServer:
@@ -311,8 +326,13 @@ class InferenceServer:
             import torch
 
             torch.set_num_threads(self.settings.threads)
+        tls: dict[str, object] = {}
+        if self.settings.tls_cert is not None and self.settings.tls_key is not None:
+            cert, key = str(self.settings.tls_cert), str(self.settings.tls_key)
+            _ssl_context(cert, key, None, None)  # fail fast: unreadable, mismatched, exposed key
+            tls["ssl_context_factory"] = functools.partial(_ssl_context, cert, key)
         sock = _bind(self.settings.host, self.settings.port)
-        self.url = _url(sock)
+        self.url = _url(sock, "https" if tls else "http")
         if self.settings.grpc_port is not None:
             try:
                 self._grpc = self._grpc_server(self.settings.grpc_port)
@@ -328,6 +348,7 @@ class InferenceServer:
             server_header=False,
             timeout_graceful_shutdown=self.settings.drain_timeout,
             **http_options(self.settings.read_timeouts),
+            **tls,  # type: ignore[arg-type]
         )
         self._server = _Uvicorn(config, self._signalled)
         if self._stop_requested:
@@ -362,6 +383,8 @@ class InferenceServer:
             max_message_bytes=self.settings.max_body_bytes,
             max_pending=self.settings.max_pending,
             workers=self.settings.workers,
+            tls_cert=self.settings.tls_cert,
+            tls_key=self.settings.tls_key,
         )
 
     def _signalled(self, sig: int) -> None:

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import grpc
+import httpx
 import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -244,3 +247,39 @@ def test_a_taken_grpc_port_is_a_clear_error(sealed_set: SealedSet) -> None:
         server = InferenceServer(ServerSettings(port=0, grpc_port=port), [source])
         with pytest.raises(ConfigError, match=f"cannot listen on 127.0.0.1:{port} for gRPC"):
             server.run()
+
+
+def test_tls_serves_https_and_grpc_with_the_same_certificate(
+    sealed_set: SealedSet, tmp_path: Path
+) -> None:
+    from sealtorch._crypto import tls
+
+    ca = tls.create_dev_ca(cert_path=tmp_path / "ca.pem", key_path=tmp_path / "ca.key")
+    server_cert = tls.create_server_certificate(
+        ca=ca, cert_path=tmp_path / "server.pem", key_path=tmp_path / "server.key"
+    )
+    source = SealedModelSource(sealed_set.mlp, key=sealed_set.key_file, allowed_archs=ALLOWED_ARCHS)
+    settings = ServerSettings(
+        port=0, grpc_port=0, tls_cert=server_cert.cert, tls_key=server_cert.key
+    )
+    with running_server([source], settings) as server:
+        assert server.url is not None
+        assert server.grpc_url is not None
+        assert server.url.startswith("https://127.0.0.1:")
+        assert server.grpc_url.startswith("grpcs://127.0.0.1:")
+        trust = ssl.create_default_context(cafile=str(ca.cert))
+        answer = httpx.get(f"{server.url}/v2/health/ready", verify=trust, timeout=30)
+        assert answer.json() == {"ready": True}
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(f"{server.url}/v2/health/ready", timeout=30)  # not the system's CA
+        address = server.grpc_url.removeprefix("grpcs://")
+        credentials = grpc.ssl_channel_credentials(root_certificates=ca.cert.read_bytes())
+        with grpc.secure_channel(address, credentials) as channel:
+            assert _call(channel, "ServerReady").ready
+        with grpc.insecure_channel(address) as channel:
+            assert _code(channel, "ServerLive")[0] == grpc.StatusCode.UNAVAILABLE
+
+
+def test_tls_needs_both_files_and_a_private_key(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="give both --tls-cert and --tls-key"):
+        ServerSettings(tls_cert=tmp_path / "server.pem")
