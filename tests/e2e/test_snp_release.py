@@ -213,3 +213,40 @@ def test_serve_accepts_tee_snp_and_fails_clearly_outside_an_snp_guest(
     )
     assert result.returncode != 0
     assert "not an SEV-SNP guest" in result.stderr + result.stdout, result.stderr
+
+
+def test_snp_evidence_for_another_key_is_refused_by_the_server(stack: Stack) -> None:
+    """The host swaps the HPKE key of a genuine SNP guest's request: binding_mismatch."""
+    import ssl
+
+    import httpx
+
+    from sealtorch._crypto import hpke
+    from sealtorch.attestation import report_data_for
+    from sealtorch.protocol import b64decode, b64encode
+
+    with AdminClient(stack.url, token=stack.token, ca=stack.tls.ca) as admin:
+        admin.create_model(MODEL, key=generate_key())
+        admin.set_policy(MODEL, _policy())
+    suite = hpke.DEFAULT_SUITE
+    honest = hpke.generate_private_key(suite).public_key().encode()
+    attacker = hpke.generate_private_key(suite).public_key().encode()
+    context = ssl.create_default_context(cafile=str(stack.tls.ca))
+    with httpx.Client(base_url=stack.url, verify=context) as http:
+        nonce = b64decode(http.post("/v1/attestation/challenge", json={}).json()["nonce"])
+        evidence = FakeSnpTsm(stack.tsm_root, stack.amd).evidence(
+            report_data_for(nonce=nonce, hpke_suite=suite, public_key=honest)
+        )
+        response = http.post(
+            "/v1/keys/release",
+            json={
+                "nonce": b64encode(nonce),
+                "evidence": evidence.to_wire(),
+                "hpke": {"suite": suite, "public_key": b64encode(attacker)},
+                "models": [MODEL],
+                "session": False,
+            },
+        )
+    assert response.status_code == 403
+    assert "binding_mismatch" in response.text
+    assert "sealed_key" not in response.text
