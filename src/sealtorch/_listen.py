@@ -1,8 +1,12 @@
 """What the three servers share about listening and reading requests.
 
-The key server, the key cache and the inference server each bind their own sockets; they word
-the failure the same way through :func:`listen_error`, and a port that is already taken also
-says how to get a free one (each server's option for port 0).
+The key server, the key cache and the inference server bind their sockets here: TCP
+(:func:`listen_tcp`: IPv4 or IPv6, optionally ``SO_REUSEPORT`` for the key server's workers)
+and Unix sockets (:func:`listen_unix`: born with a restrictive mode, a stale socket file is
+replaced but a live one or any other file is not), all with one :data:`BACKLOG`, and TLS
+contexts from one place (:func:`tls_context`). A failure is worded the same way by
+:func:`listen_error`, and a port that is already taken also says how to get a free one (each
+server's option for port 0).
 
 Each also reads HTTP/1.1 with its own parser (uvicorn's for the key server and the inference
 server, :mod:`sealtorch.keycache._http` for the key cache), and every connection of all three is
@@ -14,18 +18,40 @@ of a body, is disconnected instead of holding the connection (and its buffers) f
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
+import grp
 import math
-from collections.abc import Callable
+import os
+import socket
+import stat
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Final
+from pathlib import Path
+from typing import TYPE_CHECKING, Final
 
 from sealtorch.errors import ConfigError
 
-__all__ = ["MAX_HEAD_BYTES", "ReadTimeouts", "ReadWatch", "listen_error"]
+if TYPE_CHECKING:
+    import ssl
+
+__all__ = [
+    "BACKLOG",
+    "MAX_HEAD_BYTES",
+    "ReadTimeouts",
+    "ReadWatch",
+    "host_port",
+    "listen_error",
+    "listen_tcp",
+    "listen_unix",
+    "socket_url",
+    "tls_context",
+]
 
 #: Largest request line plus headers a server reads (431 beyond; uvicorn's h11 default).
 MAX_HEAD_BYTES: Final = 16 * 1024
+#: Connections the kernel queues for every listening socket before the server accepts them.
+BACKLOG: Final = 2048
 _LONGEST: Final = 3600.0
 
 
@@ -40,6 +66,114 @@ def listen_error(where: str, exc: OSError, *, free_port: str | None = None) -> C
         message += "; another process is listening there: stop it or choose another "
         message += f"port ({free_port} picks a free one and prints it)" if free_port else "address"
     return ConfigError(message)
+
+
+def host_port(host: str, port: int) -> str:
+    """``HOST:PORT``, an IPv6 address in brackets (``[::1]:8443``)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def listen_tcp(
+    host: str,
+    port: int,
+    *,
+    free_port: str | None = "--port 0",
+    reuse_port: bool = False,
+    listen: bool = True,
+) -> socket.socket:
+    """A TCP socket bound to ``host`` (an IPv6 address if it has a colon, else IPv4 or a name)
+    and ``port`` (0: a free one), listening unless ``listen`` is false (a port only held).
+
+    ``reuse_port``: ``SO_REUSEPORT``, so several processes of the same user each listen on the
+    port. ``free_port`` is how to ask the server for a free port, for the error when the port
+    is taken. Failures are :class:`ConfigError` (:func:`listen_error`).
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+        if listen:
+            sock.listen(BACKLOG)
+    except OSError as exc:
+        sock.close()
+        raise listen_error(host_port(host, port), exc, free_port=free_port) from exc
+    return sock
+
+
+def listen_unix(
+    path: Path, *, mode: int = 0o600, group: str | None = None, group_option: str = "--socket-group"
+) -> socket.socket:
+    """A listening Unix socket at ``path`` with exactly ``mode`` (and ``group``, named in
+    errors as ``group_option``). A socket file nobody listens on is replaced; a live socket or
+    any other file is refused (:class:`ConfigError`)."""
+    gid = -1
+    if group is not None:
+        try:
+            gid = grp.getgrnam(group).gr_gid
+        except KeyError as exc:
+            raise ConfigError(f"{group_option} {group!r}: no such group on this host") from exc
+    path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+    _remove_stale_socket(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        with _umask(0o177):  # the socket file is born 0600: never open to everyone
+            sock.bind(str(path))
+        if gid != -1:
+            os.chown(path, -1, gid)
+        path.chmod(mode)
+        sock.listen(BACKLOG)
+    except OSError as exc:
+        sock.close()
+        raise listen_error(str(path), exc) from exc
+    return sock
+
+
+@contextlib.contextmanager
+def _umask(mask: int) -> Iterator[None]:
+    old = os.umask(mask)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def _remove_stale_socket(path: Path) -> None:
+    try:
+        info = path.lstat()
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(info.st_mode):
+        raise ConfigError(f"{path} exists and is not a socket; refusing to replace it")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except OSError as exc:
+        if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT):
+            raise ConfigError(f"cannot check the existing socket {path}: {exc.strerror}") from exc
+        path.unlink(missing_ok=True)  # stale: nobody listens
+    else:
+        raise ConfigError(f"another process is listening on {path}; stop it or pick another path")
+    finally:
+        probe.close()
+
+
+def socket_url(sock: socket.socket, *, scheme: str) -> str:
+    """Where a bound socket answers: ``unix:///path`` or ``SCHEME://HOST:PORT``."""
+    if sock.family == socket.AF_UNIX:
+        return f"unix://{sock.getsockname()}"
+    host, port = sock.getsockname()[:2]
+    return f"{scheme}://{host_port(host, port)}"
+
+
+def tls_context(cert: str | os.PathLike[str], key: str | os.PathLike[str]) -> ssl.SSLContext:
+    """The servers' TLS context (TLS >= 1.2, :func:`sealtorch._crypto.tls.server_ssl_context`)
+    for a certificate chain and its key; :class:`ConfigError` when they cannot be loaded."""
+    from sealtorch._crypto.tls import server_ssl_context
+
+    return server_ssl_context(cert_path=cert, key_path=key)
 
 
 @dataclass(frozen=True)

@@ -15,15 +15,16 @@ import asyncio
 import functools
 import logging
 import math
+import ssl
 from typing import Any, Final, cast
 
 from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 from uvicorn.server import ServerState
 
-from sealtorch._listen import MAX_HEAD_BYTES, ReadTimeouts, ReadWatch
+from sealtorch._listen import MAX_HEAD_BYTES, ReadTimeouts, ReadWatch, tls_context
 
-__all__ = ["TimedHttpToolsProtocol", "http_options"]
+__all__ = ["TimedHttpToolsProtocol", "http_options", "tls_options"]
 
 _log = logging.getLogger("sealtorch.http")
 
@@ -117,3 +118,17 @@ def http_options(timeouts: ReadTimeouts) -> dict[str, Any]:
         "http": cast("type[asyncio.Protocol]", protocol),
         "timeout_keep_alive": max(1, math.ceil(timeouts.keep_alive)),
     }
+
+
+def tls_options(cert: str, key: str) -> dict[str, Any]:
+    """``uvicorn.Config`` keyword arguments that serve TLS with :func:`sealtorch._listen.
+    tls_context` (picklable, for worker processes). The context is built once here, so a bad
+    certificate or key fails at start, in this process."""
+    tls_context(cert, key)
+    return {"ssl_context_factory": functools.partial(_tls_factory, cert, key)}
+
+
+def _tls_factory(cert: str, key: str, config: Any, default: Any) -> ssl.SSLContext:
+    """uvicorn's ``ssl_context_factory`` (a module-level function, so the config pickles)."""
+    del config, default
+    return tls_context(cert, key)

@@ -348,10 +348,11 @@ def test_workers_stop_when_the_supervisor_is_killed(tmp_path: Path, attester: Si
 
 
 def test_a_worker_that_cannot_start_stops_the_server(tmp_path: Path) -> None:
+    from sealtorch._listen import listen_tcp
     from sealtorch.errors import ConfigError
-    from sealtorch.keyserver._workers import WorkerSpec, listen_reusable, run_workers
+    from sealtorch.keyserver._workers import WorkerSpec, run_workers
 
-    holder = listen_reusable("127.0.0.1", 0, listen=False)
+    holder = listen_tcp("127.0.0.1", 0, reuse_port=True, listen=False)
     try:
         spec = WorkerSpec(
             app="sealtorch_no_such_module:app",

@@ -3,28 +3,15 @@
 from __future__ import annotations
 
 import functools
-import gc
 import logging
 import os
-import shutil
-import socket
-import ssl
 import sys
-import tempfile
 from pathlib import Path
-from typing import Any
 
 import click
 
-from sealtorch._listen import listen_error
 from sealtorch.cli._options import trust_sim_key_option
 from sealtorch.errors import ConfigError
-
-_log = logging.getLogger("sealtorch.keyserver")
-
-#: Set by ``serve`` for worker processes (``--workers N``): the data directory and log setup.
-_DIR_ENV = "SEALTORCH_KEYSERVER_DIR"
-_LOG_ENV = "_SEALTORCH_KEYSERVER_LOG"
 
 
 @click.group(
@@ -189,65 +176,6 @@ def init(
         click.echo(result.admin_token)
 
 
-def _ssl_context(cert: str, key: str, config: Any, default: Any) -> ssl.SSLContext:
-    """uvicorn ``ssl_context_factory``: our TLS >= 1.2 context (a module-level function so the
-    config can be pickled to worker processes)."""
-    del config, default
-    from sealtorch._crypto.tls import server_ssl_context
-
-    return server_ssl_context(cert_path=cert, key_path=key)
-
-
-def _worker_app() -> Any:
-    """App factory for ``--workers N``: each worker process opens its own store and key."""
-    from sealtorch.cli._logging import configure_logging
-    from sealtorch.keyserver.app import create_app
-    from sealtorch.keyserver.settings import load_settings
-
-    level, _, log_format = os.environ.get(_LOG_ENV, "30,text").partition(",")
-    configure_logging(level=int(level), json_format=log_format == "json")
-    app = create_app(load_settings(os.environ[_DIR_ENV]))
-    _freeze_heap()
-    return app
-
-
-def _freeze_heap() -> None:
-    """Move everything allocated so far (modules, schemas, the app) out of the garbage
-    collector's sight: full collections under load then scan only request garbage (measured:
-    p99 of the release benchmark 48-59 ms -> 41-45 ms)."""
-    gc.collect()
-    gc.freeze()
-
-
-def _listen(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as exc:
-        sock.close()
-        raise listen_error(f"{host}:{port}", exc, free_port="--port 0") from exc
-    sock.listen(2048)
-    sock.set_inheritable(True)
-    return sock
-
-
-def _listen_unix(path: Path) -> socket.socket:
-    if path.exists():
-        path.unlink()
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.bind(str(path))
-    except OSError as exc:
-        sock.close()
-        raise listen_error(str(path), exc) from exc
-    path.chmod(0o660)
-    sock.listen(2048)
-    sock.set_inheritable(True)
-    return sock
-
-
 @keyserver.command(
     epilog="""\b
 Examples:
@@ -296,108 +224,26 @@ def serve(
     allow_sim: bool | None,
 ) -> None:
     """Run the key server over HTTPS (uvicorn)."""
-    import uvicorn
+    from sealtorch.cli._logging import configure_logging
+    from sealtorch.keyserver.server import run
 
-    from sealtorch._uvicorn import http_options
-    from sealtorch.keyserver._workers import WorkerSpec, listen_reusable, run_workers
-    from sealtorch.keyserver.app import create_app, open_verifiers
-    from sealtorch.keyserver.datadir import open_serving_store
-    from sealtorch.keyserver.masterkey import open_master_key
-    from sealtorch.keyserver.metrics import MULTIPROC_ENV
-    from sealtorch.keyserver.settings import load_settings
-    from sealtorch.keyserver.signingkey import open_signing_key
+    root = logging.getLogger()
+    json_logs = any(type(h.formatter).__name__ == "JsonFormatter" for h in root.handlers)
 
-    overrides: dict[str, dict[str, Any]] = {
-        "server": {"host": host, "port": port, "workers": workers},
-        "attestation": {"allow_simulated_tee_insecure": allow_sim or None},
-    }
-    settings = load_settings(data_dir, overrides=overrides)
-    if unix_socket is None and not settings.tls_enabled:
-        raise ConfigError(
-            "TLS is disabled in the configuration; the key server only serves TCP over HTTPS "
-            "(use --unix-socket for local plain-HTTP clients)"
-        )
-    # Fail fast, in this process, on a bad database, master key or signing key; migrate once.
-    if settings.signing_key is None:  # pragma: no cover - load_settings always sets it
-        raise ConfigError("the configuration names no release-signing key")
-    store = open_serving_store(data_dir, settings)  # refuses a missing/empty/foreign store
-    master = open_master_key(settings.master_key)
-    signer = open_signing_key(settings.signing_key)
-    verifiers = open_verifiers(settings)
+    def announce(url: str) -> None:
+        click.echo(f"listening on {url}")
+        sys.stdout.flush()
 
-    many = settings.workers > 1
-    if unix_socket:
-        sock = _listen_unix(unix_socket)
-    elif many:  # the parent only holds the port; each worker listens on it (SO_REUSEPORT)
-        sock = listen_reusable(settings.host, settings.port, listen=False)
-    else:
-        sock = _listen(settings.host, settings.port)
-    if unix_socket:
-        url = f"unix://{unix_socket.absolute()}"
-    else:
-        bound_host, bound_port = sock.getsockname()[:2]
-        shown = f"[{bound_host}]" if ":" in bound_host else bound_host
-        url = f"https://{shown}:{bound_port}"
-    options: dict[str, Any] = {
-        "log_config": None,
-        "access_log": False,
-        "server_header": False,
-        "proxy_headers": False,
-        "lifespan": "on",
-        "timeout_graceful_shutdown": settings.graceful_timeout,
-        **http_options(settings.read_timeouts),
-    }
-    if unix_socket is None and settings.tls_cert and settings.tls_key:
-        options["ssl_context_factory"] = functools.partial(
-            _ssl_context, str(settings.tls_cert), str(settings.tls_key)
-        )
-        _ssl_context(str(settings.tls_cert), str(settings.tls_key), None, None)  # fail fast
-    metrics_dir: str | None = None
-    try:
-        if settings.workers == 1:
-            app = create_app(
-                settings, store=store, master_key=master, signing_key=signer, verifiers=verifiers
-            )
-            config = uvicorn.Config(app, **options)
-            click.echo(f"listening on {url}", nl=True)
-            sys.stdout.flush()
-            _freeze_heap()
-            uvicorn.Server(config).run(sockets=[sock])
-        else:
-            store.close()
-            master.close()
-            signer.close()
-            metrics_dir = tempfile.mkdtemp(prefix="sealtorch-metrics-")
-            os.environ[MULTIPROC_ENV] = metrics_dir
-            os.environ[_DIR_ENV] = str(data_dir.absolute())
-            root = logging.getLogger()
-            json_logs = any(type(h.formatter).__name__ == "JsonFormatter" for h in root.handlers)
-            os.environ[_LOG_ENV] = f"{root.level},{'json' if json_logs else 'text'}"
-            for section, values in overrides.items():
-                for key, value in values.items():
-                    if value is not None:
-                        name = f"SEALTORCH_KEYSERVER_{section.upper()}_{key.upper()}"
-                        os.environ[name] = str(value).lower() if value is True else str(value)
-            spec = WorkerSpec(
-                app="sealtorch.cli.keyserver:_worker_app",
-                options=options,
-                address=None if unix_socket else sock.getsockname()[:2],
-                shared=sock if unix_socket else None,
-            )
-            click.echo(f"listening on {url}", nl=True)
-            sys.stdout.flush()
-            run_workers(spec, count=settings.workers, grace=settings.graceful_timeout)
-    finally:
-        sock.close()
-        if unix_socket is not None:
-            unix_socket.unlink(missing_ok=True)
-        if settings.workers == 1:
-            store.close()
-            master.close()
-            signer.close()
-        if metrics_dir is not None:
-            shutil.rmtree(metrics_dir, ignore_errors=True)
-    _log.info("key server stopped")
+    run(
+        data_dir,
+        overrides={
+            "server": {"host": host, "port": port, "workers": workers},
+            "attestation": {"allow_simulated_tee_insecure": allow_sim or None},
+        },
+        unix_socket=unix_socket,
+        announce=announce,
+        worker_setup=functools.partial(configure_logging, level=root.level, json_format=json_logs),
+    )
 
 
 @keyserver.group("signing-key")

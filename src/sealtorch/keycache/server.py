@@ -18,14 +18,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
-import grp
 import logging
-import os
 import signal
 import socket
-import stat
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
@@ -34,7 +30,7 @@ from typing import Any
 
 import httpx
 
-from sealtorch._listen import listen_error
+from sealtorch._listen import host_port, listen_tcp, listen_unix, socket_url, tls_context
 from sealtorch.attestation import EvidenceProvider, attester_for, make_verifiers
 from sealtorch.errors import ConfigError
 from sealtorch.keycache._http import HttpServer
@@ -52,8 +48,6 @@ __all__ = [
     "build_cache",
     "build_state",
     "cache_attester",
-    "listen_tcp",
-    "listen_unix",
     "run",
 ]
 
@@ -164,83 +158,6 @@ def build_cache(
 # -- listening -------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _umask(mask: int) -> Iterator[None]:
-    old = os.umask(mask)
-    try:
-        yield
-    finally:
-        os.umask(old)
-
-
-def listen_unix(path: Path, *, mode: int = 0o600, group: str | None = None) -> socket.socket:
-    """A listening Unix socket at ``path`` with exactly ``mode`` (and ``group``)."""
-    gid = -1
-    if group is not None:
-        try:
-            gid = grp.getgrnam(group).gr_gid
-        except KeyError as exc:
-            raise ConfigError(f"--socket-group {group!r}: no such group on this host") from exc
-    path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
-    _remove_stale_socket(path)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        with _umask(0o177):  # the socket file is born 0600: never open to everyone
-            sock.bind(str(path))
-        if gid != -1:
-            os.chown(path, -1, gid)
-        path.chmod(mode)
-        sock.listen(1024)
-    except OSError as exc:
-        sock.close()
-        raise listen_error(str(path), exc) from exc
-    sock.set_inheritable(False)
-    return sock
-
-
-def _remove_stale_socket(path: Path) -> None:
-    try:
-        info = path.lstat()
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(info.st_mode):
-        raise ConfigError(f"{path} exists and is not a socket; refusing to replace it")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(str(path))
-    except OSError as exc:
-        if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT):
-            raise ConfigError(f"cannot check the existing socket {path}: {exc.strerror}") from exc
-        path.unlink(missing_ok=True)  # stale: nobody listens
-    else:
-        raise ConfigError(f"another process is listening on {path}; stop it or pick another path")
-    finally:
-        probe.close()
-
-
-def listen_tcp(host: str, port: int, *, option: str = "--tcp") -> socket.socket:
-    """A listening TCP socket; ``option`` names the setting in errors (``--tcp``, ``--metrics``)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-        sock.listen(1024)
-    except OSError as exc:
-        sock.close()
-        shown = f"[{host}]" if ":" in host else host
-        raise listen_error(f"{shown}:{port}", exc, free_port=f"{option} {shown}:0") from exc
-    return sock
-
-
-def _url(sock: socket.socket, *, scheme: str) -> str:
-    if sock.family == socket.AF_UNIX:
-        return f"unix://{sock.getsockname()}"
-    host, port = sock.getsockname()[:2]
-    shown = f"[{host}]" if ":" in host else host
-    return f"{scheme}://{shown}:{port}"
-
-
 @dataclass
 class Listeners:
     """The bound sockets of one key cache process."""
@@ -260,9 +177,13 @@ class Listeners:
                 )
                 bound.unix_path = settings.socket_path
             if settings.tcp is not None:
-                bound.tcp = listen_tcp(*settings.tcp)
+                host, _ = settings.tcp
+                bound.tcp = listen_tcp(*settings.tcp, free_port=f"--tcp {host_port(host, 0)}")
             if settings.metrics is not None:
-                bound.metrics = listen_tcp(*settings.metrics, option="--metrics")
+                host, _ = settings.metrics
+                bound.metrics = listen_tcp(
+                    *settings.metrics, free_port=f"--metrics {host_port(host, 0)}"
+                )
         except ConfigError:
             bound.close()
             raise
@@ -273,11 +194,11 @@ class Listeners:
         if self.unix_path is not None:
             out.append(f"unix://{self.unix_path}")
         if self.tcp is not None:
-            out.append(_url(self.tcp, scheme="https" if tls else "http"))
+            out.append(socket_url(self.tcp, scheme="https" if tls else "http"))
         return out
 
     def metrics_url(self) -> str | None:
-        return _url(self.metrics, scheme="http") if self.metrics is not None else None
+        return socket_url(self.metrics, scheme="http") if self.metrics is not None else None
 
     def close(self) -> None:
         """Close every socket (uvicorn may have closed them already) and remove the socket
@@ -323,9 +244,7 @@ async def serve(
         if listeners.tcp is not None:
             context = None
             if settings.tls_cert is not None and settings.tls_key is not None:
-                from sealtorch._crypto.tls import server_ssl_context
-
-                context = server_ssl_context(cert_path=settings.tls_cert, key_path=settings.tls_key)
+                context = tls_context(settings.tls_cert, settings.tls_key)
             await main.listen(listeners.tcp, ssl_context=context)
         if listeners.metrics is not None:
             metrics_app = KeyCacheApp(cache, service, metrics_only=True)

@@ -24,38 +24,22 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from sealtorch._listen import listen_error
+from sealtorch._listen import listen_tcp
 from sealtorch.errors import ConfigError
 
-__all__ = ["WorkerSpec", "listen_reusable", "run_workers"]
+__all__ = ["WorkerSpec", "run_workers"]
 
 _log = logging.getLogger("sealtorch.keyserver")
 
 #: uvicorn's exit status for a worker that could not start (app, TLS or socket broken).
 _STARTUP_FAILURE: Final = 3
-_BACKLOG: Final = 2048
 _RESTART_PAUSE: Final = 1.0
 #: How often a worker checks that its parent is alive.
 _PARENT_CHECK_SECONDS: Final = 0.5
-
-
-def listen_reusable(host: str, port: int, *, listen: bool) -> socket.socket:
-    """A TCP socket bound with ``SO_REUSEPORT`` (listening or, for the parent, only bound)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    try:
-        sock.bind((host, port))
-        if listen:
-            sock.listen(_BACKLOG)
-    except OSError as exc:
-        sock.close()
-        raise listen_error(f"{host}:{port}", exc, free_port="--port 0") from exc
-    return sock
 
 
 @dataclass(frozen=True)
@@ -70,6 +54,8 @@ class WorkerSpec:
     address: tuple[str, int] | None = None
     #: ... or an already listening socket to share (a Unix socket).
     shared: socket.socket | None = field(default=None, repr=False)
+    #: Run first in the worker (the logging configuration, say); picklable.
+    setup: Callable[[], None] | None = None
     #: The supervisor's process id: a worker stops when it is gone.
     parent: int = field(default_factory=os.getpid)
 
@@ -91,8 +77,10 @@ def _worker(spec: WorkerSpec) -> None:  # pragma: no cover - runs in the spawned
     import uvicorn
 
     _stop_when_orphaned(spec.parent)
+    if spec.setup is not None:
+        spec.setup()
     if spec.address is not None:
-        sock = listen_reusable(*spec.address, listen=True)
+        sock = listen_tcp(*spec.address, reuse_port=True)
     elif spec.shared is not None:
         sock = spec.shared
     else:

@@ -13,23 +13,21 @@ HTTP concerns live here and in :mod:`sealtorch.keyserver.routes`; the logic is i
 The two requests of every key release (``POST /v1/attestation/challenge`` and ``POST
 /v1/keys/release``) take a short path: the app answers them before FastAPI's middleware,
 routing and dependency machinery (which costs about as much CPU as the protocol work itself),
-with the same body cap, error shape, metrics and access log. Their FastAPI route declarations
-(``routes/release.py``) remain: they document the operations in the OpenAPI schema and answer
-exactly the same way.
+with the same body cap, error shape, metrics and access log. Both ways run the same endpoint
+function of :mod:`sealtorch.keyserver.routes.release` (:data:`~sealtorch.keyserver.routes.
+release.FAST_ROUTES`); the FastAPI routes document the operations in the OpenAPI schema.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Callable, Mapping
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Any
 
 import anyio
 import anyio.to_thread
@@ -52,6 +50,8 @@ from sealtorch.attestation import VerifierSet, make_verifiers
 from sealtorch.errors import ConfigError
 from sealtorch.keyserver.masterkey import MasterKey, open_master_key
 from sealtorch.keyserver.metrics import Metrics
+from sealtorch.keyserver.routes import admin, health, release
+from sealtorch.keyserver.runtime import Endpoint, Runtime
 from sealtorch.keyserver.service import ErrorKind, KeyService, ServiceError
 from sealtorch.keyserver.settings import KeyServerSettings
 from sealtorch.keyserver.signingkey import ReleaseSigningKey, open_signing_key
@@ -59,7 +59,6 @@ from sealtorch.keyserver.store import Store, open_store
 from sealtorch.protocol.checkpoint import AuditCheckpoint
 
 __all__ = [
-    "Runtime",
     "check_simulated_tee",
     "create_app",
     "error_response",
@@ -69,31 +68,8 @@ __all__ = [
 _log = logging.getLogger("sealtorch.keyserver")
 _access = logging.getLogger("sealtorch.keyserver.access")
 
-_T = TypeVar("_T")
-
 _PURGE_INTERVAL = 60.0
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
-
-
-@dataclass
-class Runtime:
-    """Per-app state (``app.state.runtime``)."""
-
-    settings: KeyServerSettings
-    metrics: Metrics
-    limiter: anyio.CapacityLimiter
-    service: KeyService | None = None
-    owned: list[Any] = field(default_factory=list)
-
-    def require_service(self) -> KeyService:
-        if self.service is None:  # pragma: no cover - only before startup finished
-            raise ServiceError(ErrorKind.UNAVAILABLE, "starting", "the key server is starting")
-        return self.service
-
-    async def run(self, function: Callable[..., _T], /, *args: Any, **kwargs: Any) -> _T:
-        """Run blocking service code in the worker thread pool."""
-        call = functools.partial(function, *args, **kwargs)
-        return await anyio.to_thread.run_sync(call, limiter=self.limiter)
 
 
 def error_response(
@@ -219,16 +195,16 @@ class _Guard:
             _observe(self.runtime, scope, template, status, time.perf_counter() - started)
 
 
-#: A short-path handler: ``(runtime, scope, body) -> (status, JSON body)``; raises
-#: :class:`ServiceError` (or ``RequestValidationError``) like a route.
-FastHandler = Callable[[Runtime, Scope, bytes], Awaitable[tuple[int, bytes]]]
-
-
 class _KeyServerApp(FastAPI):
     """FastAPI, plus the short path for the key release protocol (see the module docstring)."""
 
     runtime: Runtime
-    fast_routes: dict[tuple[str, str], FastHandler]
+    fast_routes: dict[tuple[str, str], Endpoint]
+
+    def openapi(self) -> dict[str, Any]:
+        if self.openapi_schema is None:
+            self.openapi_schema = release.document_bodies(super().openapi())
+        return self.openapi_schema
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -238,9 +214,7 @@ class _KeyServerApp(FastAPI):
                 return
         await super().__call__(scope, receive, send)
 
-    async def _answer(
-        self, handler: FastHandler, scope: Scope, receive: Receive, send: Send
-    ) -> None:
+    async def _answer(self, handler: Endpoint, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
         runtime = self.runtime
         cap = runtime.settings.max_request_bytes
@@ -300,8 +274,6 @@ def create_app(
     """The key server app. Pass ``store``/``master_key``/``signing_key``/``verifiers`` to use
     your own; anything not passed is opened from ``settings`` at startup (and closed at
     shutdown)."""
-    from sealtorch.keyserver.routes import admin, health, release
-
     metrics = Metrics()
     runtime = Runtime(
         settings=settings,

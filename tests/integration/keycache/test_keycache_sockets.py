@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from sealtorch._listen import listen_unix
 from sealtorch.errors import ConfigError
-from sealtorch.keycache.server import listen_unix
 
 _CONNECT = (
     "import socket, sys\n"

@@ -15,10 +15,9 @@ from pathlib import Path
 import pytest
 
 from _fixtures import slowclients
-from sealtorch._listen import ReadTimeouts
+from sealtorch._listen import ReadTimeouts, listen_tcp, listen_unix
 from sealtorch.keycache._http import HttpServer, Request, Response
 from sealtorch.keycache.app import error_response
-from sealtorch.keycache.server import listen_tcp, listen_unix
 
 
 class Echo:

@@ -7,7 +7,7 @@ from fastapi.responses import Response
 from fastapi.security import HTTPAuthorizationCredentials
 from pydantic import BaseModel
 
-from sealtorch.keyserver.app import Runtime
+from sealtorch.keyserver.runtime import Runtime
 from sealtorch.keyserver.service import ErrorKind, ServiceError
 
 __all__ = ["Runtime", "bearer_token", "client_address", "json_response", "runtime"]
