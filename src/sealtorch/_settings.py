@@ -7,9 +7,10 @@ directory. Which file, which sections and which base are each side's own.
 
 from __future__ import annotations
 
+import difflib
 import os
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +19,10 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from sealtorch.errors import ConfigError
 
 __all__ = [
+    "ENVIRONMENT_VARIABLES",
     "Section",
     "VerifierSection",
+    "check_environment",
     "file_sources",
     "format_errors",
     "read_toml",
@@ -43,6 +46,44 @@ class VerifierSection(Section):
     pccs_url: str | None = None
     collateral_path: str | None = None
     collateral_cache_dir: str | None = None
+
+
+#: The ``SEALTORCH_*`` variables sealtorch reads besides the settings' own (docs/cli.md and the
+#: pages of each command); the test suite's own (``SEALTORCH_PG_BINDIR``...) are not refused
+#: either, since only the server's own prefix and near-misses of a known name are checked.
+ENVIRONMENT_VARIABLES: frozenset[str] = frozenset(
+    {
+        "SEALTORCH_ADMIN_TOKEN",
+        "SEALTORCH_ADMIN_TOKEN_FILE",
+        "SEALTORCH_KEYSERVER_CA",
+        "SEALTORCH_KEYSERVER_DIR",
+        "SEALTORCH_KEYSERVER_URL",
+        "SEALTORCH_LOG_FORMAT",
+        "SEALTORCH_PKCS11_PIN",
+        "SEALTORCH_SIM_KEY",
+    }
+)
+
+
+def check_environment(
+    environ: Mapping[str, str], *, prefix: str, known: Iterable[str], docs: str
+) -> None:
+    """Refuse a misspelled setting variable, like an unknown config key: every variable under
+    ``prefix`` must be one of ``known`` (or :data:`ENVIRONMENT_VARIABLES`), and a ``SEALTORCH_*``
+    variable close to a known name (a typo in the prefix) is refused too. One line, with a
+    did-you-mean."""
+    names = sorted(set(known) | ENVIRONMENT_VARIABLES)
+    for variable in sorted(environ):
+        if not variable.startswith("SEALTORCH_") or variable in names:
+            continue
+        close = difflib.get_close_matches(variable, names, n=1, cutoff=0.8)
+        if not variable.startswith(prefix) and not close:
+            continue
+        hint = f"did you mean {close[0]}? " if close else ""
+        raise ConfigError(
+            f"unknown environment variable {variable[:100]} ({hint}check the spelling or unset "
+            f"it; the variables are listed in {docs})"
+        )
 
 
 def read_toml(path: Path, *, missing: str) -> dict[str, Any]:

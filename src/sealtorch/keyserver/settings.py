@@ -26,6 +26,7 @@ from sealtorch._listen import ReadTimeouts
 from sealtorch._settings import Section as _Section
 from sealtorch._settings import (
     VerifierSection,
+    check_environment,
     file_sources,
     format_errors,
     read_toml,
@@ -311,15 +312,29 @@ def load_settings(
         if variable in env:
             merged[section][key] = _coerce_env(_SECTIONS[section], key, env[variable])
             sources[f"{section}.{key}"] = f"env:{variable}"
-    for section, values in (overrides or {}).items():
-        for key, value in values.items():
-            if value is not None:
-                merged.setdefault(section, {})[key] = value
-                sources[f"{section}.{key}"] = "option"
+    # An option never hides an invalid value in the file or the environment (`--port 8443`
+    # with `port = "x"` in keyserver.toml is still an error): check them before the options.
     try:
         config = _ConfigFile.model_validate(merged)
     except ValidationError as exc:
         raise ConfigError(format_errors(exc, source, docs="docs/keyserver.md")) from exc
+    pin_envs = {config.master_key.pin_env, config.signing_key.pin_env}
+    check_environment(
+        env,
+        prefix=ENV_PREFIX,
+        known={*config_env_names(), *pin_envs},
+        docs="docs/keyserver.md",
+    )
+    if any(value is not None for values in (overrides or {}).values() for value in values.values()):
+        for section, values in (overrides or {}).items():
+            for key, value in values.items():
+                if value is not None:
+                    merged.setdefault(section, {})[key] = value
+                    sources[f"{section}.{key}"] = "option"
+        try:
+            config = _ConfigFile.model_validate(merged)
+        except ValidationError as exc:
+            raise ConfigError(format_errors(exc, "the options", docs="docs/keyserver.md")) from exc
     return _build(config, base, sources)
 
 
