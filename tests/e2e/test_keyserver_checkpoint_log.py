@@ -49,7 +49,9 @@ def test_logged_checkpoints_verify_and_reveal_a_rollback(tmp_path: Path) -> None
         data, "--allow-simulated-tee-insecure", env={INTERVAL_ENV: "0.2"}, log_dir=tmp_path / "log"
     )
     try:
-        admin = AdminClient(server.url, token=read_token(token_file=token_file), ca=data / "tls" / "ca.crt")
+        admin = AdminClient(
+            server.url, token=read_token(token_file=token_file), ca=data / "tls" / "ca.crt"
+        )
         with admin:
             for name in ("m1", "m2", "m3"):
                 admin.create_model(name)
