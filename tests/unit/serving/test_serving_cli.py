@@ -30,7 +30,7 @@ def test_help_teaches_with_examples() -> None:
     for text in (
         "--keys URL",
         "--key-file",
-        "--tee [sim|gramine|tdx]",
+        "--tee [sim|gramine|tdx|snp]",
         "--port",
         "--threads",
         "--name NAME",
