@@ -2,12 +2,13 @@
 
 Both serve the same protocol (``docs/protocol.md``) — the key server from its store, the key
 cache from the keys it holds — so what a client sees must not depend on which one answers. This
-module holds the parts that are the protocol rather than either side's state: the error kinds and
-the refusal of a request, the request's own checks (HPKE public key, evidence, report_data
-binding), the cap that collateral freshness puts on leases and sessions, a renewal's restriction
-to its session's models, a policy denial, the sealing of one granted key (with the key server's
-signed release statement about it), the response (asking for every model never reveals the ids
-of denied ones), and the reporting of each outcome (log line and observer).
+module holds the parts that are the protocol rather than either side's state: the refusal of a
+request (of a :class:`sealtorch.errors.ErrorKind`), the request's own checks (HPKE public key,
+evidence, report_data binding), the cap that collateral freshness puts on leases and sessions,
+a renewal's restriction to its session's models, a policy denial, the sealing of one granted
+key (with the key server's signed release statement about it), the response (asking for every
+model never reveals the ids of denied ones), and the reporting of each outcome (log line and
+observer).
 
 Each side keeps its own nonces, sessions, decisions and audit. Nothing here does I/O, and the
 request checks do exactly the work either side did before (the key server's release path is
@@ -21,7 +22,6 @@ import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from enum import StrEnum
 from typing import Any, Final, NoReturn
 
 from sealtorch._crypto import hpke
@@ -34,7 +34,7 @@ from sealtorch.attestation import (
     reason_for_error,
     report_data_for,
 )
-from sealtorch.errors import AttestationError, Error, ProtocolError
+from sealtorch.errors import AttestationError, ErrorKind, ProtocolError, RequestError
 from sealtorch.protocol import (
     HPKE_SUITES,
     ChallengeResponse,
@@ -76,33 +76,6 @@ MAX_DENIAL_MESSAGE: Final = 2000
 #: Evidence types verified on the event loop (``sim``: ~0.15 ms); others (DCAP, ~1 ms) in a
 #: worker thread.
 INLINE_EVIDENCE: Final = frozenset({"sim"})
-
-
-class ErrorKind(StrEnum):
-    """What kind of failure a refused request is (the HTTP layer maps it to a status)."""
-
-    INVALID = "invalid"  # 400
-    UNAUTHENTICATED = "unauthenticated"  # 401
-    FORBIDDEN = "forbidden"  # 403
-    NOT_FOUND = "not_found"  # 404
-    CONFLICT = "conflict"  # 409
-    UNAVAILABLE = "unavailable"  # 503
-
-
-class RequestError(Error):
-    """A request refused or not served; ``code`` is stable (``docs/protocol.md``).
-
-    The key server raises :class:`~sealtorch.keyserver.service.ServiceError` and the key cache
-    :class:`~sealtorch.keycache.service.LocalError`, both of this shape.
-    """
-
-    def __init__(
-        self, kind: ErrorKind, code: str, message: str, *, reasons: Sequence[str] = ()
-    ) -> None:
-        super().__init__(message)
-        self.kind = kind
-        self.code = code
-        self.reasons = tuple(reasons)
 
 
 @dataclass(frozen=True, slots=True)

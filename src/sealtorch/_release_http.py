@@ -13,7 +13,7 @@ import json
 from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
 from typing import Any, Final
 
-from sealtorch._release import ErrorKind
+from sealtorch.errors import ErrorKind
 
 __all__ = [
     "BEARER_CHALLENGE",
@@ -24,15 +24,8 @@ __all__ = [
     "validation_message",
 ]
 
-#: The HTTP status of each kind of refused request.
-HTTP_STATUS: Final[Mapping[ErrorKind, int]] = {
-    ErrorKind.INVALID: 400,
-    ErrorKind.UNAUTHENTICATED: 401,
-    ErrorKind.FORBIDDEN: 403,
-    ErrorKind.NOT_FOUND: 404,
-    ErrorKind.CONFLICT: 409,
-    ErrorKind.UNAVAILABLE: 503,
-}
+#: The HTTP status of each kind of refused request (:attr:`ErrorKind.status`).
+HTTP_STATUS: Final[Mapping[ErrorKind, int]] = {kind: kind.status for kind in ErrorKind}
 #: The header sent with every 401: the protocol's tokens are bearer tokens.
 BEARER_CHALLENGE: Final = (b"www-authenticate", b'Bearer realm="sealtorch"')
 

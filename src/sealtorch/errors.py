@@ -15,6 +15,7 @@ Two deliberate asymmetries:
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from enum import StrEnum
 
 __all__ = [
     "AttestationError",
@@ -33,6 +34,7 @@ __all__ = [
     "PolicyError",
     "ProtocolError",
     "ReleaseStatementError",
+    "RequestError",
     "StorageCorruptError",
     "StorageError",
     "StorageFullError",
@@ -182,3 +184,58 @@ class StorageCorruptError(StorageError):
 class StorageFullError(StorageError):
     """The key store cannot write because its disk (or file size limit) is full. Nothing was
     committed; free space and it recovers by itself."""
+
+
+class ErrorKind(StrEnum):
+    """What kind of refusal a :class:`RequestError` is; :attr:`status` is its HTTP status.
+
+    Not in ``__all__``, which lists only the error classes; import it by name."""
+
+    INVALID = "invalid"
+    UNAUTHENTICATED = "unauthenticated"
+    FORBIDDEN = "forbidden"
+    NOT_FOUND = "not_found"
+    CONFLICT = "conflict"
+    TOO_LARGE = "too_large"
+    UNSUPPORTED_MEDIA = "unsupported_media"
+    UNAVAILABLE = "unavailable"
+
+    @property
+    def status(self) -> int:
+        """The HTTP status of this kind of refusal (400, 401, 403, 404, 409, 413, 415, 503)."""
+        return _HTTP_STATUS[self]
+
+
+_HTTP_STATUS = {
+    ErrorKind.INVALID: 400,
+    ErrorKind.UNAUTHENTICATED: 401,
+    ErrorKind.FORBIDDEN: 403,
+    ErrorKind.NOT_FOUND: 404,
+    ErrorKind.CONFLICT: 409,
+    ErrorKind.TOO_LARGE: 413,
+    ErrorKind.UNSUPPORTED_MEDIA: 415,
+    ErrorKind.UNAVAILABLE: 503,
+}
+
+
+class RequestError(Error):
+    """A request a server refuses or cannot serve (never a server malfunction): ``kind`` says
+    which (and so the HTTP status, :attr:`status`), ``code`` is stable (``docs/protocol.md``),
+    ``reasons`` are reason codes.
+
+    The key server raises :class:`~sealtorch.keyserver.service.ServiceError` and the key cache
+    :class:`~sealtorch.keycache.service.LocalError`, both of this kind.
+    """
+
+    def __init__(
+        self, kind: ErrorKind, code: str, message: str, *, reasons: Sequence[str] = ()
+    ) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.code = code
+        self.reasons = tuple(reasons)
+
+    @property
+    def status(self) -> int:
+        """The HTTP status of this refusal (from :attr:`kind`)."""
+        return self.kind.status

@@ -38,3 +38,21 @@ def test_key_release_error_reasons(cls: type[errors.KeyReleaseError]) -> None:
     exc = cls("denied", reasons=["measurement_mismatch"], status_code=403)
     assert exc.reasons == ("measurement_mismatch",)
     assert exc.status_code == 403
+
+
+def test_a_request_error_has_the_http_status_of_its_kind() -> None:
+    statuses = {kind: kind.status for kind in errors.ErrorKind}
+    assert statuses[errors.ErrorKind.INVALID] == 400
+    assert statuses[errors.ErrorKind.FORBIDDEN] == 403
+    assert statuses[errors.ErrorKind.UNAVAILABLE] == 503
+    assert all(400 <= status < 600 for status in statuses.values())
+    refused = errors.RequestError(
+        errors.ErrorKind.NOT_FOUND, "unknown_model", "no such model", reasons=["a"]
+    )
+    assert isinstance(refused, errors.Error)
+    assert (refused.status, refused.code, refused.reasons, str(refused)) == (
+        404,
+        "unknown_model",
+        ("a",),
+        "no such model",
+    )

@@ -15,9 +15,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol, TypeVar
 
-from sealtorch._release import ErrorKind, RequestError
 from sealtorch.attestation import Policy
-from sealtorch.errors import AuditError, ConfigError, StorageError
+from sealtorch.errors import AuditError, ConfigError, ErrorKind, RequestError, StorageError
 from sealtorch.keyserver.records import PolicyRecord
 from sealtorch.protocol.admin import ADMIN_SCOPES, AdminScope
 from sealtorch.protocol.audit import AuditEntry, AuditKind

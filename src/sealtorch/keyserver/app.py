@@ -40,7 +40,6 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from sealtorch import __version__
 from sealtorch._release_http import (
     BEARER_CHALLENGE,
-    HTTP_STATUS,
     error_body,
     error_document,
     read_body,
@@ -226,7 +225,7 @@ class _KeyServerApp(FastAPI):
             try:
                 status, content = await handler(runtime, scope, body)
             except ServiceError as exc:
-                status, content = HTTP_STATUS[exc.kind], error_body(exc.code, str(exc), exc.reasons)
+                status, content = exc.status, error_body(exc.code, str(exc), exc.reasons)
                 if exc.kind is ErrorKind.UNAUTHENTICATED:
                     headers.append(BEARER_CHALLENGE)
             except RequestValidationError as exc:
@@ -371,9 +370,7 @@ def create_app(
             if exc.kind is ErrorKind.UNAUTHENTICATED
             else None
         )
-        return error_response(
-            HTTP_STATUS[exc.kind], exc.code, str(exc), reasons=exc.reasons, headers=headers
-        )
+        return error_response(exc.status, exc.code, str(exc), reasons=exc.reasons, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> Response:
