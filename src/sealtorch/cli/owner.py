@@ -7,6 +7,7 @@ added next to ``--key-file`` without touching the commands.
 
 from __future__ import annotations
 
+import errno
 import json
 import re
 import time
@@ -76,6 +77,32 @@ def _parse_json(value: str | None, option: str) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as exc:
         raise click.BadParameter(f"not valid JSON: {exc}", param_hint=option) from exc
+
+
+@contextmanager
+def _writing(output: Path | None, *, what: str) -> Iterator[None]:
+    """Turn a failed read or write (disk full, read-only directory, file size limit) into one
+    line naming the path and what to do; the writers leave no partial file behind."""
+    try:
+        yield
+    except OSError as exc:
+        raise ConfigError(_os_error_message(exc, output, what=what)) from exc
+
+
+def _os_error_message(exc: OSError, output: Path | None, *, what: str) -> str:
+    path = exc.filename if exc.filename is not None else output
+    reason = exc.strerror or type(exc).__name__
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        todo = "free space there or write elsewhere with -o"
+    elif exc.errno == errno.EFBIG:
+        todo = "raise the file size limit (ulimit -f) or write elsewhere with -o"
+    elif exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        todo = "choose a directory you can write with -o (or fix its permissions)"
+    elif exc.errno == errno.ENOENT:
+        todo = "check the path"
+    else:
+        todo = "check the path and the disk"
+    return f"cannot {what}: {reason}: {path}; {todo} (no partial file was left)"
 
 
 def _read_labels(path: Path | None) -> list[str] | None:
@@ -396,7 +423,11 @@ def encrypt(
         token_file=token_file,
         token_env=token_env,
     )
-    with _closing(wrapper), _progress(ctx, f"sealing {source.name}") as progress:
+    with (
+        _closing(wrapper),
+        _writing(output, what=f"seal {source}"),
+        _progress(ctx, f"sealing {source.name}") as progress,
+    ):
         info = encrypt_model(
             source,
             output,
@@ -501,7 +532,10 @@ def decrypt(ctx: click.Context, file: Path, key_file: Path, output: Path, force:
     from sealtorch.api import decrypt_model
     from sealtorch.keys import KeyFile
 
-    with _progress(ctx, f"decrypting {file.name}") as progress:
+    with (
+        _writing(output, what=f"decrypt {file}"),
+        _progress(ctx, f"decrypting {file.name}") as progress,
+    ):
         manifest = decrypt_model(
             file, output, key=KeyFile(key_file), overwrite=force, progress=progress
         )
@@ -591,7 +625,7 @@ def rewrap(
         token_file=token_file,
         token_env=token_env,
     )
-    with _closing(wrapper):
+    with _closing(wrapper), _writing(output or file, what=f"rewrap {file}"):
         info = rewrap_file(
             file,
             key=KeyFile(key_file) if key_file is not None else None,
