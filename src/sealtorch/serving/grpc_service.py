@@ -53,7 +53,7 @@ from sealtorch.serving.protocol import (
     shape_text,
 )
 from sealtorch.serving.state import ServerState
-from sealtorch.serving.tensors import MAX_ELEMENTS, encode_bytes_binary
+from sealtorch.serving.tensors import MAX_ELEMENTS, encode_bytes_binary, encode_json
 
 __all__ = ["GrpcServer"]
 
@@ -235,10 +235,10 @@ def request_from_message(msg: Any) -> InferenceRequest:
 # -- outputs → message -----------------------------------------------------------------------
 
 
-def _wants_raw(request: InferenceRequest, outputs: Sequence[codec.OutputTensor]) -> bool:
-    if any(o.datatype in ("FP16", "BF16") for o in outputs):
-        return True
-    return any(o.binary for o in outputs)
+def _wants_raw(outputs: Sequence[codec.OutputTensor]) -> bool:
+    """Raw contents for all outputs (the protocol allows no mix) unless every one asked for
+    typed contents; FP16 and BF16 have no typed field."""
+    return any(o.binary or o.datatype in ("FP16", "BF16") for o in outputs)
 
 
 def response_message(
@@ -247,7 +247,7 @@ def response_message(
     response = _M["ModelInferResponse"](
         model_name=model.name, model_version=model.version, id=request.id or ""
     )
-    raw = _wants_raw(request, outputs)
+    raw = _wants_raw(outputs)
     for output in outputs:
         entry = response.outputs.add(
             name=output.name, datatype=output.datatype, shape=list(output.shape)
@@ -259,7 +259,7 @@ def response_message(
             getattr(entry.contents, field).extend(output.elements)
         else:
             assert output.tensor is not None  # noqa: S101 - one of the two is set
-            getattr(entry.contents, field).extend(output.tensor.reshape(-1).tolist())
+            getattr(entry.contents, field).extend(encode_json(output.tensor))
     if raw:
         response.raw_output_contents.extend(output.raw() for output in outputs)
     return response

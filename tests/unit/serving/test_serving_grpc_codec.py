@@ -210,3 +210,23 @@ def test_bytes_contents_become_length_prefixed_elements() -> None:
     )
     (item,) = request_from_message(msg).inputs
     assert item.raw == struct.pack("<I", 2) + b"ab" + struct.pack("<I", 0)
+
+
+def test_typed_outputs_of_unsigned_and_boolean_types() -> None:
+    class Kinds(nn.Module):
+        def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+            return {"u16": x.to(torch.uint16), "flag": x > 1, "u64": x.to(torch.uint64)}
+
+    model = ServedModel.build(
+        Kinds(), name="m", inputs=[TensorSpec("x", "FP32", (-1, 2))], sealed=False
+    )
+    msg = _request(
+        {"name": "x", "datatype": "FP32", "shape": [1, 2], "contents": {"fp32_contents": [1, 7]}}
+    )
+    request = request_from_message(msg)
+    outputs, _ = codec.run(model, request, binary_default=False)
+    response = response_message(model, request, outputs)
+    contents = {o.name: o.contents for o in response.outputs}
+    assert list(contents["u16"].uint_contents) == [1, 7]
+    assert list(contents["flag"].bool_contents) == [False, True]
+    assert list(contents["u64"].uint64_contents) == [1, 7]
