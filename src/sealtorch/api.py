@@ -28,6 +28,7 @@ import io
 import logging
 import mmap
 import os
+import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -46,7 +47,6 @@ from sealtorch.payloads.manifest import (
 from sealtorch.sealed._atomic import AtomicFile
 from sealtorch.sealed.header import (
     DEFAULT_CHUNK_SIZE,
-    FORMAT_VERSION,
     Header,
     KeyBlock,
     check_chunk_size,
@@ -55,6 +55,7 @@ from sealtorch.sealed.header import (
 )
 from sealtorch.sealed.keywrap import ContentKeyWrapper, LocalKeyWrapper
 from sealtorch.sealed.reader import SealedReader
+from sealtorch.sealed.sets import SealedSetWriter, plan_parts, set_paths
 from sealtorch.sealed.writer import SealedWriter
 
 if TYPE_CHECKING:
@@ -96,19 +97,39 @@ class SealedInfo:
     plaintext_size: int
     file_size: int
     path: Path | None = None
+    #: How many files hold the model: 1, or the size of its sealed set.
+    file_count: int = 1
 
     @classmethod
     def from_header(cls, header: Header, *, path: Path | None) -> SealedInfo:
+        """The info of a single file (for a sealed set, use :meth:`from_reader`)."""
         return cls(
             model_id=header.model_id,
             key_version=header.key_version,
-            format_version=FORMAT_VERSION,
+            format_version=header.version,
             suite=header.body.suite,
             chunk_size=header.body.chunk_size,
             chunk_count=header.body.chunk_count,
             plaintext_size=header.body.plaintext_size,
             file_size=len(header.encode()) + header.body.sealed_size,
             path=path,
+        )
+
+    @classmethod
+    def from_reader(cls, reader: SealedReader) -> SealedInfo:
+        """The info of an open sealed file or set (sizes and chunks of all its files)."""
+        header = reader.header
+        return cls(
+            model_id=header.model_id,
+            key_version=header.key_version,
+            format_version=header.version,
+            suite=header.body.suite,
+            chunk_size=header.body.chunk_size,
+            chunk_count=header.body.chunk_count + sum(m.body.chunk_count for m in reader.members),
+            plaintext_size=reader.plaintext_size,
+            file_size=reader.file_size,
+            path=reader.path,
+            file_count=1 + len(reader.members),
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -121,6 +142,8 @@ class SealedInfo:
             "chunk_count": self.chunk_count,
             "plaintext_size": self.plaintext_size,
             "file_size": self.file_size,
+            # Only for sealed sets: a single file's public fields are unchanged.
+            **({"file_count": self.file_count} if self.file_count > 1 else {}),
         }
 
     def __str__(self) -> str:
@@ -193,8 +216,17 @@ def encrypt_model(
     overwrite: bool = False,
     check_arch: bool = True,
     progress: ProgressCallback | None = None,
+    max_file_size: int | None = None,
+    split_like_input: bool = True,
 ) -> SealedInfo:
     """Seal a model into ``destination`` (written atomically; refuses to overwrite by default).
+
+    ``source`` may also be a Hugging Face ``save_pretrained`` directory: its config, tokenizer
+    and other files are sealed with the weights, and ``arch`` defaults to
+    ``transformers:CLASS`` from its config (see :mod:`sealtorch.payloads.hf_arch`). A model
+    whose input is sharded (``split_like_input``), or larger than ``max_file_size`` bytes, is
+    sealed into a *sealed set*: ``destination`` plus ``destination.00002-of-0000N``... (see
+    ``docs/format.md`` § Sealed sets), opened by ``destination`` alone.
 
     ``source`` is a state_dict, an ``nn.Module`` (its state_dict is sealed), a
     ``ScriptModule``, an ``ExportedProgram``, or a path to a ``.safetensors``, ``.pt``/``.pth``
@@ -213,6 +245,8 @@ def encrypt_model(
     check_chunk_size(chunk_size)
     if key_version is not None:
         check_key_version(key_version)
+    if max_file_size is not None and max_file_size < 1:
+        raise ConfigError("the file size limit must be positive")
     if arch is not None:
         validate_arch_ref(arch)
         check_arch_kwargs(arch, arch_kwargs or {})
@@ -220,6 +254,12 @@ def encrypt_model(
     if arch is not None and payload.kind != "safetensors":
         raise ConfigError(
             f"--arch applies to state_dicts only; a {payload.kind} payload carries its own code"
+        )
+    if payload.hf_config is not None:
+        arch = _hf_arch(payload, arch, check=check_arch)
+    elif arch is not None and arch.startswith("transformers:"):
+        raise ConfigError(
+            f"{arch} is built from a config.json: seal the model's save_pretrained directory"
         )
     if arch is not None and check_arch and payload.state_dict is not None:
         # The owner named this architecture on their own machine: building it here is theirs.
@@ -235,10 +275,17 @@ def encrypt_model(
         outputs=outputs,
         preprocess=preprocess,
         labels=labels,
+        files=[(name, len(data)) for name, data in payload.files] or None,
     )
     prefix = manifest.encode_prefix()
     wrapper = _wrapper(key, model_id=model_id, key_version=key_version)
     total = manifest.plaintext_size
+    cuts = payload.boundaries if split_like_input else []
+    sizes = plan_parts(
+        total, boundaries=[manifest.payload_offset + b for b in cuts], max_size=max_file_size
+    )
+    if len(sizes) > 1 and not isinstance(destination, str | os.PathLike):
+        raise ConfigError("a model sealed into several files needs a destination path")
     done = 0
 
     def advance(size: int) -> None:
@@ -247,27 +294,71 @@ def encrypt_model(
         if progress is not None:
             progress(done, total)
 
-    with SealedWriter(
-        destination,
-        model_id=model_id,
-        plaintext_size=total,
-        wrapper=wrapper,
-        chunk_size=chunk_size,
-        overwrite=overwrite,
-        progress=advance,
-    ) as writer:
+    writer: SealedWriter | SealedSetWriter
+    if len(sizes) == 1:
+        writer = SealedWriter(
+            destination,
+            model_id=model_id,
+            plaintext_size=total,
+            wrapper=wrapper,
+            chunk_size=chunk_size,
+            overwrite=overwrite,
+            progress=advance,
+        )
+    else:
+        writer = SealedSetWriter(
+            destination,  # type: ignore[arg-type]
+            model_id=model_id,
+            sizes=sizes,
+            wrapper=wrapper,
+            chunk_size=chunk_size,
+            overwrite=overwrite,
+            progress=advance,
+        )
+    with writer:
         writer.write(prefix)
         for piece in payload.stream():
             writer.write(piece)
+        for _, data in payload.files:
+            writer.write(data)
+    header = writer.header
+    if not isinstance(header, Header):  # pragma: no cover - both writers write a Header first
+        raise TypeError("internal error: the first file has no key block")
     _log.info(
-        "sealed %s as model %s (key version %d, %d bytes)",
+        "sealed %s as model %s (key version %d, %d bytes, %d file%s)",
         payload.description,
         model_id,
-        writer.header.key_version,
+        header.key_version,
         total,
+        len(sizes),
+        "s" if len(sizes) > 1 else "",
     )
-    path = writer.destination
-    return SealedInfo.from_header(writer.header, path=path)
+    if isinstance(destination, str | os.PathLike):
+        return inspect_sealed(destination)
+    return SealedInfo.from_header(header, path=None)
+
+
+def _hf_arch(payload: Any, arch: str | None, *, check: bool) -> str:
+    """The ``transformers:CLASS`` of a Hugging Face directory, checked against its weights."""
+    from sealtorch.payloads.hf_arch import (
+        check_transformers_arch,
+        default_transformers_arch,
+        parse_config,
+    )
+
+    if arch is not None and not arch.startswith("transformers:"):
+        raise ConfigError(
+            f"a Hugging Face directory is rebuilt from its config: use --arch "
+            f"transformers:CLASS (or none: it follows config.json), not {arch}"
+        )
+    try:
+        config = parse_config(payload.hf_config)
+    except PayloadError as exc:
+        raise ConfigError(str(exc)) from exc
+    ref = arch if arch is not None else default_transformers_arch(config)
+    if check:
+        check_transformers_arch(ref, config, payload.tensor_shapes or {})
+    return ref
 
 
 # -- loading --------------------------------------------------------------------------------
@@ -286,7 +377,7 @@ def _decrypt(
     provider = _provider(key)
     with SealedReader(source) as reader:
         buffer = reader.decrypt(reader.content_key(provider), progress=progress)
-        info = SealedInfo.from_header(reader.header, path=reader.path)
+        info = SealedInfo.from_reader(reader)
     try:
         manifest = parse_prefix(buffer, plaintext_size=info.plaintext_size)
     except BaseException:
@@ -326,6 +417,7 @@ def load_sealed_model(
     arch: str | None = None,
     arch_kwargs: Mapping[str, Any] | None = None,
     allowed_archs: Iterable[str] = (),
+    progress: ProgressCallback | None = None,
 ) -> SealedModel:
     """Like :func:`load_model`, but also return the manifest (inputs, outputs, labels...)."""
     from sealtorch.payloads.arch import check_allowed_archs, check_arch_allowed, load_into_module
@@ -337,7 +429,7 @@ def load_sealed_model(
         validate_arch_ref(arch)
         allowed |= {arch}  # the caller's own choice, not the file's
     start = time.perf_counter()
-    info, manifest, buffer = _decrypt(source, key)
+    info, manifest, buffer = _decrypt(source, key, progress=progress)
     decrypted = time.perf_counter()
     module: nn.Module
     if manifest.kind == "safetensors":
@@ -354,6 +446,7 @@ def load_sealed_model(
             _unmap(buffer)
             raise
         kwargs = arch_kwargs if arch is not None else manifest.arch_kwargs
+        config_json = _carried_file(buffer, manifest, "config.json")
         state_dict = tensors_from_buffer(
             buffer,
             offset=manifest.payload_offset,
@@ -361,7 +454,14 @@ def load_sealed_model(
             align=manifest.payload_align,
         )
         del buffer  # the tensors keep it alive
-        module = load_into_module(ref, kwargs or {}, state_dict, allowed_archs=allowed)
+        if ref.startswith("transformers:"):
+            from sealtorch.payloads.hf_arch import load_transformers_model
+
+            if config_json is None:
+                raise PayloadError(f"{ref} needs a sealed config.json, and this model has none")
+            module = load_transformers_model(ref, config_json, state_dict)
+        else:
+            module = load_into_module(ref, kwargs or {}, state_dict, allowed_archs=allowed)
     else:
         if arch is not None:
             _unmap(buffer)
@@ -371,6 +471,12 @@ def load_sealed_model(
             module = load_program(manifest.kind, archive)
     timings = {"decrypt": decrypted - start, "build": time.perf_counter() - decrypted}
     return SealedModel(module=module, manifest=manifest, info=info, timings=timings)
+
+
+def _carried_file(buffer: mmap.mmap, manifest: Manifest, name: str) -> bytes | None:
+    """A file the model carries (e.g. ``config.json``), copied out of the plaintext."""
+    span = manifest.file_ranges().get(name)
+    return None if span is None else bytes(buffer[span[0] : span[1]])
 
 
 @contextlib.contextmanager
@@ -432,8 +538,14 @@ def load_model(
     arch: str | None = None,
     arch_kwargs: Mapping[str, Any] | None = None,
     allowed_archs: Iterable[str] = (),
+    progress: ProgressCallback | None = None,
 ) -> nn.Module:
     """Authenticate and decrypt a sealed model and return it ready for inference.
+
+    ``source`` is a sealed file, or the first file of a sealed set (the others are found next
+    to it). A sealed Hugging Face directory comes back as its transformers model (e.g.
+    ``GPT2LMHeadModel``), rebuilt from its sealed config with tied weights tied again.
+    ``progress(done_bytes, total_bytes)`` is called while decrypting.
 
     The module is in eval mode with ``requires_grad`` off. A state_dict payload is loaded into
     the architecture named at sealing time (or ``arch``/``arch_kwargs``), its parameters being
@@ -447,7 +559,12 @@ def load_model(
     objects, only PyTorch operators); see ``docs/format.md``.
     """
     return load_sealed_model(
-        source, key=key, arch=arch, arch_kwargs=arch_kwargs, allowed_archs=allowed_archs
+        source,
+        key=key,
+        arch=arch,
+        arch_kwargs=arch_kwargs,
+        allowed_archs=allowed_archs,
+        progress=progress,
     ).module
 
 
@@ -457,7 +574,7 @@ def load_model(
 def inspect_sealed(source: SealedSource) -> SealedInfo:
     """The public header of a sealed file (no key needed; nothing is authenticated)."""
     with SealedReader(source) as reader:
-        return SealedInfo.from_header(reader.header, path=reader.path)
+        return SealedInfo.from_reader(reader)
 
 
 def decrypt_model(
@@ -479,6 +596,9 @@ def decrypt_model(
     from sealtorch.payloads.tensors import SafetensorsPlan, read_safetensors
 
     _, manifest, buffer = _decrypt(source, key, progress=progress)
+    if manifest.files:
+        _decrypt_to_directory(Path(destination), manifest, buffer, overwrite=overwrite)
+        return manifest
     with AtomicFile(destination, overwrite=overwrite, mode=0o600) as out:
         if manifest.kind == "safetensors":
             metadata, tensors = read_safetensors(
@@ -494,6 +614,47 @@ def decrypt_model(
             _write_range(out, buffer, manifest.payload_offset, manifest.plaintext_size)
             _unmap(buffer)
     return manifest
+
+
+def _decrypt_to_directory(
+    directory: Path, manifest: Manifest, buffer: mmap.mmap, *, overwrite: bool
+) -> None:
+    """A sealed Hugging Face model back as a ``save_pretrained`` directory: its files and one
+    standard ``model.safetensors`` (what ``from_pretrained`` reads)."""
+    from sealtorch.payloads.tensors import SafetensorsPlan, read_safetensors
+
+    created = False
+    if directory.exists():
+        if not overwrite or not directory.is_dir():
+            _unmap(buffer)
+            raise ConfigError(
+                f"{directory} already exists; pass --force (overwrite=True) to write into it"
+            )
+    else:
+        try:
+            directory.mkdir(mode=0o700)
+        except OSError as exc:
+            _unmap(buffer)
+            raise ConfigError(f"cannot create {directory}: {exc.strerror}") from exc
+        created = True
+    try:
+        for name, (start, end) in manifest.file_ranges().items():
+            with AtomicFile(directory / name, overwrite=overwrite, mode=0o600) as out:
+                _write_range(out, buffer, start, end)
+        metadata, tensors = read_safetensors(
+            buffer,
+            offset=manifest.payload_offset,
+            size=manifest.payload_size,
+            align=manifest.payload_align,
+        )
+        del buffer  # the tensors keep it alive
+        with AtomicFile(directory / "model.safetensors", overwrite=overwrite, mode=0o600) as out:
+            for piece in SafetensorsPlan(tensors, metadata=metadata, align=None).stream():
+                out.write(piece)
+    except BaseException:
+        if created:
+            shutil.rmtree(directory, ignore_errors=True)
+        raise
 
 
 def _write_range(out: AtomicFile, buffer: mmap.mmap, start: int, end: int) -> None:
@@ -538,6 +699,11 @@ def rewrap(
         )
     with SealedReader(source_path) as reader:
         old = reader.header
+        if key is None and old.body.set is not None:
+            raise ConfigError(
+                "a sealed set is rewrapped with its current key (key=..., --key-file); the key "
+                "server's remote rewrap takes single files"
+            )
         if key is None:
             key_block = remote(old)  # type: ignore[misc]
             if not isinstance(key_block, KeyBlock):
@@ -549,6 +715,15 @@ def rewrap(
             key_block = wrapper.wrap(model_id=old.model_id, body_digest=old.body.digest, cek=cek)
             del cek
         header = Header(body=old.body, key=key_block)
+        if not in_place:
+            # The other files of a set hold no key: copied unchanged next to the new first file.
+            for member, path in zip(
+                reader.members, set_paths(target, len(reader.members) + 1)[1:], strict=True
+            ):
+                with AtomicFile(path, overwrite=overwrite) as copy:
+                    member.file.seek(0)
+                    while piece := member.file.read(_WRITE_PIECE):
+                        copy.write(piece)
         with AtomicFile(target, overwrite=in_place or overwrite) as out:
             out.write(header.encode())
             reader.copy_body(out.file)
@@ -558,4 +733,4 @@ def rewrap(
         old.key_version,
         header.key_version,
     )
-    return SealedInfo.from_header(header, path=target)
+    return inspect_sealed(target)

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import re
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -195,21 +197,31 @@ def _keyserver_options(function: Any) -> Any:
 
 
 class _Progress:
-    """A progress callback that shows a bar (on stderr) once the input turns out to be large,
-    and times the bytes from the first chunk on (not imports and checks)."""
+    """A progress callback for large inputs: a bar on stderr when it is a terminal, else one
+    structured log line (logger ``sealtorch.progress``: op, done, total, percent, rate) per
+    tenth of the way; nothing under ``-q``. Times the bytes from the first chunk on (not
+    imports and checks)."""
 
-    def __init__(self, description: str, *, quiet: bool) -> None:
+    def __init__(self, description: str, *, quiet: bool, terminal: bool | None = None) -> None:
         self._description = description
         self._quiet = quiet
         self._bar: Any = None
         self._task: Any = None
         self._start: float | None = None
         self._end: float | None = None
+        self._logged = -1
+        #: Whether stderr is a terminal (None: ask it when the first progress comes).
+        self._terminal = terminal
 
     def __call__(self, done: int, total: int) -> None:
         if self._start is None:
             self._start = time.perf_counter()
         if self._quiet or total < _PROGRESS_THRESHOLD:
+            return
+        if self._terminal is None:
+            self._terminal = sys.stderr.isatty()
+        if not self._terminal:
+            self._log(done, total)
             return
         if self._bar is None:
             from rich.console import Console
@@ -233,6 +245,31 @@ class _Progress:
             self._bar.start()
             self._task = self._bar.add_task(self._description, total=total)
         self._bar.update(self._task, completed=done)
+
+    def _log(self, done: int, total: int) -> None:
+        tenth = done * 10 // max(total, 1)
+        if tenth <= self._logged:
+            return
+        self._logged = tenth
+        logger = logging.getLogger("sealtorch.progress")
+        logger.setLevel(logging.INFO)
+        elapsed = time.perf_counter() - (self._start or 0.0)
+        rate = done / max(elapsed, 1e-9) / 1e6
+        logger.info(
+            "%s: %d%% (%s of %s, %.0f MB/s)",
+            self._description,
+            tenth * 10,
+            _human(done),
+            _human(total),
+            rate,
+            extra={
+                "op": self._description,
+                "done": done,
+                "total": total,
+                "percent": tenth * 10,
+                "mb_per_s": round(rate, 1),
+            },
+        )
 
     def stop(self) -> None:
         self._end = time.perf_counter()
@@ -297,20 +334,25 @@ Examples:
       --keyserver https://keys:8443 --ca ca.crt --token-file admin.token
   sealtorch encrypt traced.pt -o m.sealed --model-id m --key-file m.key     # TorchScript
   sealtorch encrypt program.pt2 -o m.sealed --model-id m --key-file m.key   # torch.export
+  sealtorch encrypt ./gpt2-finetuned/ -o gpt2.sealed --model-id gpt2 --key-file gpt2.key
+      # a Hugging Face save_pretrained directory: config, tokenizer and weights (sharded
+      # like the input: gpt2.sealed plus gpt2.sealed.00002-of-0000N...), architecture
+      # transformers:CLASS from its config.json
   sealtorch encrypt effnet.safetensors -o effnet.sealed --model-id effnet \\
       --key-file effnet.key --arch timm:efficientnet_lite0 --labels imagenet.txt \\
       --preprocess @preprocess.json --metadata owner=vision-team
 
 \b
 Inputs are recognised by content: .safetensors, .pt/.pth state_dicts (read with
-torch.load(weights_only=True); pickles needing more are refused), TorchScript archives and
-torch.export .pt2 programs. Everything except the model id, key version and sizes is
+torch.load(weights_only=True); pickles needing more are refused), TorchScript archives,
+torch.export .pt2 programs and Hugging Face save_pretrained directories (safetensors weights;
+code and pickled weights are refused). Everything except the model id, key version and sizes is
 encrypted, including tensor names, shapes, the architecture and the metadata.
 """
 
 
 @click.command("encrypt", epilog=_ENCRYPT_EPILOG)
-@click.argument("source", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("source", type=click.Path(exists=True, path_type=Path))
 @click.option(
     "-o",
     "--output",
@@ -339,7 +381,8 @@ encrypted, including tensor names, shapes, the architecture and the metadata.
 @_keyserver_options
 @click.option(
     "--arch",
-    help="Architecture to rebuild a state_dict with: torchvision:NAME, timm:NAME or "
+    help="Architecture to rebuild a state_dict with: torchvision:NAME, timm:NAME, "
+    "transformers:CLASS (Hugging Face directories; default: from config.json) or "
     "package.module:factory (which loads only where allowed: serve --allow-arch).",
 )
 @click.option(
@@ -374,6 +417,17 @@ encrypted, including tensor names, shapes, the architecture and the metadata.
     help="Encryption chunk size: a power of two from 64B to 64MiB.",
 )
 @click.option(
+    "--max-file-size",
+    metavar="SIZE",
+    help="Cut the sealed model into a sealed set of files of at most SIZE each (e.g. 2GiB). "
+    "A sharded input is cut like its shards anyway.",
+)
+@click.option(
+    "--single-file",
+    is_flag=True,
+    help="Seal a sharded input into one file (unless --max-file-size cuts it).",
+)
+@click.option(
     "--skip-arch-check",
     is_flag=True,
     help="Do not check the state_dict against --arch now (e.g. the factory is only "
@@ -397,6 +451,8 @@ def encrypt(
     inputs: str | None,
     outputs: str | None,
     chunk_size: str,
+    max_file_size: str | None,
+    single_file: bool,
     skip_arch_check: bool,
     force: bool,
     keyserver: str | None,
@@ -404,12 +460,16 @@ def encrypt(
     token_file: Path | None,
     token_env: str,
 ) -> None:
-    """Seal a model into an encrypted, authenticated .sealed file."""
+    """Seal a model (a file, or a Hugging Face save_pretrained directory) into an encrypted,
+    authenticated .sealed file or sealed set."""
     from sealtorch.api import encrypt_model
     from sealtorch.sealed.header import check_chunk_size, check_model_id
 
     check_model_id(model_id)
     size = check_chunk_size(_parse_size(chunk_size))
+    file_limit = _parse_size(max_file_size) if max_file_size is not None else None
+    if file_limit is not None and file_limit < 1:
+        raise click.BadParameter("must be positive", param_hint="--max-file-size")
     kwargs = _parse_json(arch_kwargs, "--arch-kwargs")
     if kwargs is not None and not isinstance(kwargs, dict):
         raise click.BadParameter("must be a JSON object", param_hint="--arch-kwargs")
@@ -445,6 +505,8 @@ def encrypt(
             overwrite=force,
             check_arch=not skip_arch_check,
             progress=progress,
+            max_file_size=file_limit,
+            split_like_input=not single_file,
         )
     elapsed = progress.elapsed
     rate = info.plaintext_size / max(elapsed, 1e-9) / 1e9
@@ -457,7 +519,13 @@ def encrypt(
             f"{_human(info.file_size)} sealed, {info.chunk_count} "
             f"chunk{'s' if info.chunk_count != 1 else ''} of "
             f"{_human(info.chunk_size)}\n"
-            f"  time         {elapsed:.2f} s ({rate:.2f} GB/s)"
+            + (
+                f"  files        {info.file_count} (a sealed set: {output.name} and "
+                f"{output.name}.00002-of-{info.file_count:05d}...; keep them together)\n"
+                if info.file_count > 1
+                else ""
+            )
+            + f"  time         {elapsed:.2f} s ({rate:.2f} GB/s)"
         )
 
 
@@ -499,10 +567,12 @@ Examples:
   sealtorch decrypt resnet50.sealed --key-file resnet50.key -o resnet50.safetensors
   sealtorch decrypt traced.sealed --key-file m.key -o traced.pt       # TorchScript
   sealtorch decrypt program.sealed --key-file m.key -o program.pt2    # torch.export
+  sealtorch decrypt gpt2.sealed --key-file gpt2.key -o gpt2-plain/   # Hugging Face directory
 
 \b
 For the model owner: writes the plain payload - a .safetensors state_dict, a TorchScript .pt
-or a torch.export .pt2 - with mode 0600. Output appears only after every chunk authenticated;
+or a torch.export .pt2; a sealed Hugging Face directory becomes a directory again (its files
+and one model.safetensors) - with mode 0600. Output appears only after every chunk authenticated;
 a damaged or tampered file leaves nothing behind.
 """
 
@@ -522,8 +592,8 @@ _SUFFIXES = {"safetensors": ".safetensors", "torchscript": ".pt", "torch_export"
     "--output",
     "output",
     required=True,
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Where to write the plain model.",
+    type=click.Path(path_type=Path),
+    help="Where to write the plain model (a directory for a sealed Hugging Face model).",
 )
 @click.option("-f", "--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
 @click.pass_context
@@ -544,7 +614,7 @@ def decrypt(ctx: click.Context, file: Path, key_file: Path, output: Path, force:
         if manifest.arch:
             click.echo(f"  architecture {manifest.arch}")
         expected = _SUFFIXES[manifest.kind]
-        if output.suffix != expected:
+        if output.suffix != expected and not manifest.files:
             click.echo(f"  note: a {manifest.kind} payload is usually named *{expected}")
 
 

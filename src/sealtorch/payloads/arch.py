@@ -2,6 +2,8 @@
 
 * ``torchvision:NAME`` - ``torchvision.models.get_model(NAME, weights=None, **kwargs)``
 * ``timm:NAME`` - ``timm.create_model(NAME, pretrained=False, **kwargs)``
+* ``transformers:CLASS`` - rebuilt from the sealed ``config.json`` through transformers' Auto
+  class tables (:mod:`sealtorch.payloads.hf_arch`)
 * ``package.module:factory`` - ``factory(**kwargs)`` after importing ``package.module``
 
 Models are built on the ``meta`` device (no memory, no random initialisation) and then take
@@ -52,7 +54,7 @@ __all__ = [
 _log = logging.getLogger(__name__)
 
 #: Model libraries whose known model names any sealed file may name.
-HUB_SOURCES: Final = ("torchvision", "timm")
+HUB_SOURCES: Final = ("torchvision", "timm", "transformers")
 #: Keyword arguments with which torchvision or timm builders read or download weights, a
 #: checkpoint or pretrained configuration (``pretrained_cfg`` may name a Hub repository or
 #: file; ``checkpoint_path`` is unpickled by timm). A sealed model carries its own weights.
@@ -93,7 +95,8 @@ def check_allowed_archs(refs: Iterable[str]) -> frozenset[str]:
         validate_arch_ref(ref)
         if ref.partition(":")[0] in HUB_SOURCES:
             raise ConfigError(
-                f"--allow-arch {ref}: torchvision: and timm: models are always allowed; "
+                f"--allow-arch {ref}: torchvision: and timm: models are always allowed "
+                "(transformers: ones too); "
                 "--allow-arch (allowed_archs) lists package.module:factory references"
             )
         allowed.add(ref)
@@ -119,6 +122,10 @@ def check_arch_kwargs(ref: str, kwargs: Mapping[str, Any]) -> None:
     source = ref.partition(":")[0]
     if source not in HUB_SOURCES:
         return
+    if source == "transformers" and kwargs:
+        raise ConfigError(
+            f"{ref} takes no architecture kwargs: the model is built from its sealed config.json"
+        )
     loading = sorted(
         name for name in kwargs if name in _LOADING_KWARGS or name.startswith(_LOADING_PREFIXES)
     )
@@ -150,6 +157,11 @@ def _factory(ref: str, *, allowed_archs: Collection[str]) -> tuple[Any, dict[str
         if not timm.is_model(name):
             raise PayloadError(f"timm has no model {name!r} (see timm.list_models())")
         return timm.create_model, {"model_name": name, "pretrained": False}
+    if source == "transformers":
+        raise PayloadError(
+            f"{ref} is built from the model's config.json: seal a Hugging Face save_pretrained "
+            "directory (which carries it)"
+        )
     try:
         module = importlib.import_module(source)
     except ImportError as exc:

@@ -65,7 +65,12 @@ MAX_TENSOR_SPECS: Final = 256
 MAX_DIMS: Final = 32
 
 _U32 = struct.Struct(">I")
-_ARCH_HUB = re.compile(r"(torchvision|timm):([A-Za-z0-9_.-]{1,128})")
+_ARCH_HUB = re.compile(r"(torchvision|timm|transformers):([A-Za-z0-9_.-]{1,128})")
+_FILE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
+#: Files a model carries besides its tensors (config, tokenizer): at most this many...
+MAX_FILES: Final = 64
+#: ...of at most this size each.
+MAX_FILE_SIZE: Final = 1024 * 1024 * 1024
 _ARCH_FACTORY = re.compile(
     r"([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*):([A-Za-z_][A-Za-z0-9_]*)"
 )
@@ -75,7 +80,7 @@ _KWARG_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
 
 def validate_arch_ref(ref: object) -> str:
     """Check the syntax of an architecture reference (``torchvision:NAME``, ``timm:NAME``,
-    ``package.module:factory``)."""
+    ``transformers:CLASS``, ``package.module:factory``)."""
     if (
         isinstance(ref, str)
         and len(ref) <= 256
@@ -84,7 +89,8 @@ def validate_arch_ref(ref: object) -> str:
         return ref
     raise ConfigError(
         f"invalid architecture reference {ref!r}: use torchvision:NAME (e.g. "
-        "torchvision:resnet50), timm:NAME (e.g. timm:efficientnet_lite0) or "
+        "torchvision:resnet50), timm:NAME (e.g. timm:efficientnet_lite0), transformers:CLASS "
+        "(e.g. transformers:GPT2LMHeadModel, with a sealed config.json) or "
         "package.module:factory (a function returning an nn.Module)"
     )
 
@@ -258,6 +264,8 @@ class Manifest:
     outputs: tuple[TensorSpec, ...] | None = None
     preprocess: ImagePreprocessSpec | None = None
     labels: tuple[str, ...] | None = None
+    #: Files carried after the payload, in order: ``(name, size)`` (config, tokenizer...).
+    files: tuple[tuple[str, int], ...] | None = None
 
     # -- building from user input ---------------------------------------------------------
 
@@ -275,6 +283,7 @@ class Manifest:
         outputs: Iterable[Mapping[str, Any] | TensorSpec] | None = None,
         preprocess: Mapping[str, Any] | ImagePreprocessSpec | None = None,
         labels: Iterable[str] | None = None,
+        files: Iterable[tuple[str, int]] | None = None,
     ) -> Manifest:
         """Validate user-supplied values (ConfigError with the reason) and lay out the payload."""
         document: dict[str, Any] = {
@@ -306,6 +315,8 @@ class Manifest:
             )
         if labels is not None:
             document["labels"] = list(labels)
+        if files is not None:
+            document["files"] = [{"name": name, "size": size} for name, size in files]
         manifest = cls.from_json(document)
         # The offset depends on the manifest's own length: iterate until it is stable.
         for _ in range(4):
@@ -324,7 +335,7 @@ class Manifest:
             obj,
             "manifest",
             {"metadata", "payload"},
-            {"arch", "inputs", "outputs", "preprocess", "labels"},
+            {"arch", "inputs", "outputs", "preprocess", "labels", "files"},
         )
         payload = _object(obj["payload"], "payload")
         _exact_keys(payload, "payload", {"kind", "offset", "size"}, {"align"})
@@ -379,6 +390,28 @@ class Manifest:
             items = _list(obj["labels"], "labels", min_items=1, max_items=MAX_LABELS)
             labels = tuple(_str(label, "labels[]", max_length=1024) for label in items)
 
+        files: tuple[tuple[str, int], ...] | None = None
+        if "files" in obj:
+            if kind != "safetensors":
+                raise _bad(f"files apply to state_dict payloads, not {kind}")
+            items = _list(obj["files"], "files", min_items=1, max_items=MAX_FILES)
+            entries = []
+            for i, item in enumerate(items):
+                entry = _object(item, f"files[{i}]")
+                _exact_keys(entry, f"files[{i}]", {"name", "size"}, set())
+                name = entry["name"]
+                if not isinstance(name, str) or _FILE_NAME.fullmatch(name) is None:
+                    raise _bad(
+                        f"files[{i}].name must be a plain file name ([A-Za-z0-9_.-], at most "
+                        f"128 characters), not {name!r}"
+                    )
+                entries.append(
+                    (name, _int(entry["size"], f"files[{i}].size", low=0, high=MAX_FILE_SIZE))
+                )
+            if len({name for name, _ in entries}) != len(entries):
+                raise _bad("files names must be unique")
+            files = tuple(entries)
+
         return cls(
             kind=cast(PayloadKind, kind),
             payload_offset=offset,
@@ -393,6 +426,7 @@ class Manifest:
                 ImagePreprocessSpec.from_json(obj["preprocess"]) if "preprocess" in obj else None
             ),
             labels=labels,
+            files=files,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -416,14 +450,25 @@ class Manifest:
             document["preprocess"] = self.preprocess.to_json()
         if self.labels is not None:
             document["labels"] = list(self.labels)
+        if self.files is not None:
+            document["files"] = [{"name": name, "size": size} for name, size in self.files]
         return document
 
     # -- the body prefix ----------------------------------------------------------------------
 
     @property
     def plaintext_size(self) -> int:
-        """Size of the whole body plaintext: prefix, padding and payload."""
-        return self.payload_offset + self.payload_size
+        """Size of the whole body plaintext: prefix, padding, payload and files."""
+        return self.payload_offset + self.payload_size + sum(size for _, size in self.files or ())
+
+    def file_ranges(self) -> dict[str, tuple[int, int]]:
+        """Each carried file's ``(start, end)`` in the body plaintext (after the payload)."""
+        ranges = {}
+        position = self.payload_offset + self.payload_size
+        for name, size in self.files or ():
+            ranges[name] = (position, position + size)
+            position += size
+        return ranges
 
     def encode_prefix(self) -> bytes:
         return encode_prefix(self)

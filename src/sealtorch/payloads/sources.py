@@ -6,6 +6,9 @@
   needs anything more is refused (:class:`~sealtorch.errors.UnsafePickleError`)
 * a TorchScript archive (a ``ScriptModule`` or its file; recognised by content, even if named
   ``.pt``)
+* a Hugging Face ``save_pretrained`` directory (``config.json`` and safetensors weights, one
+  file or shards with ``model.safetensors.index.json``), streamed from its files with its
+  config and tokenizer files carried along (:mod:`sealtorch.payloads.hf`)
 * a ``torch.export`` program (an ``ExportedProgram`` or its ``.pt2`` file) of PyTorch
   operators and tensors: a ``.pt2`` file is inspected before ``torch.export.load`` reads it,
   and archives with pickles, custom or opaque objects or code are refused
@@ -54,6 +57,14 @@ class Payload:
     #: ``payload.align`` of the manifest: 64 for state dicts, None for programs.
     align: int | None = None
     metadata: dict[str, str] = field(default_factory=dict)
+    #: Files carried after the payload (a Hugging Face directory's config, tokenizer...).
+    files: list[tuple[str, bytes]] = field(default_factory=list)
+    #: Payload offsets where the input's shards end: where a sealed set's files are cut.
+    boundaries: list[int] = field(default_factory=list)
+    #: A Hugging Face directory's parsed config.json.
+    hf_config: dict[str, Any] | None = None
+    #: Tensor name -> (shape, dtype code), for checks that need no tensor data.
+    tensor_shapes: dict[str, tuple[tuple[int, ...], str]] | None = None
 
 
 def detect_file_kind(path: Path) -> str:
@@ -232,7 +243,30 @@ def _script_bytes(module: Any) -> bytes:
     return buffer.getvalue()
 
 
+def _from_hf_directory(path: Path, *, state_dict_key: str | None) -> Payload:
+    from sealtorch.payloads.hf import read_hf_directory
+
+    if state_dict_key is not None:
+        raise ConfigError("--state-dict-key applies to .pt/.pth checkpoints only")
+    directory = read_hf_directory(path)
+    header, entries, data_size = directory.plan()
+    return Payload(
+        kind="safetensors",
+        size=len(header) + data_size,
+        stream=directory.stream_factory(header, entries),
+        description=f"Hugging Face model {path.name}",
+        tensor_count=len(entries),
+        align=64,
+        files=directory.files,
+        boundaries=directory.shard_ends(entries, len(header)),
+        hf_config=directory.config,
+        tensor_shapes={t.name: (t.shape, t.dtype) for t in directory.tensors},
+    )
+
+
 def _from_file(path: Path, *, state_dict_key: str | None) -> Payload:
+    if path.is_dir():
+        return _from_hf_directory(path, state_dict_key=state_dict_key)
     kind = detect_file_kind(path)
     size = path.stat().st_size
     if kind == "safetensors":

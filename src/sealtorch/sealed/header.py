@@ -41,8 +41,8 @@ __all__ = [
     "MAX_PLAINTEXT_SIZE",
     "MIN_CHUNK_SIZE",
     "PREAMBLE_SIZE",
-    "SUITE",
     "SET_FORMAT_VERSION",
+    "SUITE",
     "BodyHeader",
     "Header",
     "KeyBlock",
@@ -156,7 +156,7 @@ def _exact_keys(obj: dict[str, Any], keys: set[str]) -> None:
 class SetBlock:
     """Where a file sits in a sealed set; bound into its body digest (and so its body key).
 
-    The first file (``index`` 0) lists the body digests of files ``1 … count − 1`` in order.
+    The first file (``index`` 0) lists the body digests of files ``1 … count - 1`` in order.
     """
 
     set_id: bytes
@@ -168,7 +168,7 @@ class SetBlock:
         if len(self.set_id) != SET_ID_SIZE:
             raise ConfigError("a sealed set id is 16 bytes")
         for name, value in (("index", self.index), ("count", self.count)):
-            if not isinstance(value, int) or isinstance(value, bool):
+            if isinstance(value, bool):
                 raise ConfigError(f"set {name} must be an integer")
         if not 2 <= self.count <= MAX_SET_FILES or not 0 <= self.index < self.count:
             raise ConfigError(
@@ -191,6 +191,8 @@ class SetBlock:
 
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> SetBlock:
+        if "index" not in obj:
+            raise ValueError("unknown or missing fields")
         index = _field(obj, "index", int)
         _exact_keys(obj, {"count", "id", "index"} | ({"digests"} if index == 0 else set()))
         digests: tuple[bytes, ...] = ()
@@ -390,7 +392,7 @@ class Header:
 
 @dataclass(frozen=True)
 class ShardHeader:
-    """The header of a sealed set's file ``1 … count − 1``: the body only (format version 2).
+    """The header of a sealed set's file ``1 … count - 1``: the body only (format version 2).
 
     Its content key is the set's, wrapped in the first file; its body digest is listed there.
     """
@@ -416,8 +418,7 @@ class ShardHeader:
 
 
 def parse_preamble(data: bytes) -> int:
-    """Check the 16-byte preamble; return the header length (see :func:`parse_preamble_version`).
-    """
+    """Check the 16-byte preamble; return the header length (see :func:`parse_preamble_version`)."""
     return parse_preamble_version(data)[1]
 
 

@@ -110,9 +110,7 @@ class SealedReader:
     @property
     def plaintext_size(self) -> int:
         """The whole model's plaintext: this file's, plus the other files' of a sealed set."""
-        return self.header.body.plaintext_size + sum(
-            m.body.plaintext_size for m in self.members
-        )
+        return self.header.body.plaintext_size + sum(m.body.plaintext_size for m in self.members)
 
     @property
     def file_size(self) -> int:
@@ -138,9 +136,9 @@ class SealedReader:
             if version != SET_FORMAT_VERSION:
                 raise
             shard = ShardHeader.decode(text).body.set
-            assert shard is not None
+            index, count = (shard.index, shard.count) if shard is not None else (0, 0)
             raise ConfigError(
-                f"{self.path or 'this file'} is file {shard.index + 1} of {shard.count} of a "
+                f"{self.path or 'this file'} is file {index + 1} of {count} of a "
                 "sealed set: open the set's first file (the one without a .NNNNN-of-NNNNN "
                 "suffix)"
             ) from None

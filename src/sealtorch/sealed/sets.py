@@ -15,6 +15,7 @@ found next to the first: ``NAME.00002-of-00003`` for file 2 of ``NAME``.
 
 from __future__ import annotations
 
+import itertools
 import os
 import secrets
 from collections.abc import Callable, Sequence
@@ -80,7 +81,8 @@ def _refuse(first: Path, index: int, count: int, problem: str) -> IntegrityError
 
 def _open_member(first: Path, header: Header, index: int) -> SetMember:
     head = header.body.set
-    assert head is not None
+    if head is None:  # pragma: no cover - open_members checks it
+        raise ValueError("not the first file of a sealed set")
     count = head.count
     path = member_path(first, index, count)
     try:
@@ -105,7 +107,8 @@ def _open_member(first: Path, header: Header, index: int) -> SetMember:
         except Exception as exc:  # FormatError: bad magic, other version
             raise _refuse(first, index, count, f"is not a sealed file ({exc})") from exc
         shard = body.set
-        assert shard is not None
+        if shard is None:  # pragma: no cover - ShardHeader requires it
+            raise _refuse(first, index, count, "is not a file of a sealed set")
         if shard.set_id != head.set_id:
             raise _refuse(
                 first, index, count, "belongs to another sealed set (another sealing or version)"
@@ -122,9 +125,7 @@ def _open_member(first: Path, header: Header, index: int) -> SetMember:
         body_start = PREAMBLE_SIZE + length
         if total - body_start != body.sealed_size:
             raise _refuse(first, index, count, "is truncated or extended")
-        return SetMember(
-            path=path, file=handle, body=body, body_start=body_start, file_size=total
-        )
+        return SetMember(path=path, file=handle, body=body, body_start=body_start, file_size=total)
     except BaseException:
         handle.close()
         raise
@@ -137,8 +138,7 @@ def open_members(first: Path, header: Header) -> list[SetMember]:
         return []
     members: list[SetMember] = []
     try:
-        for index in range(1, head.count):
-            members.append(_open_member(first, header, index))
+        members.extend(_open_member(first, header, index) for index in range(1, head.count))
     except BaseException:
         for member in members:
             member.file.close()
@@ -146,7 +146,9 @@ def open_members(first: Path, header: Header) -> list[SetMember]:
     return members
 
 
-def plan_parts(total: int, *, boundaries: Sequence[int] = (), max_size: int | None = None) -> list[int]:
+def plan_parts(
+    total: int, *, boundaries: Sequence[int] = (), max_size: int | None = None
+) -> list[int]:
     """Cut a plaintext of ``total`` bytes into file sizes.
 
     ``boundaries`` are preferred cut points (where the input's shards end); ``max_size`` cuts
@@ -167,7 +169,7 @@ def plan_parts(total: int, *, boundaries: Sequence[int] = (), max_size: int | No
             previous = cut
         cuts = refined
     edges = [0, *cuts, total]
-    sizes = [b - a for a, b in zip(edges, edges[1:], strict=False) if b > a] or [total]
+    sizes = [b - a for a, b in itertools.pairwise(edges) if b > a] or [total]
     if len(sizes) > MAX_SET_FILES:
         raise ConfigError(
             f"the model would need {len(sizes)} files; a sealed set holds at most "

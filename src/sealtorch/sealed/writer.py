@@ -234,4 +234,6 @@ class SealedWriter:
             self.abort()
 
     def __repr__(self) -> str:
-        return f"SealedWriter(model_id={self.header.body.model_id!r}, destination={self.destination})"
+        return (
+            f"SealedWriter(model_id={self.header.body.model_id!r}, destination={self.destination})"
+        )

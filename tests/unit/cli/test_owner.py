@@ -410,18 +410,28 @@ def test_parse_size() -> None:
     assert _parse_size("2 MB") == 2 << 20
 
 
-def test_progress_bar_only_for_large_inputs() -> None:
-    small = _Progress("x", quiet=False)
+def test_progress_bar_only_for_large_inputs(caplog: pytest.LogCaptureFixture) -> None:
+    small = _Progress("x", quiet=False, terminal=True)
     small(10, 100)
     assert small._bar is None
-    large = _Progress("x", quiet=False)
+    large = _Progress("x", quiet=False, terminal=True)
     large(10, 1 << 30)
     assert large._bar is not None
     large.stop()
-    quiet = _Progress("x", quiet=True)
+    quiet = _Progress("x", quiet=True, terminal=True)
     quiet(10, 1 << 30)
     assert quiet._bar is None
     assert quiet.elapsed == 0.0
+    # Not a terminal: one structured log line per tenth, no bar.
+    logged = _Progress("sealing m", quiet=False, terminal=False)
+    with caplog.at_level("INFO", logger="sealtorch.progress"):
+        for done in range(0, (1 << 30) + 1, 1 << 24):
+            logged(done, 1 << 30)
+    logged.stop()
+    assert logged._bar is None
+    records = [r for r in caplog.records if r.name == "sealtorch.progress"]
+    assert [r.percent for r in records] == list(range(0, 101, 10))  # type: ignore[attr-defined]
+    assert records[-1].done == 1 << 30  # type: ignore[attr-defined]
 
 
 def test_real_process(tmp_path: Path, model_file: Path) -> None:
