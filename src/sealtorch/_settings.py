@@ -60,6 +60,7 @@ ENVIRONMENT_VARIABLES: frozenset[str] = frozenset(
         "SEALTORCH_KEYSERVER_URL",
         "SEALTORCH_LOG_FORMAT",
         "SEALTORCH_PKCS11_PIN",
+        "SEALTORCH_SERVE_KEYS_WAIT",
         "SEALTORCH_SIM_KEY",
     }
 )

@@ -28,6 +28,7 @@ __all__ = [
     "IntegrityError",
     "KeyAccessError",
     "KeyReleaseError",
+    "KeyReleaseRefusedError",
     "KeySourceUnreachableError",
     "PayloadError",
     "PolicyDenied",
@@ -35,6 +36,7 @@ __all__ = [
     "ProtocolError",
     "ReleaseStatementError",
     "RequestError",
+    "SelfAttestationError",
     "StorageCorruptError",
     "StorageError",
     "StorageFullError",
@@ -141,10 +143,32 @@ class KeyReleaseError(Error):
 
 
 class KeySourceUnreachableError(KeyReleaseError):
-    """The key server or key cache could not be reached (connection refused, timeout, TLS).
+    """The key server or key cache could not be reached (connection refused, timeout, TLS), or
+    answered 5xx, or refused for a transient reason (an expired nonce, collateral down).
 
     Unlike a refusal, this says nothing about the enclave's evidence: retrying later may work.
     """
+
+
+class KeyReleaseRefusedError(KeyReleaseError):
+    """The key server refused a key cache's own release request because of its evidence
+    (untrusted attestation key, invalid evidence, stale collateral...). ``code`` is the first
+    reason code; serving keys the server refuses would make the cache more permissive."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str,
+        reasons: Sequence[str] = (),
+        status_code: int | None = None,
+    ) -> None:
+        super().__init__(message, reasons=reasons or (code,), status_code=status_code)
+        self.code = code
+
+
+class SelfAttestationError(AttestationError):
+    """This process could not produce its own evidence (TEE device missing or refusing)."""
 
 
 class ProtocolError(Error):

@@ -81,7 +81,10 @@ refreshes at once.
     "--keyserver",
     "keyserver_url",
     metavar="URL",
-    help="The key server: https://HOST:PORT (or unix:///PATH on the same host).",
+    multiple=True,
+    callback=lambda _ctx, _param, value: ",".join(value) or None,
+    help="The key server: https://HOST:PORT (or unix:///PATH on the same host). Repeat it "
+    "(or give a comma list) for replicas: a connection failure or a 503 moves to the next.",
 )
 @click.option(
     "--ca",

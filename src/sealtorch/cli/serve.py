@@ -64,8 +64,21 @@ Details: docs/serving.md; enclave deployment: docs/deployment.md.
     "--keys",
     "keys_url",
     metavar="URL",
+    multiple=True,
+    callback=lambda _ctx, _param, value: ",".join(value) or None,
     help="Key cache or key server releasing the model keys to this attested server: "
-    "unix:///PATH (local key cache) or https://HOST:PORT.",
+    "unix:///PATH (local key cache) or https://HOST:PORT. Repeat it (or give a comma list) "
+    "for replicas: a connection failure or a 503 moves to the next.",
+)
+@click.option(
+    "--keys-wait",
+    type=click.FloatRange(min=0),
+    default=60.0,
+    show_default=True,
+    envvar="SEALTORCH_SERVE_KEYS_WAIT",
+    metavar="SECONDS",
+    help="With --keys: how long to wait at start for a key source that is not up yet "
+    "(retries with jittered backoff, each logged; env SEALTORCH_SERVE_KEYS_WAIT).",
 )
 @click.option(
     "--key-file",
@@ -214,6 +227,7 @@ Details: docs/serving.md; enclave deployment: docs/deployment.md.
 def serve(
     models: tuple[Path, ...],
     keys_url: str | None,
+    keys_wait: float,
     key_file: Path | None,
     keyserver_pubkeys: tuple[str, ...],
     tee: str | None,
@@ -291,6 +305,7 @@ def serve(
             sim_key=sim_key,
             hpke_suite=hpke_suite,
             keyserver_pubkeys=keyserver_pubkeys,
+            wait=keys_wait,
         )
     sources = [
         SealedModelSource(

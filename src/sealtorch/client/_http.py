@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 from urllib.parse import urlsplit
 
@@ -36,6 +36,7 @@ __all__ = [
     "make_http_client",
     "parse_response",
     "policy_digest",
+    "split_urls",
 ]
 
 _T = TypeVar("_T", bound=BaseModel)
@@ -49,6 +50,16 @@ CA_OPTIONS: Final = "--ca (`sealtorch serve`: --keys-ca; Python: ca=)"
 
 
 # -- transport ---------------------------------------------------------------------------------
+
+
+def split_urls(urls: str | Sequence[str]) -> tuple[str, ...]:
+    """Key source URLs from a sequence and/or comma-separated strings, without repeats (at
+    least one: ConfigError)."""
+    parts = [urls] if isinstance(urls, str) else list(urls)
+    found = [piece.strip() for part in parts for piece in str(part).split(",") if piece.strip()]
+    if not found:
+        raise ConfigError("no key source URL given (https://HOST:PORT or unix:///PATH)")
+    return tuple(dict.fromkeys(found))
 
 
 def make_http_client(

@@ -23,8 +23,16 @@ under a pinned key server key (``trusted_release_keys``) and be about exactly th
 (:meth:`KeyReleaseClient._check_statement`); anything else is a
 :class:`~sealtorch.errors.ProtocolError` (a :class:`~sealtorch.errors.ReleaseStatementError`
 with a reason code for the statement). Denials raise :class:`~sealtorch.errors.KeyReleaseError`
-with the server's reason codes. Connection errors are retried with jittered exponential
-backoff (a fresh challenge each time); denials never are.
+with the server's reason codes. Connection errors and ``503`` answers are retried with
+jittered exponential backoff (a fresh challenge each time); denials never are.
+
+Failover: ``url`` may name several key servers (a sequence, or one string with commas) — e.g.
+replicas on one PostgreSQL. A connection failure or a ``503`` moves to the next one at once;
+when every one failed, the client backs off (jittered) and goes round again, up to ``retries``
+rounds (and for at least ``wait`` seconds when given: ``sealtorch serve --keys-wait``). The one
+that answered last is tried first next time. A DNS name with several addresses needs no list:
+each connection tries the name's addresses in turn (``socket.create_connection``), so a refused
+connection moves to the next address (a ``503`` from one address does not: list the replicas).
 """
 
 from __future__ import annotations
@@ -53,6 +61,7 @@ from sealtorch.client._http import (
     make_http_client,
     parse_response,
     policy_digest,
+    split_urls,
 )
 from sealtorch.errors import (
     AttestationError,
@@ -83,6 +92,8 @@ __all__ = ["Challenge", "Denial", "KeyReleaseClient", "ReleaseResult", "Released
 
 _log = logging.getLogger(__name__)
 _R = TypeVar("_R")
+#: The longest pause between two rounds over the key sources (before jitter).
+_MAX_DELAY = 5.0
 
 
 # -- results ---------------------------------------------------------------------------------
@@ -209,7 +220,7 @@ class KeyReleaseClient:
 
     def __init__(
         self,
-        url: str,
+        url: str | Sequence[str],
         *,
         attester: EvidenceProvider,
         ca: str | os.PathLike[str] | None = None,
@@ -224,6 +235,7 @@ class KeyReleaseClient:
         remember: bool = True,
         trusted_release_keys: TrustedReleaseKeys | Iterable[ReleasePublicKey | str] | None = None,
         accept_forwarded_statements: bool = True,
+        wait: float | None = None,
     ) -> None:
         hpke.get_suite(suite)  # ProtocolError for an unknown suite, now rather than later
         self._trusted = (
@@ -232,29 +244,40 @@ class KeyReleaseClient:
             else TrustedReleaseKeys(trusted_release_keys or ())  # ConfigError when empty
         )
         self._accept_forwarded = accept_forwarded_statements
-        self.url = url
+        #: Every key source this client may use, in order of preference.
+        self.urls: tuple[str, ...] = split_urls(url)
+        self._current = 0
+        self._wait = wait
         self._attester = attester
         self._suite = suite
         self._want_session = session
         self._retries = max(0, retries)
         self._backoff = backoff
         self._sleep = sleep
-        self._http = make_http_client(
-            url,
-            ca=ca,
-            timeout=timeout,
-            transport=transport,
-            allow_insecure_http=allow_insecure_http,
-        )
+        self._clients = [
+            make_http_client(
+                one,
+                ca=ca,
+                timeout=timeout,
+                transport=transport,
+                allow_insecure_http=allow_insecure_http,
+            )
+            for one in self.urls
+        ]
         self._lock = threading.Lock()
         self._remember_keys = remember
         self._cache: dict[tuple[str, int], _CachedKey] = {}
         self._session: Session | None = None
         self._session_key: hpke.HpkePrivateKey | None = None
 
+    @property
+    def url(self) -> str:
+        """The key source that answered last (the first one before any answer)."""
+        return self.urls[self._current]
+
     def __repr__(self) -> str:
         return (
-            f"KeyReleaseClient({self.url!r}, suite={self._suite!r}, "
+            f"KeyReleaseClient({', '.join(self.urls)!r}, suite={self._suite!r}, "
             f"release_keys={list(self._trusted.key_ids)!r})"
         )
 
@@ -280,7 +303,8 @@ class KeyReleaseClient:
             self._cache.clear()
             self._session = None
             self._session_key = None
-        self._http.close()
+        for http in self._clients:
+            http.close()
 
     @property
     def session(self) -> Session | None:
@@ -289,32 +313,69 @@ class KeyReleaseClient:
 
     # -- protocol steps --
 
-    def _with_retries(self, what: str, attempt: Callable[[], _R]) -> _R:
-        for number in range(self._retries + 1):
-            try:
-                return attempt()
-            except RETRYABLE as exc:
-                untrusted = untrusted_server_message(
-                    exc,
-                    server=f"the key cache or key server at {self.url}",
-                    ca_option=CA_OPTIONS,
+    def _with_retries(self, what: str, attempt: Callable[[httpx.Client], _R]) -> _R:
+        """``attempt(http)`` on the key sources in turn (see the module docstring)."""
+        deadline = None if self._wait is None else time.monotonic() + self._wait
+        started = time.monotonic()
+        number = 0
+        while True:
+            failures: list[str] = []
+            last_refusal: KeyReleaseError | None = None
+            start = self._current
+            for step in range(len(self.urls)):
+                index = (start + step) % len(self.urls)
+                url = self.urls[index]
+                try:
+                    result = attempt(self._clients[index])
+                except RETRYABLE as exc:
+                    untrusted = untrusted_server_message(
+                        exc,
+                        server=f"the key cache or key server at {url}",
+                        ca_option=CA_OPTIONS,
+                    )
+                    if untrusted is not None:  # retrying cannot help
+                        raise KeySourceUnreachableError(untrusted) from exc
+                    failures.append(f"{url}: {type(exc).__name__}")
+                except KeyReleaseError as exc:
+                    if exc.status_code != 503:
+                        raise
+                    last_refusal = exc
+                    failures.append(f"{url}: HTTP 503 ({', '.join(exc.reasons) or 'unavailable'})")
+                else:
+                    self._current = index
+                    return result
+                if len(self.urls) > 1:
+                    _log.warning("%s: %s; trying the next key source", what, failures[-1])
+            now = time.monotonic()
+            if number >= self._retries and (deadline is None or now >= deadline):
+                if last_refusal is not None and len(self.urls) == 1:
+                    raise last_refusal
+                waited = f" over {now - started:.0f} s" if self._wait else ""
+                raise KeySourceUnreachableError(
+                    f"cannot reach a key source for {what} after {number + 1} round(s){waited} "
+                    f"({'; '.join(failures)}); check the URLs, the network and that the "
+                    "services run",
+                    status_code=503 if last_refusal is not None else None,
                 )
-                if untrusted is not None:  # retrying cannot help
-                    raise KeySourceUnreachableError(untrusted) from exc
-                if number == self._retries:
-                    raise KeySourceUnreachableError(
-                        f"cannot reach {self.url} (key cache or key server) for {what} "
-                        f"({type(exc).__name__}) after {number + 1} attempt(s); check the URL, "
-                        "the network and that the service runs"
-                    ) from exc
-                delay = self._backoff * (2**number) * (0.5 + random.random())  # noqa: S311
-                _log.info("%s: %s; retrying in %.2f s", what, type(exc).__name__, delay)
-                self._sleep(delay)
-        raise AssertionError("unreachable")  # pragma: no cover
+            delay = min(self._backoff * (2**number), _MAX_DELAY) * (0.5 + random.random())  # noqa: S311
+            if deadline is not None and number >= self._retries:
+                delay = min(delay, max(0.0, deadline - now))
+            log = _log.warning if self._wait else _log.info
+            log(
+                "%s: no key source answered (%s); retrying in %.2f s%s",
+                what,
+                "; ".join(failures),
+                delay,
+                f" (waiting up to {self._wait:.0f} s)" if self._wait else "",
+            )
+            self._sleep(delay)
+            number += 1
 
-    def challenge(self) -> Challenge:
-        """Ask for a fresh nonce (one attempt; :meth:`release` retries the whole flow)."""
-        response = self._http.post(f"{API_PREFIX}/attestation/challenge", json={})
+    def challenge(self, http: httpx.Client | None = None) -> Challenge:
+        """Ask for a fresh nonce (one attempt at the current key source; :meth:`release`
+        retries the whole flow)."""
+        http = http or self._clients[self._current]
+        response = http.post(f"{API_PREFIX}/attestation/challenge", json={})
         if response.status_code != 200:
             raise error_from(response, "the challenge")
         body = parse_response(ChallengeResponse, response, "challenge")
@@ -333,10 +394,14 @@ class KeyReleaseClient:
         evidence, binding, nonce) raises :class:`KeyReleaseError`."""
         wanted = tuple(models) if models is not None else None
         ask_session = self._want_session if session is None else session
-        return self._with_retries("key release", lambda: self._release_once(wanted, ask_session))
+        return self._with_retries(
+            "key release", lambda http: self._release_once(http, wanted, ask_session)
+        )
 
-    def _release_once(self, models: tuple[str, ...] | None, ask_session: bool) -> ReleaseResult:
-        challenge = self.challenge()
+    def _release_once(
+        self, http: httpx.Client, models: tuple[str, ...] | None, ask_session: bool
+    ) -> ReleaseResult:
+        challenge = self.challenge(http)
         if self._suite not in challenge.hpke_suites:
             raise KeyReleaseError(
                 f"the server does not offer HPKE suite {self._suite}; it offers "
@@ -361,7 +426,7 @@ class KeyReleaseClient:
                 "session": ask_session,
             }
         )
-        response = self._http.post(
+        response = http.post(
             f"{API_PREFIX}/keys/release",
             content=request.model_dump_json(),
             headers={"content-type": "application/json"},
@@ -393,10 +458,10 @@ class KeyReleaseClient:
             )
         wanted = tuple(models) if models is not None else None
 
-        def attempt() -> ReleaseResult:
+        def attempt(http: httpx.Client) -> ReleaseResult:
             nonce = secrets.token_bytes(32)
             request = RenewRequest(nonce=nonce, models=wanted)
-            response = self._http.post(
+            response = http.post(
                 f"{API_PREFIX}/keys/renew",
                 content=request.model_dump_json(),
                 headers={

@@ -5,7 +5,8 @@ Precedence, highest first: options (``sealtorch keycache serve --socket ...``), 
 the file's directory. The schema (``docs/keycache.md``)::
 
     [keyserver]
-    url = "https://keys.example.com:8443"  # or unix:///PATH for a key server on this host
+    url = "https://keys.example.com:8443"  # or unix:///PATH for a key server on this host;
+    # several replicas: url = ["https://ks-a:8443", "https://ks-b:8443"] (failover in order)
     ca = "keyserver-ca.crt"
     # the key server's release-signing public key(s) (two during a rollover); required
     pubkeys = ["sealtorch-release-key-v1:..."]
@@ -98,7 +99,8 @@ _MODEL_ID = re.compile(MODEL_ID_PATTERN)
 
 
 class _KeyServer(_Section):
-    url: str | None = None
+    #: One key server, or several (a list, or commas): replicas to fail over between.
+    url: str | tuple[str, ...] | None = None
     ca: str | None = None
     pubkeys: tuple[str, ...] = ()
     models: tuple[str, ...] | None = None
@@ -397,7 +399,7 @@ def load_settings(
     if mode is None:
         mode = 0o660 if listen.socket_group else 0o600
     return KeyCacheSettings(
-        keyserver_url=ks.url,
+        keyserver_url=ks.url if isinstance(ks.url, str) else ",".join(ks.url),
         keyserver_pubkeys=ks.pubkeys,
         keyserver_ca=path_of("keyserver", "ca", ks.ca),
         models=ks.models,

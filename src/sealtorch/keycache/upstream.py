@@ -5,16 +5,25 @@ enclave uses; it verifies each released key's binding and policy digest, and the
 release statement under the pinned key server key(s), which must be issued to this cache's own
 HPKE key) and sorts failures into what the cache must do about them:
 
-* :class:`Unreachable` — no answer, a 5xx, a TLS certificate this cache does not trust (its
+The three outcomes are classes of the project's one error tree (``sealtorch.errors``); the
+names below are this module's aliases of them.
+
+* :class:`Unreachable` (:class:`~sealtorch.errors.KeySourceUnreachableError`) — no answer from
+  any of the key servers it knows (``[keyserver] url`` may list several: it moves to the next on
+  a connection failure or a 503), a 5xx, a TLS certificate this cache does not trust (its
   message says so, and to pass ``--ca``), or a transient protocol refusal (an expired nonce, the
   server's collateral source down): keep serving keys whose leases run, retry with backoff;
-* :class:`Refused` — the key server refuses *this cache's evidence* (untrusted attestation key,
+* :class:`Refused` (:class:`~sealtorch.errors.KeyReleaseRefusedError`) — the key server
+  refuses *this cache's evidence* (untrusted attestation key,
   invalid evidence, stale collateral, ...): the cache must drop every key, since serving them
   would make it more permissive than the server;
 * :class:`~sealtorch.errors.ProtocolError` — a response that fails the client's checks
   (tampered, or a key without a valid statement of the pinned key server: a fake key source,
   :class:`~sealtorch.errors.ReleaseStatementError`): nothing from it is used; treated like an
   outage (keys from the real key server keep being served until their leases end).
+
+:class:`AttestFailed` (:class:`~sealtorch.errors.SelfAttestationError`): this cache could not
+produce its own evidence.
 
 A refresh renews with the session token while the session lasts (no new quote) and attests
 afresh when there is no session, it is about to end, or the server no longer knows it.
@@ -34,7 +43,14 @@ from sealtorch._crypto.tls import untrusted_server_message
 from sealtorch._uds import UnixSocketTransport
 from sealtorch.attestation import EvidenceProvider
 from sealtorch.client import KeyReleaseClient, ReleaseResult
-from sealtorch.errors import Error, KeyReleaseError, KeySourceUnreachableError
+from sealtorch.client._http import split_urls
+from sealtorch.errors import (
+    Error,
+    KeyReleaseError,
+    KeyReleaseRefusedError,
+    KeySourceUnreachableError,
+    SelfAttestationError,
+)
 from sealtorch.protocol import DEFAULT_HPKE_SUITE, TrustedReleaseKeys
 
 __all__ = ["AttestFailed", "Refresh", "Refused", "Unreachable", "Upstream"]
@@ -47,25 +63,12 @@ _TRANSIENT: Final = frozenset({"nonce_invalid", "nonce_expired", "collateral_una
 _SESSION_MARGIN: Final = timedelta(seconds=5)
 
 
-class Unreachable(Error):  # noqa: N818 - a state, named for what the operator sees
-    """The key server did not answer usefully (network, 5xx, transient refusal)."""
-
-    def __init__(self, message: str, *, status_code: int | None = None) -> None:
-        super().__init__(message)
-        self.status_code = status_code
-
-
-class AttestFailed(Error):  # noqa: N818
-    """This cache could not produce its own evidence (TEE device missing or refusing)."""
-
-
-class Refused(Error):  # noqa: N818
-    """The key server refused this cache's own release request."""
-
-    def __init__(self, message: str, *, code: str, reasons: tuple[str, ...]) -> None:
-        super().__init__(message)
-        self.code = code
-        self.reasons = reasons
+#: No useful answer from any key server (network, 5xx, transient refusal).
+Unreachable = KeySourceUnreachableError
+#: This cache could not produce its own evidence (TEE device missing or refusing).
+AttestFailed = SelfAttestationError
+#: The key server refused this cache's own release request.
+Refused = KeyReleaseRefusedError
 
 
 class Refresh:
@@ -90,7 +93,7 @@ class Upstream:
 
     def __init__(
         self,
-        url: str,
+        url: str | Sequence[str],
         *,
         attester: EvidenceProvider,
         models: Sequence[str] | None,
@@ -101,13 +104,13 @@ class Upstream:
         timeout: float = 10.0,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
-        self.url = url
+        urls = split_urls(url)
         self.models = tuple(models) if models is not None else None
-        if transport is None and url.startswith("unix://"):
-            transport = UnixSocketTransport(url[len("unix://") :])
+        if transport is None and len(urls) == 1 and urls[0].startswith("unix://"):
+            transport = UnixSocketTransport(urls[0][len("unix://") :])
         self._clock = clock
         self._client = KeyReleaseClient(
-            url,
+            urls,
             attester=attester,
             ca=ca,
             session=True,
@@ -123,8 +126,17 @@ class Upstream:
         #: When the current renewal session ends, on the cache's clock.
         self.session_expires_at: datetime | None = None
 
+    @property
+    def url(self) -> str:
+        """The key server that answered last (the first one before any answer)."""
+        return self._client.url
+
+    @property
+    def urls(self) -> tuple[str, ...]:
+        return self._client.urls
+
     def __repr__(self) -> str:
-        return f"Upstream({self.url!r}, models={self.models!r})"
+        return f"Upstream({', '.join(self.urls)!r}, models={self.models!r})"
 
     def close(self) -> None:
         self._client.close()
@@ -180,5 +192,8 @@ def _classify(exc: KeyReleaseError, url: str) -> Error:
             f"the key server refused a request, will retry: {exc}", status_code=status
         )
     return Refused(
-        f"the key server refused this key cache: {exc}", code=code, reasons=exc.reasons or (code,)
+        f"the key server refused this key cache: {exc}",
+        code=code,
+        reasons=exc.reasons or (code,),
+        status_code=status,
     )

@@ -11,6 +11,12 @@ Either way a key is accepted only with the key server's release statement, signe
 pinned with ``--keyserver-pubkey`` (:class:`~sealtorch.protocol.TrustedReleaseKeys`): the host
 can answer on any socket or port, so the URL alone proves nothing.
 
+Several ``--keys`` (repeated, or one comma list) name replicas: a connection failure or a 503
+moves to the next at once (:class:`~sealtorch.client.KeyReleaseClient`). At start ``serve``
+waits for its key source — a key cache or key server that is not up yet — retrying with
+jittered backoff for up to ``--keys-wait`` seconds (default :data:`DEFAULT_KEYS_WAIT`), each
+retry logged at WARNING; then it gives up with one line.
+
 :func:`resolve_key_source` is the one place that turns the URL and the TEE name into a
 :class:`~sealtorch.keys.KeyProvider`; :func:`dev_key_file` is the unattested development
 path, which logs a loud warning.
@@ -33,6 +39,7 @@ if TYPE_CHECKING:
     from sealtorch.client import KeyReleaseClient
 
 __all__ = [
+    "DEFAULT_KEYS_WAIT",
     "TEE_NAMES",
     "KeyEndpoint",
     "dev_key_file",
@@ -43,6 +50,8 @@ __all__ = [
 _log = logging.getLogger(__name__)
 
 TEE_NAMES: Final = ("sim", "gramine", "tdx", "snp")
+#: Seconds ``serve`` waits for its key source at start (``--keys-wait``).
+DEFAULT_KEYS_WAIT: Final = 60.0
 
 DEV_KEY_WARNING: Final = (
     "--key-file: the model key is read from a file and NO ATTESTATION takes place. Anyone who "
@@ -103,7 +112,7 @@ def parse_keys_url(url: str) -> KeyEndpoint:
 
 
 def resolve_key_source(
-    url: str,
+    url: str | Sequence[str],
     *,
     tee: str | None,
     ca: str | os.PathLike[str] | None = None,
@@ -111,6 +120,7 @@ def resolve_key_source(
     sim_key: str | os.PathLike[str] | None = None,
     hpke_suite: str | None = None,
     keyserver_pubkeys: Sequence[str] = (),
+    wait: float | None = DEFAULT_KEYS_WAIT,
 ) -> KeyReleaseClient:
     """The attested key provider for ``--keys URL`` running in TEE ``tee``.
 
@@ -118,12 +128,15 @@ def resolve_key_source(
     ``tee_root`` overrides the gramine/tdx/snp device directory (tests); ``sim_key`` is the
     simulated TEE's attestation key file. The inference server attests as role ``serve``.
     ``keyserver_pubkeys`` are the key server release-signing keys it pins (at least one).
+    ``url`` may name several key sources (a sequence or commas: failover in order); ``wait``
+    is how long to keep retrying when none answers (seconds; ``None``: the client's rounds).
     """
     from sealtorch.attestation import attester_for
     from sealtorch.client import KeyReleaseClient
+    from sealtorch.client._http import split_urls
     from sealtorch.protocol import DEFAULT_HPKE_SUITE, TrustedReleaseKeys
 
-    endpoint = parse_keys_url(url)
+    endpoints = [parse_keys_url(one) for one in split_urls(url)]
     if tee is None:
         raise ConfigError(
             "--keys needs --tee (sim, gramine, tdx or snp): the TEE whose evidence proves this "
@@ -131,7 +144,7 @@ def resolve_key_source(
         )
     if tee not in TEE_NAMES:
         raise ConfigError(f"unknown TEE {tee!r}; choose one of {', '.join(TEE_NAMES)}")
-    if ca is not None and endpoint.scheme != "https":
+    if ca is not None and all(endpoint.scheme != "https" for endpoint in endpoints):
         raise ConfigError("--keys-ca applies to an https:// key source, not a Unix socket")
     if sim_key is not None and tee != "sim":
         raise ConfigError("--sim-key applies to --tee sim only")
@@ -148,12 +161,15 @@ def resolve_key_source(
         attester = attester_for("sim", role="serve", key_path=sim_key)
     else:
         attester = attester_for(tee, root=tee_root)
+    if wait is not None and wait < 0:
+        raise ConfigError(f"--keys-wait must be 0 or more seconds, not {wait}")
     return KeyReleaseClient(
-        str(endpoint),
+        [str(endpoint) for endpoint in endpoints],
         attester=attester,
         ca=ca,
         suite=hpke_suite or DEFAULT_HPKE_SUITE,
         trusted_release_keys=trusted,
+        wait=wait,
     )
 
 
