@@ -190,3 +190,69 @@ def test_schema_level_canonical_form_is_required() -> None:
     body = _rebody({**_document(), "preprocess": no_default})
     with pytest.raises(PayloadError, match="canonical form"):
         parse_prefix(body, plaintext_size=len(body))
+
+
+def test_carried_files_follow_the_payload() -> None:
+    manifest = Manifest.build(
+        kind="safetensors",
+        payload_size=100,
+        arch="transformers:GPT2LMHeadModel",
+        files=[("config.json", 30), ("tokenizer.json", 0), ("vocab.txt", 7)],
+    )
+    start = manifest.payload_offset + 100
+    assert manifest.file_ranges() == {
+        "config.json": (start, start + 30),
+        "tokenizer.json": (start + 30, start + 30),
+        "vocab.txt": (start + 30, start + 37),
+    }
+    assert manifest.plaintext_size == start + 37
+    body = manifest.encode_prefix() + bytes(137)
+    assert parse_prefix(body, plaintext_size=len(body)) == manifest
+    # The files belong to the body: a body without them (or with more) is refused.
+    with pytest.raises(PayloadError, match="does not match the body size"):
+        parse_prefix(body[:-1], plaintext_size=len(body) - 1)
+
+
+@pytest.mark.parametrize(
+    ("files", "message"),
+    [
+        ([("../config.json", 1)], "plain file name"),
+        ([("sub/config.json", 1)], "plain file name"),
+        ([(".hidden", 1)], "plain file name"),
+        ([("a", 1), ("a", 2)], "unique"),
+        ([("a", -1)], "files\\[0\\].size"),
+        ([("a", 2**30 + 1)], "files\\[0\\].size"),
+        ([], "files must be a list of 1"),
+        ([(f"f{i}", 1) for i in range(65)], "files must be a list of 1 to 64"),
+    ],
+)
+def test_carried_files_are_validated(files: list[tuple[str, int]], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        Manifest.build(kind="safetensors", payload_size=10, files=files)
+
+
+def test_carried_files_only_with_state_dicts() -> None:
+    with pytest.raises(ConfigError, match="files apply to state_dict payloads"):
+        Manifest.build(kind="torchscript", payload_size=10, files=[("config.json", 1)])
+
+
+def test_transformers_references() -> None:
+    assert validate_arch_ref("transformers:BertForSequenceClassification")
+    for bad in (
+        "transformers:",
+        "transformers:a b",
+        "transformers:x/y",
+    ):
+        with pytest.raises(ConfigError, match="transformers:CLASS"):
+            validate_arch_ref(bad)
+
+
+def test_a_transformers_reference_is_never_imported_as_a_factory() -> None:
+    """``transformers:NAME`` also has the syntax of ``package.module:factory``; it must never
+    be resolved by importing ``transformers`` and calling ``NAME``."""
+    from sealtorch.payloads.arch import build_module, check_allowed_archs
+
+    with pytest.raises(PayloadError, match=r"built from the model's config\.json"):
+        build_module("transformers:AutoModel", {})
+    with pytest.raises(ConfigError, match="always allowed"):
+        check_allowed_archs(["transformers:pipeline"])

@@ -222,3 +222,23 @@ def test_nothing_appears_when_sealing_fails(tmp_path: Path) -> None:
         writer.finish()
     assert list(tmp_path.iterdir()) == []
     assert member_path(first, 0, 3) == first
+
+
+DATA = Path(__file__).resolve().parents[2] / "data" / "sealed"
+
+
+def test_the_stored_sealed_set_still_loads() -> None:
+    """A set written by an earlier sealtorch (tests/data/sealed/README.md) loads bit for bit."""
+    torch = pytest.importorskip("torch")
+    from safetensors.torch import load_file
+
+    import sealtorch
+
+    first = DATA / "small-cnn-set-v2.sealed"
+    assert sealtorch.inspect_sealed(first).file_count == 2
+    loaded = sealtorch.load_state_dict(first, key=bytes(range(32)))
+    expected = load_file(DATA / "small-cnn.safetensors")
+    assert list(loaded) == list(expected)
+    for name, tensor in expected.items():
+        assert torch.equal(loaded[name], tensor), name
+        assert loaded[name].data_ptr() % 64 == 0
