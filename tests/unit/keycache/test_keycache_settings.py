@@ -183,3 +183,26 @@ def test_read_timeouts_come_from_the_listen_section() -> None:
     assert settings.read_timeouts == ReadTimeouts(header=2.0, body=3.5, keep_alive=60.0)
     with pytest.raises(ConfigError, match="header_timeout_seconds"):
         load_settings(overrides=_minimal(listen={"header_timeout_seconds": 0}))
+
+
+def test_several_key_servers_from_a_list_or_commas(tmp_path: Path) -> None:
+    """Replicas (issue 14, item 3): ``[keyserver] url`` may be a list; the option may repeat
+    (joined with commas); the upstream client fails over between them in order."""
+    from sealtorch.keycache.upstream import Upstream
+
+    listed = load_settings(
+        overrides=_minimal(keyserver={"url": ("https://ks-a:8443", "https://ks-b:8443")})
+    )
+    assert listed.keyserver_url == "https://ks-a:8443,https://ks-b:8443"
+    upstream = Upstream(
+        listed.keyserver_url,
+        attester=object(),  # type: ignore[arg-type] - never used: nothing is fetched here
+        models=None,
+        clock=lambda: None,  # type: ignore[arg-type, return-value]
+        trusted_release_keys=listed.trusted_release_keys(),
+    )
+    try:
+        assert upstream.urls == ("https://ks-a:8443", "https://ks-b:8443")
+        assert upstream.url == "https://ks-a:8443"
+    finally:
+        upstream.close()
