@@ -52,7 +52,8 @@ def initialised(tmp_path: Path) -> tuple[Path, Path, SimAttester]:
 def test_init_records_the_store_instance_id(initialised: tuple[Path, Path, SimAttester]) -> None:
     data, _, _ = initialised
     instance = (data / "instance-id").read_text().strip()
-    assert len(instance) == 32 and int(instance, 16) >= 0
+    assert len(instance) == 32
+    assert int(instance, 16) >= 0
     with sqlite3.connect(data / "keyserver.db") as db:
         assert db.execute("SELECT instance_id FROM store_identity").fetchone()[0] == instance
 
@@ -64,7 +65,8 @@ def test_a_missing_database_is_refused_not_recreated(
     (data / "keyserver.db").unlink()
     line = _serve_refused(data)
     assert "keyserver.db does not exist" in line
-    assert "mounted" in line and "keyserver init" in line
+    assert "mounted" in line
+    assert "keyserver init" in line
     assert not (data / "keyserver.db").exists()  # nothing was created
 
 
@@ -74,7 +76,8 @@ def test_an_empty_database_file_is_refused(initialised: tuple[Path, Path, SimAtt
         (data / sidecar).unlink(missing_ok=True)
     (data / "keyserver.db").write_bytes(b"")
     line = _serve_refused(data)
-    assert "is empty (0 bytes)" in line and "mounted" in line
+    assert "is empty (0 bytes)" in line
+    assert "mounted" in line
     assert (data / "keyserver.db").stat().st_size == 0  # left as it was
 
 
@@ -95,7 +98,8 @@ def test_a_non_sqlite_file_is_reported_as_corrupt(
     data, _, _ = initialised
     (data / "keyserver.db").write_bytes(b"this is not a database" * 400)
     line = _serve_refused(data)
-    assert "corrupt" in line and "backup" in line
+    assert "corrupt" in line
+    assert "backup" in line
     assert "retry later" not in line
 
 
@@ -123,7 +127,9 @@ def test_damaged_pages_are_found_by_quick_check_at_start(
         handle.seek((root - 1) * page_size)
         handle.write(b"\xa5" * 16)
     line = _serve_refused(data)
-    assert "corrupt" in line and "integrity" in line and "backup" in line
+    assert "corrupt" in line
+    assert "integrity" in line
+    assert "backup" in line
 
 
 def test_a_data_dir_from_before_instance_ids_adopts_its_store(
@@ -144,5 +150,6 @@ def test_an_uninitialised_postgresql_database_is_refused(tmp_path: Path, postgre
     data, _ = init_dir(tmp_path, attester)
     # The configured database is an empty one (e.g. a fresh cluster after a failed restore).
     line = _serve_refused(data, env={**os.environ, "SEALTORCH_KEYSERVER_DATABASE_URL": postgres})
-    assert "holds no key server" in line and "never initialised" in line
+    assert "holds no key server" in line
+    assert "never initialised" in line
     assert "password" not in line.lower() or "***" in line
