@@ -1,4 +1,4 @@
-"""The inference server: sealed models behind the Open Inference Protocol (KServe v2) REST API.
+"""The inference server: sealed models behind the Open Inference Protocol (REST and gRPC).
 
 >>> from sealtorch.serving import InferenceServer, SealedModelSource, ServerSettings
 >>> source = SealedModelSource("resnet50.sealed", key="resnet50.key")  # doctest: +SKIP

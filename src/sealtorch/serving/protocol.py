@@ -3,7 +3,7 @@
 This module knows the *shape* of a request, not the model: it turns the HTTP body into an
 :class:`InferenceRequest` or raises :class:`~sealtorch.serving.errors.RequestError` (HTTP 400)
 with a message that says what is wrong. Checking the request against a model's inputs is the
-job of :mod:`sealtorch.serving.model`. No PyTorch, no web framework.
+job of :mod:`sealtorch.serving.codec`. No PyTorch, no web framework.
 
 Supported on top of the JSON form (``docs/serving.md``):
 
