@@ -346,3 +346,46 @@ def test_sealing_streams_with_bounded_memory(tmp_path: Path) -> None:
     shards = list(directory.glob("model-*.safetensors"))
     assert len(shards) >= 2
     assert len(list(tmp_path.glob("big.sealed*"))) == len(shards)
+
+
+# -- what a sealed file may name is data: checked again when loading ----------------------------
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        ({"auto_map": {"AutoModelForCausalLM": "evil.Model"}}, "trust_remote_code"),
+        ({"model_type": "not-a-model"}, "does not know"),
+        ({"_attn_implementation": "kernels-community/flash"}, "eager or sdpa"),
+    ],
+)
+def test_loading_refuses_hostile_configs(edit: dict[str, object], message: str) -> None:
+    """A key holder could seal anything; the loading side still builds only what it allows."""
+    from sealtorch.payloads.hf_arch import load_transformers_model
+
+    config = {"model_type": "gpt2", "n_layer": 1, "n_embd": 8, "n_head": 2, "vocab_size": 16}
+    with pytest.raises(PayloadError, match=message):
+        load_transformers_model(
+            "transformers:GPT2LMHeadModel", json.dumps({**config, **edit}).encode(), {}
+        )
+
+
+def test_loading_refuses_classes_outside_the_auto_tables() -> None:
+    from sealtorch.payloads.hf_arch import load_transformers_model
+
+    config = json.dumps({"model_type": "gpt2", "n_layer": 1, "n_embd": 8, "n_head": 2}).encode()
+    for name in ("Trainer", "pipeline", "GPT2DoubleHeadsModel", "BertModel"):
+        with pytest.raises(PayloadError, match="not a class that AutoModel"):
+            load_transformers_model(f"transformers:{name}", config, {})
+
+
+def test_wrong_or_missing_weights_are_refused_when_loading(tmp_path: Path) -> None:
+    from sealtorch.payloads.hf_arch import load_transformers_model
+
+    directory = tmp_path / "gpt2"
+    model = gpt2(directory)
+    config = (directory / "config.json").read_bytes()
+    state_dict = {k: v.clone() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    del state_dict["transformer.h.0.mlp.c_fc.weight"]
+    with pytest.raises(PayloadError, match="do not match"):
+        load_transformers_model("transformers:GPT2LMHeadModel", config, state_dict)
