@@ -242,3 +242,31 @@ def test_the_stored_sealed_set_still_loads() -> None:
     for name, tensor in expected.items():
         assert torch.equal(loaded[name], tensor), name
         assert loaded[name].data_ptr() % 64 == 0
+
+
+def test_rewrap_a_set(sealed_set: list[Path], tmp_path: Path) -> None:
+    """Key rotation rewrites the first file's key block only; the other files are unchanged
+    (copied next to a new destination)."""
+    import sealtorch
+
+    first = sealed_set[0]
+    others = [p.read_bytes() for p in sealed_set[1:]]
+    new_key = DataKey(bytes(range(2, 34)))
+    info = sealtorch.rewrap(first, key=KEY, new_key=new_key)
+    assert info.key_version == 2
+    assert info.file_count == 3
+    assert [p.read_bytes() for p in sealed_set[1:]] == others
+    assert open_set(first, new_key) == PLAINTEXT
+    with pytest.raises(IntegrityError):
+        open_set(first, KEY)
+    copy = tmp_path / "elsewhere.sealed"
+    sealtorch.rewrap(first, key=new_key, new_key=KEY, new_key_version=3, destination=copy)
+    assert open_set(copy) == PLAINTEXT
+    assert [p.read_bytes() for p in set_paths(copy, 3)[1:]] == others
+
+    class RemoteRewrap:
+        def rewrap(self, header: Header) -> None:
+            raise AssertionError("not called for a set")
+
+    with pytest.raises(ConfigError, match="remote rewrap takes single files"):
+        sealtorch.rewrap(first, key=None, new_key=RemoteRewrap())  # type: ignore[arg-type]
