@@ -263,10 +263,7 @@ def create_app(state: ServerState, limits: AppLimits) -> FastAPI:
     @app.api_route("/v2/models/{name}/ready", methods=_GET)
     @app.api_route("/v2/models/{name}/versions/{version}/ready", methods=_GET)
     async def model_ready(name: str, version: str | None = None) -> Response:
-        if name not in state.models and state.known(name):
-            return _json({"name": name, "ready": False}, 503)
-        state.lookup(name, version)  # unknown name or version: 404 with the error body
-        ok = not state.stopping
+        ok = state.model_ready(name, version)  # unknown name or version: 404
         return _json({"name": name, "ready": ok}, 200 if ok else 503)
 
     @app.post("/v2/models/{name}/infer")
@@ -315,9 +312,7 @@ def create_app(state: ServerState, limits: AppLimits) -> FastAPI:
             raise
         finally:
             elapsed = time.perf_counter() - start
-            state.metrics.in_flight.dec()
-            state.metrics.requests.labels(label, str(status)).inc()
-            state.metrics.latency.labels(label).observe(elapsed)
+            state.metrics.finished(label, status, elapsed)
             if status == 200:
                 _log.debug(
                     "inference model=%s %.1f ms",

@@ -302,12 +302,9 @@ class _Service:
         return _M["ServerReadyResponse"](ready=self._state.ready)
 
     def ModelReady(self, request: Any, context: Any) -> Any:  # noqa: N802
-        state = self._state
-        if request.name not in state.models and state.known(request.name):
-            return _M["ModelReadyResponse"](ready=False)
         with self._refusals(context):
-            state.lookup(request.name, request.version or None)
-        return _M["ModelReadyResponse"](ready=not state.stopping)
+            ready = self._state.model_ready(request.name, request.version or None)
+        return _M["ModelReadyResponse"](ready=ready)
 
     def ServerMetadata(self, request: Any, context: Any) -> Any:  # noqa: N802
         del request, context
@@ -350,9 +347,7 @@ class _Service:
             _log.error("inference failed: %s", type(exc).__name__, extra={"model": label})
             context.abort(grpc.StatusCode.INTERNAL, "internal server error while running the model")
         finally:
-            metrics.in_flight.dec()
-            metrics.requests.labels(label, str(_HTTP_STATUS.get(code, 500))).inc()
-            metrics.latency.labels(label).observe(time.perf_counter() - start)
+            metrics.finished(label, _HTTP_STATUS.get(code, 500), time.perf_counter() - start)
             metrics.grpc.labels("ModelInfer", code.name).inc()
         return None  # pragma: no cover - abort raises
 

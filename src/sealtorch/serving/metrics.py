@@ -87,3 +87,10 @@ class ServingMetrics(MetricsRegistry):
             "gRPC inference calls by method and status code",
             ["method", "code"],
         )
+
+    def finished(self, model: str, status: int, seconds: float) -> None:
+        """An inference request (either protocol) ended with ``status`` (an HTTP status; a gRPC
+        call's is that of the same refusal) after ``seconds``; it was counted in flight."""
+        self.in_flight.dec()
+        self.requests.labels(model, str(status)).inc()
+        self.latency.labels(model).observe(seconds)

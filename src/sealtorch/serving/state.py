@@ -93,6 +93,14 @@ class ServerState:
             with self._pending_lock:
                 self.pending -= 1
 
+    def model_ready(self, name: str, version: str | None = None) -> bool:
+        """Whether the model serves: False while it loads or the server stops; 404 for an
+        unknown name or version (both protocols answer from this)."""
+        if name not in self._models and name in self.names:
+            return False
+        self.lookup(name, version)
+        return not self.stopping
+
     def known(self, name: str) -> bool:
         return name in self.names
 
