@@ -18,6 +18,7 @@ from typing import Any, Protocol, TypeVar
 from sealtorch.attestation import Policy
 from sealtorch.errors import AuditError, ConfigError, ErrorKind, RequestError, StorageError
 from sealtorch.keyserver.records import PolicyRecord
+from sealtorch.protocol._wire import rfc3339  # re-exported: one formatter for every time
 from sealtorch.protocol.admin import ADMIN_SCOPES, AdminScope
 from sealtorch.protocol.audit import AuditEntry, AuditKind
 
@@ -168,10 +169,6 @@ def unavailable(exc: StorageError) -> ServiceError:
 
 def not_found_model(model_id: str) -> ServiceError:
     return ServiceError(ErrorKind.NOT_FOUND, "unknown_model", f"model {model_id!r} does not exist")
-
-
-def rfc3339(moment: datetime) -> str:
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def scope_list(scopes: frozenset[AdminScope]) -> list[str]:

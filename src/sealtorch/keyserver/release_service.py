@@ -113,11 +113,10 @@ class _Grant:
 @dataclass(frozen=True, slots=True)
 class _Checked:
     """What a release request's own checks found (before the database is involved), with the
-    claims as the audit record and a session store them."""
+    claims as the audit record stores them."""
 
     request: CheckedRequest
     claims_dict: dict[str, Any] | None = None
-    claims_json: str = ""
 
 
 @dataclass(frozen=True)
@@ -259,7 +258,8 @@ class ReleaseService:
                     digest=issued.digest,
                     hpke_suite=request.hpke.suite,
                     public_key=request.hpke.public_key,
-                    claims_json=checked.claims_json,
+                    # Canonicalised here, not up front: most releases open no session.
+                    claims_json=canonical_json(checked.claims_dict),
                     evidence_digest=context.evidence_digest,
                     model_ids=request.models,
                     expires_at=session_end,
@@ -313,8 +313,7 @@ class ReleaseService:
         checked = check_release_request(request, self._verifiers, now=now)
         if checked.claims is None:
             return _Checked(checked)
-        claims_dict = checked.claims.to_dict()
-        return _Checked(checked, claims_dict, canonical_json(claims_dict))
+        return _Checked(checked, checked.claims.to_dict())
 
     async def renew(
         self, token: str, request: RenewRequest, *, client_address: str | None
