@@ -28,7 +28,6 @@ import io
 import logging
 import mmap
 import os
-import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -256,7 +255,11 @@ def encrypt_model(
             f"--arch applies to state_dicts only; a {payload.kind} payload carries its own code"
         )
     if payload.hf_config is not None:
-        arch = _hf_arch(payload, arch, check=check_arch)
+        from sealtorch.payloads.hf_arch import choose_transformers_arch
+
+        arch = choose_transformers_arch(
+            payload.hf_config, payload.tensor_shapes or {}, arch, check=check_arch
+        )
     elif arch is not None and arch.startswith("transformers:"):
         raise ConfigError(
             f"{arch} is built from a config.json: seal the model's save_pretrained directory"
@@ -336,29 +339,6 @@ def encrypt_model(
     if isinstance(destination, str | os.PathLike):
         return inspect_sealed(destination)
     return SealedInfo.from_header(header, path=None)
-
-
-def _hf_arch(payload: Any, arch: str | None, *, check: bool) -> str:
-    """The ``transformers:CLASS`` of a Hugging Face directory, checked against its weights."""
-    from sealtorch.payloads.hf_arch import (
-        check_transformers_arch,
-        default_transformers_arch,
-        parse_config,
-    )
-
-    if arch is not None and not arch.startswith("transformers:"):
-        raise ConfigError(
-            f"a Hugging Face directory is rebuilt from its config: use --arch "
-            f"transformers:CLASS (or none: it follows config.json), not {arch}"
-        )
-    try:
-        config = parse_config(payload.hf_config)
-    except PayloadError as exc:
-        raise ConfigError(str(exc)) from exc
-    ref = arch if arch is not None else default_transformers_arch(config)
-    if check:
-        check_transformers_arch(ref, config, payload.tensor_shapes or {})
-    return ref
 
 
 # -- loading --------------------------------------------------------------------------------
@@ -597,7 +577,9 @@ def decrypt_model(
 
     _, manifest, buffer = _decrypt(source, key, progress=progress)
     if manifest.files:
-        _decrypt_to_directory(Path(destination), manifest, buffer, overwrite=overwrite)
+        from sealtorch.payloads.hf import write_directory
+
+        write_directory(Path(destination), manifest, buffer, overwrite=overwrite)
         return manifest
     with AtomicFile(destination, overwrite=overwrite, mode=0o600) as out:
         if manifest.kind == "safetensors":
@@ -614,47 +596,6 @@ def decrypt_model(
             _write_range(out, buffer, manifest.payload_offset, manifest.plaintext_size)
             _unmap(buffer)
     return manifest
-
-
-def _decrypt_to_directory(
-    directory: Path, manifest: Manifest, buffer: mmap.mmap, *, overwrite: bool
-) -> None:
-    """A sealed Hugging Face model back as a ``save_pretrained`` directory: its files and one
-    standard ``model.safetensors`` (what ``from_pretrained`` reads)."""
-    from sealtorch.payloads.tensors import SafetensorsPlan, read_safetensors
-
-    created = False
-    if directory.exists():
-        if not overwrite or not directory.is_dir():
-            _unmap(buffer)
-            raise ConfigError(
-                f"{directory} already exists; pass --force (overwrite=True) to write into it"
-            )
-    else:
-        try:
-            directory.mkdir(mode=0o700)
-        except OSError as exc:
-            _unmap(buffer)
-            raise ConfigError(f"cannot create {directory}: {exc.strerror}") from exc
-        created = True
-    try:
-        for name, (start, end) in manifest.file_ranges().items():
-            with AtomicFile(directory / name, overwrite=overwrite, mode=0o600) as out:
-                _write_range(out, buffer, start, end)
-        metadata, tensors = read_safetensors(
-            buffer,
-            offset=manifest.payload_offset,
-            size=manifest.payload_size,
-            align=manifest.payload_align,
-        )
-        del buffer  # the tensors keep it alive
-        with AtomicFile(directory / "model.safetensors", overwrite=overwrite, mode=0o600) as out:
-            for piece in SafetensorsPlan(tensors, metadata=metadata, align=None).stream():
-                out.write(piece)
-    except BaseException:
-        if created:
-            shutil.rmtree(directory, ignore_errors=True)
-        raise
 
 
 def _write_range(out: AtomicFile, buffer: mmap.mmap, start: int, end: int) -> None:

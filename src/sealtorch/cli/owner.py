@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import errno
 import json
-import logging
 import re
-import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,14 +17,13 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from sealtorch.cli._progress import _Progress
 from sealtorch.errors import ConfigError
 
 if TYPE_CHECKING:
     from sealtorch.keys import DataKey
     from sealtorch.sealed.keywrap import ContentKeyWrapper
 
-#: Inputs at least this large get a progress bar.
-_PROGRESS_THRESHOLD = 64 * 1024 * 1024
 _SIZE = re.compile(r"\s*(\d+)\s*([KMG]?)(?:i?B)?\s*", re.IGNORECASE)
 _UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3}
 
@@ -194,93 +190,6 @@ def _keyserver_options(function: Any) -> Any:
     for option in reversed(options):
         function = option(function)
     return function
-
-
-class _Progress:
-    """A progress callback for large inputs: a bar on stderr when it is a terminal, else one
-    structured log line (logger ``sealtorch.progress``: op, done, total, percent, rate) per
-    tenth of the way; nothing under ``-q``. Times the bytes from the first chunk on (not
-    imports and checks)."""
-
-    def __init__(self, description: str, *, quiet: bool, terminal: bool | None = None) -> None:
-        self._description = description
-        self._quiet = quiet
-        self._bar: Any = None
-        self._task: Any = None
-        self._start: float | None = None
-        self._end: float | None = None
-        self._logged = -1
-        #: Whether stderr is a terminal (None: ask it when the first progress comes).
-        self._terminal = terminal
-
-    def __call__(self, done: int, total: int) -> None:
-        if self._start is None:
-            self._start = time.perf_counter()
-        if self._quiet or total < _PROGRESS_THRESHOLD:
-            return
-        if self._terminal is None:
-            self._terminal = sys.stderr.isatty()
-        if not self._terminal:
-            self._log(done, total)
-            return
-        if self._bar is None:
-            from rich.console import Console
-            from rich.progress import (
-                BarColumn,
-                DownloadColumn,
-                Progress,
-                TimeRemainingColumn,
-                TransferSpeedColumn,
-            )
-
-            self._bar = Progress(
-                "[progress.description]{task.description}",
-                BarColumn(),
-                DownloadColumn(binary_units=True),
-                TransferSpeedColumn(),
-                TimeRemainingColumn(),
-                console=Console(stderr=True),
-                transient=True,
-            )
-            self._bar.start()
-            self._task = self._bar.add_task(self._description, total=total)
-        self._bar.update(self._task, completed=done)
-
-    def _log(self, done: int, total: int) -> None:
-        tenth = done * 10 // max(total, 1)
-        if tenth <= self._logged:
-            return
-        self._logged = tenth
-        logger = logging.getLogger("sealtorch.progress")
-        logger.setLevel(logging.INFO)
-        elapsed = time.perf_counter() - (self._start or 0.0)
-        rate = done / max(elapsed, 1e-9) / 1e6
-        logger.info(
-            "%s: %d%% (%s of %s, %.0f MB/s)",
-            self._description,
-            tenth * 10,
-            _human(done),
-            _human(total),
-            rate,
-            extra={
-                "op": self._description,
-                "done": done,
-                "total": total,
-                "percent": tenth * 10,
-                "mb_per_s": round(rate, 1),
-            },
-        )
-
-    def stop(self) -> None:
-        self._end = time.perf_counter()
-        if self._bar is not None:
-            self._bar.stop()
-
-    @property
-    def elapsed(self) -> float:
-        if self._start is None or self._end is None:
-            return 0.0
-        return self._end - self._start
 
 
 @contextmanager

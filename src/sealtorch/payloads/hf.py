@@ -11,13 +11,15 @@ stay out: loading ties them again (:mod:`sealtorch.payloads.hf_arch`).
 Refused: code in the directory (``*.py``: a sealed model never carries code to run), weights
 in pickle formats (``pytorch_model.bin``...), and files of unknown kinds, each with the reason.
 
-This module needs no PyTorch and no transformers.
+Reading a directory needs no PyTorch and no transformers.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import mmap
+import shutil
 import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -25,10 +27,11 @@ from pathlib import Path
 from typing import Any, Final
 
 from sealtorch.errors import ConfigError, PayloadError
-from sealtorch.payloads.manifest import MAX_FILE_SIZE, MAX_FILES
+from sealtorch.payloads.manifest import MAX_FILE_SIZE, MAX_FILES, Manifest
 from sealtorch.payloads.tensors import ITEM_SIZES, TENSOR_ALIGNMENT, TensorEntry, plan_layout
+from sealtorch.sealed._atomic import AtomicFile
 
-__all__ = ["HfDirectory", "is_hf_directory", "read_hf_directory"]
+__all__ = ["HfDirectory", "is_hf_directory", "read_hf_directory", "write_directory"]
 
 CONFIG_NAME: Final = "config.json"
 SINGLE_WEIGHTS: Final = "model.safetensors"
@@ -281,3 +284,50 @@ def read_hf_directory(directory: Path) -> HfDirectory:
         shards=shards,
         metadata=metadata,
     )
+
+
+def write_directory(
+    directory: Path, manifest: Manifest, buffer: mmap.mmap, *, overwrite: bool
+) -> None:
+    """A sealed Hugging Face model back as a ``save_pretrained`` directory (``sealtorch
+    decrypt``): its carried files byte for byte and one standard ``model.safetensors``.
+
+    ``buffer`` is the authenticated body plaintext; it is released (freed with the last tensor).
+    Each file is written atomically (mode 0600); a directory created here is removed again if
+    anything fails.
+    """
+    from sealtorch.payloads.tensors import SafetensorsPlan, read_safetensors
+
+    if directory.exists() and (not overwrite or not directory.is_dir()):
+        buffer.close()
+        raise ConfigError(
+            f"{directory} already exists; pass --force (overwrite=True) to write into it"
+        )
+    created = not directory.exists()
+    if created:
+        try:
+            directory.mkdir(mode=0o700)
+        except OSError as exc:
+            buffer.close()
+            raise ConfigError(f"cannot create {directory}: {exc.strerror}") from exc
+    try:
+        with memoryview(buffer) as view:
+            for name, (start, end) in manifest.file_ranges().items():
+                with AtomicFile(directory / name, overwrite=overwrite, mode=0o600) as out:
+                    for position in range(start, end, _PIECE):
+                        with view[position : min(end, position + _PIECE)] as piece:
+                            out.write(piece)
+        metadata, tensors = read_safetensors(
+            buffer,
+            offset=manifest.payload_offset,
+            size=manifest.payload_size,
+            align=manifest.payload_align,
+        )
+        del buffer  # the tensors keep it alive
+        with AtomicFile(directory / SINGLE_WEIGHTS, overwrite=overwrite, mode=0o600) as out:
+            for piece in SafetensorsPlan(tensors, metadata=metadata, align=None).stream():
+                out.write(piece)
+    except BaseException:
+        if created:
+            shutil.rmtree(directory, ignore_errors=True)
+        raise

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 __all__ = [
     "AUTO_CLASSES",
     "check_transformers_arch",
+    "choose_transformers_arch",
     "default_transformers_arch",
     "load_transformers_model",
     "parse_config",
@@ -170,6 +171,30 @@ def check_transformers_arch(
     ]
     if problems:
         raise PayloadError(f"the weights do not match {ref} ({'; '.join(problems)})")
+
+
+def choose_transformers_arch(
+    config_json: Mapping[str, Any],
+    tensors: Mapping[str, tuple[tuple[int, ...], str]],
+    arch: str | None,
+    *,
+    check: bool,
+) -> str:
+    """At sealing time: the ``transformers:CLASS`` of a Hugging Face directory - ``arch``, or
+    the first allowed class of its config's ``architectures`` - checked against its weights."""
+    if arch is not None and not arch.startswith("transformers:"):
+        raise ConfigError(
+            f"a Hugging Face directory is rebuilt from its config: use --arch "
+            f"transformers:CLASS (or none: it follows config.json), not {arch}"
+        )
+    try:
+        config = parse_config(config_json)
+    except PayloadError as exc:
+        raise ConfigError(str(exc)) from exc
+    ref = arch if arch is not None else default_transformers_arch(config)
+    if check:
+        check_transformers_arch(ref, config, tensors)
+    return ref
 
 
 def load_transformers_model(
