@@ -427,6 +427,7 @@ def load_sealed_model(
             raise
         kwargs = arch_kwargs if arch is not None else manifest.arch_kwargs
         config_json = _carried_file(buffer, manifest, "config.json")
+        generation_json = _carried_file(buffer, manifest, "generation_config.json")
         state_dict = tensors_from_buffer(
             buffer,
             offset=manifest.payload_offset,
@@ -439,7 +440,9 @@ def load_sealed_model(
 
             if config_json is None:
                 raise PayloadError(f"{ref} needs a sealed config.json, and this model has none")
-            module = load_transformers_model(ref, config_json, state_dict)
+            module = load_transformers_model(
+                ref, config_json, state_dict, generation_config_json=generation_json
+            )
         else:
             module = load_into_module(ref, kwargs or {}, state_dict, allowed_archs=allowed)
     else:

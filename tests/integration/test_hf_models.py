@@ -76,6 +76,8 @@ def gpt2(directory: Path, *, shard: str | None = None) -> torch.nn.Module:
         eos_token_id=0,
     )
     model = transformers.GPT2LMHeadModel(config).eval()
+    model.generation_config.max_new_tokens = 6
+    model.generation_config.repetition_penalty = 1.3
     model.save_pretrained(directory, **({"max_shard_size": shard} if shard else {}))
     return model
 
@@ -120,6 +122,13 @@ def test_gpt2_seal_and_load(tmp_path: Path, key_file: Path, shard: str | None) -
     # The tie GPT-2's checkpoint leaves out is restored as a tie, not a copy.
     assert sealed.lm_head.weight.data_ptr() == sealed.transformer.wte.weight.data_ptr()
     assert_same_model(sealed, plain, vocab=128)
+    # The sealed generation_config.json is the model's generation defaults, as from_pretrained's.
+    assert sealed.generation_config.to_dict() == plain.generation_config.to_dict()
+    assert sealed.generation_config.max_new_tokens == 6
+    with torch.no_grad():
+        assert torch.equal(
+            sealed.generate(torch.tensor([[5, 6]])), plain.generate(torch.tensor([[5, 6]]))
+        )
     # Greedy generation is the same token for token.
     prompt = torch.tensor([[5, 6, 7]])
     with torch.no_grad():

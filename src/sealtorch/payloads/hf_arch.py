@@ -198,9 +198,15 @@ def choose_transformers_arch(
 
 
 def load_transformers_model(
-    ref: str, config_json: bytes, state_dict: dict[str, torch.Tensor]
+    ref: str,
+    config_json: bytes,
+    state_dict: dict[str, torch.Tensor],
+    *,
+    generation_config_json: bytes | None = None,
 ) -> nn.Module:
-    """Build ``ref`` from the sealed config and give it the sealed tensors (in place)."""
+    """Build ``ref`` from the sealed config and give it the sealed tensors (in place); a sealed
+    ``generation_config.json`` becomes the model's generation defaults, as ``from_pretrained``
+    of the directory would make it."""
     config = parse_config(config_json)
     cls = _resolve(ref, config)
     try:
@@ -214,6 +220,13 @@ def load_transformers_model(
         raise PayloadError(
             f"the sealed weights do not match {ref}: {problems or info['error_msgs']}"
         )
+    if generation_config_json is not None and getattr(model, "generation_config", None):
+        from transformers import GenerationConfig
+
+        try:
+            model.generation_config = GenerationConfig.from_dict(json.loads(generation_config_json))
+        except (UnicodeDecodeError, ValueError, TypeError) as exc:
+            raise PayloadError(f"the sealed generation_config.json is invalid: {exc}") from exc
     model.eval()
     model.requires_grad_(False)
     _log.debug("built %s from the sealed config", ref)
