@@ -4,16 +4,25 @@ before any key is requested where the headers suffice, and nothing is returned."
 
 from __future__ import annotations
 
+import contextlib
 import random
 import shutil
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from conftest import KEY, OTHER_KEY
 from sealtorch.errors import ConfigError, FormatError, IntegrityError, PayloadError
 from sealtorch.keys import DataKey, KeyProvider
-from sealtorch.sealed.header import SET_FORMAT_VERSION, Header, SetBlock, parse_preamble_version
+from sealtorch.sealed.header import (
+    SET_FORMAT_VERSION,
+    Header,
+    SetBlock,
+    ShardHeader,
+    parse_preamble_version,
+)
 from sealtorch.sealed.keywrap import LocalKeyWrapper
 from sealtorch.sealed.reader import SealedReader, read_header
 from sealtorch.sealed.sets import SealedSetWriter, member_path, plan_parts, set_paths
@@ -270,3 +279,50 @@ def test_rewrap_a_set(sealed_set: list[Path], tmp_path: Path) -> None:
 
     with pytest.raises(ConfigError, match="remote rewrap takes single files"):
         sealtorch.rewrap(first, key=None, new_key=RemoteRewrap())  # type: ignore[arg-type]
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-5, 2**40) | st.text(max_size=70),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+
+
+@given(
+    set_block=st.dictionaries(
+        st.sampled_from(["count", "digests", "id", "index", "extra"]), _JSON, max_size=5
+    ),
+    with_key=st.booleans(),
+)
+def test_any_set_block_is_parsed_or_refused_as_an_integrity_error(
+    set_block: dict[str, object], with_key: bool
+) -> None:
+    """Whatever a host writes into a version 2 header, parsing raises IntegrityError or
+    returns a valid header - never another exception."""
+    from sealtorch.sealed import canonical
+
+    body = {
+        "chunk_size": 64,
+        "model_id": "m1",
+        "plaintext_size": 10,
+        "salt": "A" * 43,
+        "set": set_block,
+        "suite": "AES-256-GCM/HKDF-SHA256/v1",
+    }
+    document: dict[str, object] = {"body": body}
+    if with_key:
+        document["key"] = {
+            "key_version": 1,
+            "nonce": "A" * 16,
+            "salt": "A" * 43,
+            "wrapped_cek": "A" * 64,
+        }
+    try:
+        text = canonical.dumps(document)
+    except (ValueError, TypeError):
+        return
+    for decode in (lambda t: Header.decode(t, version=2), ShardHeader.decode):
+        with contextlib.suppress(IntegrityError):
+            decode(text)
