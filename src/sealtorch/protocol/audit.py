@@ -70,9 +70,14 @@ def canonical_json(value: Any) -> str:
     Raises ``TypeError`` for values that are not plain JSON (bytes, datetimes, objects...):
     convert them (hex, RFC 3339) before auditing.
     """
-    return json.dumps(
-        value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-    )
+    return _CANONICAL.encode(value)
+
+
+# What json.dumps builds on every call with these options, built once (the release path
+# canonicalises several values per release).
+_CANONICAL = json.JSONEncoder(
+    sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+)
 
 
 def _to_micros(at: datetime) -> int:
@@ -258,7 +263,6 @@ def build_record(
     at = _from_micros(_to_micros(at))  # truncate to what the database stores
     fields: dict[str, Any] = {
         "seq": seq,
-        "at": at,
         "kind": entry.kind.value,
         "action": entry.action,
         "decision": entry.decision,
@@ -272,8 +276,8 @@ def build_record(
         "details_json": encoded["details"],
         "prev_hash": prev_hash,
     }
-    provisional = AuditRecord(**fields, hash="")
-    return AuditRecord(**fields, hash=provisional.computed_hash())
+    # Hashed from the fields directly: no provisional record to build (the release path).
+    return AuditRecord(at=at, **fields, hash=record_hash(at_micros=_to_micros(at), **fields))
 
 
 def _field(value: str | int | None) -> bytes:
