@@ -48,6 +48,7 @@ ROUTE_SCOPES: dict[tuple[str, str], tuple[str, ...]] = {
     ("POST", "/v1/admin/tokens/{token_id}/revoke"): ("token-admin",),
     ("GET", "/v1/admin/audit"): ("read",),
     ("GET", "/v1/admin/audit/checkpoint"): ("read",),
+    ("GET", "/v1/admin/status"): ("read",),
     ("POST", "/v1/admin/wrap"): ("seal",),
     ("POST", "/v1/admin/rewrap"): ("seal",),
 }

@@ -22,7 +22,6 @@ from sealtorch.errors import StorageCorruptError, StorageError, StorageFullError
 from sealtorch.keyserver.metrics import CONTENT_TYPE
 from sealtorch.keyserver.routes._common import bearer_token, client_address, runtime
 from sealtorch.keyserver.service import ErrorKind, ServiceError
-from sealtorch.keyserver.tokens import InvalidTokenError, authenticate_admin
 from sealtorch.protocol.admin import AdminScope
 
 router = APIRouter(tags=["health"])
@@ -96,29 +95,33 @@ async def status(
 ) -> JSONResponse:
     state = runtime(request)
     service = state.require_service()
-    token = bearer_token(credentials, "admin token")
-    # Authentication reads the store: with the database down this answers 503 (see the log).
+    admin = service.admin
+    # The same authentication and scope check as every admin route (a refusal is audited as
+    # status.read); authentication reads the store, so with the database down this is a 503.
     try:
-        record = await state.run(authenticate_admin, service.store, token, now=service.now())
-    except InvalidTokenError as exc:
-        _log.warning(
-            "status request refused: %s token",
-            exc.reason,
-            extra={"client": client_address(request)},
+        token = bearer_token(credentials, "admin token")
+    except ServiceError:
+        state.metrics.admin_auth_failures.labels("401").inc()
+        raise
+    try:
+        actor = await state.run(
+            admin.authenticate_admin, token, client_address=client_address(request)
         )
-        raise ServiceError(ErrorKind.FORBIDDEN, "token_invalid", str(exc)) from exc
-    except StorageError as exc:
-        _log.warning("status request: the store cannot authenticate the token: %s", exc)
-        raise ServiceError(
-            ErrorKind.UNAVAILABLE, "store_unavailable", "the key store is unavailable"
-        ) from exc
-    if AdminScope.READ not in record.scopes:
-        _log.warning("status request refused: token %s lacks scope 'read'", record.token_id)
-        raise ServiceError(
-            ErrorKind.FORBIDDEN,
-            "insufficient_scope",
-            "this token lacks scope 'read', needed to read the server status",
+    except ServiceError as exc:
+        if exc.kind is ErrorKind.FORBIDDEN:
+            state.metrics.admin_auth_failures.labels("403").inc()
+        raise
+    try:
+        await state.run(
+            admin.authorize,
+            actor,
+            (AdminScope.READ,),
+            action="status.read",
+            purpose="read the server status",
         )
+    except ServiceError:
+        state.metrics.admin_scope_refusals.labels("status.read").inc()
+        raise
     problem, detail = await _store_state(request)
     store = service.store
     body: dict[str, Any] = {
