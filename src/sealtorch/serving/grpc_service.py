@@ -37,6 +37,7 @@ import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc  # type: ignore[import-untyped]
 from grpc_reflection.v1alpha import reflection  # type: ignore[import-untyped]
 
+from sealtorch._listen import host_port
 from sealtorch.errors import ConfigError
 from sealtorch.serving import codec
 from sealtorch.serving.errors import RequestError, ServerBusyError, show
@@ -401,21 +402,20 @@ class GrpcServer:
         reflection.enable_server_reflection(
             (SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server, pool=POOL
         )
-        shown = f"[{host}]" if ":" in host else host
         try:
             if tls_cert is not None and tls_key is not None:
                 credentials = grpc.ssl_server_credentials(
                     [(tls_key.read_bytes(), tls_cert.read_bytes())]
                 )
-                self.port = self._server.add_secure_port(f"{shown}:{port}", credentials)
+                self.port = self._server.add_secure_port(host_port(host, port), credentials)
             else:
-                self.port = self._server.add_insecure_port(f"{shown}:{port}")
+                self.port = self._server.add_insecure_port(host_port(host, port))
         except RuntimeError as exc:
             raise ConfigError(
-                f"cannot listen on {shown}:{port} for gRPC: the address is taken or not "
+                f"cannot listen on {host_port(host, port)} for gRPC: the address is taken or not "
                 "available (--grpc-port 0 picks a free port and prints it)"
             ) from exc
-        self.address = f"{'grpcs' if tls_cert else 'grpc'}://{shown}:{self.port}"
+        self.address = f"{'grpcs' if tls_cert else 'grpc'}://{host_port(host, self.port)}"
 
     def start(self) -> None:
         self._server.start()

@@ -19,24 +19,21 @@ exits non-zero with its message (and, for refused keys, the reasons).
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import os
 import signal
-import socket
-import ssl
 import threading
 import time
 from collections.abc import Callable, Generator, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import uvicorn
 
-from sealtorch._listen import ReadTimeouts, listen_error
-from sealtorch._uvicorn import http_options
+from sealtorch._listen import ReadTimeouts, listen_tcp, socket_url
+from sealtorch._uvicorn import http_options, tls_options
 from sealtorch.errors import ConfigError
 from sealtorch.keys import DataKey, KeyProvider, as_key_provider
 from sealtorch.serving.app import AppLimits, create_app
@@ -234,40 +231,6 @@ class _Uvicorn(uvicorn.Server):
         self._on_signal(sig)
 
 
-def _bind(host: str, port: int) -> socket.socket:
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except socket.gaierror as exc:
-        raise ConfigError(f"cannot resolve --host {host!r}: {exc.strerror}") from exc
-    family, kind, proto, _, address = infos[0]
-    sock = socket.socket(family, kind, proto)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        sock.bind(address)
-        sock.listen(2048)
-        sock.set_inheritable(True)
-    except OSError as exc:
-        sock.close()
-        raise listen_error(f"{host}:{port}", exc, free_port="--port 0") from exc
-    return sock
-
-
-def _url(sock: socket.socket, scheme: str = "http") -> str:
-    host, port = sock.getsockname()[:2]
-    shown = f"[{host}]" if ":" in host else host
-    return f"{scheme}://{shown}:{port}"
-
-
-def _ssl_context(cert: str, key: str, config: object, default: object) -> ssl.SSLContext:
-    """uvicorn ``ssl_context_factory``: the project's TLS >= 1.2 server context."""
-    del config, default
-    from sealtorch._crypto.tls import server_ssl_context
-
-    return server_ssl_context(cert_path=cert, key_path=key)
-
-
 class InferenceServer:
     """The inference server of one process: models from ``sources``, served on one socket.
 
@@ -326,13 +289,13 @@ class InferenceServer:
             import torch
 
             torch.set_num_threads(self.settings.threads)
-        tls: dict[str, object] = {}
+        tls: dict[str, Any] = {}
         if self.settings.tls_cert is not None and self.settings.tls_key is not None:
-            cert, key = str(self.settings.tls_cert), str(self.settings.tls_key)
-            _ssl_context(cert, key, None, None)  # fail fast: unreadable, mismatched, exposed key
-            tls["ssl_context_factory"] = functools.partial(_ssl_context, cert, key)
-        sock = _bind(self.settings.host, self.settings.port)
-        self.url = _url(sock, "https" if tls else "http")
+            # Fails here, at start, for an unreadable, mismatched or exposed key.
+            tls = tls_options(str(self.settings.tls_cert), str(self.settings.tls_key))
+        sock = listen_tcp(self.settings.host, self.settings.port)
+        sock.set_inheritable(True)
+        self.url = socket_url(sock, scheme="https" if tls else "http")
         if self.settings.grpc_port is not None:
             try:
                 self._grpc = self._grpc_server(self.settings.grpc_port)
@@ -348,7 +311,7 @@ class InferenceServer:
             server_header=False,
             timeout_graceful_shutdown=self.settings.drain_timeout,
             **http_options(self.settings.read_timeouts),
-            **tls,  # type: ignore[arg-type]
+            **tls,
         )
         self._server = _Uvicorn(config, self._signalled)
         if self._stop_requested:
