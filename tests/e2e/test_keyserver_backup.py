@@ -8,6 +8,7 @@ Writes after the backup are gone (that is what a restore means); the audit chain
 
 from __future__ import annotations
 
+import os
 import shutil
 import sqlite3
 import subprocess
@@ -19,6 +20,7 @@ import torch
 from safetensors.torch import save_file
 
 from _fixtures.keyserver import init_dir, release_key_of, sealtorch_command, start_serve
+from _fixtures.postgres import PostgresCluster
 from sealtorch.api import encrypt_model, load_state_dict
 from sealtorch.attestation import SimAttester
 from sealtorch.client import AdminClient, KeyReleaseClient, KeyServerWrapper, read_token
@@ -108,3 +110,76 @@ def test_restore_drill_sqlite(tmp_path: Path) -> None:
         assert torch.equal(opened["w"], weights["w"])
     finally:
         restored.stop()
+
+
+@pytest.mark.postgres
+def test_restore_drill_postgresql(
+    tmp_path: Path, postgres: str, postgres_cluster: PostgresCluster
+) -> None:
+    """pg_dump while the server runs, pg_restore into a new database, point database.url at
+    it: the server starts on it (same instance id), and a file sealed before the dump opens."""
+    attester = SimAttester(role="app", key_path=tmp_path / "sim.key")
+    data, token_file = init_dir(tmp_path, attester, "--database-url", postgres)
+    token = read_token(token_file=token_file)
+    ca = data / "tls" / "ca.crt"
+    plain = tmp_path / "m.safetensors"
+    weights = {"w": torch.ones(4, 4)}
+    save_file(weights, plain)
+    sealed = tmp_path / "m.sealed"
+    source = postgres.rsplit("/", 1)[1]
+    dump = tmp_path / "keyserver.dump"
+    server = start_serve(data, log_dir=tmp_path / "logs")
+    try:
+        with AdminClient(server.url, token=token, ca=ca) as admin:
+            admin.create_model("kept")
+            admin.set_policy(
+                "kept", {"allowed_tees": ["sim"], "sim": {"mrenclave": [attester.mrenclave]}}
+            )
+            encrypt_model(plain, sealed, model_id="kept", key=KeyServerWrapper(admin))
+            subprocess.run(
+                [
+                    str(postgres_cluster.bindir / "pg_dump"),
+                    "--format=custom",
+                    f"--file={dump}",
+                    postgres_cluster.dsn(source),
+                ],
+                check=True,
+                capture_output=True,
+            )
+            admin.create_model("after-the-backup")
+    finally:
+        server.stop()
+
+    target = postgres_cluster.create_database("restored")
+    try:
+        subprocess.run(
+            [
+                str(postgres_cluster.bindir / "pg_restore"),
+                f"--dbname={postgres_cluster.dsn(target)}",
+                str(dump),
+            ],
+            check=True,
+            capture_output=True,
+        )
+        env = {**os.environ, "SEALTORCH_KEYSERVER_DATABASE_URL": postgres_cluster.url(target)}
+        restored = start_serve(data, log_dir=tmp_path / "logs", env=env)
+        try:
+            with AdminClient(restored.url, token=token, ca=ca) as admin:
+                names = {m.model_id for m in admin.list_models()}
+                records = list(admin.iter_audit())
+                head = admin.audit_head()
+            assert "kept" in names
+            assert "after-the-backup" not in names
+            verify_chain(records, head=head)
+            with KeyReleaseClient(
+                restored.url,
+                attester=attester,
+                ca=ca,
+                trusted_release_keys=[release_key_of(data)],
+            ) as client:
+                opened = load_state_dict(sealed, key=client)
+            assert torch.equal(opened["w"], weights["w"])
+        finally:
+            restored.stop()
+    finally:
+        postgres_cluster.drop_database(target)
