@@ -188,8 +188,10 @@ Examples:
 Prints "listening on https://HOST:PORT" once the socket is bound. Settings: options >
 environment (SEALTORCH_KEYSERVER_<SECTION>_<KEY>) > DATA_DIR/keyserver.toml > defaults.
 SIGTERM or Ctrl-C shuts down gracefully (in-flight requests finish). Endpoints: /v1/...,
-/healthz, /readyz, /metrics, /openapi.json. Trusted simulated-TEE keys are refused unless
---allow-simulated-tee-insecure (development only) is given.
+/healthz, /readyz (503 while the store cannot commit), /v1/admin/status (scope read),
+/metrics, /openapi.json. It never creates a store (only `keyserver init` does): a missing,
+empty, damaged or foreign database is refused (docs/keyserver.md, Operations). Trusted
+simulated-TEE keys are refused unless --allow-simulated-tee-insecure (development only).
 """
 )
 @click.argument("data_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
