@@ -271,10 +271,10 @@ def _workers(server: ServeProcess) -> list[psutil.Process]:
 
 
 def _listening(worker: psutil.Process, port: int) -> bool:
-    return any(
-        c.status == psutil.CONN_LISTEN and c.laddr.port == port
-        for c in worker.net_connections(kind="tcp")
-    )
+    # psutil 6 renamed connections() to net_connections(); the kserve SDK (dev extra) pins
+    # psutil<6, so take whichever this psutil has.
+    connections = getattr(worker, "net_connections", None) or worker.connections
+    return any(c.status == psutil.CONN_LISTEN and c.laddr.port == port for c in connections("tcp"))
 
 
 def test_workers_listen_on_one_port_restart_and_aggregate_metrics(

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import importlib.util
 import io
 import json
 import re
@@ -31,14 +30,8 @@ from sealtorch.serving.preprocess import preprocess_image
 pytestmark = pytest.mark.slow
 
 CLIENT = HERE / "clients" / "ecosystem_client.py"
-#: Every kserve release pins psutil<6, which the rest of the suite cannot use: the kserve SDK
-#: is installed by hand (docs/serving.md § Testing), and its tests say so when it is missing.
-_NO_KSERVE = pytest.mark.skipif(
-    importlib.util.find_spec("kserve") is None,
-    reason="the kserve SDK is not installed (pip install --no-deps kserve; docs/serving.md)",
-)
-KSERVE_REST = pytest.param("kserve-rest", marks=_NO_KSERVE)
-KSERVE_GRPC = pytest.param("kserve-grpc", marks=_NO_KSERVE)
+KSERVE_REST = "kserve-rest"
+KSERVE_GRPC = "kserve-grpc"
 CLIENTS = ("triton-http", "triton-grpc", KSERVE_REST, KSERVE_GRPC)
 GRPC_CLIENTS = ("triton-grpc", KSERVE_GRPC)
 _ALLOWED = ("serving_factories:tiny_classifier",)
