@@ -146,6 +146,12 @@ Example:
     "--port", default=8080, show_default=True, type=int, help="Port the server listens on."
 )
 @click.option(
+    "--grpc-port",
+    type=click.IntRange(1, 65535),
+    help="Also serve the Open Inference Protocol over gRPC on this port (measured; off if "
+    "not given).",
+)
+@click.option(
     "--threads",
     default=4,
     show_default=True,
@@ -179,6 +185,7 @@ def serve_manifest(
     names: tuple[str, ...],
     host: str,
     port: int,
+    grpc_port: int | None,
     threads: int,
     workers: int,
     trusted: tuple[Path, ...],
@@ -205,6 +212,7 @@ def serve_manifest(
         names=names,
         host=host,
         port=port,
+        grpc_port=grpc_port,
         threads=threads,
         workers=workers,
         trusted=trusted,

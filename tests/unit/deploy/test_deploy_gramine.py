@@ -441,12 +441,16 @@ def test_cli_writes_templates(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
             "b",
             "--enclave-size",
             "16G",
+            "--grpc-port",
+            "8081",
             "-o",
             str(output),
         ],
     )
     assert result.exit_code == 0, result.output
     manifest = tomllib.loads(output.read_text())
+    argv = manifest["loader"]["argv"]
+    assert argv[argv.index("--grpc-port") + 1] == "8081"  # measured with the rest
     assert manifest["libos"]["entrypoint"] == str(RUNTIME.interpreter)
     assert manifest["sgx"]["enclave_size"] == "16G"
     assert manifest["sgx"]["max_threads"] == 64
