@@ -6,7 +6,6 @@ ignored option; binary values are base64url without padding; times are RFC 3339 
 
 from __future__ import annotations
 
-import base64
 import binascii
 import re
 from datetime import UTC, datetime
@@ -33,9 +32,17 @@ MODEL_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 MODEL_ID_RE = re.compile(MODEL_ID_PATTERN)
 
 
+# binascii directly, as base64.urlsafe_b64encode/decode do under two layers of Python calls
+# (several binary values on every release request and response).
+_TO_URLSAFE = bytes.maketrans(b"+/", b"-_")
+_FROM_URLSAFE = bytes.maketrans(b"-_", b"+/")
+
+
 def b64encode(data: bytes) -> str:
     """base64url without padding (the protocol's encoding of binary values)."""
-    return base64.urlsafe_b64encode(data).decode("ascii").rstrip("=")
+    return (
+        binascii.b2a_base64(data, newline=False).translate(_TO_URLSAFE).decode("ascii").rstrip("=")
+    )
 
 
 _B64URL_TEXT = re.compile(r"[A-Za-z0-9_-]*")
@@ -56,7 +63,8 @@ def b64decode(text: str) -> bytes:
     if tail and _B64URL_ALPHABET.index(text[-1]) & _UNUSED_BITS[tail]:
         raise ValueError("is not canonical base64url")
     try:
-        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+        padded = (text + "=" * (-len(text) % 4)).encode("ascii")  # ASCII: checked above
+        return binascii.a2b_base64(padded.translate(_FROM_URLSAFE))
     except (binascii.Error, ValueError) as exc:  # pragma: no cover - the checks above
         raise ValueError("is not valid base64url") from exc
 
