@@ -115,6 +115,10 @@ class LabelCache(Generic[_M]):
                 self._children[values] = child
         return child
 
+    def __len__(self) -> int:
+        """How many label values are remembered (at most ``limit``)."""
+        return len(self._children)
+
 
 class RequestObserver:
     """Counts a request (``requests``: labels route, then ``labels``) and observes its duration

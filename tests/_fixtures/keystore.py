@@ -77,7 +77,7 @@ def refuse_audit_inserts(store: Any) -> Any:
                 "FOR EACH ROW EXECUTE FUNCTION refuse_audit()"
             ),
         ]
-    engine = store._engine
+    engine = store.engine
     with engine.begin() as conn:
         for statement in ddl:
             conn.exec_driver_sql(statement)

@@ -241,23 +241,23 @@ class FakeSnpTsm(SnpAttester):
         super().__init__(root=root, device=root / "no-device")
         self.amd, self.provider, self.aux = amd, provider, aux
 
-    def _create_entry(self, entry: Path) -> None:
-        super()._create_entry(entry)
+    def create_entry(self, entry: Path) -> None:
+        super().create_entry(entry)
         (entry / "provider").write_text(self.provider + "\n")
         (entry / "generation").write_text("0\n")
 
-    def _read(self, path: Path, limit: int) -> bytes:  # type: ignore[override]
+    def read_attribute(self, path: Path, limit: int) -> bytes:
         if path.name == "outblob":
             return self.amd.report((path.parent / "inblob").read_bytes())
-        return SnpAttester._read(path, limit)
+        return super().read_attribute(path, limit)
 
-    def _read_aux(self, path: Path) -> bytes:
+    def read_aux(self, path: Path) -> bytes:
         return self.amd.cert_table() if self.aux else b""
 
-    def _remove_entry(self, entry: Path) -> None:
+    def remove_entry(self, entry: Path) -> None:
         for child in entry.iterdir():
             child.unlink()
-        super()._remove_entry(entry)
+        super().remove_entry(entry)
 
 
 class FakeSevGuest(SnpAttester):

@@ -109,7 +109,7 @@ def _client(stack: Stack) -> KeyReleaseClient:
         ca=stack.tls.ca,
         keyserver_pubkeys=[stack.release_key],
     )
-    assert isinstance(built._attester, SnpAttester)
+    assert isinstance(built.attester, SnpAttester)
     return KeyReleaseClient(
         stack.url,
         attester=FakeSnpTsm(stack.tsm_root, stack.amd),

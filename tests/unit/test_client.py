@@ -253,13 +253,13 @@ def test_remembered_keys_can_be_forgotten_or_never_kept(server: KeyServerUnderTe
     server.add_model("m", key=dek)
     with server.client() as client:
         assert client.data_key("m", 1) == dek
-        assert client._cache, "data_key remembers the key for the lease"
+        assert client.remembered, "data_key remembers the key for the lease"
         client.forget()
-        assert not client._cache
+        assert not client.remembered
     with server.client(remember=False) as client:
         assert client.data_key("m", 1) == dek
         assert client.release(["m"]).key("m") == dek
-        assert not client._cache
+        assert not client.remembered
 
 
 def test_an_unreachable_key_source_is_its_own_error(tmp_path: Path, attester: SimAttester) -> None:

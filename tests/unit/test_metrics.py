@@ -41,7 +41,7 @@ def test_label_cache_resolves_once_and_stays_bounded() -> None:
     children("/b")
     children("/c")  # over the limit: resolved, counted, not remembered
     children("/c").inc(2)
-    assert len(children._children) == 2
+    assert len(children) == 2
     assert 't_requests_total{route="/c"} 2.0' in registry.render().decode()
 
 

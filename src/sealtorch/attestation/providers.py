@@ -154,18 +154,21 @@ class _TsmAttester:
         self.root = Path(root)
 
     # The kernel creates the attribute files when the entry directory is made and removes them
-    # with it; these two methods are the whole contact surface with that behaviour.
-    def _create_entry(self, entry: Path) -> None:
+    # with it. These four methods are the whole contact surface with the kernel: a subclass
+    # that overrides them stands in for configfs-tsm (the tests' fake kernel does).
+    def create_entry(self, entry: Path) -> None:
+        """Make the report entry directory ``entry`` (the kernel fills in its attributes)."""
         entry.mkdir(mode=0o700)
 
-    def _remove_entry(self, entry: Path) -> None:
+    def remove_entry(self, entry: Path) -> None:
+        """Remove the report entry directory ``entry`` (the kernel drops its attributes)."""
         entry.rmdir()
 
     def _tsm_report(self, data: bytes, *, aux: bool) -> tuple[bytes, bytes, Path]:
         """(outblob, auxblob or b"", entry path) for report data ``data``."""
         entry = self.root / f"sealtorch-{os.getpid()}-{secrets.token_hex(6)}"
         try:
-            self._create_entry(entry)
+            self.create_entry(entry)
         except OSError as exc:
             raise EvidenceError(
                 f"the kernel refused to create a report entry in {self.root}: {_os_reason(exc)}"
@@ -174,13 +177,13 @@ class _TsmAttester:
             out, extra = self._blobs(entry, data, aux=aux)
         finally:
             try:
-                self._remove_entry(entry)
+                self.remove_entry(entry)
             except OSError as exc:
                 _log.warning("could not remove TSM report entry %s: %s", entry, exc.strerror)
         return out, extra, entry
 
     def _blobs(self, entry: Path, data: bytes, *, aux: bool) -> tuple[bytes, bytes]:
-        provider = self._read(entry / "provider", 64).decode("ascii", "replace").strip()
+        provider = self.read_attribute(entry / "provider", 64).decode("ascii", "replace").strip()
         if provider != self._provider:
             raise EvidenceError(
                 f"the TSM report provider is {provider!r}, not {self._provider!r}: this is not "
@@ -194,10 +197,10 @@ class _TsmAttester:
                 raise EvidenceError(
                     f"the kernel refused the report data ({entry / 'inblob'}): {_os_reason(exc)}"
                 ) from exc
-            before = self._read(entry / "generation", 32)
-            out = self._read(entry / "outblob", _MAX_QUOTE)
-            extra = self._read_aux(entry / "auxblob") if aux else b""
-            after = self._read(entry / "generation", 32)
+            before = self.read_attribute(entry / "generation", 32)
+            out = self.read_attribute(entry / "outblob", _MAX_QUOTE)
+            extra = self.read_aux(entry / "auxblob") if aux else b""
+            after = self.read_attribute(entry / "generation", 32)
             if before == after:
                 if not out:
                     raise EvidenceError(
@@ -209,7 +212,7 @@ class _TsmAttester:
             f"another process kept writing {entry}; could not read a consistent report"
         )
 
-    def _read_aux(self, path: Path) -> bytes:
+    def read_aux(self, path: Path) -> bytes:
         """The host's certificates; absent or empty when the host supplies none."""
         try:
             with open(path, "rb") as handle:
@@ -221,8 +224,8 @@ class _TsmAttester:
                 return b""
             raise EvidenceError(f"the kernel refused to read {path}: {_os_reason(exc)}") from exc
 
-    @staticmethod
-    def _read(path: Path, limit: int) -> bytes:
+    def read_attribute(self, path: Path, limit: int) -> bytes:
+        """Up to ``limit`` bytes of the report attribute file ``path``."""
         try:
             with open(path, "rb") as handle:
                 return handle.read(limit)

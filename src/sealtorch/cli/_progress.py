@@ -103,6 +103,11 @@ class _Progress:
             self._bar.stop()
 
     @property
+    def bar_shown(self) -> bool:
+        """Whether a progress bar has been drawn (a large input on a terminal, not ``-q``)."""
+        return self._bar is not None
+
+    @property
     def elapsed(self) -> float:
         if self._start is None or self._end is None:
             return 0.0

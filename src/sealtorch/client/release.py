@@ -286,6 +286,18 @@ class KeyReleaseClient:
         """The key server release-signing keys this client pins."""
         return self._trusted
 
+    @property
+    def attester(self) -> EvidenceProvider:
+        """The evidence provider this client attests with."""
+        return self._attester
+
+    @property
+    def remembered(self) -> frozenset[tuple[str, int]]:
+        """The ``(model id, key version)`` pairs whose keys this client holds in memory (never
+        the keys): empty after :meth:`forget`, and always with ``remember=False``."""
+        with self._lock:
+            return frozenset(self._cache)
+
     def __enter__(self) -> KeyReleaseClient:
         return self
 

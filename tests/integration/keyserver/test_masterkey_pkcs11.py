@@ -15,6 +15,7 @@ from pkcs11 import Attribute, KeyType, Mechanism, MechanismFlag, ObjectClass
 from _fixtures.softhsm import SoftHsmToken
 from sealtorch.errors import ConfigError, IntegrityError, StorageError
 from sealtorch.keys import generate_key
+from sealtorch.keyserver._pkcs11 import Pin, acquire_login, release_login
 from sealtorch.keyserver.masterkey import (
     UNWRAP_FAILED_MESSAGE,
     FileMasterKey,
@@ -172,11 +173,19 @@ def test_wrong_pin_is_a_clear_error(
 
 
 def test_lost_session_logs_in_again(
-    hsm_key: Pkcs11MasterKey, caplog: pytest.LogCaptureFixture
+    hsm_key: Pkcs11MasterKey, softhsm_token: SoftHsmToken, caplog: pytest.LogCaptureFixture
 ) -> None:
     dek = generate_key()
     blob = hsm_key.wrap(dek, wrap_aad("m", 1))
-    hsm_key._login.session.close()  # the HSM dropped the session (restart, network HSM)
+    # the HSM dropped the session (restart, network HSM): the token's one login in this
+    # process is shared, so closing its session under the key is what a lost session looks like
+    login = acquire_login(
+        softhsm_token.module, softhsm_token.token_label, Pin(softhsm_token.user_pin)
+    )
+    try:
+        login.session.close()
+    finally:
+        release_login(login)
     assert hsm_key.unwrap(blob, wrap_aad("m", 1)) == dek
     assert "logging in to" in caplog.text
     assert hsm_key.unwrap(hsm_key.wrap(dek, wrap_aad("m", 2)), wrap_aad("m", 2)) == dek

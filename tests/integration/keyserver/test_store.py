@@ -304,7 +304,7 @@ def test_application_cannot_update_or_delete_audit_rows(store: Store) -> None:
     import sqlalchemy as sa
 
     store.append_audit(release_entry("m"))
-    engine = sa.create_engine(store._engine.url)  # type: ignore[attr-defined]
+    engine = sa.create_engine(store.engine.url)
     try:
         for statement in ("UPDATE audit_log SET decision = 'deny'", "DELETE FROM audit_log"):
             with pytest.raises(sa.exc.DatabaseError, match="append-only"), engine.begin() as conn:
@@ -454,7 +454,7 @@ def test_store_url_in_repr_hides_password(store: Store) -> None:
     text = repr(store)
     if store.backend == "postgresql":
         assert "***" in text
-        url = store._engine.url  # type: ignore[attr-defined]
+        url = store.engine.url
         assert url.password not in text
 
 

@@ -19,7 +19,7 @@ from sealtorch.protocol.admin import ADMIN_SCOPES
 
 
 def _engine(store: Store) -> sa.Engine:
-    engine: sa.Engine = store._engine  # type: ignore[attr-defined]
+    engine: sa.Engine = store.engine
     return engine
 
 

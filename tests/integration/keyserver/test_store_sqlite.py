@@ -41,7 +41,7 @@ def test_connection_settings(db: Path) -> None:
     store = open_store(sqlite_url(db), busy_timeout=3.5)
     try:
         store.migrate()
-        engine: sa.Engine = store._engine  # type: ignore[attr-defined]
+        engine: sa.Engine = store.engine
         with engine.connect() as conn:
             pragma = {
                 name: conn.exec_driver_sql(f"PRAGMA {name}").scalar()
@@ -61,7 +61,7 @@ def test_foreign_keys_are_enforced(db: Path) -> None:
     store = open_store(sqlite_url(db))
     try:
         store.migrate()
-        engine: sa.Engine = store._engine  # type: ignore[attr-defined]
+        engine: sa.Engine = store.engine
         with pytest.raises(sa.exc.IntegrityError, match="FOREIGN KEY"), engine.begin() as conn:
             conn.exec_driver_sql(
                 "INSERT INTO key_versions (model_id, version, state, wrapped_dek, wrap_key_id, "

@@ -110,10 +110,10 @@ class FakeTsm(TdxAttester):
         self.omit = omit
         self.created: list[Path] = []
 
-    def _create_entry(self, entry: Path) -> None:
+    def create_entry(self, entry: Path) -> None:
         if self.refuse_mkdir is not None:
             raise OSError(self.refuse_mkdir, "refused")
-        super()._create_entry(entry)
+        super().create_entry(entry)
         self.created.append(entry)
         files = {"provider": self.provider.encode() + b"\n", "generation": b"0\n"}
         files["outblob"] = self.quote
@@ -121,17 +121,17 @@ class FakeTsm(TdxAttester):
             if name not in self.omit:
                 (entry / name).write_bytes(content)
 
-    def _read(self, path: Path, limit: int) -> bytes:  # type: ignore[override]
+    def read_attribute(self, path: Path, limit: int) -> bytes:
         if self.racing and path.name == "generation":
             # another writer bumps the generation between every two reads
             value = int(path.read_bytes()) + 1
             path.write_bytes(f"{value}\n".encode())
-        return TdxAttester._read(path, limit)
+        return super().read_attribute(path, limit)
 
-    def _remove_entry(self, entry: Path) -> None:
+    def remove_entry(self, entry: Path) -> None:
         for child in entry.iterdir():
             child.unlink()
-        super()._remove_entry(entry)
+        super().remove_entry(entry)
 
 
 @pytest.fixture

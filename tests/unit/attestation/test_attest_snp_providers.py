@@ -57,10 +57,10 @@ def test_configfs_tsm_other_provider(amd: FakeAmd, tsm_root: Path) -> None:
 
 def test_report_for_other_report_data_is_refused(amd: FakeAmd, tsm_root: Path) -> None:
     class Stale(FakeSnpTsm):
-        def _read(self, path: Path, limit: int) -> bytes:  # type: ignore[override]
+        def read_attribute(self, path: Path, limit: int) -> bytes:
             if path.name == "outblob":
                 return self.amd.report(b"\1" * 64)
-            return super()._read(path, limit)
+            return super().read_attribute(path, limit)
 
     with pytest.raises(EvidenceError, match="different report_data"):
         Stale(tsm_root, amd).evidence(DATA)
@@ -68,10 +68,10 @@ def test_report_for_other_report_data_is_refused(amd: FakeAmd, tsm_root: Path) -
 
 def test_garbage_outblob_is_refused(amd: FakeAmd, tsm_root: Path) -> None:
     class Garbage(FakeSnpTsm):
-        def _read(self, path: Path, limit: int) -> bytes:  # type: ignore[override]
+        def read_attribute(self, path: Path, limit: int) -> bytes:
             if path.name == "outblob":
                 return b"\2" * REPORT_SIZE
-            return super()._read(path, limit)
+            return super().read_attribute(path, limit)
 
     with pytest.raises(EvidenceError, match="no valid SNP report"):
         Garbage(tsm_root, amd).evidence(DATA)

@@ -37,8 +37,8 @@ def test_serve_key_source_uses_the_snp_attester(tmp_path: Path) -> None:
     client = resolve_key_source(
         "https://keys.test:8443", tee="snp", tee_root=tmp_path, keyserver_pubkeys=[RELEASE]
     )
-    assert isinstance(client._attester, SnpAttester)
-    assert client._attester.root == tmp_path
+    assert isinstance(client.attester, SnpAttester)
+    assert client.attester.root == tmp_path
 
 
 def test_collateral_settings_cover_snp(tmp_path: Path) -> None:

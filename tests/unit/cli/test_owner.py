@@ -413,14 +413,14 @@ def test_parse_size() -> None:
 def test_progress_bar_only_for_large_inputs(caplog: pytest.LogCaptureFixture) -> None:
     small = _Progress("x", quiet=False, terminal=True)
     small(10, 100)
-    assert small._bar is None
+    assert not small.bar_shown
     large = _Progress("x", quiet=False, terminal=True)
     large(10, 1 << 30)
-    assert large._bar is not None
+    assert large.bar_shown
     large.stop()
     quiet = _Progress("x", quiet=True, terminal=True)
     quiet(10, 1 << 30)
-    assert quiet._bar is None
+    assert not quiet.bar_shown
     assert quiet.elapsed == 0.0
     # Not a terminal: one structured log line per tenth, no bar.
     logged = _Progress("sealing m", quiet=False, terminal=False)
@@ -428,7 +428,7 @@ def test_progress_bar_only_for_large_inputs(caplog: pytest.LogCaptureFixture) ->
         for done in range(0, (1 << 30) + 1, 1 << 24):
             logged(done, 1 << 30)
     logged.stop()
-    assert logged._bar is None
+    assert not logged.bar_shown
     records = [r for r in caplog.records if r.name == "sealtorch.progress"]
     assert [r.percent for r in records] == list(range(0, 101, 10))  # type: ignore[attr-defined]
     assert records[-1].done == 1 << 30  # type: ignore[attr-defined]

@@ -92,7 +92,7 @@ def test_resolving_builds_an_attested_client_for_the_serve_role(tmp_path: Path) 
         assert isinstance(client, KeyReleaseClient)
         assert client.url == "unix:///run/keycache.sock"
         assert client.trusted_release_keys.keys == tuple(sorted(pins, key=lambda k: k.key_id))
-        attester = client._attester
+        attester = client.attester
         assert isinstance(attester, SimAttester)
         assert attester.role == "serve"
         assert attester.mrenclave == measure("serve")

@@ -35,7 +35,7 @@ from concurrent.futures import Future
 from contextlib import AbstractContextManager
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from sealtorch.keyserver.records import (
     AdminTokenRecord,
@@ -50,6 +50,9 @@ from sealtorch.keyserver.records import (
 )
 from sealtorch.protocol.admin import AdminScope
 from sealtorch.protocol.audit import AuditEntry, AuditHead, AuditRecord
+
+if TYPE_CHECKING:
+    import sqlalchemy as sa
 
 __all__ = [
     "Clock",
@@ -185,6 +188,16 @@ class Store(Protocol):
     @property
     def backend(self) -> str:
         """``"sqlite"`` or ``"postgresql"``."""
+        ...
+
+    @property
+    def engine(self) -> sa.Engine:
+        """The SQLAlchemy engine, with the store's connection settings (SQLite pragmas, pool).
+
+        For maintenance SQL (inspection, ``PRAGMA``, operator scripts) and tests. Changes made
+        through it bypass the store's write lock and its audit records; the audit table still
+        refuses ``UPDATE`` and ``DELETE``. The service layer never uses it.
+        """
         ...
 
     # -- lifecycle --

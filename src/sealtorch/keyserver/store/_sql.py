@@ -117,6 +117,10 @@ class SqlStore:
     def backend(self) -> str:
         return self._backend
 
+    @property
+    def engine(self) -> sa.Engine:
+        return self._engine
+
     def __repr__(self) -> str:
         return f"SqlStore({self._description!r})"
 
