@@ -85,7 +85,7 @@ def archive_bytes(kind: str = "constant") -> bytes:
     return buffer.getvalue()
 
 
-def _rewrite(
+def rewrite(
     data: bytes,
     edit: Callable[[dict[str, bytes]], None],
 ) -> bytes:
@@ -128,7 +128,7 @@ def pickled_constant(marker: pathlib.Path) -> bytes:
         _edit_json(entries, CONSTANTS, mark)
         entries["data/constants/tensor_0"] = _torch_pickle(Touch(marker))
 
-    return _rewrite(archive_bytes(), edit)
+    return rewrite(archive_bytes(), edit)
 
 
 def opaque_object(marker: pathlib.Path) -> bytes:
@@ -142,7 +142,7 @@ def opaque_object(marker: pathlib.Path) -> bytes:
         _edit_json(entries, CONSTANTS, mark)
         entries["data/constants/opaque_obj_0"] = pickle.dumps(Touch(marker))
 
-    return _rewrite(archive_bytes(), edit)
+    return rewrite(archive_bytes(), edit)
 
 
 def pickled_sample_inputs(marker: pathlib.Path) -> bytes:
@@ -151,7 +151,7 @@ def pickled_sample_inputs(marker: pathlib.Path) -> bytes:
     def edit(entries: dict[str, bytes]) -> None:
         entries["data/sample_inputs/model.pt"] = _torch_pickle(((Touch(marker),), {}))
 
-    return _rewrite(archive_bytes(), edit)
+    return rewrite(archive_bytes(), edit)
 
 
 def legacy_pickled_weights(marker: pathlib.Path) -> bytes:
@@ -160,7 +160,7 @@ def legacy_pickled_weights(marker: pathlib.Path) -> bytes:
     def edit(entries: dict[str, bytes]) -> None:
         entries["data/weights/model.pt"] = _torch_pickle(Touch(marker))
 
-    return _rewrite(archive_bytes(), edit)
+    return rewrite(archive_bytes(), edit)
 
 
 def guard_code(marker: pathlib.Path) -> bytes:
@@ -174,7 +174,7 @@ def guard_code(marker: pathlib.Path) -> bytes:
 
         _edit_json(entries, MODEL, add)
 
-    return _rewrite(archive_bytes(), edit)
+    return rewrite(archive_bytes(), edit)
 
 
 def sympy_expression(marker: pathlib.Path) -> bytes:
@@ -186,7 +186,7 @@ def sympy_expression(marker: pathlib.Path) -> bytes:
         payload = f"{symbol} + 0*len(str(__import__('pathlib').Path({str(marker)!r}).touch()))"
         entries[MODEL] = text.replace(f'"{symbol}"', json.dumps(payload), 1).encode()
 
-    return _rewrite(archive_bytes("dynamic"), edit)
+    return rewrite(archive_bytes("dynamic"), edit)
 
 
 def imported_function(module: str) -> bytes:
@@ -215,7 +215,7 @@ def imported_function(module: str) -> bytes:
 
         _edit_json(entries, MODEL, add)
 
-    return _rewrite(archive_bytes(), edit)
+    return rewrite(archive_bytes(), edit)
 
 
 def subgraph_name(marker: pathlib.Path) -> bytes:
@@ -231,7 +231,7 @@ def subgraph_name(marker: pathlib.Path) -> bytes:
         text = entries[MODEL].decode()
         entries[MODEL] = text.replace('"true_graph_0"', json.dumps(code)).encode()
 
-    return _rewrite(archive_bytes("branches"), edit)
+    return rewrite(archive_bytes("branches"), edit)
 
 
 def keyword_name(marker: pathlib.Path) -> bytes:
@@ -251,7 +251,7 @@ def keyword_name(marker: pathlib.Path) -> bytes:
 
         _edit_json(entries, MODEL, rename)
 
-    return _rewrite(archive_bytes("keywords"), edit)
+    return rewrite(archive_bytes("keywords"), edit)
 
 
 def native_code() -> bytes:
@@ -260,7 +260,7 @@ def native_code() -> bytes:
     def edit(entries: dict[str, bytes]) -> None:
         entries["data/aotinductor/model/model.so"] = b"\x7fELF not really"
 
-    return _rewrite(archive_bytes(), edit)
+    return rewrite(archive_bytes(), edit)
 
 
 def twin_entries() -> bytes:

@@ -98,7 +98,7 @@ def test_loader_errors_become_payload_errors(tmp_path: Path) -> None:
         del program["graph_module"]["graph"]["tensor_values"]["linear"]
         entries["models/model.json"] = json.dumps(program).encode()
 
-    broken = hostile_programs._rewrite(hostile_programs.archive_bytes(), drop_tensor_description)
+    broken = hostile_programs.rewrite(hostile_programs.archive_bytes(), drop_tensor_description)
     for payload in (broken, b"PK\x03\x04 not a zip", b""):
         sealed = hostile_programs.seal_raw(
             tmp_path / "broken.sealed", payload, kind="torch_export", key=KEY
