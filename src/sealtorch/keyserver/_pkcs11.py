@@ -17,8 +17,9 @@ import os
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import Any, ClassVar, NoReturn, TypeVar
 
 from sealtorch.errors import ConfigError, StorageError
 
@@ -27,6 +28,7 @@ __all__ = [
     "SOFTHSM2_MODULE",
     "Pin",
     "TokenKey",
+    "TokenKeyConfig",
     "TokenLogin",
     "acquire_login",
     "pin_from",
@@ -198,6 +200,7 @@ def release_login(login: TokenLogin) -> None:
 
 
 _T = TypeVar("_T")
+_K = TypeVar("_K", bound="TokenKey")
 
 
 def pin_from(environ: Mapping[str, str], *, pin_env: str, token_label: str) -> str:
@@ -215,11 +218,61 @@ class TokenKey(ABC):
     """A key inside a PKCS#11 token, found by label in this process's login on that token.
 
     Subclasses implement :meth:`_locate` (look the key up in the session and check its
-    attributes; return its handle) and run their operations through :meth:`_run`.
+    attributes, with :meth:`_get_unique`; return its handle) and :meth:`_generate` (make the
+    key in the token, for :meth:`create_key`), and run their operations through :meth:`_run`.
     """
 
     #: What the key is, for messages ("master key", "release-signing key").
     what = "key"
+    #: Added to the message when the token cannot create the key (what it must support).
+    create_hint: ClassVar[str] = ""
+
+    @classmethod
+    def create_key(
+        cls: type[_K],
+        *,
+        module: str | os.PathLike[str],
+        token_label: str,
+        key_label: str,
+        pin: str,
+    ) -> _K:
+        """Generate the key inside the token (sensitive, non-extractable) and open it.
+
+        Refuses when an object with ``key_label`` already exists in the token.
+        """
+        lib = pkcs11_library()
+        login = acquire_login(os.fspath(module), token_label, Pin(pin))
+        try:
+            with login.lock:
+                session = login.session
+                try:
+                    query = {lib.Attribute.LABEL: key_label, **cls._existing_query(lib)}
+                    existing = list(session.get_objects(query))
+                    if not existing:
+                        cls._generate(lib, session, key_label)
+                except lib.exceptions.PKCS11Error as exc:
+                    raise StorageError(
+                        f"the PKCS#11 token {token_label!r} could not create the {cls.what} "
+                        f"({type(exc).__name__}){cls.create_hint}"
+                    ) from exc
+            if existing:
+                raise ConfigError(
+                    f"token {token_label!r} already holds a key labelled {key_label!r}; "
+                    f"use it (open the {cls.what}) or choose another label"
+                )
+            return cls(module=module, token_label=token_label, key_label=key_label, pin=pin)
+        finally:
+            release_login(login)
+
+    @classmethod
+    def _existing_query(cls, lib: Any) -> dict[Any, Any]:
+        """Attributes (besides the label) of the objects that make a label taken."""
+        return {}
+
+    @classmethod
+    @abstractmethod
+    def _generate(cls, lib: Any, session: Any, key_label: str) -> None:
+        """Create the key (or key pair) labelled ``key_label`` in ``session``'s token."""
 
     def __init__(
         self,
@@ -254,6 +307,27 @@ class TokenKey(ABC):
     @abstractmethod
     def _locate(self, lib: Any, session: Any) -> Any:
         """The key's handle in ``session``, checked (ConfigError if unusable)."""
+
+    def _get_unique(self, lib: Any, session: Any, *, key_type: Any, object_class: Any) -> Any:
+        """The one object of ``object_class`` and ``key_type`` with this key's label;
+        ConfigError when there is none (:meth:`_missing`) or several."""
+        try:
+            return session.get_key(
+                label=self._key_label, key_type=key_type, object_class=object_class
+            )
+        except lib.exceptions.NoSuchKey as exc:
+            raise ConfigError(
+                f"PKCS#11 token {self._token_label!r} has no {self._missing()}"
+            ) from exc
+        except lib.exceptions.MultipleObjectsReturned as exc:
+            raise ConfigError(
+                f"PKCS#11 token {self._token_label!r} holds several keys labelled "
+                f"{self._key_label!r}; the {self.what} label must be unique"
+            ) from exc
+
+    def _missing(self) -> str:
+        """What is missing and how to create it, after "PKCS#11 token 'T' has no "."""
+        return f"key labelled {self._key_label!r}"
 
     def _find_key(self) -> None:
         """Look the key up in the current session (caller holds the token lock)."""
@@ -302,3 +376,25 @@ class TokenKey(ABC):
 
     def __reduce__(self) -> NoReturn:
         raise TypeError("keys in a PKCS#11 token cannot be pickled")
+
+
+@dataclass(frozen=True)
+class TokenKeyConfig:
+    """A key inside a PKCS#11 token; the user PIN comes from the environment (``pin_env``)."""
+
+    token_label: str
+    key_label: str
+    module: str = SOFTHSM2_MODULE
+    pin_env: str = PIN_ENV
+
+    def open(self, key_type: type[_K], *, environ: Mapping[str, str] | None, create: bool) -> _K:
+        """Open the key as ``key_type`` (with ``create``, generate it first)."""
+        pin = pin_from(
+            os.environ if environ is None else environ,
+            pin_env=self.pin_env,
+            token_label=self.token_label,
+        )
+        opener = key_type.create_key if create else key_type
+        return opener(
+            module=self.module, token_label=self.token_label, key_label=self.key_label, pin=pin
+        )

@@ -39,12 +39,9 @@ from sealtorch.keyserver._keyfile import SecretFileKind, create_secret_file, rea
 from sealtorch.keyserver._pkcs11 import (
     PIN_ENV,
     SOFTHSM2_MODULE,
-    Pin,
     TokenKey,
-    acquire_login,
-    pin_from,
+    TokenKeyConfig,
     pkcs11_library,
-    release_login,
 )
 
 __all__ = [
@@ -226,74 +223,31 @@ class Pkcs11MasterKey(TokenKey):
     what = "master key"
 
     @classmethod
-    def create_key(
-        cls,
-        *,
-        module: str | os.PathLike[str],
-        token_label: str,
-        key_label: str,
-        pin: str,
-    ) -> Pkcs11MasterKey:
-        """Generate the master key inside the token (sensitive, non-extractable) and open it.
+    def _existing_query(cls, lib: Any) -> dict[Any, Any]:
+        return {lib.Attribute.CLASS: lib.ObjectClass.SECRET_KEY}
 
-        Refuses when a key with ``key_label`` already exists in the token.
-        """
-        lib = pkcs11_library()
-        login = acquire_login(os.fspath(module), token_label, Pin(pin))
-        try:
-            with login.lock:
-                session = login.session
-                try:
-                    existing = list(
-                        session.get_objects(
-                            {
-                                lib.Attribute.LABEL: key_label,
-                                lib.Attribute.CLASS: lib.ObjectClass.SECRET_KEY,
-                            }
-                        )
-                    )
-                    if not existing:
-                        session.generate_key(
-                            lib.KeyType.AES,
-                            256,
-                            label=key_label,
-                            store=True,
-                            capabilities=lib.MechanismFlag.ENCRYPT | lib.MechanismFlag.DECRYPT,
-                            template=_master_key_template(lib),
-                        )
-                except lib.exceptions.PKCS11Error as exc:
-                    raise StorageError(
-                        f"the PKCS#11 token {token_label!r} could not create the master key "
-                        f"({type(exc).__name__})"
-                    ) from exc
-            if existing:
-                raise ConfigError(
-                    f"token {token_label!r} already holds a key labelled {key_label!r}; "
-                    "use it (open the master key) or choose another label"
-                )
-            return cls(module=module, token_label=token_label, key_label=key_label, pin=pin)
-        finally:
-            release_login(login)
+    @classmethod
+    def _generate(cls, lib: Any, session: Any, key_label: str) -> None:
+        session.generate_key(
+            lib.KeyType.AES,
+            256,
+            label=key_label,
+            store=True,
+            capabilities=lib.MechanismFlag.ENCRYPT | lib.MechanismFlag.DECRYPT,
+            template=_master_key_template(lib),
+        )
+
+    def _missing(self) -> str:
+        return (
+            f"AES key labelled {self._key_label!r}; create it with `sealtorch keyserver init` "
+            "(or Pkcs11MasterKey.create_key)"
+        )
 
     def _locate(self, lib: Any, session: Any) -> Any:
         """Look the key up by label in ``session`` and check its attributes."""
-        try:
-            key = session.get_key(
-                label=self._key_label,
-                key_type=lib.KeyType.AES,
-                object_class=lib.ObjectClass.SECRET_KEY,
-            )
-        except lib.exceptions.NoSuchKey as exc:
-            raise ConfigError(
-                f"PKCS#11 token {self._token_label!r} has no AES key labelled "
-                f"{self._key_label!r}; create it with `sealtorch keyserver init` "
-                "(or Pkcs11MasterKey.create_key)"
-            ) from exc
-        except lib.exceptions.MultipleObjectsReturned as exc:
-            raise ConfigError(
-                f"PKCS#11 token {self._token_label!r} holds several keys labelled "
-                f"{self._key_label!r}; the master key label must be unique"
-            ) from exc
+        key = self._get_unique(
+            lib, session, key_type=lib.KeyType.AES, object_class=lib.ObjectClass.SECRET_KEY
+        )
         self._check_key(lib, key)
         return key
 
@@ -426,13 +380,10 @@ class FileMasterKeyConfig:
 
 
 @dataclass(frozen=True)
-class Pkcs11MasterKeyConfig:
+class Pkcs11MasterKeyConfig(TokenKeyConfig):
     """Use a master key inside a PKCS#11 token; the PIN comes from ``pin_env``."""
 
-    token_label: str
     key_label: str = "sealtorch-master-key"
-    module: str = SOFTHSM2_MODULE
-    pin_env: str = PIN_ENV
 
 
 MasterKeyConfig = FileMasterKeyConfig | Pkcs11MasterKeyConfig
@@ -447,15 +398,4 @@ def open_master_key(
     """Open (or with ``create=True``, first create) the master key described by ``config``."""
     if isinstance(config, FileMasterKeyConfig):
         return FileMasterKey.create(config.path) if create else FileMasterKey.load(config.path)
-    pin = pin_from(
-        os.environ if environ is None else environ,
-        pin_env=config.pin_env,
-        token_label=config.token_label,
-    )
-    opener = Pkcs11MasterKey.create_key if create else Pkcs11MasterKey
-    return opener(
-        module=config.module,
-        token_label=config.token_label,
-        key_label=config.key_label,
-        pin=pin,
-    )
+    return config.open(Pkcs11MasterKey, environ=environ, create=create)

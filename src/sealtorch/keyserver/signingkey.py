@@ -29,16 +29,7 @@ from typing import Any, Final, NoReturn, Protocol, runtime_checkable
 from sealtorch._crypto.sign import ED25519_SEED_SIZE, ED25519_SIGNATURE_SIZE, Ed25519Signer
 from sealtorch.errors import ConfigError, StorageError
 from sealtorch.keyserver._keyfile import SecretFileKind, create_secret_file, read_secret_file
-from sealtorch.keyserver._pkcs11 import (
-    PIN_ENV,
-    SOFTHSM2_MODULE,
-    Pin,
-    TokenKey,
-    acquire_login,
-    pin_from,
-    pkcs11_library,
-    release_login,
-)
+from sealtorch.keyserver._pkcs11 import TokenKey, TokenKeyConfig, pkcs11_library
 from sealtorch.protocol.statement import ReleasePublicKey
 
 __all__ = [
@@ -187,6 +178,7 @@ class Pkcs11ReleaseSigningKey(TokenKey):
     """
 
     what = "release-signing key"
+    create_hint = "; does it support CKM_EC_EDWARDS_KEY_PAIR_GEN (Ed25519)?"
 
     def __init__(
         self,
@@ -200,64 +192,21 @@ class Pkcs11ReleaseSigningKey(TokenKey):
         super().__init__(module=module, token_label=token_label, key_label=key_label, pin=pin)
 
     @classmethod
-    def create_key(
-        cls,
-        *,
-        module: str | os.PathLike[str],
-        token_label: str,
-        key_label: str,
-        pin: str,
-    ) -> Pkcs11ReleaseSigningKey:
-        """Generate the Ed25519 key pair inside the token and open it. Refuses a label that
-        already names a key in the token."""
-        lib = pkcs11_library()
-        login = acquire_login(os.fspath(module), token_label, Pin(pin))
-        try:
-            with login.lock:
-                session = login.session
-                try:
-                    existing = list(session.get_objects({lib.Attribute.LABEL: key_label}))
-                    if not existing:
-                        _generate_keypair(lib, session, key_label)
-                except lib.exceptions.PKCS11Error as exc:
-                    raise StorageError(
-                        f"the PKCS#11 token {token_label!r} could not create the "
-                        f"release-signing key ({type(exc).__name__}); does it support "
-                        "CKM_EC_EDWARDS_KEY_PAIR_GEN (Ed25519)?"
-                    ) from exc
-            if existing:
-                raise ConfigError(
-                    f"token {token_label!r} already holds a key labelled {key_label!r}; "
-                    "use it (open the release-signing key) or choose another label"
-                )
-            return cls(module=module, token_label=token_label, key_label=key_label, pin=pin)
-        finally:
-            release_login(login)
+    def _generate(cls, lib: Any, session: Any, key_label: str) -> None:
+        _generate_keypair(lib, session, key_label)
+
+    def _missing(self) -> str:
+        return (
+            f"Ed25519 key pair labelled {self._key_label!r}; create it with "
+            "`sealtorch keyserver signing-key create DATA_DIR` (or "
+            "Pkcs11ReleaseSigningKey.create_key)"
+        )
 
     def _locate(self, lib: Any, session: Any) -> Any:
-        where = f"PKCS#11 token {self._token_label!r}"
-        try:
-            private = session.get_key(
-                label=self._key_label,
-                key_type=lib.KeyType.EC_EDWARDS,
-                object_class=lib.ObjectClass.PRIVATE_KEY,
-            )
-            public = session.get_key(
-                label=self._key_label,
-                key_type=lib.KeyType.EC_EDWARDS,
-                object_class=lib.ObjectClass.PUBLIC_KEY,
-            )
-        except lib.exceptions.NoSuchKey as exc:
-            raise ConfigError(
-                f"{where} has no Ed25519 key pair labelled {self._key_label!r}; create it with "
-                "`sealtorch keyserver signing-key create DATA_DIR` (or "
-                "Pkcs11ReleaseSigningKey.create_key)"
-            ) from exc
-        except lib.exceptions.MultipleObjectsReturned as exc:
-            raise ConfigError(
-                f"{where} holds several keys labelled {self._key_label!r}; the release-signing "
-                "key label must be unique"
-            ) from exc
+        private, public = (
+            self._get_unique(lib, session, key_type=lib.KeyType.EC_EDWARDS, object_class=kind)
+            for kind in (lib.ObjectClass.PRIVATE_KEY, lib.ObjectClass.PUBLIC_KEY)
+        )
         attribute = lib.Attribute
         try:
             params = {bytes(private[attribute.EC_PARAMS]), bytes(public[attribute.EC_PARAMS])}
@@ -372,13 +321,10 @@ class FileSigningKeyConfig:
 
 
 @dataclass(frozen=True)
-class Pkcs11SigningKeyConfig:
+class Pkcs11SigningKeyConfig(TokenKeyConfig):
     """Use a release-signing key pair inside a PKCS#11 token; the PIN comes from ``pin_env``."""
 
-    token_label: str
     key_label: str = DEFAULT_KEY_LABEL
-    module: str = SOFTHSM2_MODULE
-    pin_env: str = PIN_ENV
 
 
 SigningKeyConfig = FileSigningKeyConfig | Pkcs11SigningKeyConfig
@@ -395,12 +341,4 @@ def open_signing_key(
         if create:
             return FileReleaseSigningKey.create(config.path)
         return FileReleaseSigningKey.load(config.path)
-    pin = pin_from(
-        os.environ if environ is None else environ,
-        pin_env=config.pin_env,
-        token_label=config.token_label,
-    )
-    opener = Pkcs11ReleaseSigningKey.create_key if create else Pkcs11ReleaseSigningKey
-    return opener(
-        module=config.module, token_label=config.token_label, key_label=config.key_label, pin=pin
-    )
+    return config.open(Pkcs11ReleaseSigningKey, environ=environ, create=create)
