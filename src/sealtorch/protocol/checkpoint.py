@@ -39,9 +39,10 @@ from pydantic import Field, ValidationError
 
 from sealtorch._crypto.sign import BadSignature, ed25519_verify
 from sealtorch.errors import AuditError
-from sealtorch.protocol._wire import B64Bytes, WireModel
+from sealtorch.protocol._wire import B64Bytes
 from sealtorch.protocol.audit import GENESIS_HASH, AuditChainError
 from sealtorch.protocol.statement import (
+    SignedPayload,
     StatementSigner,
     TrustedReleaseKeys,
     canonical_payload,
@@ -75,15 +76,12 @@ CHECKPOINT_UNPINNED_KEY: Final = "checkpoint_unpinned_key"
 _SIGNING_CONTEXT: Final = b"sealtorch/v1/audit-checkpoint\x00"
 _FIELDS: Final = frozenset({"head_hash", "issued_at", "seq", "signing_key_id", "type", "version"})
 _HEX64: Final = re.compile(r"[0-9a-f]{64}")
-_KEY_ID: Final = re.compile(r"[0-9a-f]{32}")
 
 
-class SignedCheckpoint(WireModel):
+class SignedCheckpoint(SignedPayload):
     """A checkpoint on the wire and in the owner's file: payload bytes, signature, key id."""
 
     payload: Annotated[B64Bytes, Field(min_length=1, max_length=1024)]
-    signature: Annotated[B64Bytes, Field(min_length=1, max_length=512)]
-    key_id: Annotated[str, Field(min_length=1, max_length=128)]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -164,7 +162,7 @@ def verify_checkpoint(
     (``checkpoint_unpinned_key``, ``checkpoint_invalid``). ``where`` names it in messages."""
     key = trusted.find(signed.key_id)
     if key is None:
-        shown = signed.key_id if _KEY_ID.fullmatch(signed.key_id) else "(malformed id)"
+        shown = signed.shown_key_id()
         raise AuditChainError(
             0,
             CHECKPOINT_UNPINNED_KEY,

@@ -69,6 +69,7 @@ __all__ = [
     "STATEMENT_VERSION",
     "ReleasePublicKey",
     "ReleaseStatement",
+    "SignedPayload",
     "SignedStatement",
     "StatementSigner",
     "TrustedReleaseKeys",
@@ -204,13 +205,23 @@ class ReleasePublicKey:
 # -- the statement -----------------------------------------------------------------------------
 
 
-class SignedStatement(WireModel):
-    """A release statement on the wire: payload bytes, signature, signing key id."""
+class SignedPayload(WireModel):
+    """What the release-signing key signs, on the wire: the canonical JSON payload exactly as
+    signed, the Ed25519 signature over a context string ‖ the payload, and the signing key's
+    id. Release statements and audit checkpoints (:mod:`sealtorch.protocol.checkpoint`) are
+    this envelope, each with its own context and payload size."""
 
-    #: The canonical JSON payload, exactly as signed.
     payload: Annotated[B64Bytes, Field(min_length=1, max_length=4096)]
     signature: Annotated[B64Bytes, Field(min_length=1, max_length=512)]
     key_id: Annotated[str, Field(min_length=1, max_length=128)]
+
+    def shown_key_id(self) -> str:
+        """The key id for a message: as sent when it is one, else ``(malformed id)``."""
+        return self.key_id if _KEY_ID.fullmatch(self.key_id) else "(malformed id)"
+
+
+class SignedStatement(SignedPayload):
+    """A release statement on the wire: payload bytes, signature, signing key id."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -415,7 +426,7 @@ class TrustedReleaseKeys:
         ``statement_invalid``). ``what`` names the key, ``source`` the sender, in messages."""
         key = self._keys.get(signed.key_id)
         if key is None:
-            shown = signed.key_id if _KEY_ID.fullmatch(signed.key_id) else "(malformed id)"
+            shown = signed.shown_key_id()
             raise ReleaseStatementError(
                 STATEMENT_UNPINNED_KEY,
                 f"{source} sent {what} with a statement signed by key {shown}, which is not "
