@@ -16,7 +16,15 @@ from datetime import UTC, datetime
 from typing import Any, Protocol, TypeVar
 
 from sealtorch.attestation import Policy
-from sealtorch.errors import AuditError, ConfigError, ErrorKind, RequestError, StorageError
+from sealtorch.errors import (
+    AuditError,
+    ConfigError,
+    ErrorKind,
+    RequestError,
+    StorageCorruptError,
+    StorageError,
+    StorageFullError,
+)
 from sealtorch.keyserver.records import PolicyRecord
 from sealtorch.protocol._wire import rfc3339  # re-exported: one formatter for every time
 from sealtorch.protocol.admin import ADMIN_SCOPES, AdminScope
@@ -151,7 +159,24 @@ class PolicyCache:
 
 
 def unavailable(exc: StorageError) -> ServiceError:
-    """The refusal a storage failure becomes (``503 audit_unavailable``/``store_unavailable``)."""
+    """The refusal a storage failure becomes: 503 ``audit_unavailable``, ``store_corrupt`` (not
+    retryable: the operator restores a backup), ``store_full`` or ``store_unavailable``."""
+    if isinstance(exc, StorageCorruptError):
+        _log.error("key store failure: %s", exc)
+        return ServiceError(
+            ErrorKind.UNAVAILABLE,
+            "store_corrupt",
+            "the key store is damaged, so nothing was released or changed; retrying does not "
+            "help: the operator must restore it from a backup",
+        )
+    if isinstance(exc, StorageFullError):
+        _log.error("key store failure: %s", exc)
+        return ServiceError(
+            ErrorKind.UNAVAILABLE,
+            "store_full",
+            "the key store's disk is full, so nothing was released or changed; retry once the "
+            "operator has freed space",
+        )
     if isinstance(exc, AuditError):
         return ServiceError(
             ErrorKind.UNAVAILABLE,
