@@ -32,6 +32,7 @@ from sealtorch.keyserver.settings import config_env_names
 README = Path(__file__).resolve().parents[2] / "README.md"
 TOUR = "## A 30-second tour"
 PRODUCTION = "### In production"
+HF = "### Hugging Face models"
 
 
 def _section(text: str, heading: str) -> str:
@@ -51,7 +52,12 @@ def _section(text: str, heading: str) -> str:
 
 def _owner_tour() -> str:
     tour = _section(README.read_text(encoding="utf-8"), TOUR)
-    return tour[: tour.index(f"\n{PRODUCTION}\n")]
+    return tour[: tour.index(f"\n{HF}\n")]
+
+
+def _hf_tour() -> str:
+    tour = _section(README.read_text(encoding="utf-8"), TOUR)
+    return tour[tour.index(f"\n{HF}\n") : tour.index(f"\n{PRODUCTION}\n")]
 
 
 def _production() -> str:
@@ -115,6 +121,27 @@ def test_the_owner_tour_runs_as_written(tmp_path: Path) -> None:
     assert done.returncode == 0, f"{python}\n{done.stdout}\n{done.stderr}"
     for name in ("resnet50.sealed", "plain.safetensors", "resnet50-v2.key", "resnet50-py.sealed"):
         assert (tmp_path / name).is_file(), name
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_the_hugging_face_tour_runs_as_written(tmp_path: Path) -> None:
+    (shell,) = _blocks(_hf_tour(), "sh")
+    bin_dir = str(Path(sys.executable).parent)
+    env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}
+    for command in _commands(shell):
+        done = subprocess.run(
+            ["bash", "-c", command],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+        assert done.returncode == 0, f"{command}\n{done.stdout}\n{done.stderr}"
+    assert "GPT2LMHeadModel" in done.stdout  # the last command: the loaded model's class
+    assert min(p.name for p in tmp_path.glob("gpt2.sealed*")) == "gpt2.sealed"
 
 
 # -- production: checked, not run -----------------------------------------------------------
