@@ -99,6 +99,10 @@ _HEX_FIELDS: Final[dict[str, int]] = {
     "chip_id": 64,
     "reported_tcb": 8,
 }
+#: field -> its compiled pattern (claims are built on every release: no per-call compile).
+_HEX_PATTERNS: Final[dict[str, re.Pattern[str]]] = {
+    name: re.compile(f"[0-9a-f]{{{2 * size}}}") for name, size in _HEX_FIELDS.items()
+}
 _INT_FIELDS: Final[dict[str, int]] = {
     # field -> largest value
     "isv_prod_id": 0xFFFF,
@@ -219,12 +223,12 @@ class Claims:
         report_data: object = self.report_data
         if not isinstance(report_data, bytes) or len(report_data) != REPORT_DATA_SIZE:
             raise EvidenceError(f"report_data must be {REPORT_DATA_SIZE} bytes")
-        for name, size in _HEX_FIELDS.items():
+        for name, pattern in _HEX_PATTERNS.items():
             value = getattr(self, name)
-            if value is not None and (
-                not isinstance(value, str) or not re.fullmatch(f"[0-9a-f]{{{2 * size}}}", value)
-            ):
-                raise EvidenceError(f"claim {name} must be {size} bytes of lowercase hex")
+            if value is not None and (not isinstance(value, str) or not pattern.fullmatch(value)):
+                raise EvidenceError(
+                    f"claim {name} must be {_HEX_FIELDS[name]} bytes of lowercase hex"
+                )
         for name in _DATE_FIELDS:
             value = getattr(self, name)
             if value is not None and (value.tzinfo is None or value.utcoffset() is None):
