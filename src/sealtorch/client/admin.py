@@ -173,43 +173,36 @@ class AdminClient:
     # -- models and keys --
 
     def create_model(self, model_id: str, *, key: DataKey | None = None) -> CreatedModel:
-
         body = CreateModelRequest(model_id=model_id, key=key.material if key else None)
         result: CreatedModel = self._as(CreatedModel, self._call("POST", "/models", body))
         return result
 
     def list_models(self) -> list[ModelInfo]:
-
         result: list[ModelInfo] = self._as(list[ModelInfo], self._call("GET", "/models"))
         return result
 
     def show_model(self, model_id: str) -> ModelDetail:
-
         path = f"/models/{quote(model_id, safe='')}"
         result: ModelDetail = self._as(ModelDetail, self._call("GET", path))
         return result
 
     def delete_model(self, model_id: str) -> ModelInfo:
-
         path = f"/models/{quote(model_id, safe='')}"
         result: ModelInfo = self._as(ModelInfo, self._call("DELETE", path))
         return result
 
     def list_keys(self, model_id: str) -> list[KeyVersionInfo]:
-
         path = f"/models/{quote(model_id, safe='')}/keys"
         result: list[KeyVersionInfo] = self._as(list[KeyVersionInfo], self._call("GET", path))
         return result
 
     def rotate_key(self, model_id: str, *, key: DataKey | None = None) -> KeyVersionInfo:
-
         path = f"/models/{quote(model_id, safe='')}/keys"
         body = RotateRequest(key=key.material if key else None)
         result: KeyVersionInfo = self._as(KeyVersionInfo, self._call("POST", path, body))
         return result
 
     def revoke_key(self, model_id: str, version: int) -> KeyVersionInfo:
-
         path = f"/models/{quote(model_id, safe='')}/keys/{int(version)}/revoke"
         result: KeyVersionInfo = self._as(KeyVersionInfo, self._call("POST", path))
         return result
@@ -217,20 +210,17 @@ class AdminClient:
     # -- policies --
 
     def set_policy(self, model_id: str, policy: Mapping[str, Any]) -> PolicyInfo:
-
         path = f"/models/{quote(model_id, safe='')}/policy"
         body = SetPolicyRequest(policy=dict(policy))
         result: PolicyInfo = self._as(PolicyInfo, self._call("PUT", path, body))
         return result
 
     def show_policy(self, model_id: str) -> PolicyInfo:
-
         path = f"/models/{quote(model_id, safe='')}/policy"
         result: PolicyInfo = self._as(PolicyInfo, self._call("GET", path))
         return result
 
     def policy_history(self, model_id: str) -> list[PolicyInfo]:
-
         path = f"/models/{quote(model_id, safe='')}/policies"
         result: list[PolicyInfo] = self._as(list[PolicyInfo], self._call("GET", path))
         return result
@@ -251,12 +241,10 @@ class AdminClient:
         return result
 
     def list_tokens(self) -> list[TokenInfo]:
-
         result: list[TokenInfo] = self._as(list[TokenInfo], self._call("GET", "/tokens"))
         return result
 
     def revoke_token(self, token_id: str) -> TokenInfo:
-
         path = f"/tokens/{quote(token_id, safe='')}/revoke"
         result: TokenInfo = self._as(TokenInfo, self._call("POST", path))
         return result
@@ -264,7 +252,6 @@ class AdminClient:
     # -- audit --
 
     def audit_head(self) -> AuditHead:
-
         page = self._as(AuditPage, self._call("GET", "/audit", after=2**62, limit=1))
         return AuditHead(seq=page.head.seq, hash=page.head.hash)
 

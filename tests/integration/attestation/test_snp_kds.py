@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from _fixtures.httpfake import serve_http
 from _fixtures.snp import NOW, FakeAmd
 from sealtorch.attestation import (
     Evidence,
@@ -33,38 +32,19 @@ class FakeKds:
     url: str = ""
     hits: list[str] = field(default_factory=list)
 
-    def respond(self, target: str) -> tuple[int, bytes]:
+    def respond(self, target: str) -> tuple[int, dict[str, str], bytes]:
         self.hits.append(target)
         body = self.files.get(target)
-        return (200, body) if body is not None else (404, b"not found")
+        return (200, {}, body) if body is not None else (404, {}, b"not found")
 
 
 @pytest.fixture
 def kds() -> Iterator[FakeKds]:
     fake = FakeKds(files={})
 
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            status, body = fake.respond(self.path)
-            self.send_response(status)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, format: str, *args: object) -> None:
-            del format, args
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    fake.url = f"http://127.0.0.1:{server.server_address[1]}"
-    try:
+    with serve_http(fake.respond) as url:
+        fake.url = url
         yield fake
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
 
 
 def _serve(kds: FakeKds, amd: FakeAmd, report: bytes, *, crl: bytes | None = None) -> None:
