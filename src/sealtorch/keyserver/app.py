@@ -456,7 +456,7 @@ async def _checkpoint_loop(runtime: Runtime, interval: float) -> None:
             continue
         try:
             signed = await anyio.to_thread.run_sync(service.admin.audit_checkpoint)
-        except Exception as exc:  # noqa: BLE001 - housekeeping must never stop the server
+        except ServiceError as exc:  # store or signing key unavailable: try next time
             _log.warning("could not sign the periodic audit checkpoint: %s", exc)
             continue
         checkpoint = AuditCheckpoint.from_payload(signed.payload)

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import BinaryIO, cast
 
 from sealtorch._crypto.stream import CEK_SIZE
-from sealtorch.errors import ConfigError, IntegrityError, PayloadError
+from sealtorch.errors import ConfigError, FormatError, IntegrityError, PayloadError
 from sealtorch.sealed.header import (
     BODY_SALT_SIZE,
     MAX_SET_FILES,
@@ -104,7 +104,7 @@ def _open_member(first: Path, header: Header, index: int) -> SetMember:
             body = ShardHeader.decode(text).body
         except (IntegrityError, ConfigError, ValueError) as exc:
             raise _refuse(first, index, count, "is not a file of a sealed set") from exc
-        except Exception as exc:  # FormatError: bad magic, other version
+        except FormatError as exc:  # bad magic, another format version
             raise _refuse(first, index, count, f"is not a sealed file ({exc})") from exc
         shard = body.set
         if shard is None:  # pragma: no cover - ShardHeader requires it
