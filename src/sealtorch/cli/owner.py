@@ -239,7 +239,7 @@ Examples:
       --key-file resnet50.key --arch torchvision:resnet50
   sealtorch encrypt checkpoint.pth -o m.sealed --model-id fraud --key-file fraud.key \\
       --state-dict-key model --arch mypkg.models:build --arch-kwargs '{"layers": 12}'
-  sealtorch encrypt m.safetensors -o m.sealed --model-id m --arch mypkg:build \
+  sealtorch encrypt m.safetensors -o m.sealed --model-id m --arch mypkg:build \\
       --keyserver https://keys:8443 --ca ca.crt --token-file admin.token
   sealtorch encrypt traced.pt -o m.sealed --model-id m --key-file m.key     # TorchScript
   sealtorch encrypt program.pt2 -o m.sealed --model-id m --key-file m.key   # torch.export
@@ -530,7 +530,7 @@ def decrypt(ctx: click.Context, file: Path, key_file: Path, output: Path, force:
 _REWRAP_EPILOG = """\b
 Examples:
   sealtorch rewrap resnet50.sealed --key-file v1.key --new-key-file v2.key
-  sealtorch rewrap resnet50.sealed --keyserver https://keys:8443 --ca ca.crt \
+  sealtorch rewrap resnet50.sealed --keyserver https://keys:8443 --ca ca.crt \\
       --token-file admin.token        # the server rewraps to the current version
   sealtorch rewrap resnet50.sealed --key-file v1.key --new-key-file v2.key \\
       --new-key-version 2 -o resnet50-v2.sealed

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -61,6 +62,13 @@ def test_every_subcommand_help_works_without_configuration() -> None:
         result = runner.invoke(cli, [*path, "--help"])
         assert result.exit_code == 0, (path, result.output)
         assert "Usage:" in result.output
+        # an example continued with a lone backslash in the source joins its lines in the help
+        joined = [
+            line
+            for line in result.output.splitlines()
+            if "sealtorch " in line and re.search(r"\S {4,}--\w", line)
+        ]
+        assert not joined, (path, joined)
         if isinstance(command, click.Group):
             ctx = click.Context(command)
             for name in command.list_commands(ctx):
