@@ -163,6 +163,9 @@ class SealedModel:
     #: Seconds spent obtaining the key and authenticating + decrypting the file
     #: (``"decrypt"``), and building the module from the plaintext (``"build"``).
     timings: Mapping[str, float] = field(default_factory=dict)
+    #: The files a sealed Hugging Face directory carries besides its weights (``config.json``,
+    #: tokenizer files...), by name, as sealed; empty for other models.
+    files: Mapping[str, bytes] = field(default_factory=dict)
 
 
 # -- keys -----------------------------------------------------------------------------------
@@ -412,6 +415,7 @@ def load_sealed_model(
     info, manifest, buffer = _decrypt(source, key, progress=progress)
     decrypted = time.perf_counter()
     module: nn.Module
+    files: dict[str, bytes] = {}
     if manifest.kind == "safetensors":
         ref = arch if arch is not None else manifest.arch
         if ref is None:
@@ -428,6 +432,7 @@ def load_sealed_model(
         kwargs = arch_kwargs if arch is not None else manifest.arch_kwargs
         config_json = _carried_file(buffer, manifest, "config.json")
         generation_json = _carried_file(buffer, manifest, "generation_config.json")
+        files = {name: buffer[s:e] for name, (s, e) in manifest.file_ranges().items()}
         state_dict = tensors_from_buffer(
             buffer,
             offset=manifest.payload_offset,
@@ -453,7 +458,7 @@ def load_sealed_model(
         with _program_archive(buffer, start, end) as archive:
             module = load_program(manifest.kind, archive)
     timings = {"decrypt": decrypted - start, "build": time.perf_counter() - decrypted}
-    return SealedModel(module=module, manifest=manifest, info=info, timings=timings)
+    return SealedModel(module=module, manifest=manifest, info=info, timings=timings, files=files)
 
 
 def _carried_file(buffer: mmap.mmap, manifest: Manifest, name: str) -> bytes | None:
