@@ -4,16 +4,52 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
 from sealtorch._listen import ReadTimeouts
 from sealtorch.cli._options import sim_key_option, tee_option, tee_root_option
-from sealtorch.cli.owner import _parse_size
+from sealtorch.cli.owner import _parse_json, _parse_size
 from sealtorch.errors import ConfigError
 from sealtorch.serving.jsondata import DEFAULT_MAX_JSON_ELEMENTS
 
 _SECONDS = click.FloatRange(min=0, min_open=True, max=3600)
+
+
+def _interfaces(values: tuple[str, ...], option: str, count: int) -> list[Any]:
+    """``--inputs`` / ``--outputs``: one JSON list of tensor specs (or null: as sealed) per
+    model, inline or @FILE."""
+    from sealtorch.payloads.manifest import TensorSpec
+
+    if not values:
+        return [None] * count
+    if len(values) != count:
+        raise click.UsageError(
+            f"{option} was given {len(values)} times for {count} models; give one per model "
+            "(in the same order; null keeps what was declared at sealing) or none"
+        )
+    result: list[Any] = []
+    for value in values:
+        document = _parse_json(value, option)
+        if document is None:
+            result.append(None)
+            continue
+        if not isinstance(document, list) or not document:
+            raise click.BadParameter(
+                "must be a non-empty JSON list of tensor specs", param_hint=option
+            )
+        try:
+            specs = tuple(
+                TensorSpec.from_json(item, f"{option}[{i}]") for i, item in enumerate(document)
+            )
+        except ConfigError as exc:
+            raise click.BadParameter(str(exc), param_hint=option) from exc
+        if len({spec.name for spec in specs}) != len(specs):
+            raise click.BadParameter("tensor names must be distinct", param_hint=option)
+        result.append(specs)
+    return result
+
 
 _EPILOG = """\b
 Examples:
@@ -40,6 +76,12 @@ Image models sealed with --preprocess also take encoded images (base64 in a BYTE
 named "image") and answer top-k labels with the classification parameter:
   {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": ["<base64>"]}],
    "outputs": [{"name": "probabilities", "parameters": {"classification": 5}}]}
+\b
+Hugging Face models (sealed save_pretrained directories) also take text, tokenized inside
+the server with the sealed tokenizer, and causal LMs generate (the generate extension):
+  curl -d '{"text_input": "Hello", "parameters": {"max_tokens": 16}}' \\
+      localhost:8080/v2/models/gpt2/generate
+  curl -N -d '{"text_input": "Hello"}' localhost:8080/v2/models/gpt2/generate_stream
 \b
   # gRPC too (tritonclient.grpc, kserve.InferenceGRPCClient, grpcurl with reflection)
   sealtorch serve resnet50.sealed --key-file resnet50.key --port 8080 --grpc-port 8081
@@ -131,6 +173,32 @@ Details: docs/serving.md; enclave deployment: docs/deployment.md.
     help="Also build sealed state dicts whose architecture is this package.module:factory "
     "(repeatable). torchvision: and timm: models are always allowed; no other code a sealed "
     "file names is imported. In an enclave this is part of the measured command line.",
+)
+@click.option(
+    "--inputs",
+    "inputs_json",
+    multiple=True,
+    metavar="JSON",
+    help="Serve the model with these inputs instead of those declared at sealing: a JSON list "
+    'of {"name", "datatype", "shape"} (or @FILE; null: as sealed). Repeat once per model. A '
+    "transformers model takes input_ids, attention_mask, token_type_ids and one BYTES text "
+    "input (which names it).",
+)
+@click.option(
+    "--outputs",
+    "outputs_json",
+    multiple=True,
+    metavar="JSON",
+    help="Like --inputs, for the outputs (checked against the warm-up inference).",
+)
+@click.option(
+    "--max-tokens",
+    default=512,
+    show_default=True,
+    type=click.IntRange(min=1),
+    metavar="N",
+    help="Most tokens one generate request may ask for (its max_tokens); a model's positions "
+    "bound it too.",
 )
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option(
@@ -237,6 +305,9 @@ def serve(
     hpke_suite: str | None,
     names: tuple[str, ...],
     allow_archs: tuple[str, ...],
+    inputs_json: tuple[str, ...],
+    outputs_json: tuple[str, ...],
+    max_tokens: int,
     host: str,
     port: int,
     grpc_port: int | None,
@@ -271,7 +342,10 @@ def serve(
             f"--name was given {len(names)} times for {len(models)} models; give one per model "
             "(in the same order) or none"
         )
+    inputs = _interfaces(inputs_json, "--inputs", len(models))
+    outputs = _interfaces(outputs_json, "--outputs", len(models))
     settings = ServerSettings(
+        max_tokens=max_tokens,
         host=host,
         port=port,
         grpc_port=grpc_port,
@@ -309,7 +383,12 @@ def serve(
         )
     sources = [
         SealedModelSource(
-            path, key=provider, name=names[index] if names else None, allowed_archs=allow_archs
+            path,
+            key=provider,
+            name=names[index] if names else None,
+            allowed_archs=allow_archs,
+            inputs=inputs[index],
+            outputs=outputs[index],
         )
         for index, path in enumerate(models)
     ]

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import zlib
 from typing import Any, Final
 
 from fastapi import FastAPI, Request, Response
@@ -27,13 +26,16 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sealtorch import __version__
 from sealtorch.serving import codec
-from sealtorch.serving.errors import (
-    PayloadTooLargeError,
-    RequestError,
-    UnsupportedEncodingError,
-    show,
+from sealtorch.serving.errors import RequestError
+from sealtorch.serving.generate_routes import add_generate_routes
+from sealtorch.serving.http_body import (
+    HEADER_LENGTH,
+    AppLimits,
+    content_encoding,
+    decompress,
+    read_body,
 )
-from sealtorch.serving.jsondata import DEFAULT_MAX_JSON_ELEMENTS
+from sealtorch.serving.http_body import json_length as header_json_length
 from sealtorch.serving.metrics import CONTENT_TYPE
 from sealtorch.serving.model import ServedModel
 from sealtorch.serving.protocol import (
@@ -48,25 +50,8 @@ __all__ = ["HEADER_LENGTH", "AppLimits", "create_app"]
 
 _log = logging.getLogger(__name__)
 
-#: The binary tensor data extension's header (length of the JSON part of the body).
-HEADER_LENGTH: Final = "Inference-Header-Content-Length"
 _JSON: Final = "application/json"
 _GET: Final = ["GET", "HEAD"]
-
-
-class AppLimits:
-    """Request limits the app enforces (set from the server settings)."""
-
-    def __init__(
-        self,
-        *,
-        max_body_bytes: int,
-        max_pending: int,
-        max_json_elements: int = DEFAULT_MAX_JSON_ELEMENTS,
-    ) -> None:
-        self.max_body_bytes = max_body_bytes
-        self.max_pending = max_pending
-        self.max_json_elements = max_json_elements
 
 
 def _json(document: Any, status: int = 200) -> Response:
@@ -102,77 +87,6 @@ class _HttpMetrics:
         await self.app(scope, receive, counting_send)
 
 
-async def _read_body(request: Request, limit: int) -> bytearray:
-    """The body, in one buffer that grows in place (never copied once more at the end)."""
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        if not declared.isdigit():
-            raise RequestError("the Content-Length header is not a number")
-        if int(declared) > limit:
-            raise PayloadTooLargeError(
-                f"the request body is {int(declared):,} bytes; this server accepts at most "
-                f"{limit:,} (--max-body-size)"
-            )
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise PayloadTooLargeError(
-                f"the request body exceeds {limit:,} bytes, the most this server accepts "
-                "(--max-body-size)"
-            )
-    return body
-
-
-def _json_length(request: Request) -> int | None:
-    value = request.headers.get(HEADER_LENGTH)
-    if value is None:
-        return None
-    if not value.isdigit():
-        raise RequestError(f"the {HEADER_LENGTH} header is not a number")
-    return int(value)
-
-
-def _content_encoding(request: Request) -> str | None:
-    """``gzip`` or ``deflate`` for a compressed body, None for a plain one (415 otherwise)."""
-    value = request.headers.get("content-encoding", "identity").strip().lower()
-    if value in ("", "identity"):
-        return None
-    if value not in ("gzip", "deflate"):
-        raise UnsupportedEncodingError(
-            f"Content-Encoding {show(value)} is not supported; send gzip, deflate or identity"
-        )
-    return value
-
-
-def _decompress(body: bytearray, encoding: str, limit: int) -> bytearray:
-    """The decompressed body, refused (413) as soon as it grows past ``limit`` bytes."""
-    # gzip: a gzip member; deflate: a zlib stream (RFC 9110), or raw deflate as some send.
-    wbits = 31 if encoding == "gzip" else (15 if body[:1] and body[0] & 0x0F == 8 else -15)
-    inflater = zlib.decompressobj(wbits)
-    out = bytearray()
-    data: bytes | bytearray = body
-    try:
-        while data:
-            out += inflater.decompress(data, limit + 1 - len(out))
-            if len(out) > limit:
-                raise PayloadTooLargeError(
-                    f"the request body decompresses to more than {limit:,} bytes, the most this "
-                    "server accepts (--max-body-size)"
-                )
-            data = inflater.unconsumed_tail
-        out += inflater.flush()
-    except zlib.error as exc:
-        raise RequestError(f"the {encoding} request body is corrupt ({exc})") from exc
-    if not inflater.eof or inflater.unused_data:
-        raise RequestError(f"the {encoding} request body is truncated or has trailing bytes")
-    if len(out) > limit:
-        raise PayloadTooLargeError(
-            f"the request body decompresses to more than {limit:,} bytes (--max-body-size)"
-        )
-    return out
-
-
 def _run(
     model: ServedModel,
     version: str | None,
@@ -183,7 +97,7 @@ def _run(
 ) -> tuple[float, bytes, int | None]:
     """Worker thread: decompress, parse, infer, encode."""
     if encoding is not None:
-        body = _decompress(body, encoding, limits.max_body_bytes)
+        body = decompress(body, encoding, limits.max_body_bytes)
     request = parse_inference_request(
         body, json_length=json_length, max_json_elements=limits.max_json_elements
     )
@@ -275,9 +189,9 @@ def create_app(state: ServerState, limits: AppLimits) -> FastAPI:
         state.metrics.in_flight.inc()
         try:
             model = state.lookup(name, version)
-            encoding = _content_encoding(request)
-            body = await _read_body(request, limits.max_body_bytes)
-            json_length = _json_length(request)
+            encoding = content_encoding(request)
+            body = await read_body(request, limits.max_body_bytes)
+            json_length = header_json_length(request)
             with state.admitted(limits.max_pending):
                 loop = asyncio.get_running_loop()
                 compute, content, header_length = await loop.run_in_executor(
@@ -321,4 +235,5 @@ def create_app(state: ServerState, limits: AppLimits) -> FastAPI:
                     extra={"model": label, "status": status, "duration_ms": elapsed * 1e3},
                 )
 
+    add_generate_routes(app, state, limits)
     return app

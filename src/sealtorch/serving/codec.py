@@ -62,7 +62,7 @@ __all__ = [
 #: The platform reported in model metadata.
 PLATFORM: Final = "pytorch"
 #: Protocol extensions the server supports (server metadata).
-EXTENSIONS: Final = ("classification", "binary_tensor_data", "model_configuration")
+EXTENSIONS: Final = ("classification", "binary_tensor_data", "model_configuration", "generate")
 #: Protocol datatype → Triton model configuration data type (``/config``).
 _CONFIG_TYPES: Final = {name: f"TYPE_{name}" for name in DTYPES} | {"BYTES": "TYPE_STRING"}
 
@@ -111,8 +111,9 @@ def server_metadata() -> dict[str, Any]:
 
 def _public_inputs(model: ServedModel) -> list[TensorSpec]:
     inputs = list(model.public_inputs)
-    if model.image_input is not None and model.image_input not in inputs:
-        inputs.append(model.image_input)
+    for extra in (model.image_input, model.text_input):
+        if extra is not None and extra not in inputs:
+            inputs.append(extra)
     return inputs
 
 
@@ -163,10 +164,17 @@ def decode(model: ServedModel, request: InferenceRequest) -> list[torch.Tensor]:
                 "tensor input(s), not both"
             )
         return [_image_batch(model, given[image_input.name])]
+    text_input = model.text_input
+    if text_input is not None and text_input.name in given:
+        if len(given) != 1:
+            raise RequestError(
+                f"send either the text ({text_input.name!r}) or the token tensors, not both"
+            )
+        return _text_batch(model, given[text_input.name])
     expected = [spec.name for spec in model.public_inputs]
     unknown = [name for name in given if name not in expected]
     if unknown:
-        accepted = expected + ([image_input.name] if image_input else [])
+        accepted = expected + [s.name for s in (image_input, text_input) if s is not None]
         raise RequestError(
             f"model {model.name!r} has no input {show(unknown[0])}; its inputs are "
             f"{', '.join(repr(n) for n in accepted)}"
@@ -210,6 +218,27 @@ def _image_batch(model: ServedModel, item: RequestInput) -> torch.Tensor:
     if item.raw is None or content_type == "base64":
         elements = decode_base64_elements(elements, where)
     return model.images(elements, where)
+
+
+def _text_batch(model: ServedModel, item: RequestInput) -> list[torch.Tensor]:
+    """Texts (BYTES, UTF-8) tokenized with the model's sealed tokenizer."""
+    where = f"input {item.name!r}"
+    assert model.text is not None  # noqa: S101 - text_input implies text
+    if item.datatype != "BYTES":
+        raise RequestError(f"{where} must be BYTES (UTF-8 text), not {item.datatype}")
+    if len(item.shape) != 1 or not 1 <= item.shape[0] <= model.max_images:
+        raise RequestError(
+            f"{where} must have shape [N] with 1 <= N <= {model.max_images} texts, "
+            f"not {shape_text(item.shape)}"
+        )
+    elements = decode_bytes_elements(shape=item.shape, data=item.data, raw=item.raw, where=where)
+    texts = []
+    for index, element in enumerate(elements):
+        try:
+            texts.append(bytes(element).decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            raise RequestError(f"{where}[{index}] is not UTF-8 text") from exc
+    return model.text.encode(texts)
 
 
 # -- encode --------------------------------------------------------------------------------------

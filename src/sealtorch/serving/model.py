@@ -22,6 +22,13 @@ The warm-up runs the model on zeros (batch 1, and 224 for every other variable d
 and once more through the image path for image models. A model that fails its warm-up does
 not load. Models with ``labels`` get a ``probabilities`` output (softmax of the labelled
 output) and label strings in classification results.
+
+A transformers model (``transformers:CLASS``) follows its config instead
+(:mod:`sealtorch.serving.text`): inputs ``input_ids``, ``attention_mask`` (``token_type_ids``
+where it has token types), ``INT64 [-1, -1]``; a ``BYTES`` input ``text`` when it carries a
+tokenizer; warm-ups at two sequence lengths within its ``max_position_embeddings`` (batch 1
+and 2), so that output dimensions that follow the sequence length are -1 as well; a
+classifier's labels from ``id2label`` unless labels were given at sealing.
 """
 
 from __future__ import annotations
@@ -41,6 +48,14 @@ from sealtorch.serving.errors import RequestError
 from sealtorch.serving.preprocess import ImageDecodeError, preprocess_image
 from sealtorch.serving.protocol import shape_text
 from sealtorch.serving.tensors import DTYPES, datatype_of
+from sealtorch.serving.text import (
+    CLASSIFIER,
+    TextModel,
+    TransformersAdapter,
+    config_labels,
+    text_inputs,
+    transformers_model,
+)
 
 if TYPE_CHECKING:
     from sealtorch.api import SealedModel
@@ -48,6 +63,7 @@ if TYPE_CHECKING:
 __all__ = [
     "IMAGE_INPUT",
     "PROBABILITIES",
+    "TEXT_INPUT",
     "WARMUP_SIZE",
     "ServedModel",
     "check_model_name",
@@ -59,6 +75,10 @@ _log = logging.getLogger(__name__)
 WARMUP_SIZE: Final = 224
 #: Name of the encoded-image input of image models (``image_bytes`` if the model uses "image").
 IMAGE_INPUT: Final = "image"
+#: Name of the text input of transformers models that carry a tokenizer.
+TEXT_INPUT: Final = "text"
+#: Sequence lengths of a transformers model's two warm-ups (at most its positions).
+_TEXT_WARMUP: Final = (16, 8)
 #: Name of the softmax output added to models with labels.
 PROBABILITIES: Final = "probabilities"
 DEFAULT_MAX_IMAGES: Final = 64
@@ -157,12 +177,22 @@ def _eval_mode(module: nn.Module) -> None:
             sub.training = False
 
 
-def _dummy(spec: TensorSpec, batch: int) -> torch.Tensor:
+def _dummy(spec: TensorSpec, batch: int, size: int = WARMUP_SIZE) -> torch.Tensor:
     shape = [
-        (batch if index == 0 else WARMUP_SIZE) if dim == -1 else dim
+        (batch if index == 0 else size) if dim == -1 else dim
         for index, dim in enumerate(spec.shape)
     ]
+    if spec.name == "attention_mask":  # a transformers model: attend to every token
+        return torch.ones(shape, dtype=DTYPES[spec.datatype])
     return torch.zeros(shape, dtype=DTYPES[spec.datatype])
+
+
+def _is_model_output(value: object) -> bool:
+    """A transformers ``ModelOutput`` (which may carry a cache besides its tensors)."""
+    return any(
+        cls.__name__ == "ModelOutput" and cls.__module__.startswith("transformers.")
+        for cls in type(value).__mro__
+    )
 
 
 def _flatten_outputs(value: object) -> list[tuple[str | None, torch.Tensor]]:
@@ -170,6 +200,8 @@ def _flatten_outputs(value: object) -> list[tuple[str | None, torch.Tensor]]:
         return [(None, value)]
     if isinstance(value, Mapping):
         items = list(value.items())
+        if _is_model_output(value):  # logits and hidden states; caches are not served
+            items = [(k, v) for k, v in items if isinstance(v, torch.Tensor)]
         if all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in items):
             return [(str(k), v) for k, v in items]
     if isinstance(value, tuple | list) and all(isinstance(v, torch.Tensor) for v in value):
@@ -220,6 +252,8 @@ class ServedModel:
         outputs: tuple[TensorSpec, ...],
         image_input: TensorSpec | None,
         preprocess: ImagePreprocessSpec | None,
+        text: TextModel | None = None,
+        text_input: TensorSpec | None = None,
         labels: tuple[str, ...] | None,
         labelled_output: int | None,
         derived_probabilities: bool,
@@ -233,6 +267,10 @@ class ServedModel:
         self.public_inputs = public_inputs
         self.outputs = outputs
         self.image_input = image_input
+        #: The transformers model behind :attr:`module` (tokenizer, generation), or None.
+        self.text = text
+        #: The BYTES text input (tokenized with the sealed tokenizer), or None.
+        self.text_input = text_input
         self.preprocess = preprocess
         self.labels = labels
         self.labelled_output = labelled_output
@@ -256,23 +294,27 @@ class ServedModel:
         *,
         name: str | None = None,
         max_images: int = DEFAULT_MAX_IMAGES,
+        inputs: Iterable[TensorSpec] | None = None,
+        outputs: Iterable[TensorSpec] | None = None,
     ) -> ServedModel:
         """Serve a model loaded with :func:`sealtorch.api.load_sealed_model`.
 
         The name defaults to the sealed file's model id; the version is the manifest's
-        ``version`` metadata entry, or ``"1"``.
+        ``version`` metadata entry, or ``"1"``. ``inputs`` / ``outputs`` replace what the
+        manifest declares (``sealtorch serve --inputs/--outputs``).
         """
         manifest = sealed.manifest
         return cls.build(
             sealed.module,
             name=name if name is not None else sealed.info.model_id,
             version=manifest.metadata.get("version", "1"),
-            inputs=manifest.inputs,
-            outputs=manifest.outputs,
+            inputs=inputs if inputs is not None else manifest.inputs,
+            outputs=outputs if outputs is not None else manifest.outputs,
             preprocess=manifest.preprocess,
             labels=manifest.labels,
             sealed=True,
             max_images=max_images,
+            files=sealed.files,
         )
 
     @classmethod
@@ -288,13 +330,15 @@ class ServedModel:
         labels: Iterable[str] | None = None,
         sealed: bool,
         max_images: int = DEFAULT_MAX_IMAGES,
+        files: Mapping[str, bytes] | None = None,
     ) -> ServedModel:
         """Resolve the interface, run the warm-up inference(s) and return the ready model.
 
         ``sealed`` says whether the weights came from a sealed file; unsealed models are served
         only through this Python API (benchmarks, notebooks), never by ``sealtorch serve``.
-        Raises :class:`~sealtorch.errors.PayloadError` if the model does not run on its own
-        declared or inferred inputs.
+        ``files``: the files a transformers model carries (its tokenizer). Raises
+        :class:`~sealtorch.errors.PayloadError` if the model does not run on its own declared
+        or inferred inputs.
         """
         check_model_name(name)
         check_model_name(version, what="model version")
@@ -303,15 +347,30 @@ class ServedModel:
         _eval_mode(module)
         declared = tuple(inputs) if inputs is not None else None
         label_list = tuple(labels) if labels is not None else None
+        sizes = (WARMUP_SIZE, WARMUP_SIZE)
+        text: TextModel | None = None
+        text_input: TensorSpec | None = None
+        hf = transformers_model(module)
+        if hf is not None:
+            if preprocess is not None:
+                raise PayloadError("a transformers model takes no image preprocessing")
+            module, declared, text, text_input = _transformers_interface(hf, declared, files)
+            if label_list is None and text.kind == CLASSIFIER:
+                label_list = config_labels(hf)
+            positions = text.max_positions
+            first_size, second_size = (
+                min(size, positions) if positions else size for size in _TEXT_WARMUP
+            )
+            sizes = (first_size, second_size)
         tensor_inputs, public_inputs, image_input = _resolve_inputs(module, declared, preprocess)
 
-        first = _warm_up(module, name, [_dummy(spec, 1) for spec in tensor_inputs])
+        first = _warm_up(module, name, [_dummy(spec, 1, sizes[0]) for spec in tensor_inputs])
         second = None
         declared_outputs = tuple(outputs) if outputs is not None else None
         if declared_outputs is None and any(
             spec.shape and spec.shape[0] == -1 for spec in tensor_inputs
         ):
-            second = _warm_up(module, name, [_dummy(spec, 2) for spec in tensor_inputs])
+            second = _warm_up(module, name, [_dummy(spec, 2, sizes[1]) for spec in tensor_inputs])
         output_specs = _resolve_outputs(name, first, second, declared_outputs)
 
         labelled: int | None = None
@@ -336,6 +395,8 @@ class ServedModel:
             outputs=output_specs,
             image_input=image_input,
             preprocess=preprocess,
+            text=text,
+            text_input=text_input,
             labels=label_list,
             labelled_output=labelled,
             derived_probabilities=derived,
@@ -408,6 +469,37 @@ class ServedModel:
 
 
 # -- helpers of build() ------------------------------------------------------------------------
+
+
+def _transformers_interface(
+    hf: Any, declared: tuple[TensorSpec, ...] | None, files: Mapping[str, bytes] | None
+) -> tuple[nn.Module, tuple[TensorSpec, ...], TextModel, TensorSpec | None]:
+    """(the adapter to call, its tensor inputs, the text model, the BYTES text input).
+
+    Declared tensor inputs replace the defaults (their names are forward's arguments); a
+    declared BYTES input names the text input.
+    """
+    encoded = [spec for spec in declared or () if spec.datatype == "BYTES"]
+    if len(encoded) > 1 or any(spec.shape != (-1,) for spec in encoded):
+        raise PayloadError(
+            "a transformers model takes at most one BYTES (text) input, of shape [-1]"
+        )
+    specs = tuple(spec for spec in declared or () if spec.datatype != "BYTES") or text_inputs(hf)
+    names = [spec.name for spec in specs]
+    text = TextModel.from_files(hf, files or {}, names)
+    adapter = TransformersAdapter(hf, names, text.kind)
+    text_input = None
+    if text.tokenizer is not None:
+        text_name = encoded[0].name if encoded else TEXT_INPUT
+        if text_name in names:
+            raise PayloadError(f"the text input {text_name!r} clashes with a tensor input")
+        text_input = TensorSpec(name=text_name, datatype="BYTES", shape=(-1,))
+    elif encoded:
+        raise PayloadError(
+            f"input {encoded[0].name!r} is text (BYTES), but the sealed model carries no "
+            "tokenizer files"
+        )
+    return adapter, specs, text, text_input
 
 
 def _resolve_inputs(
@@ -511,14 +603,9 @@ def _resolve_outputs(
             output_name = "output" if len(first) == 1 else f"output_{index}"
         shape = list(tensor.shape)
         other = second[index][1] if second is not None else None
-        # The batch dimension follows the input batch.
-        if (
-            other is not None
-            and shape
-            and other.dim() == tensor.dim()
-            and (other.shape[0] != tensor.shape[0])
-        ):
-            shape[0] = -1
+        # Dimensions that follow the input batch (or a transformers model's sequence length).
+        if other is not None and other.dim() == tensor.dim():
+            shape = [-1 if a != b else a for a, b in zip(shape, other.shape, strict=True)]
         specs.append(
             TensorSpec(name=output_name, datatype=datatype_of(tensor.dtype), shape=tuple(shape))
         )

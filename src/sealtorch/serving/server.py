@@ -37,6 +37,7 @@ from sealtorch._uvicorn import http_options, tls_options
 from sealtorch.errors import ConfigError
 from sealtorch.keys import DataKey, KeyProvider, as_key_provider
 from sealtorch.serving.app import AppLimits, create_app
+from sealtorch.serving.http_body import DEFAULT_MAX_NEW_TOKENS
 from sealtorch.serving.jsondata import DEFAULT_MAX_JSON_ELEMENTS
 from sealtorch.serving.metrics import ServingMetrics
 from sealtorch.serving.model import DEFAULT_MAX_IMAGES, ServedModel, check_model_name
@@ -46,6 +47,7 @@ if TYPE_CHECKING:
     from fastapi import FastAPI
 
     from sealtorch.api import KeyLike
+    from sealtorch.payloads.manifest import TensorSpec
     from sealtorch.serving.grpc_service import GrpcServer
 
 __all__ = ["InferenceServer", "ModelSource", "SealedModelSource", "ServerSettings"]
@@ -75,6 +77,8 @@ class ServerSettings:
     drain_timeout: int = 30
     #: Port of the Open Inference Protocol gRPC service (0: any free port; None: no gRPC).
     grpc_port: int | None = None
+    #: The most tokens one generate request may ask for (``max_tokens``).
+    max_tokens: int = DEFAULT_MAX_NEW_TOKENS
     #: TLS certificate (chain, PEM) and its key: HTTPS and gRPC over TLS (both or neither).
     tls_cert: Path | None = None
     tls_key: Path | None = None
@@ -94,6 +98,8 @@ class ServerSettings:
             raise ConfigError("max_pending must be at least 1")
         if self.max_images < 1:
             raise ConfigError("max_images must be at least 1")
+        if self.max_tokens < 1:
+            raise ConfigError("--max-tokens must be at least 1")
         if self.grpc_port is not None and not 0 <= self.grpc_port <= 65535:
             raise ConfigError(f"gRPC port {self.grpc_port} is not in 0..65535")
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -121,7 +127,8 @@ class SealedModelSource:
     The public header is read at once (no key needed), so a missing or foreign file fails
     before the server starts, and the model name defaults to the file's model id.
     ``allowed_archs`` lists the ``package.module:factory`` architectures the file may name
-    (``--allow-arch``; torchvision and timm models are always allowed).
+    (``--allow-arch``; torchvision and timm models are always allowed). ``inputs`` /
+    ``outputs`` replace the interface declared at sealing (``--inputs/--outputs``).
     """
 
     def __init__(
@@ -131,6 +138,8 @@ class SealedModelSource:
         key: KeyLike,
         name: str | None = None,
         allowed_archs: Iterable[str] = (),
+        inputs: Iterable[TensorSpec] | None = None,
+        outputs: Iterable[TensorSpec] | None = None,
     ):
         from sealtorch.api import inspect_sealed
         from sealtorch.payloads.arch import check_allowed_archs
@@ -138,6 +147,8 @@ class SealedModelSource:
         self.path = Path(path)
         self._key = key
         self._allowed_archs = check_allowed_archs(allowed_archs)
+        self._inputs = tuple(inputs) if inputs is not None else None
+        self._outputs = tuple(outputs) if outputs is not None else None
         try:
             info = inspect_sealed(self.path)
         except FileNotFoundError as exc:
@@ -164,7 +175,13 @@ class SealedModelSource:
         start = time.perf_counter()
         sealed = load_sealed_model(self.path, key=timed, allowed_archs=self._allowed_archs)
         decrypted = time.perf_counter()
-        model = ServedModel.from_sealed(sealed, name=self._name, max_images=max_images)
+        model = ServedModel.from_sealed(
+            sealed,
+            name=self._name,
+            max_images=max_images,
+            inputs=self._inputs,
+            outputs=self._outputs,
+        )
         model.load_seconds = time.perf_counter() - start
         model.load_phases = {
             "key_release": timed.seconds,
@@ -260,6 +277,7 @@ class InferenceServer:
                 max_body_bytes=settings.max_body_bytes,
                 max_pending=settings.max_pending,
                 max_json_elements=settings.max_json_elements,
+                max_tokens=settings.max_tokens,
             ),
         )
         self.url: str | None = None

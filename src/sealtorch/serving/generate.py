@@ -1,0 +1,344 @@
+"""Text generation for causal LMs: the KServe / Triton *generate* extension's requests and runs.
+
+A request is the extension's JSON object::
+
+    {
+        "text_input": "Once upon a time",
+        "parameters": {
+            "max_tokens": 32,
+            "temperature": 0.8,
+            "top_p": 0.95,
+            "top_k": 50,
+            "seed": 7,
+            "stop": ["\\n\\n"],
+        },
+    }
+
+and is answered with ``{"model_name", "model_version", "text_output", "finish_reason"}``:
+``text_output`` holds the generated text only (not the prompt), cut before the first stop
+string; ``finish_reason`` is ``"stop"`` (end of sequence token or a stop string) or
+``"length"`` (``max_tokens`` reached).
+
+Generation is transformers' ``model.generate`` (KV cache, the sealed
+``generation_config.json`` as defaults) on the prompt tokenized by the sealed tokenizer:
+greedy unless ``temperature`` is above 0, then sampling with ``top_p`` / ``top_k``. Sampling
+draws from PyTorch's global generator, so sampling requests run one at a time, each seeded
+(``seed``, or a fresh random seed): the same seed gives the same text on the same machine.
+Runs in the inference thread pool; a run stops early when its client goes away.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import secrets
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final
+
+import torch
+
+from sealtorch.serving.errors import RequestError, show
+from sealtorch.serving.text import CAUSAL_LM
+
+if TYPE_CHECKING:
+    from sealtorch.serving.model import ServedModel
+
+__all__ = [
+    "DEFAULT_MAX_TOKENS",
+    "GenerateRequest",
+    "GenerateResult",
+    "StopFilter",
+    "can_generate",
+    "encode_prompt",
+    "generate",
+    "parse_generate_request",
+]
+
+#: ``max_tokens`` when a request gives none (the extension's common default).
+DEFAULT_MAX_TOKENS: Final = 16
+#: The most stop strings a request may give, and their longest length (characters).
+MAX_STOP_STRINGS: Final = 16
+MAX_STOP_LENGTH: Final = 256
+_PARAMETERS: Final = frozenset(
+    {"max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream"}
+)
+_FIELDS: Final = frozenset({"text_input", "parameters", "id"})
+#: Sampling requests draw from PyTorch's global generator: one at a time, each seeded.
+_SAMPLING: Final = threading.Lock()
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    text: str
+    max_tokens: int
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+    @property
+    def sampling(self) -> bool:
+        return self.temperature is not None and self.temperature > 0
+
+
+@dataclass(frozen=True)
+class GenerateResult:
+    text: str
+    finish_reason: str
+    #: Tokens generated (before cutting at a stop string).
+    tokens: int
+
+
+def can_generate(model: ServedModel) -> bool:
+    """Whether ``model`` is a causal LM with a sealed tokenizer."""
+    text = model.text
+    return text is not None and text.kind == CAUSAL_LM and text.tokenizer is not None
+
+
+def _number(value: object, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise RequestError(f"parameters.{name} must be a finite number")
+    return float(value)
+
+
+def _integer(value: object, name: str, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise RequestError(f"parameters.{name} must be an integer from {low} to {high}")
+    return value
+
+
+def _stop_strings(value: object) -> tuple[str, ...]:
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not all(isinstance(s, str) for s in items):
+        raise RequestError("parameters.stop must be a string or a list of strings")
+    if len(items) > MAX_STOP_STRINGS:
+        raise RequestError(f"parameters.stop holds more than {MAX_STOP_STRINGS} strings")
+    if any(not s or len(s) > MAX_STOP_LENGTH for s in items):
+        raise RequestError(
+            f"parameters.stop strings must hold 1 to {MAX_STOP_LENGTH} characters each"
+        )
+    return tuple(dict.fromkeys(items))
+
+
+def parse_generate_request(body: bytes | bytearray, *, max_tokens: int) -> GenerateRequest:
+    """Check a generate request's JSON (400 with the reason otherwise). ``max_tokens``: the
+    server's most tokens per request."""
+    try:
+        document = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise RequestError(f"the request body is not valid JSON: {exc}") from exc
+    if not isinstance(document, dict):
+        raise RequestError("the request body must be a JSON object")
+    unknown = sorted(set(document) - _FIELDS)
+    if unknown:
+        raise RequestError(
+            f"unknown field {show(unknown[0])}; a generate request has text_input and parameters"
+        )
+    text = document.get("text_input")
+    if not isinstance(text, str) or not text:
+        raise RequestError("text_input must be a non-empty string")
+    parameters = document.get("parameters", {})
+    if not isinstance(parameters, dict):
+        raise RequestError("parameters must be a JSON object")
+    unknown = sorted(set(parameters) - _PARAMETERS)
+    if unknown:
+        raise RequestError(
+            f"unknown parameter {show(unknown[0])}; known: {', '.join(sorted(_PARAMETERS))}"
+        )
+    if "stream" in parameters and not isinstance(parameters["stream"], bool):
+        raise RequestError("parameters.stream must be true or false")
+    limit = _integer(
+        parameters.get("max_tokens", min(DEFAULT_MAX_TOKENS, max_tokens)),
+        "max_tokens",
+        1,
+        max_tokens,
+    )
+    temperature = None
+    if parameters.get("temperature") is not None:
+        temperature = _number(parameters["temperature"], "temperature")
+        if not 0 <= temperature <= 100:
+            raise RequestError("parameters.temperature must be from 0 (greedy) to 100")
+    top_p = top_k = None
+    if parameters.get("top_p") is not None:
+        top_p = _number(parameters["top_p"], "top_p")
+        if not 0 < top_p <= 1:
+            raise RequestError("parameters.top_p must be above 0 and at most 1")
+    if parameters.get("top_k") is not None:
+        top_k = _integer(parameters["top_k"], "top_k", 1, 1 << 20)
+    sampling = temperature is not None and temperature > 0
+    if (top_p is not None or top_k is not None) and not sampling:
+        raise RequestError(
+            "parameters.top_p and top_k apply to sampling: give a temperature above 0"
+        )
+    seed = None
+    if parameters.get("seed") is not None:
+        seed = _integer(parameters["seed"], "seed", 0, (1 << 63) - 1)
+        if not sampling:
+            raise RequestError("parameters.seed applies to sampling: give a temperature above 0")
+    stop = _stop_strings(parameters["stop"]) if parameters.get("stop") is not None else ()
+    return GenerateRequest(
+        text=text,
+        max_tokens=limit,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        seed=seed,
+        stop=stop,
+    )
+
+
+class StopFilter:
+    """Streamed text up to the first stop string: holds back a tail that may start one."""
+
+    def __init__(self, stop: Sequence[str], emit: Callable[[str], None]) -> None:
+        self._stop = tuple(stop)
+        self._emit = emit
+        self._pending = ""
+        self.stopped = False
+
+    def feed(self, text: str) -> None:
+        if self.stopped or not text:
+            return
+        pending = self._pending + text
+        found = [i for i in (pending.find(s) for s in self._stop) if i >= 0]
+        if found:
+            self.stopped = True
+            self._pending = ""
+            if min(found):
+                self._emit(pending[: min(found)])
+            return
+        keep = 0
+        for stop in self._stop:
+            for size in range(min(len(stop) - 1, len(pending)), keep, -1):
+                if stop.startswith(pending[-size:]):
+                    keep = size
+                    break
+        ready, self._pending = pending[: len(pending) - keep], pending[len(pending) - keep :]
+        if ready:
+            self._emit(ready)
+
+    def close(self) -> None:
+        if not self.stopped and self._pending:
+            self._emit(self._pending)
+        self._pending = ""
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
+    """``text`` before the first stop string, and whether one was found."""
+    found = [i for i in (text.find(s) for s in stop) if i >= 0]
+    return (text[: min(found)], True) if found else (text, False)
+
+
+def _criteria(cancelled: threading.Event) -> Any:
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class Cancelled(StoppingCriteria):
+        def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+            return torch.full(
+                (input_ids.shape[0],), cancelled.is_set(), dtype=torch.bool, device=input_ids.device
+            )
+
+    return StoppingCriteriaList([Cancelled()])
+
+
+def _streamer(tokenizer: Any, on_text: Callable[[str], None]) -> Any:
+    from transformers import TextStreamer
+
+    class Streamer(TextStreamer):
+        def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+            del stream_end
+            on_text(text)
+
+    return Streamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+
+
+def generation_kwargs(model: ServedModel, request: GenerateRequest) -> dict[str, Any]:
+    """The arguments given to ``model.generate`` besides the prompt's tensors (what a plain
+    transformers caller passes for the same request)."""
+    assert model.text is not None  # noqa: S101 - can_generate() was checked
+    generation_config = model.text.model.generation_config
+    pad = generation_config.pad_token_id
+    if pad is None:
+        eos = generation_config.eos_token_id
+        pad = eos[0] if isinstance(eos, list) and eos else eos
+    kwargs: dict[str, Any] = {
+        "max_new_tokens": request.max_tokens,
+        "do_sample": request.sampling,
+    }
+    if pad is not None:
+        kwargs["pad_token_id"] = pad
+    if request.sampling:
+        kwargs["temperature"] = request.temperature
+        if request.top_p is not None:
+            kwargs["top_p"] = request.top_p
+        if request.top_k is not None:
+            kwargs["top_k"] = request.top_k
+    if request.stop:
+        kwargs["stop_strings"] = list(request.stop)
+        kwargs["tokenizer"] = model.text.tokenizer
+    return kwargs
+
+
+def encode_prompt(model: ServedModel, request: GenerateRequest) -> dict[str, torch.Tensor]:
+    """The prompt's tensors, checked against the model's positions (400 otherwise)."""
+    text = model.text
+    if text is None or text.kind != CAUSAL_LM or text.tokenizer is None:
+        raise RequestError(f"model {model.name!r} does not generate text")
+    prompt = text.tokenize_prompt(request.text)
+    length = prompt["input_ids"].shape[-1]
+    positions = text.max_positions
+    if positions is not None and length + request.max_tokens > positions:
+        raise RequestError(
+            f"the prompt's {length} tokens plus max_tokens {request.max_tokens} exceed the "
+            f"{positions} positions of model {model.name!r}"
+        )
+    return prompt
+
+
+def generate(
+    model: ServedModel,
+    request: GenerateRequest,
+    *,
+    prompt: dict[str, torch.Tensor] | None = None,
+    on_text: Callable[[str], None] | None = None,
+    cancelled: threading.Event | None = None,
+) -> GenerateResult:
+    """Run one generation (a worker thread). ``prompt``: :func:`encode_prompt`'s tensors
+    (encoded here if None). ``on_text`` receives the text piece by piece (cut before the first
+    stop string); the result holds all of it."""
+    if prompt is None:
+        prompt = encode_prompt(model, request)
+    text = model.text
+    assert text is not None  # noqa: S101 - encode_prompt checked it
+    assert text.tokenizer is not None  # noqa: S101 - encode_prompt checked it
+    length = prompt["input_ids"].shape[-1]
+    kwargs = generation_kwargs(model, request)
+    kwargs["stopping_criteria"] = _criteria(cancelled or threading.Event())
+    stop_filter = None
+    if on_text is not None:
+        stop_filter = StopFilter(request.stop, on_text)
+        kwargs["streamer"] = _streamer(text.tokenizer, stop_filter.feed)
+    try:
+        with torch.inference_mode():
+            if request.sampling:
+                with _SAMPLING:
+                    torch.manual_seed(
+                        request.seed if request.seed is not None else secrets.randbits(63)
+                    )
+                    output = text.model.generate(**prompt, **kwargs)
+            else:
+                output = text.model.generate(**prompt, **kwargs)
+    except (ValueError, TypeError, IndexError) as exc:
+        raise RequestError(
+            f"model {model.name!r} cannot generate for this request ({type(exc).__name__})"
+        ) from exc
+    if stop_filter is not None:
+        stop_filter.close()
+    new_tokens = output[0, length:]
+    decoded = text.tokenizer.decode(new_tokens, skip_special_tokens=True)
+    result, stopped = cut_at_stop(decoded, request.stop)
+    finish = "stop" if stopped or len(new_tokens) < request.max_tokens else "length"
+    return GenerateResult(text=result, finish_reason=finish, tokens=len(new_tokens))

@@ -1,0 +1,469 @@
+"""Hugging Face models served as text in, text out, over real HTTP (issue 16, item 3).
+
+Tiny models built from config (random weights, no Hub) with real tokenizers, saved with
+``save_pretrained`` (the classifier also sharded), sealed, and served by one in-process server:
+a BERT classifier (text in, labels out), a BERT base model (embeddings), and a GPT-2 with 128
+positions (tensor inference, the generate extension, streaming). Every answer is compared with
+plain transformers on the same machine, in the same process (same threads): exactly equal.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import torch
+from serving_helpers import assert_protocol_error, by_name, output_tensor, running_server
+
+import sealtorch
+from sealtorch.keys import write_key_file
+from sealtorch.payloads.manifest import TensorSpec
+from sealtorch.serving.generate import StopFilter
+from sealtorch.serving.server import SealedModelSource, ServerSettings
+
+transformers = pytest.importorskip("transformers")
+from tokenizers.pre_tokenizers import ByteLevel  # noqa: E402 - after the importorskip
+
+LABELS = {0: "negative", 1: "neutral", 2: "positive"}
+BERT_WORDS = ["hello", "sealed", "world", "model", "the", "secret", "weights", "##s", "text"]
+#: Printable ASCII as GPT-2's byte-level alphabet writes it (space is "Ġ"), a few merges.
+GPT2_MERGES = [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("Ġ", "a"), ("i", "n"), ("o", "n")]
+MAX_TOKENS = 40
+PROMPTS = ["the cat sat on", "Once upon a time", "in the hat"]
+
+
+@dataclass(frozen=True)
+class Served:
+    url: str
+    root: Path
+    bert: Any
+    bert_tokenizer: Any
+    encoder: Any
+    gpt2: Any
+    gpt2_tokenizer: Any
+
+
+def _bert_config() -> Any:
+    return transformers.BertConfig(
+        vocab_size=32,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=24,
+        num_labels=3,
+        id2label=LABELS,
+        label2id={v: k for k, v in LABELS.items()},
+    )
+
+
+def _bert_tokenizer(directory: Path) -> None:
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *BERT_WORDS]
+    transformers.BertTokenizer(vocab={t: i for i, t in enumerate(vocab)}).save_pretrained(directory)
+
+
+def _gpt2_tokenizer(directory: Path) -> int:
+    alphabet = [chr(b) for b in range(33, 127)] + ["Ġ"]
+    assert set(alphabet) <= set(ByteLevel.alphabet())
+    vocab = {c: i for i, c in enumerate(alphabet)}
+    for a, b in GPT2_MERGES:
+        vocab[a + b] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    transformers.GPT2Tokenizer(vocab=vocab, merges=GPT2_MERGES).save_pretrained(directory)
+    return len(vocab)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    root = tmp_path_factory.mktemp("hf-text")
+    key = root / "models.key"
+    write_key_file(key)
+    sources = []
+
+    torch.manual_seed(11)
+    bert = transformers.BertForSequenceClassification(_bert_config()).eval()
+    for name, shard in (("bert", None), ("bert-sharded", "20KB")):
+        directory = root / name
+        bert.save_pretrained(directory, **({"max_shard_size": shard} if shard else {}))
+        _bert_tokenizer(directory)
+        sealtorch.encrypt_model(directory, root / f"{name}.sealed", model_id=name, key=key)
+        sources.append(SealedModelSource(root / f"{name}.sealed", key=key))
+    assert len(list((root / "bert-sharded").glob("model-*.safetensors"))) > 1
+
+    torch.manual_seed(12)
+    encoder = transformers.BertModel(_bert_config()).eval()
+    encoder.save_pretrained(root / "encoder")
+    _bert_tokenizer(root / "encoder")
+    sealtorch.encrypt_model(root / "encoder", root / "encoder.sealed", model_id="encoder", key=key)
+    sources.append(SealedModelSource(root / "encoder.sealed", key=key))
+
+    torch.manual_seed(13)
+    gpt2_dir = root / "gpt2"
+    vocab = _gpt2_tokenizer(gpt2_dir)
+    config = transformers.GPT2Config(
+        vocab_size=vocab,
+        n_positions=128,  # a warm-up of 224 tokens could not run
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        bos_token_id=vocab - 1,
+        eos_token_id=vocab - 1,
+    )
+    gpt2 = transformers.GPT2LMHeadModel(config).eval()
+    gpt2.generation_config.repetition_penalty = 1.2  # sealed generation defaults apply
+    gpt2.save_pretrained(gpt2_dir)
+    sealtorch.encrypt_model(gpt2_dir, root / "gpt2.sealed", model_id="gpt2", key=key)
+    sources.append(SealedModelSource(root / "gpt2.sealed", key=key))
+
+    settings = ServerSettings(port=0, max_tokens=MAX_TOKENS, max_body_bytes=64 * 1024)
+    with running_server(sources, settings) as server:
+        assert server.url is not None
+        yield Served(
+            url=server.url,
+            root=root,
+            bert=transformers.AutoModelForSequenceClassification.from_pretrained(
+                root / "bert"
+            ).eval(),
+            bert_tokenizer=transformers.AutoTokenizer.from_pretrained(root / "bert"),
+            encoder=transformers.AutoModel.from_pretrained(root / "encoder").eval(),
+            gpt2=transformers.AutoModelForCausalLM.from_pretrained(gpt2_dir).eval(),
+            gpt2_tokenizer=transformers.AutoTokenizer.from_pretrained(gpt2_dir),
+        )
+
+
+@pytest.fixture(scope="module")
+def client(served: Served) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=served.url, timeout=120) as c:
+        yield c
+
+
+def _text(*texts: str, name: str = "text") -> dict[str, Any]:
+    return {"name": name, "datatype": "BYTES", "shape": [len(texts)], "data": list(texts)}
+
+
+def _infer(client: httpx.Client, model: str, body: dict[str, Any]) -> dict[str, Any]:
+    response = client.post(f"/v2/models/{model}/infer", json=body)
+    assert response.status_code == 200, response.text
+    document: dict[str, Any] = response.json()
+    return document
+
+
+def _plain_generate(served: Served, prompt: str, **kwargs: Any) -> str:
+    tokenizer = served.gpt2_tokenizer
+    encoded = tokenizer(prompt, return_tensors="pt")
+    with torch.inference_mode():
+        out = served.gpt2.generate(
+            **encoded, pad_token_id=served.gpt2.generation_config.eos_token_id, **kwargs
+        )
+    text: str = tokenizer.decode(out[0, encoded["input_ids"].shape[-1] :], skip_special_tokens=True)
+    return text
+
+
+def _generate(client: httpx.Client, prompt: str, **parameters: Any) -> dict[str, Any]:
+    response = client.post(
+        "/v2/models/gpt2/generate", json={"text_input": prompt, "parameters": parameters}
+    )
+    assert response.status_code == 200, response.text
+    document: dict[str, Any] = response.json()
+    return document
+
+
+def _stream(client: httpx.Client, prompt: str, **parameters: Any) -> list[dict[str, Any]]:
+    events = []
+    body = {"text_input": prompt, "parameters": parameters}
+    with client.stream("POST", "/v2/models/gpt2/generate_stream", json=body) as response:
+        assert response.status_code == 200, response.read()
+        assert response.headers["content-type"].startswith("text/event-stream")
+        for line in response.iter_lines():
+            if line:
+                assert line.startswith("data: "), line
+                events.append(json.loads(line[len("data: ") :]))
+    return events
+
+
+# -- metadata ------------------------------------------------------------------------------------
+
+
+def test_metadata_follows_the_config(client: httpx.Client, served: Served) -> None:
+    ids = {"name": "input_ids", "datatype": "INT64", "shape": [-1, -1]}
+    mask = {"name": "attention_mask", "datatype": "INT64", "shape": [-1, -1]}
+    types = {"name": "token_type_ids", "datatype": "INT64", "shape": [-1, -1]}
+    text = {"name": "text", "datatype": "BYTES", "shape": [-1]}
+    gpt2 = client.get("/v2/models/gpt2").json()
+    assert gpt2["inputs"] == [ids, mask, text]  # GPT-2 has no token types
+    vocab = len(served.gpt2_tokenizer)
+    assert gpt2["outputs"] == [{"name": "logits", "datatype": "FP32", "shape": [-1, -1, vocab]}]
+    bert = client.get("/v2/models/bert").json()
+    assert bert["inputs"] == [ids, mask, types, text]
+    assert [(o["name"], o["shape"]) for o in bert["outputs"]] == [
+        ("logits", [-1, 3]),
+        ("probabilities", [-1, 3]),
+    ]
+    encoder = client.get("/v2/models/encoder").json()
+    assert [(o["name"], o["shape"]) for o in encoder["outputs"]] == [
+        ("last_hidden_state", [-1, -1, 32]),
+        ("pooler_output", [-1, 32]),
+        ("embeddings", [-1, 32]),
+    ]
+    assert "generate" in client.get("/v2").json()["extensions"]
+
+
+# -- tensors and text in ------------------------------------------------------------------------
+
+
+def test_gpt2_tensor_inference_returns_logits_without_a_cache(
+    client: httpx.Client, served: Served
+) -> None:
+    ids = torch.tensor([[5, 9, 40, 2], [7, 7, 1, 0]])
+    body = {
+        "inputs": [
+            {
+                "name": "input_ids",
+                "datatype": "INT64",
+                "shape": [2, 4],
+                "data": ids.flatten().tolist(),
+            }
+        ]
+    }
+    response = client.post("/v2/models/gpt2/infer", json=body)
+    assert_protocol_error(response, 400)  # attention_mask is an input too
+    body["inputs"].append(
+        {"name": "attention_mask", "datatype": "INT64", "shape": [2, 4], "data": [1] * 8}
+    )
+    logits = output_tensor(by_name(_infer(client, "gpt2", body))["logits"])
+    with torch.inference_mode():
+        expected = served.gpt2(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+    assert torch.equal(logits, expected)
+
+
+@pytest.mark.parametrize("model", ["bert", "bert-sharded"])
+def test_bert_text_in_labels_out_as_plain_transformers(
+    client: httpx.Client, served: Served, model: str
+) -> None:
+    texts = ["hello sealed world", "the secret weights", "text", "hello hello model models"]
+    document = _infer(
+        client,
+        model,
+        {
+            "inputs": [_text(*texts)],
+            "outputs": [
+                {"name": "logits", "parameters": {"classification": 1}},
+                {"name": "probabilities"},
+            ],
+        },
+    )
+    outputs = by_name(document)
+    encoded = served.bert_tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
+    with torch.inference_mode():
+        logits = served.bert(**encoded).logits
+    expected = [LABELS[int(i)] for i in logits.argmax(-1)]
+    assert [entry.split(":")[2] for entry in outputs["logits"]["data"]] == expected
+    assert torch.equal(output_tensor(outputs["probabilities"]), logits.softmax(-1))
+    # the same as transformers' own pipeline, one text at a time
+    pipeline = transformers.pipeline(
+        "text-classification", model=served.bert, tokenizer=served.bert_tokenizer
+    )
+    assert [r["label"] for r in pipeline(texts)] == expected
+    # the raw logits, exact
+    raw = _infer(client, model, {"inputs": [_text(*texts)], "outputs": [{"name": "logits"}]})
+    assert torch.equal(output_tensor(by_name(raw)["logits"]), logits)
+
+
+def test_long_text_is_truncated_to_the_models_positions(
+    client: httpx.Client, served: Served
+) -> None:
+    text = " ".join(["hello"] * 100)
+    raw = _infer(client, "bert", {"inputs": [_text(text)], "outputs": [{"name": "logits"}]})
+    encoded = served.bert_tokenizer([text], truncation=True, max_length=24, return_tensors="pt")
+    assert encoded["input_ids"].shape[-1] == 24
+    with torch.inference_mode():
+        assert torch.equal(output_tensor(by_name(raw)["logits"]), served.bert(**encoded).logits)
+
+
+def test_base_model_text_in_embeddings_out(client: httpx.Client, served: Served) -> None:
+    texts = ["hello world", "the sealed model weights"]
+    outputs = by_name(_infer(client, "encoder", {"inputs": [_text(*texts)]}))
+    encoded = served.bert_tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
+    with torch.inference_mode():
+        out = served.encoder(**encoded)
+    mask = encoded["attention_mask"].unsqueeze(-1).float()
+    mean = (out.last_hidden_state * mask).sum(1) / mask.sum(1)
+    assert torch.equal(output_tensor(outputs["embeddings"]), mean)
+    assert torch.equal(output_tensor(outputs["pooler_output"]), out.pooler_output)
+    assert torch.equal(output_tensor(outputs["last_hidden_state"]), out.last_hidden_state)
+
+
+def test_bad_text_inputs_are_refused(client: httpx.Client) -> None:
+    cases = [
+        {"inputs": [_text("hello"), {"name": "input_ids", "datatype": "INT64", "shape": [1, 1],
+                                     "data": [5]}]},
+        {"inputs": [{"name": "text", "datatype": "INT64", "shape": [1], "data": [5]}]},
+        {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1, 1], "data": ["x"]}]},
+        {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [0], "data": []}]},
+        {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": ["\udc80"]}]},
+    ]  # fmt: skip
+    for body in cases:
+        raw = json.dumps(body).encode()
+        response = client.post(
+            "/v2/models/bert/infer", content=raw, headers={"content-type": "application/json"}
+        )
+        assert_protocol_error(response, 400)
+    # GPT-2 has no padding token: one text per request
+    error = assert_protocol_error(
+        client.post("/v2/models/gpt2/infer", json={"inputs": [_text("a", "bb")]}), 400
+    )
+    assert "padding" in error
+    assert _infer(client, "gpt2", {"inputs": [_text("the cat")]})["outputs"]
+
+
+# -- generate ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_greedy_generation_equals_plain_generate(
+    client: httpx.Client, served: Served, prompt: str
+) -> None:
+    document = _generate(client, prompt, max_tokens=20)
+    assert set(document) == {"model_name", "model_version", "text_output", "finish_reason"}
+    assert document["model_name"] == "gpt2"
+    expected = _plain_generate(served, prompt, max_new_tokens=20, do_sample=False)
+    assert expected
+    assert document["text_output"] == expected
+    # the stream's pieces make the same text; its last event says why it ended
+    events = _stream(client, prompt, max_tokens=20)
+    assert all(e["model_name"] == "gpt2" for e in events)
+    assert "".join(e["text_output"] for e in events) == expected
+    assert events[-1]["text_output"] == ""
+    assert events[-1]["finish_reason"] == document["finish_reason"]
+    assert all("finish_reason" not in e for e in events[:-1])
+
+
+def test_max_tokens_bounds_the_generation(client: httpx.Client, served: Served) -> None:
+    document = _generate(client, PROMPTS[0], max_tokens=3)
+    assert document["text_output"] == _plain_generate(
+        served, PROMPTS[0], max_new_tokens=3, do_sample=False
+    )
+    assert document["finish_reason"] == "length"
+    default = _generate(client, PROMPTS[0])  # 16 tokens unless asked
+    assert default["text_output"] == _plain_generate(
+        served, PROMPTS[0], max_new_tokens=16, do_sample=False
+    )
+
+
+def test_stop_strings_end_the_text_before_them(client: httpx.Client, served: Served) -> None:
+    full = _plain_generate(served, PROMPTS[1], max_new_tokens=30, do_sample=False)
+    stop = full[8:10]
+    expected = full[: full.find(stop)]
+    document = _generate(client, PROMPTS[1], max_tokens=30, stop=[stop, "never there"])
+    assert document["text_output"] == expected
+    assert document["finish_reason"] == "stop"
+    events = _stream(client, PROMPTS[1], max_tokens=30, stop=stop)
+    assert "".join(e["text_output"] for e in events) == expected
+    assert events[-1]["finish_reason"] == "stop"
+
+
+def test_sampling_with_a_seed_is_reproducible(client: httpx.Client, served: Served) -> None:
+    parameters = {"max_tokens": 12, "temperature": 0.9, "top_k": 20, "top_p": 0.95, "seed": 42}
+    first = _generate(client, PROMPTS[2], **parameters)["text_output"]
+    assert _generate(client, PROMPTS[2], **parameters)["text_output"] == first
+    torch.manual_seed(42)
+    assert first == _plain_generate(
+        served, PROMPTS[2], max_new_tokens=12, do_sample=True, temperature=0.9, top_k=20, top_p=0.95
+    )
+    events = _stream(client, PROMPTS[2], **parameters)
+    assert "".join(e["text_output"] for e in events) == first
+    others = {
+        _generate(client, PROMPTS[2], **{**parameters, "seed": s})["text_output"] for s in range(5)
+    }
+    assert len(others) > 1
+
+
+BAD_GENERATE = [
+    (b"not json", "not valid JSON"),
+    (b"[]", "JSON object"),
+    (b'{"parameters": {}}', "text_input"),
+    (b'{"text_input": ""}', "text_input"),
+    (b'{"text_input": 5}', "text_input"),
+    (b'{"text_input": "a", "extra": 1}', "unknown field"),
+    (b'{"text_input": "a", "parameters": []}', "parameters"),
+    (b'{"text_input": "a", "parameters": {"beams": 4}}', "unknown parameter"),
+    (b'{"text_input": "a", "parameters": {"max_tokens": 0}}', "max_tokens"),
+    (b'{"text_input": "a", "parameters": {"max_tokens": true}}', "max_tokens"),
+    (b'{"text_input": "a", "parameters": {"max_tokens": 41}}', "max_tokens"),
+    (b'{"text_input": "a", "parameters": {"max_tokens": 2.5}}', "max_tokens"),
+    (b'{"text_input": "a", "parameters": {"temperature": -1}}', "temperature"),
+    (b'{"text_input": "a", "parameters": {"temperature": "hot"}}', "temperature"),
+    (b'{"text_input": "a", "parameters": {"top_p": 0.5}}', "temperature above 0"),
+    (b'{"text_input": "a", "parameters": {"temperature": 1, "top_p": 1.5}}', "top_p"),
+    (b'{"text_input": "a", "parameters": {"temperature": 1, "top_k": 0}}', "top_k"),
+    (b'{"text_input": "a", "parameters": {"seed": 3}}', "temperature above 0"),
+    (b'{"text_input": "a", "parameters": {"temperature": 1, "seed": -3}}', "seed"),
+    (b'{"text_input": "a", "parameters": {"stop": 5}}', "stop"),
+    (b'{"text_input": "a", "parameters": {"stop": [""]}}', "stop"),
+    (b'{"text_input": "a", "parameters": {"stream": "yes"}}', "stream"),
+    (b'{"text_input": "\xff"}', "not valid JSON"),
+]
+
+
+@pytest.mark.parametrize("route", ["generate", "generate_stream"])
+def test_bad_generate_requests_are_refused_and_change_nothing(
+    client: httpx.Client, served: Served, route: str
+) -> None:
+    before = _generate(client, PROMPTS[0], max_tokens=10)
+    for body, reason in BAD_GENERATE:
+        response = client.post(
+            f"/v2/models/gpt2/{route}", content=body, headers={"content-type": "application/json"}
+        )
+        assert reason in assert_protocol_error(response, 400), body
+    # a prompt too long for the model's 128 positions
+    long = {"text_input": "x" * 120, "parameters": {"max_tokens": 20}}
+    error = assert_protocol_error(client.post(f"/v2/models/gpt2/{route}", json=long), 400)
+    assert "128 positions" in error
+    # not a causal LM; unknown model; too large a body
+    assert_protocol_error(client.post(f"/v2/models/bert/{route}", json={"text_input": "a"}), 400)
+    assert_protocol_error(client.post(f"/v2/models/nope/{route}", json={"text_input": "a"}), 404)
+    huge = {"text_input": "a" * 100_000}
+    assert_protocol_error(client.post(f"/v2/models/gpt2/{route}", json=huge), 413)
+    assert _generate(client, PROMPTS[0], max_tokens=10) == before
+
+
+def test_stop_filter_holds_back_what_may_start_a_stop_string() -> None:
+    out: list[str] = []
+    f = StopFilter(["END", "xyz"], out.append)
+    for piece in ["abc E", "N", "D more"]:
+        f.feed(piece)
+    f.close()
+    assert "".join(out) == "abc "
+    assert f.stopped
+    out.clear()
+    f = StopFilter(["END"], out.append)
+    for piece in ["EN", "d E", "N"]:
+        f.feed(piece)
+    f.close()
+    assert out == ["ENd ", "EN"]
+
+
+# -- serve-side interface --------------------------------------------------------------------------
+
+
+def test_serve_side_inputs_override_the_sealed_declaration(served: Served) -> None:
+    # a second server on the same sealed file, told other inputs than the sealed defaults
+    source = SealedModelSource(
+        served.root / "gpt2.sealed",
+        key=served.root / "models.key",
+        inputs=[
+            TensorSpec(name="input_ids", datatype="INT64", shape=(-1, -1)),
+            TensorSpec(name="prompt", datatype="BYTES", shape=(-1,)),
+        ],
+    )
+    with running_server([source]) as server, httpx.Client(base_url=server.url) as c:
+        metadata = c.get("/v2/models/gpt2").json()
+        assert [i["name"] for i in metadata["inputs"]] == ["input_ids", "prompt"]
+        body = {"inputs": [_text("the cat", name="prompt")]}
+        response = c.post("/v2/models/gpt2/infer", json=body)
+        assert response.status_code == 200, response.text
