@@ -39,6 +39,7 @@ from sealtorch.sealed.header import (
     parse_preamble_version,
 )
 from sealtorch.sealed.keywrap import unwrap_content_key
+from sealtorch.sealed.parallel import Part, decrypt_parts, decrypt_threads
 from sealtorch.sealed.sets import SetMember, open_members
 
 __all__ = ["SealedReader", "allocate_plaintext", "read_header"]
@@ -215,6 +216,7 @@ class SealedReader:
         *,
         into: mmap.mmap | None = None,
         progress: Callable[[int, int], None] | None = None,
+        threads: int | None = None,
     ) -> mmap.mmap:
         """Authenticate and decrypt the whole body into one buffer and return it.
 
@@ -222,13 +224,23 @@ class SealedReader:
         at least ``plaintext_size`` bytes - is given to be reused. On failure a new buffer is
         released, ``into`` holds unauthenticated bytes, and nothing is returned.
         ``progress(done, total)`` is called after each chunk with plaintext bytes.
+
+        ``threads`` decrypt in parallel (default: :func:`~sealtorch.sealed.parallel.
+        decrypt_threads`, one per core); a model read from a stream without a file descriptor
+        is decrypted by the calling thread.
         """
         total = self.plaintext_size
         if into is not None and len(into) < total:
             raise ValueError("the buffer is smaller than the plaintext")
+        count = decrypt_threads(threads)
+        parts = self._fd_parts() if count > 1 and total > self.header.body.chunk_size else None
         out = allocate_plaintext(total) if into is None else into
         target = memoryview(out)
         try:
+            if parts is not None:
+                decrypt_parts(parts, cek, target, threads=count, progress=progress)
+                target.release()
+                return out
             position = 0
             for source, start, body in self._parts():
                 cipher = BodyCipher(cek, salt=body.salt, body_digest=body.digest)
@@ -256,6 +268,17 @@ class SealedReader:
             raise
         target.release()
         return out
+
+    def _fd_parts(self) -> list[Part] | None:
+        """The files as descriptors for positional reads, or None for a stream without one."""
+        parts = []
+        for source, start, body in self._parts():
+            try:
+                fd = source.fileno()
+            except (AttributeError, OSError, ValueError):
+                return None
+            parts.append(Part(fd=fd, body_start=start, body=body))
+        return parts
 
     def _check_end(self) -> None:
         _check_end(self._file)

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import io
 import os
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
 from sealtorch.keys import DataKey
+from sealtorch.sealed import parallel
 from sealtorch.sealed.keywrap import LocalKeyWrapper
 from sealtorch.sealed.reader import SealedReader
 from sealtorch.sealed.writer import SealedWriter
@@ -46,6 +49,19 @@ def open_sealed(blob: bytes, *, key: DataKey = KEY) -> bytes:
         data = bytes(buffer[: reader.header.body.plaintext_size])
         buffer.close()
         return data
+
+
+def open_parallel(blob: bytes, *, key: DataKey = KEY, threads: int = 3) -> bytes:
+    """Like :func:`open_sealed`, from a real file, decrypted by ``threads`` threads with
+    positional reads (the path every model file takes), each taking one chunk at a time."""
+    with tempfile.TemporaryDirectory() as folder, mock.patch.object(parallel, "_BATCH_BYTES", 1):
+        path = Path(folder) / "model.sealed"
+        path.write_bytes(blob)
+        with SealedReader(path) as reader:
+            buffer = reader.decrypt(reader.content_key(key), threads=threads)
+            data = bytes(buffer[: reader.header.body.plaintext_size])
+            buffer.close()
+            return data
 
 
 def open_streaming(blob: bytes, *, key: DataKey = KEY) -> bytes:

@@ -13,7 +13,7 @@ import struct
 
 import pytest
 
-from conftest import KEY, OTHER_KEY, open_sealed, open_streaming, seal
+from conftest import KEY, OTHER_KEY, open_parallel, open_sealed, open_streaming, seal
 from sealtorch.errors import INTEGRITY_MESSAGE, FormatError, IntegrityError
 from sealtorch.keys import StaticKey
 from sealtorch.sealed import canonical
@@ -54,9 +54,10 @@ def _flip(blob: bytes, position: int, bit: int) -> bytes:
 
 
 def _refused(blob: bytes) -> type[Exception]:
-    """Open ``blob`` both ways; both must raise the same error class (and return nothing)."""
+    """Open ``blob`` every way (one thread from a stream, chunk by chunk, several threads from
+    a file); each must raise the same error class (and return nothing)."""
     errors: list[Exception] = []
-    for opener in (open_sealed, open_streaming):
+    for opener in (open_sealed, open_streaming, open_parallel):
         try:
             opener(blob)
         except (IntegrityError, FormatError) as exc:
@@ -73,6 +74,8 @@ def _refused(blob: bytes) -> type[Exception]:
 def test_untouched_file_opens(blob: bytes) -> None:
     assert open_sealed(blob) == PLAINTEXT
     assert open_streaming(blob) == PLAINTEXT
+    for threads in (1, 2, 3, 7):
+        assert open_parallel(blob, threads=threads) == PLAINTEXT
 
 
 def test_every_bit_of_preamble_and_header(blob: bytes) -> None:
