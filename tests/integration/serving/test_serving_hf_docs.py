@@ -1,0 +1,69 @@
+"""docs/huggingface.md § Serving runs as written: build, seal, serve, curl the generate routes.
+
+The block is run by bash as one script (its own ``serve ... &`` and ``kill %1``), in a fresh
+directory, on a free port instead of 8080; every command must succeed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("transformers")
+
+DOCS = Path(__file__).resolve().parents[3] / "docs" / "huggingface.md"
+
+
+def _serving_block() -> str:
+    text = DOCS.read_text(encoding="utf-8")
+    section = text[text.index("## Serving: text in, text out") :]
+    match = re.search(r"```sh\n(.*?)```", section, re.DOTALL)
+    assert match is not None
+    return match.group(1)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl")
+def test_the_serving_walkthrough_runs_as_written(tmp_path: Path) -> None:
+    script = _serving_block()
+    assert "sealtorch serve chat.sealed" in script
+    assert "/generate_stream" in script
+    port = _free_port()
+    script = "set -euo pipefail\n" + script.replace("8080", str(port))
+    bin_dir = str(Path(sys.executable).parent)
+    env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}
+    process = subprocess.Popen(
+        ["bash", "-c", script],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        output, _ = process.communicate(timeout=300)
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # the server, if the script failed
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 0, output
+    assert '"ready":true' in output
+    assert '"text_output"' in output
+    assert '"finish_reason": "length"' in output or '"finish_reason": "stop"' in output
+    assert "data: {" in output
