@@ -10,6 +10,7 @@ plain transformers on the same machine, in the same process (same threads): exac
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,7 @@ PROMPTS = ["the cat sat on", "Once upon a time", "in the hat"]
 @dataclass(frozen=True)
 class Served:
     url: str
+    grpc: str
     root: Path
     bert: Any
     bert_tokenizer: Any
@@ -120,11 +122,13 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     sealtorch.encrypt_model(gpt2_dir, root / "gpt2.sealed", model_id="gpt2", key=key)
     sources.append(SealedModelSource(root / "gpt2.sealed", key=key))
 
-    settings = ServerSettings(port=0, max_tokens=MAX_TOKENS, max_body_bytes=64 * 1024)
+    settings = ServerSettings(port=0, grpc_port=0, max_tokens=MAX_TOKENS, max_body_bytes=64 * 1024)
     with running_server(sources, settings) as server:
         assert server.url is not None
+        assert server.grpc_url is not None
         yield Served(
             url=server.url,
+            grpc=server.grpc_url.removeprefix("grpc://"),
             root=root,
             bert=transformers.AutoModelForSequenceClassification.from_pretrained(
                 root / "bert"
@@ -321,6 +325,27 @@ def test_bad_text_inputs_are_refused(client: httpx.Client) -> None:
     assert _infer(client, "gpt2", {"inputs": [_text("the cat")]})["outputs"]
 
 
+def test_text_over_grpc_with_the_triton_client(served: Served) -> None:
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+
+    texts = ["hello sealed world", "the secret"]
+    client = grpcclient.InferenceServerClient(served.grpc)
+    try:
+        text = grpcclient.InferInput("text", [2], "BYTES")
+        text.set_data_from_numpy(np.array([t.encode() for t in texts], dtype=object))
+        result = client.infer(
+            "bert", [text], outputs=[grpcclient.InferRequestedOutput("logits", class_count=1)]
+        )
+        labels = [entry.decode().split(":")[2] for entry in result.as_numpy("logits").ravel()]
+    finally:
+        client.close()
+    encoded = served.bert_tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
+    with torch.inference_mode():
+        logits = served.bert(**encoded).logits
+    assert labels == [LABELS[int(i)] for i in logits.argmax(-1)]
+
+
 # -- generate ------------------------------------------------------------------------------------
 
 
@@ -432,6 +457,23 @@ def test_bad_generate_requests_are_refused_and_change_nothing(
     assert _generate(client, PROMPTS[0], max_tokens=10) == before
 
 
+def test_a_stream_whose_client_leaves_stops_and_frees_its_place(client: httpx.Client) -> None:
+    body = {"text_input": PROMPTS[0], "parameters": {"max_tokens": MAX_TOKENS}}
+    with client.stream("POST", "/v2/models/gpt2/generate_stream", json=body) as response:
+        assert response.status_code == 200
+        first = next(response.iter_lines())
+        assert first.startswith("data: ")
+    # the server finishes (or cancels) that generation and counts nothing in flight
+    deadline = time.monotonic() + 60
+    while True:
+        metrics = client.get("/metrics").text
+        if "sealtorch_inference_in_flight 0.0" in metrics:
+            break
+        assert time.monotonic() < deadline, metrics
+        time.sleep(0.05)
+    assert _generate(client, PROMPTS[0], max_tokens=4)["text_output"] is not None
+
+
 def test_stop_filter_holds_back_what_may_start_a_stop_string() -> None:
     out: list[str] = []
     f = StopFilter(["END", "xyz"], out.append)
@@ -467,3 +509,25 @@ def test_serve_side_inputs_override_the_sealed_declaration(served: Served) -> No
         body = {"inputs": [_text("the cat", name="prompt")]}
         response = c.post("/v2/models/gpt2/infer", json=body)
         assert response.status_code == 200, response.text
+
+
+def test_serve_refuses_an_interface_per_model_mismatch(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from sealtorch.cli import cli
+
+    key = tmp_path / "k.key"
+    write_key_file(key)
+    spec = '[{"name": "input_ids", "datatype": "INT64", "shape": [-1, -1]}]'
+    cases = [
+        (["--inputs", spec, "--inputs", spec], "given 2 times for 1 models"),
+        (["--inputs", "{}"], "non-empty JSON list"),
+        (["--outputs", '[{"name": "x", "datatype": "NOPE", "shape": [1]}]'], "datatype"),
+        (["--inputs", "[1"], "not valid JSON"),
+    ]
+    for extra, message in cases:
+        result = CliRunner().invoke(
+            cli, ["serve", str(tmp_path / "m.sealed"), "--key-file", str(key), *extra]
+        )
+        assert result.exit_code == 2, result.output
+        assert message in result.output, result.output
