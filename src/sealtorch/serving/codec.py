@@ -182,7 +182,16 @@ def decode(model: ServedModel, request: InferenceRequest) -> list[torch.Tensor]:
     missing = [name for name in expected if name not in given]
     if missing:
         raise RequestError(f"input {missing[0]!r} of model {model.name!r} is missing")
-    return [_tensor(spec, given[spec.name], f"input {spec.name!r}") for spec in model.inputs]
+    tensors = [_tensor(spec, given[spec.name], f"input {spec.name!r}") for spec in model.inputs]
+    positions = model.text.max_positions if model.text is not None else None
+    if positions is not None:
+        for spec, tensor in zip(model.inputs, tensors, strict=True):
+            if tensor.dim() >= 2 and tensor.shape[1] > positions:
+                raise RequestError(
+                    f"input {spec.name!r} holds {tensor.shape[1]} tokens per sequence; model "
+                    f"{model.name!r} takes at most {positions}"
+                )
+    return tensors
 
 
 def _tensor(spec: TensorSpec, item: RequestInput, where: str) -> torch.Tensor:

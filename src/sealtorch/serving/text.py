@@ -256,7 +256,9 @@ def _tokenizer_from_directory(files: Mapping[str, bytes]) -> Any:
     directory = Path(tempfile.mkdtemp(prefix="sealtorch-tokenizer-"))  # mode 0700
     try:
         for name, data in files.items():
-            if name.endswith((".json", ".txt", ".model", ".tiktoken")) and name != "config.json":
+            if "/" in name or name.startswith(".") or name == "config.json":
+                continue
+            if name.endswith((".json", ".txt", ".model", ".tiktoken")):
                 path = directory / name
                 with path.open("xb") as out:
                     path.chmod(0o600)

@@ -302,6 +302,49 @@ def test_base_model_text_in_embeddings_out(client: httpx.Client, served: Served)
     assert torch.equal(output_tensor(outputs["last_hidden_state"]), out.last_hidden_state)
 
 
+def test_sequences_longer_than_the_models_positions_are_refused(client: httpx.Client) -> None:
+    body = {
+        "inputs": [
+            {"name": name, "datatype": "INT64", "shape": [1, 129], "data": [1] * 129}
+            for name in ("input_ids", "attention_mask")
+        ]
+    }
+    error = assert_protocol_error(client.post("/v2/models/gpt2/infer", json=body), 400)
+    assert "at most 128" in error
+
+
+def test_vocabulary_only_tokenizers_are_built_as_transformers_builds_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tempfile
+
+    from sealtorch.errors import PayloadError
+    from sealtorch.serving.text import build_tokenizer
+
+    directory = tmp_path / "bert"
+    _bert_tokenizer(directory)
+    (directory / "tokenizer.json").unlink()  # vocab.txt and tokenizer_config.json only
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *BERT_WORDS]
+    (directory / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    files = {p.name: p.read_bytes() for p in directory.iterdir()}
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    ours = build_tokenizer(files, "bert")
+    assert list(scratch.iterdir()) == []  # the private directory is gone
+    theirs = transformers.AutoTokenizer.from_pretrained(directory)
+    texts = ["hello sealed world", "the secret weights text", "unknown words here"]
+    assert ours(texts, padding=True)["input_ids"] == theirs(texts, padding=True)["input_ids"]
+    assert ours("hello sealed")["input_ids"] == [2, 5, 6, 3]  # the vocabulary, not [UNK]s
+    # a tokenizer that names remote code is refused
+    remote = dict(files)
+    remote["tokenizer_config.json"] = json.dumps({"auto_map": {"AutoTokenizer": "x.Y"}}).encode()
+    with pytest.raises(PayloadError, match="auto_map"):
+        build_tokenizer(remote, "bert")
+    # no tokenizer files: no tokenizer (token ids only)
+    assert build_tokenizer({"config.json": b"{}"}, "bert") is None
+
+
 def test_bad_text_inputs_are_refused(client: httpx.Client) -> None:
     cases = [
         {"inputs": [_text("hello"), {"name": "input_ids", "datatype": "INT64", "shape": [1, 1],
