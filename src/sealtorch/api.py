@@ -61,6 +61,8 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
+    from sealtorch.payloads.device import DevicePlaintext
+
 __all__ = [
     "KeyLike",
     "SealedInfo",
@@ -401,9 +403,11 @@ def load_sealed_model(
     arch_kwargs: Mapping[str, Any] | None = None,
     allowed_archs: Iterable[str] = (),
     progress: ProgressCallback | None = None,
+    device: str | torch.device | None = None,
 ) -> SealedModel:
     """Like :func:`load_model`, but also return the manifest (inputs, outputs, labels...)."""
     from sealtorch.payloads.arch import check_allowed_archs, check_arch_allowed, load_into_module
+    from sealtorch.payloads.device import resolve_device, tensors_on_device
     from sealtorch.payloads.programs import load_program
     from sealtorch.payloads.tensors import tensors_from_buffer
 
@@ -411,8 +415,13 @@ def load_sealed_model(
     if arch is not None:
         validate_arch_ref(arch)
         allowed |= {arch}  # the caller's own choice, not the file's
+    target = resolve_device(device)
     start = time.perf_counter()
-    info, manifest, buffer = _decrypt(source, key, progress=progress)
+    placed = None if target is None else _decrypt_to_device(source, key, target, progress)
+    if placed is None:
+        info, manifest, buffer = _decrypt(source, key, progress=progress)
+    else:
+        info, manifest, buffer = placed[0], placed[1].manifest, placed[1].host
     decrypted = time.perf_counter()
     module: nn.Module
     files: dict[str, bytes] = {}
@@ -433,20 +442,24 @@ def load_sealed_model(
         config_json = _carried_file(buffer, manifest, "config.json")
         generation_json = _carried_file(buffer, manifest, "generation_config.json")
         files = {name: buffer[s:e] for name, (s, e) in manifest.file_ranges().items()}
-        state_dict = tensors_from_buffer(
-            buffer,
-            offset=manifest.payload_offset,
-            size=manifest.payload_size,
-            align=manifest.payload_align,
+        state_dict = (
+            tensors_on_device(placed[1])
+            if placed is not None
+            else tensors_from_buffer(
+                buffer,
+                offset=manifest.payload_offset,
+                size=manifest.payload_size,
+                align=manifest.payload_align,
+            )
         )
-        del buffer  # the tensors keep it alive
+        del buffer, placed  # the tensors keep it alive
         if ref.startswith("transformers:"):
             from sealtorch.payloads.hf_arch import load_transformers_model
 
             if config_json is None:
                 raise PayloadError(f"{ref} needs a sealed config.json, and this model has none")
             module = load_transformers_model(
-                ref, config_json, state_dict, generation_config_json=generation_json
+                ref, config_json, state_dict, generation_config_json=generation_json, device=target
             )
         else:
             module = load_into_module(ref, kwargs or {}, state_dict, allowed_archs=allowed)
@@ -457,8 +470,23 @@ def load_sealed_model(
         start, end = manifest.payload_offset, manifest.payload_offset + manifest.payload_size
         with _program_archive(buffer, start, end) as archive:
             module = load_program(manifest.kind, archive)
+    if target is not None:
+        module.to(target)  # what is not there yet: non-persistent buffers, programs
     timings = {"decrypt": decrypted - start, "build": time.perf_counter() - decrypted}
     return SealedModel(module=module, manifest=manifest, info=info, timings=timings, files=files)
+
+
+def _decrypt_to_device(
+    source: SealedSource, key: KeyLike, device: torch.device, progress: ProgressCallback | None
+) -> tuple[SealedInfo, DevicePlaintext] | None:
+    """A state dict decrypted onto ``device`` (None for a program: load it on the host)."""
+    from sealtorch.payloads.device import decrypt_to_device
+
+    with SealedReader(source) as reader:
+        placed = decrypt_to_device(
+            reader, reader.content_key(_provider(key)), device, progress=progress
+        )
+        return None if placed is None else (SealedInfo.from_reader(reader), placed)
 
 
 def _carried_file(buffer: mmap.mmap, manifest: Manifest, name: str) -> bytes | None:
@@ -527,13 +555,16 @@ def load_model(
     arch_kwargs: Mapping[str, Any] | None = None,
     allowed_archs: Iterable[str] = (),
     progress: ProgressCallback | None = None,
+    device: str | torch.device | None = None,
 ) -> nn.Module:
     """Authenticate and decrypt a sealed model and return it ready for inference.
 
     ``source`` is a sealed file, or the first file of a sealed set (the others are found next
     to it). A sealed Hugging Face directory comes back as its transformers model (e.g.
     ``GPT2LMHeadModel``), rebuilt from its sealed config with tied weights tied again.
-    ``progress(done_bytes, total_bytes)`` is called while decrypting.
+    ``progress(done_bytes, total_bytes)`` is called while decrypting. ``device="cuda"`` (or
+    ``"cuda:N"``) decrypts a state dict straight onto that GPU through a small pinned staging
+    buffer, so host memory stays at a few chunks (``docs/huggingface.md`` § Big models).
 
     The module is in eval mode with ``requires_grad`` off. A state_dict payload is loaded into
     the architecture named at sealing time (or ``arch``/``arch_kwargs``), its parameters being
@@ -553,6 +584,7 @@ def load_model(
         arch_kwargs=arch_kwargs,
         allowed_archs=allowed_archs,
         progress=progress,
+        device=device,
     ).module
 
 

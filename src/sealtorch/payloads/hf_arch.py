@@ -203,15 +203,18 @@ def load_transformers_model(
     state_dict: dict[str, torch.Tensor],
     *,
     generation_config_json: bytes | None = None,
+    device: torch.device | None = None,
 ) -> nn.Module:
     """Build ``ref`` from the sealed config and give it the sealed tensors (in place); a sealed
     ``generation_config.json`` becomes the model's generation defaults, as ``from_pretrained``
-    of the directory would make it."""
+    of the directory would make it. ``device``: where the tensors already are (a GPU), so that
+    transformers leaves them there instead of copying them to the host."""
     config = parse_config(config_json)
     cls = _resolve(ref, config)
+    placement = {} if device is None else {"device_map": {"": device}}
     try:
         model, info = cls.from_pretrained(
-            None, config=config, state_dict=state_dict, output_loading_info=True
+            None, config=config, state_dict=state_dict, output_loading_info=True, **placement
         )
     except (RuntimeError, ValueError, TypeError, KeyError, AttributeError, OSError) as exc:
         raise PayloadError(f"building {ref} failed: {type(exc).__name__}: {exc}") from exc
@@ -227,6 +230,10 @@ def load_transformers_model(
             model.generation_config = GenerationConfig.from_dict(json.loads(generation_config_json))
         except (UnicodeDecodeError, ValueError, TypeError) as exc:
             raise PayloadError(f"the sealed generation_config.json is invalid: {exc}") from exc
+    if device is not None and device.type == "cuda":
+        import torch
+
+        torch.cuda.empty_cache()  # transformers' allocator warm-up for device_map
     model.eval()
     model.requires_grad_(False)
     _log.debug("built %s from the sealed config", ref)

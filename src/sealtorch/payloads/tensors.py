@@ -40,6 +40,7 @@ __all__ = [
     "TENSOR_ALIGNMENT",
     "SafetensorsPlan",
     "TensorEntry",
+    "device_tensors",
     "parse_header",
     "plan_layout",
     "read_safetensors",
@@ -211,7 +212,12 @@ class SafetensorsPlan:
 
 
 def parse_header(
-    data: bytes | mmap.mmap, *, offset: int, size: int, align: int | None = None
+    data: bytes | mmap.mmap,
+    *,
+    offset: int,
+    size: int,
+    align: int | None = None,
+    check_padding: bool = True,
 ) -> tuple[dict[str, str], list[TensorEntry], int]:
     """Strictly validate the safetensors payload at ``data[offset:offset+size]``.
 
@@ -219,7 +225,8 @@ def parse_header(
     tensors tile the data), ``64`` for aligned (each tensor at the next multiple of 64 after the
     previous one, zero bytes between). Returns (metadata, entries, data start relative to
     ``offset``). ``data`` is only sliced (copies for ``bytes``/``mmap``), so no view of it
-    outlives this call.
+    outlives this call. ``check_padding=False`` leaves the zero padding between tensors to the
+    caller (whose tensor data is not in ``data``: :func:`device_tensors`).
     """
     if align not in (None, TENSOR_ALIGNMENT):
         raise PayloadError(f"unknown tensor alignment {align!r}")
@@ -281,7 +288,11 @@ def parse_header(
                     f"safetensors tensors overlap or do not start at the next multiple of {align}"
                 )
             raise PayloadError("safetensors tensors overlap or leave gaps")
-        gap = data[offset + data_start + position : offset + data_start + entry.start]
+        gap = (
+            data[offset + data_start + position : offset + data_start + entry.start]
+            if check_padding
+            else b""
+        )
         if gap.strip(b"\x00"):
             raise PayloadError("the padding between safetensors tensors is not zero")
         position = entry.end
@@ -334,6 +345,43 @@ def read_safetensors(
             tensor = tensor.clone()
         result[entry.name] = tensor.view(entry.shape)
     return metadata, result
+
+
+def device_tensors(
+    header: mmap.mmap, data: torch.Tensor, *, offset: int, size: int, align: int | None
+) -> dict[str, torch.Tensor]:
+    """The state dict of the safetensors payload at ``[offset, offset+size)``, whose header is
+    read from ``header`` (host memory) and whose tensors are views of ``data`` (a uint8
+    tensor of the whole plaintext, on a device). Checks like :func:`read_safetensors`, the
+    padding between tensors on the device; a packed payload is copied into aligned tensors."""
+    import torch
+
+    _check_byte_order()
+    dtypes = _torch_dtypes()
+    metadata, entries, data_start = parse_header(
+        header, offset=offset, size=size, align=align, check_padding=False
+    )
+    del metadata
+    base = offset + data_start
+    gaps = []
+    position = 0
+    for entry in sorted(entries, key=lambda e: (e.start, e.end)):
+        if entry.start > position:
+            gaps.append(data[base + position : base + entry.start].any())
+        position = entry.end
+    if gaps and bool(torch.stack(gaps).any()):
+        raise PayloadError("the padding between safetensors tensors is not zero")
+    result: dict[str, torch.Tensor] = {}
+    for entry in entries:
+        dtype = dtypes[entry.dtype]
+        raw = data[base + entry.start : base + entry.end]
+        if align is None:
+            raw = raw.clone()  # packed: element-aligned only, give it aligned storage
+        tensor = raw.view(dtype)
+        if dtype == torch.bool and bool((raw > 1).any()):
+            raise PayloadError(f"bool tensor {entry.name!r} holds values other than 0 and 1")
+        result[entry.name] = tensor.view(entry.shape)
+    return result
 
 
 def tensors_from_buffer(

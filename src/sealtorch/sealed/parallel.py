@@ -24,13 +24,13 @@ import queue
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Protocol
 
 from sealtorch._crypto.stream import TAG_SIZE, BodyCipher
 from sealtorch.errors import ConfigError, IntegrityError
 from sealtorch.sealed.header import BodyHeader
 
-__all__ = ["DECRYPT_THREADS_ENV", "Part", "decrypt_parts", "decrypt_threads"]
+__all__ = ["DECRYPT_THREADS_ENV", "Part", "Sink", "decrypt_parts", "decrypt_threads"]
 
 #: Environment variable that sets how many threads decrypt (1: the sequential loop).
 DECRYPT_THREADS_ENV: Final = "SEALTORCH_DECRYPT_THREADS"
@@ -48,6 +48,21 @@ class Part:
     fd: int
     body_start: int
     body: BodyHeader
+
+
+class Sink(Protocol):
+    """Where one worker's chunks go when they do not go straight into a host buffer (a device:
+    ``sealtorch.payloads.device``). Each worker has its own."""
+
+    def staging(self, size: int) -> memoryview:
+        """A writable buffer of ``size`` bytes that the next chunk is decrypted into."""
+
+    def deliver(self, start: int, end: int) -> None:
+        """The authenticated plaintext ``[start, end)`` is in the staging buffer: copy it out
+        (before returning: the buffer is reused)."""
+
+    def close(self) -> None:
+        """The worker is done (or failed)."""
 
 
 def decrypt_threads(requested: int | None = None) -> int:
@@ -103,10 +118,12 @@ def _chunks(parts: Sequence[Part]) -> Iterator[_Chunk]:
             position = end
 
 
-def _batches(parts: Sequence[Part]) -> Iterator[list[_Chunk]]:
+def _batches(parts: Sequence[Part], start: int, end: int) -> Iterator[list[_Chunk]]:
     batch: list[_Chunk] = []
     size = 0
     for chunk in _chunks(parts):
+        if chunk.start < start or chunk.start >= end:
+            continue
         batch.append(chunk)
         size += chunk.end - chunk.start
         if size >= _BATCH_BYTES:
@@ -128,20 +145,31 @@ def _pread_exact(fd: int, view: memoryview, offset: int) -> None:
 def decrypt_parts(
     parts: Sequence[Part],
     cek: bytes,
-    target: memoryview,
+    target: memoryview | None,
     *,
     threads: int,
     progress: Callable[[int, int], None] | None = None,
-) -> None:
-    """Authenticate and decrypt every chunk of ``parts`` into ``target`` with ``threads``
-    threads; raise the first failure (:class:`IntegrityError`) once every thread has stopped.
+    sink: Callable[[], Sink] | None = None,
+    start: int = 0,
+    end: int | None = None,
+) -> int:
+    """Authenticate and decrypt every chunk of ``parts`` into ``target`` (or through a
+    ``sink()`` per worker) with ``threads`` threads; raise the first failure
+    (:class:`IntegrityError`) once every thread has stopped.
 
-    ``progress(done, total)`` is called from the calling thread as chunks complete.
+    Only the chunks that start in ``[start, end)`` of the plaintext are decrypted (``start``
+    on a chunk boundary); the files' ends are checked once the range reaches the end. Returns
+    where the decrypted range ends. ``progress(done, total)`` is called from the calling thread
+    as chunks complete.
     """
     total = sum(p.body.plaintext_size for p in parts)
+    stop_at = total if end is None else min(end, total)
     ciphers = [BodyCipher(cek, salt=p.body.salt, body_digest=p.body.digest) for p in parts]
     largest = max((min(p.body.chunk_size, p.body.plaintext_size) for p in parts), default=0)
-    pending = _batches(parts)
+    reached = max((c.end for c in _chunks(parts) if c.start < stop_at), default=0)
+    if end is None or reached >= total:
+        reached = total
+    pending = _batches(parts, start, stop_at if stop_at > start else start + 1)
     take = threading.Lock()
     stop = threading.Event()
     done_sizes: queue.SimpleQueue[int | None] = queue.SimpleQueue()
@@ -149,6 +177,7 @@ def decrypt_parts(
 
     def work() -> None:
         sealed = memoryview(bytearray(largest + TAG_SIZE))
+        own = sink() if sink is not None else None
         try:
             while not stop.is_set():
                 with take:
@@ -160,10 +189,21 @@ def decrypt_parts(
                         break
                     piece = sealed[: chunk.end - chunk.start + TAG_SIZE]
                     _pread_exact(parts[chunk.part].fd, piece, chunk.offset)
-                    with target[chunk.start : chunk.end] as out:
+                    if own is not None:
                         ciphers[chunk.part].open_into(
-                            chunk.index, last=chunk.last, sealed=piece, out=out
+                            chunk.index,
+                            last=chunk.last,
+                            sealed=piece,
+                            out=own.staging(chunk.end - chunk.start),
                         )
+                        own.deliver(chunk.start, chunk.end)
+                    else:
+                        if target is None:  # pragma: no cover - checked below
+                            raise ValueError("no target and no sink")
+                        with target[chunk.start : chunk.end] as out:
+                            ciphers[chunk.part].open_into(
+                                chunk.index, last=chunk.last, sealed=piece, out=out
+                            )
                     done_sizes.put(chunk.end - chunk.start)
         # Whatever stops a worker (a failed tag, an OSError from pread...) must reach the
         # calling thread: a worker that died silently would leave chunks undecrypted.
@@ -172,13 +212,17 @@ def decrypt_parts(
             stop.set()
         finally:
             sealed.release()
+            if own is not None:
+                own.close()
             done_sizes.put(None)
 
+    if target is None and sink is None:
+        raise ValueError("decrypt_parts needs a target buffer or a sink")
     workers = [
         threading.Thread(target=work, name=f"sealtorch-decrypt-{n}", daemon=True)
         for n in range(max(1, threads))
     ]
-    done = 0
+    done = start
     try:
         for worker in workers:
             worker.start()
@@ -198,9 +242,11 @@ def decrypt_parts(
                 worker.join()
     if failures:
         raise failures[0]
-    if done != total:  # pragma: no cover - every worker ran to the end without a failure
+    if done != reached:  # pragma: no cover - every worker ran to the end without a failure
         raise IntegrityError()
-    # Each file must end right after its last chunk (nothing appended since it was opened).
-    for part in parts:
-        if os.pread(part.fd, 1, part.body_start + part.body.sealed_size):
-            raise IntegrityError()
+    if reached == total:
+        # Each file must end right after its last chunk (nothing appended since it was opened).
+        for part in parts:
+            if os.pread(part.fd, 1, part.body_start + part.body.sealed_size):
+                raise IntegrityError()
+    return reached

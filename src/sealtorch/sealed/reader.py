@@ -233,7 +233,7 @@ class SealedReader:
         if into is not None and len(into) < total:
             raise ValueError("the buffer is smaller than the plaintext")
         count = decrypt_threads(threads)
-        parts = self._fd_parts() if count > 1 and total > self.header.body.chunk_size else None
+        parts = self.fd_parts() if count > 1 and total > self.header.body.chunk_size else None
         out = allocate_plaintext(total) if into is None else into
         target = memoryview(out)
         try:
@@ -269,7 +269,7 @@ class SealedReader:
         target.release()
         return out
 
-    def _fd_parts(self) -> list[Part] | None:
+    def fd_parts(self) -> list[Part] | None:
         """The files as descriptors for positional reads, or None for a stream without one."""
         parts = []
         for source, start, body in self._parts():
