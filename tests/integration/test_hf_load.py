@@ -7,6 +7,8 @@ there is one, and its refusals."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,7 +17,7 @@ import torch
 
 import sealtorch
 from sealtorch.errors import ConfigError, IntegrityError
-from sealtorch.keys import DataKey
+from sealtorch.keys import DataKey, encode_key
 from sealtorch.payloads.device import decrypt_to_device, resolve_device, tensors_on_device
 from sealtorch.payloads.hf_arch import load_transformers_model
 from sealtorch.sealed.reader import SealedReader
@@ -246,3 +248,30 @@ def test_environment_thread_setting_is_used(
     with pytest.raises(ConfigError):
         sealtorch.load_state_dict(path, key=KEY)
     del os.environ["SEALTORCH_DECRYPT_THREADS"]
+
+
+@pytest.mark.skipif(CUDA, reason="checks the refusal on a machine without CUDA")
+def test_serve_refuses_cuda_without_cuda(sealed: tuple[Path, Path, type], tmp_path: Path) -> None:
+    _, path, _ = sealed
+    key_file = tmp_path / "model.key"
+    key_file.write_text(encode_key(KEY) + "\n")
+    key_file.chmod(0o600)
+    result = subprocess.run(
+        [
+            *(sys.executable, "-m", "sealtorch", "serve", str(path)),
+            *("--key-file", str(key_file), "--device", "cuda", "--port", "0"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode != 0
+    assert result.stdout == ""  # never listened
+    lines = result.stderr.strip().splitlines()
+    assert lines == [
+        (
+            "error: device 'cuda' asked for, but no CUDA device is available here "
+            "(torch.cuda.is_available() is False)"
+        )
+    ]

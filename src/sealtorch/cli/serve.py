@@ -286,6 +286,15 @@ Details: docs/serving.md; enclave deployment: docs/deployment.md.
     help="Requests queued behind the workers before the server answers 503.",
 )
 @click.option(
+    "--device",
+    default="cpu",
+    show_default=True,
+    metavar="cpu|cuda|cuda:N",
+    help="Where the models' weights are decrypted to. cuda: a state dict straight onto the "
+    "GPU, chunk by chunk through a small pinned staging buffer (host memory stays at a few "
+    "chunks). Refused where no CUDA device is available.",
+)
+@click.option(
     "--drain-timeout",
     default=30,
     show_default=True,
@@ -321,6 +330,7 @@ def serve(
     body_timeout: float,
     keep_alive_timeout: float,
     max_pending: int,
+    device: str,
     drain_timeout: int,
 ) -> None:
     """Serve sealed models over the Open Inference Protocol (KServe v2 REST).
@@ -337,6 +347,9 @@ def serve(
 
     if (keys_url is None) == (key_file is None):
         raise click.UsageError("give exactly one key source: --keys URL or --key-file FILE")
+    from sealtorch.payloads.device import resolve_device, set_default_device
+
+    set_default_device(resolve_device(device))  # refused here, before any key is asked for
     if names and len(names) != len(models):
         raise click.UsageError(
             f"--name was given {len(names)} times for {len(models)} models; give one per model "
