@@ -1,9 +1,11 @@
-"""A small HTTP/1.1 server for the key cache's listeners (asyncio + the httptools parser).
+"""The small HTTP/1.1 server of the key release protocol (asyncio + the httptools parser).
 
-Release requests are tiny and the key cache answers each from memory in a few hundred
-microseconds, so a general ASGI server's per-request machinery (message dicts, header
-re-validation, a second ``write`` for the body) would cost as much as the release itself. This
-server does only what the key release protocol needs:
+The key cache serves all its listeners with it, the key server its two release requests
+(challenge and release; everything else it hands to its ASGI app through :func:`asgi_handler`).
+Release requests are tiny and are answered in well under a millisecond of work, so a general
+ASGI server's per-request machinery (message dicts, header re-validation, a second ``write`` for
+the body) would cost as much as the release itself. This server does only what the key release
+protocol needs:
 
 * HTTP/1.1 with keep-alive and pipelining (requests on one connection are answered in order),
   ``Expect: 100-continue``, ``Connection: close``; no upgrades, no chunked *responses*;
@@ -16,7 +18,8 @@ server does only what the key release protocol needs:
 * graceful shutdown: stop accepting, finish the requests in progress, close.
 
 The application is a :data:`Handler`: it gets a :class:`Request` and returns a :class:`Response`
-(or an awaitable of one, for work done in a thread).
+(or an awaitable of one, for work done in a thread or awaited). :func:`asgi_handler` makes one of
+an ASGI application (whole responses: nothing the key server serves through it streams).
 """
 
 from __future__ import annotations
@@ -30,15 +33,16 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from typing import Final, NoReturn
+from typing import Any, Final, NoReturn
+from urllib.parse import unquote
 
 import httptools
 
 from sealtorch._listen import MAX_HEAD_BYTES, ReadTimeouts, ReadWatch
 
-__all__ = ["Handler", "HttpServer", "Request", "Response"]
+__all__ = ["Handler", "HttpServer", "Refusal", "Request", "Response", "asgi_handler"]
 
-_log = logging.getLogger("sealtorch.keycache.http")
+_log = logging.getLogger("sealtorch.http")
 
 _MAX_PIPELINE: Final = 16
 _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -50,6 +54,11 @@ class Request:
     path: str
     headers: list[tuple[bytes, bytes]]
     body: bytes
+    #: The raw query string (after ``?``), the peer's address (None on a Unix socket) and
+    #: whether the connection is TLS.
+    query: bytes = b""
+    client: tuple[str, int] | None = None
+    tls: bool = False
 
     def header(self, name: bytes) -> bytes | None:
         """The first value of header ``name`` (lower case)."""
@@ -103,12 +112,17 @@ class _Connection(asyncio.Protocol):
         self._reading_paused = False
         self._watch: ReadWatch | None = None
         self._refused = False
+        self._client: tuple[str, int] | None = None
+        self._tls = False
         self._reset_message()
 
     # -- transport events -------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]  # a stream transport
+        peer = transport.get_extra_info("peername")
+        self._client = (str(peer[0]), int(peer[1])) if isinstance(peer, tuple) else None
+        self._tls = transport.get_extra_info("sslcontext") is not None
         self._server.connections.add(self)
         self._watch = ReadWatch(self._loop, self._server.timeouts, self._timed_out)
 
@@ -212,14 +226,17 @@ class _Connection(asyncio.Protocol):
         if self._watch is not None:
             self._watch.message_complete()
         try:
-            path = httptools.parse_url(self._url).path.decode("latin-1")
+            url = httptools.parse_url(self._url)
         except httptools.HttpParserInvalidURLError:
             self._refuse(400, "invalid_request", "the request target is not a valid URL")
         request = Request(
             method=self._parser.get_method().decode("latin-1"),
-            path=path,
+            path=url.path.decode("latin-1"),
             headers=self._headers,
-            body=b"".join(self._body),
+            body=self._body[0] if len(self._body) == 1 else b"".join(self._body),
+            query=url.query or b"",
+            client=self._client,
+            tls=self._tls,
         )
         self._queue.append((request, self._parser.should_keep_alive()))
         if len(self._queue) >= _MAX_PIPELINE and self._transport and not self._reading_paused:
@@ -284,7 +301,7 @@ class _Connection(asyncio.Protocol):
     # -- timers and closing ------------------------------------------------------------------------
 
     def _timed_out(self, what: str) -> None:
-        _log.debug("closing a connection that kept the cache waiting (%s)", what)
+        _log.debug("closing a connection that kept the server waiting (%s)", what)
         self._close()
 
     def _close(self) -> None:
@@ -375,3 +392,76 @@ class HttpServer:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(server.wait_closed(), timeout=grace)
         self._servers.clear()
+
+
+# -- an ASGI application as a handler ------------------------------------------------------------
+
+_ASGI: Final = {"version": "3.0", "spec_version": "2.3"}
+#: Response headers the server writes itself.
+_OWN_HEADERS: Final = frozenset({b"content-length", b"connection", b"transfer-encoding"})
+
+
+def asgi_handler(app: Any, *, refusal: Refusal, server: tuple[str, int] | None = None) -> Handler:
+    """A :data:`Handler` that answers with the ASGI application ``app`` (HTTP only): the
+    request's body in one ``http.request`` message, the response gathered whole (a streaming
+    response is sent once it ends). An exception out of ``app`` before it answered is a 500 made
+    by ``refusal``. ``server``: the listening address, for the scope."""
+
+    async def handle(request: Request) -> Response:
+        raw_path = request.path.encode("latin-1")
+        scope: dict[str, Any] = {
+            "type": "http",
+            "asgi": _ASGI,
+            "http_version": "1.1",
+            "method": request.method,
+            "scheme": "https" if request.tls else "http",
+            "path": unquote(request.path),
+            "raw_path": raw_path,
+            "query_string": request.query,
+            "root_path": "",
+            "headers": request.headers,
+            "client": request.client,
+            "server": server,
+            "state": {},
+        }
+        delivered = False
+        gone = asyncio.Event()  # never set while the handler runs: the request is whole
+
+        async def receive() -> dict[str, Any]:
+            nonlocal delivered
+            if not delivered:
+                delivered = True
+                return {"type": "http.request", "body": request.body, "more_body": False}
+            await gone.wait()
+            return {"type": "http.disconnect"}
+
+        status = 0
+        headers: list[tuple[bytes, bytes]] = []
+        chunks: list[bytes] = []
+
+        async def send(message: dict[str, Any]) -> None:
+            nonlocal status, headers
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+                headers = [
+                    (bytes(name).lower(), bytes(value))
+                    for name, value in message.get("headers", ())
+                    if bytes(name).lower() not in _OWN_HEADERS
+                ]
+            elif message["type"] == "http.response.body":
+                chunks.append(bytes(message.get("body", b"")))
+
+        try:
+            await app(scope, receive, send)
+        except Exception as exc:  # noqa: BLE001 - answered, never a hung connection
+            _log.error(
+                "internal error in %s %s: %s", request.method, request.path, type(exc).__name__
+            )
+            if not status:
+                return refusal(500, "internal_error", "internal error; see the server log")
+        if not status:
+            return refusal(500, "internal_error", "internal error; see the server log")
+        body = b"" if request.method == "HEAD" else b"".join(chunks)
+        return Response(status, body, headers)
+
+    return handle

@@ -8,11 +8,11 @@ contexts from one place (:func:`tls_context`). A failure is worded the same way 
 :func:`listen_error`, and a port that is already taken also says how to get a free one (each
 server's option for port 0).
 
-Each also reads HTTP/1.1 with its own parser (uvicorn's for the key server and the inference
-server, :mod:`sealtorch.keycache._http` for the key cache), and every connection of all three is
-held to the same :class:`ReadTimeouts` by a :class:`ReadWatch`: a client that opens connections
-and sends nothing, or sends its headers a byte at a time (slowloris), or stalls in the middle
-of a body, is disconnected instead of holding the connection (and its buffers) forever.
+Each reads HTTP/1.1 with httptools (uvicorn's protocol for the inference server,
+:mod:`sealtorch._http_fast` for the key cache and the key server), and every connection of all
+three is held to the same :class:`ReadTimeouts` by a :class:`ReadWatch`: a client that opens
+connections and sends nothing, or sends its headers a byte at a time (slowloris), or stalls in
+the middle of a body, is disconnected instead of holding the connection (and its buffers) forever.
 """
 
 from __future__ import annotations

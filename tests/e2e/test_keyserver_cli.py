@@ -151,7 +151,7 @@ def test_init_serve_admin_release_audit_and_no_secret_leaks(
         assert server.stop(signal.SIGTERM) in (0, -signal.SIGTERM)
     logs = server.logs()
     assert "key server ready" in logs
-    assert "Application shutdown complete" in logs  # graceful
+    assert "shutdown complete" in logs  # graceful
     assert all(json.loads(line) for line in logs.splitlines() if line.startswith("{"))
 
     admin_token = read_token(token_file=token_file)
@@ -320,11 +320,11 @@ def test_workers_listen_on_one_port_restart_and_aggregate_metrics(
     finally:
         assert server.stop() in (0, -signal.SIGTERM)
     logs = server.logs()
-    started = [line for line in logs.splitlines() if "Started server process" in line]
+    started = [line for line in logs.splitlines() if "] serving" in line]
     assert len(started) == 3  # two workers and the replacement, JSON-logging like the parent
     assert all(json.loads(line)["level"] == "info" for line in started)
     assert "starting another" in logs
-    assert logs.count("Application shutdown complete") == 2  # graceful on SIGTERM
+    assert logs.count("shutdown complete") == 2  # graceful on SIGTERM
 
 
 def test_workers_stop_when_the_supervisor_is_killed(tmp_path: Path, attester: SimAttester) -> None:
@@ -342,7 +342,7 @@ def test_workers_stop_when_the_supervisor_is_killed(tmp_path: Path, attester: Si
     assert not alive, f"orphaned workers still running: {[w.pid for w in alive]}"
     logs = server.logs()
     assert logs.count("supervisor") == 2  # each worker says why it stopped...
-    assert logs.count("Application shutdown complete") == 2  # ... and stopped gracefully
+    assert logs.count("shutdown complete") == 2  # ... and stopped gracefully
     with socket.socket() as probe:  # nobody holds the port any more
         probe.bind(("127.0.0.1", port))
 
@@ -355,8 +355,7 @@ def test_a_worker_that_cannot_start_stops_the_server(tmp_path: Path) -> None:
     holder = listen_tcp("127.0.0.1", 0, reuse_port=True, listen=False)
     try:
         spec = WorkerSpec(
-            app="sealtorch_no_such_module:app",
-            options={"log_config": None},
+            serve="sealtorch_no_such_module:serve",
             address=holder.getsockname()[:2],
         )
         with pytest.raises(ConfigError, match="could not start"):

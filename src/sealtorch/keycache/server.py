@@ -6,7 +6,7 @@
 verifiers, sealed state). :func:`run` starts it: restore, attest and fetch, bind the listeners,
 print the ready line, serve until SIGTERM/SIGINT (SIGHUP refreshes at once).
 
-Listeners (served by the small HTTP/1.1 server in :mod:`sealtorch.keycache._http`):
+Listeners (served by the small HTTP/1.1 server in :mod:`sealtorch._http_fast`):
 
 * the Unix socket (``--socket``), created under a restrictive umask and then set to its mode
   (0600, or 0660 with ``--socket-group``) — never briefly open to everyone;
@@ -33,7 +33,7 @@ import httpx
 from sealtorch._listen import host_port, listen_tcp, listen_unix, socket_url, tls_context
 from sealtorch.attestation import EvidenceProvider, attester_for, make_verifiers
 from sealtorch.errors import ConfigError
-from sealtorch.keycache._http import HttpServer
+from sealtorch._http_fast import HttpServer
 from sealtorch.keycache.app import KeyCacheApp
 from sealtorch.keycache.cache import KeyCache
 from sealtorch.keycache.clock import MonotonicClock

@@ -58,9 +58,11 @@ from sealtorch.keyserver.store import Store, open_store
 from sealtorch.protocol.checkpoint import AuditCheckpoint
 
 __all__ = [
+    "answer",
     "check_simulated_tee",
     "create_app",
     "error_response",
+    "observe",
     "open_verifiers",
 ]
 
@@ -133,7 +135,7 @@ def check_simulated_tee(settings: KeyServerSettings) -> None:
     )
 
 
-def _observe(runtime: Runtime, scope: Scope, template: str, status: int, elapsed: float) -> None:
+def observe(runtime: Runtime, scope: Scope, template: str, status: int, elapsed: float) -> None:
     """Metrics and the access log of one answered request."""
     runtime.metrics.observe_request(template, scope["method"], status, elapsed)
     if _access.isEnabledFor(logging.INFO):
@@ -191,7 +193,7 @@ class _Guard:
         finally:
             route = scope.get("route")
             template = getattr(route, "path", None) or "unmatched"
-            _observe(self.runtime, scope, template, status, time.perf_counter() - started)
+            observe(self.runtime, scope, template, status, time.perf_counter() - started)
 
 
 class _KeyServerApp(FastAPI):
@@ -216,36 +218,42 @@ class _KeyServerApp(FastAPI):
     async def _answer(self, handler: Endpoint, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
         runtime = self.runtime
-        cap = runtime.settings.max_request_bytes
-        body = await read_body(scope, receive, cap)
-        headers: list[tuple[bytes, bytes]] = [(b"content-type", b"application/json")]
-        if body is None:
-            status, content = 413, _too_large(cap).body
-        else:
-            try:
-                status, content = await handler(runtime, scope, body)
-            except ServiceError as exc:
-                status, content = exc.status, error_body(exc.code, str(exc), exc.reasons)
-                if exc.kind is ErrorKind.UNAUTHENTICATED:
-                    headers.append(BEARER_CHALLENGE)
-            except RequestValidationError as exc:
-                status = 400
-                content = error_body("invalid_request", validation_message(exc.errors()))
-            except Exception as exc:  # noqa: BLE001 - the protocol's error shape, as in FastAPI
-                _log.error(
-                    "internal error in %s %s: %s",
-                    scope["method"],
-                    scope["path"],
-                    type(exc).__name__,
-                )
-                status = 500
-                content = error_body("internal_error", "internal error; see the server log")
-        headers.append((b"content-length", b"%d" % len(content)))
+        body = await read_body(scope, receive, runtime.settings.max_request_bytes)
+        status, headers, content = await answer(runtime, handler, scope, body)
         try:
             await send({"type": "http.response.start", "status": status, "headers": headers})
             await send({"type": "http.response.body", "body": content})
         finally:
-            _observe(runtime, scope, scope["path"], status, time.perf_counter() - started)
+            observe(runtime, scope, scope["path"], status, time.perf_counter() - started)
+
+
+async def answer(
+    runtime: Runtime, handler: Endpoint, scope: Scope, body: bytes | None
+) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    """Status, headers and body of a short-path request (``body`` None: over the cap): the
+    endpoint's answer, or its error in the protocol's shape. Shared by the app's short path and
+    the HTTP front (:mod:`sealtorch.keyserver._front`)."""
+    headers: list[tuple[bytes, bytes]] = [(b"content-type", b"application/json")]
+    if body is None:
+        status, content = 413, _too_large(runtime.settings.max_request_bytes).body
+    else:
+        try:
+            status, content = await handler(runtime, scope, body)
+        except ServiceError as exc:
+            status, content = exc.status, error_body(exc.code, str(exc), exc.reasons)
+            if exc.kind is ErrorKind.UNAUTHENTICATED:
+                headers.append(BEARER_CHALLENGE)
+        except RequestValidationError as exc:
+            status = 400
+            content = error_body("invalid_request", validation_message(exc.errors()))
+        except Exception as exc:  # noqa: BLE001 - the protocol's error shape, as in FastAPI
+            _log.error(
+                "internal error in %s %s: %s", scope["method"], scope["path"], type(exc).__name__
+            )
+            status = 500
+            content = error_body("internal_error", "internal error; see the server log")
+    headers.append((b"content-length", b"%d" % len(content)))
+    return status, headers, bytes(content)
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:
@@ -280,7 +288,7 @@ def create_app(
         limiter=anyio.CapacityLimiter(settings.verify_threads),
     )
 
-    def observe(action: str, decision: str, reasons: list[str], keys: int) -> None:
+    def observe_decision(action: str, decision: str, reasons: list[str], keys: int) -> None:
         metrics.observe_decision(action, decision, reasons)
         if keys:
             metrics.keys_released.inc(keys)
@@ -296,7 +304,7 @@ def create_app(
             signing_key=k,
             verifiers=v,
             clock=clock,
-            observer=observe,
+            observer=observe_decision,
             offload=runtime.run,
             simulated_observer=observe_simulated,
         )

@@ -418,22 +418,31 @@ class ReleaseService:
         """
         try:
             future = self._store.submit(work, durable=durable, nonce=nonce)
-            outcome = asyncio.wrap_future(future)
-            try:
-                return await asyncio.wait_for(
-                    asyncio.shield(outcome), timeout=self._settings.busy_timeout
-                )
-            except TimeoutError:
-                if not future.cancel():
-                    return await outcome
-                _log.error("the key store did not take a request within the busy timeout")
-                raise ServiceError(
-                    ErrorKind.UNAVAILABLE,
-                    "store_unavailable",
-                    "the key store is busy; retry later",
-                ) from None
         except StorageError as exc:
             raise unavailable(exc) from exc
+        # One timer instead of wait_for(shield(...)) (three futures and their callbacks per
+        # commit, twice per release): at the busy timeout a unit that has not started is
+        # withdrawn; one already running is waited for.
+        withdrawn = False
+
+        def give_up() -> None:
+            nonlocal withdrawn
+            withdrawn = future.cancel()
+
+        timer = asyncio.get_running_loop().call_later(self._settings.busy_timeout, give_up)
+        try:
+            return await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            if not withdrawn:
+                raise
+            _log.error("the key store did not take a request within the busy timeout")
+            raise ServiceError(
+                ErrorKind.UNAVAILABLE, "store_unavailable", "the key store is busy; retry later"
+            ) from None
+        except StorageError as exc:
+            raise unavailable(exc) from exc
+        finally:
+            timer.cancel()
 
     def _decide(
         self, material: Sequence[ReleaseMaterial], claims: Claims, now: datetime

@@ -9,10 +9,10 @@ calls :func:`sealtorch.keycache.server.run` and ``serve`` the inference server. 
    refuses a missing, empty, damaged or foreign one), the master key, the release-signing key
    and the verifiers — failing fast, in this process, before anything listens;
 3. bind the socket (:mod:`sealtorch._listen`): HTTPS on TCP, or plain HTTP on a Unix socket;
-4. serve with uvicorn and sealtorch's timed httptools protocol (:mod:`sealtorch._uvicorn`): in
-   this process with one worker, else in ``workers`` spawned processes
-   (:mod:`sealtorch.keyserver._workers`), each opening its own store and keys from the data
-   directory (:func:`worker_app`).
+4. serve with the HTTP front (:mod:`sealtorch.keyserver._front`: the shared HTTP/1.1 server
+   answers the release requests, the FastAPI app everything else): in this process with one
+   worker, else in ``workers`` spawned processes (:mod:`sealtorch.keyserver._workers`), each
+   opening its own store and keys from the data directory (:func:`serve_worker`).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from typing import Any, Final
 
 from sealtorch.errors import ConfigError
 
-__all__ = ["run", "worker_app"]
+__all__ = ["run", "serve_worker"]
 
 _log = logging.getLogger("sealtorch.keyserver")
 
@@ -52,10 +52,8 @@ def run(
     called once the socket is bound. ``worker_setup``: run first in each worker process
     (``workers > 1``; picklable), e.g. the logging configuration.
     """
-    import uvicorn
-
-    from sealtorch._listen import listen_tcp, listen_unix
-    from sealtorch._uvicorn import http_options, tls_options
+    from sealtorch._listen import listen_tcp, listen_unix, tls_context
+    from sealtorch.keyserver._front import serve
     from sealtorch.keyserver._workers import WorkerSpec, run_workers
     from sealtorch.keyserver.app import create_app, open_verifiers
     from sealtorch.keyserver.datadir import open_serving_store
@@ -88,27 +86,18 @@ def run(
         sock = listen_tcp(settings.host, settings.port, reuse_port=many, listen=not many)
         host, port = sock.getsockname()[:2]
         url = f"https://[{host}]:{port}" if ":" in host else f"https://{host}:{port}"
-    options: dict[str, Any] = {
-        "log_config": None,
-        "access_log": False,
-        "server_header": False,
-        "proxy_headers": False,
-        "lifespan": "on",
-        "timeout_graceful_shutdown": settings.graceful_timeout,
-        **http_options(settings.read_timeouts),
-    }
     metrics_dir: str | None = None
     try:
+        ssl_context = None
         if unix_socket is None and settings.tls_cert and settings.tls_key:
-            options |= tls_options(str(settings.tls_cert), str(settings.tls_key))  # fail fast
+            ssl_context = tls_context(settings.tls_cert, settings.tls_key)  # fail fast
         if not many:
             app = create_app(
                 settings, store=store, master_key=master, signing_key=signer, verifiers=verifiers
             )
-            config = uvicorn.Config(app, **options)
             announce(url)
             freeze_heap()
-            uvicorn.Server(config).run(sockets=[sock])
+            serve(app, sock, ssl_context=ssl_context)
         else:
             store.close()
             master.close()
@@ -122,8 +111,7 @@ def run(
                         name = f"SEALTORCH_KEYSERVER_{section.upper()}_{key.upper()}"
                         os.environ[name] = str(value).lower() if value is True else str(value)
             spec = WorkerSpec(
-                app=f"{__name__}:worker_app",
-                options=options,
+                serve=f"{__name__}:serve_worker",
                 address=None if unix_socket else sock.getsockname()[:2],
                 shared=sock if unix_socket else None,
                 setup=worker_setup,
@@ -143,14 +131,21 @@ def run(
     _log.info("key server stopped")
 
 
-def worker_app() -> Any:
-    """App factory of a worker process (``workers > 1``): it opens its own store and keys."""
+def serve_worker(sock: socket.socket) -> None:
+    """A worker process's whole life (``workers > 1``): open its own store and keys, serve the
+    listening ``sock`` (HTTPS on TCP, plain HTTP on a Unix socket) until SIGTERM."""
+    from sealtorch._listen import tls_context
+    from sealtorch.keyserver._front import serve
     from sealtorch.keyserver.app import create_app
     from sealtorch.keyserver.settings import load_settings
 
-    app = create_app(load_settings(os.environ[_DIR_ENV]))
+    settings = load_settings(os.environ[_DIR_ENV])
+    ssl_context = None
+    if sock.family != socket.AF_UNIX and settings.tls_cert and settings.tls_key:
+        ssl_context = tls_context(settings.tls_cert, settings.tls_key)
+    app = create_app(settings)
     freeze_heap()
-    return app
+    serve(app, sock, ssl_context=ssl_context)
 
 
 def freeze_heap() -> None:

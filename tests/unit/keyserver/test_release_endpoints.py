@@ -1,21 +1,26 @@
 """Challenge and release are one endpoint function each (routes/release.py): the app's short
 path and the FastAPI routes of the same paths answer every request alike (here the routes are
-reached by switching the short path off), and the OpenAPI document still describes the release
-body."""
+reached by switching the short path off) and ``keyserver serve``'s HTTP front answers as the app
+does, and the OpenAPI document still describes the release body."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 
 from _fixtures.keyserver import new_signing_key
+from sealtorch._http_fast import Request, Response
 from sealtorch.attestation import SimAttester, make_verifiers
+from sealtorch.keyserver._front import KeyServerFront
 from sealtorch.keyserver.app import create_app
 from sealtorch.keyserver.masterkey import FileMasterKey, FileMasterKeyConfig
 from sealtorch.keyserver.settings import KeyServerSettings
@@ -104,3 +109,33 @@ def test_the_release_body_is_documented(apps: tuple[TestClient, TestClient]) -> 
     assert {"nonce", "evidence", "hpke"} <= set(schema["required"])
     for nested in ("EvidenceWire", "HpkeKey"):
         assert nested in spec["components"]["schemas"]
+
+
+@pytest.mark.parametrize(("what", "request_"), _REQUESTS, ids=[r[0] for r in _REQUESTS])
+def test_the_http_front_answers_like_the_app(
+    apps: tuple[TestClient, TestClient], what: str, request_: dict[str, Any]
+) -> None:
+    """``keyserver serve``'s front (keyserver/_front.py) runs the same endpoint and error
+    mapping: the same status and body as the app (a body over the cap is refused by its HTTP
+    server before dispatch, with the same 413 body)."""
+    fast, _ = apps
+    built = httpx.Request("POST", "http://keys.test/v1/keys/release", **request_)
+    body = built.read()
+    headers = [(name.lower().encode(), value.encode()) for name, value in built.headers.items()]
+    front = KeyServerFront(fast.app)
+    cap = 4096
+
+    async def ask() -> Response:
+        if len(body) > cap:
+            return front.refusal(
+                413, "request_too_large", f"request bodies are limited to {cap} bytes"
+            )
+        request = Request("POST", "/v1/keys/release", headers, body, client=("127.0.0.1", 9))
+        outcome = front.dispatch(request)
+        return outcome if isinstance(outcome, Response) else await outcome
+
+    answer = asyncio.run(ask())
+    expected = fast.post("/v1/keys/release", **request_)
+    assert answer.status == expected.status_code, what
+    assert json.loads(answer.body) == expected.json(), what
+    assert (b"content-type", b"application/json") in answer.headers

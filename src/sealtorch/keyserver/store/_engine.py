@@ -12,6 +12,7 @@ stuck lock becomes an error instead of a hang.
 from __future__ import annotations
 
 import os
+import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -164,8 +165,15 @@ def _sqlite_engine(parsed: sa.URL, timeout_ms: int, synchronous: str, *, create:
 
     @event.listens_for(engine, "begin")
     def _begin(conn: sa.Connection) -> None:
-        immediate = conn.get_execution_options().get(WRITE, False)
-        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+        # On the driver's connection: through exec_driver_sql this costs several times the
+        # statement (every group commit begins here); errors are SQLAlchemy's as before.
+        statement = "BEGIN IMMEDIATE" if conn.get_execution_options().get(WRITE, False) else "BEGIN"
+        try:
+            conn.connection.dbapi_connection.execute(statement)  # type: ignore[union-attr]
+        except sqlite3.Error as exc:
+            raise sa_exc.DBAPIError.instance(
+                statement, None, exc, sqlite3.Error, hide_parameters=True, dialect=conn.dialect
+            ) from exc
 
     return engine
 

@@ -26,6 +26,7 @@ from sqlalchemy import exc as sa_exc
 
 from sealtorch.errors import AuditError, StorageError
 from sealtorch.keyserver.store._engine import failure_kind, first_line
+from sealtorch.keyserver.store._raw import RawStatements
 from sealtorch.keyserver.store._sqlite_lock import SqliteWriteLock
 from sealtorch.keyserver.store._transactions import GroupTransaction
 
@@ -67,6 +68,7 @@ class GroupCommitter:
         self._sqlite_lock = sqlite_lock
         self._clock = clock
         self._backend = backend
+        self._raw = RawStatements(backend)
         self._pending: list[_Work] = []
         self._condition = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -147,7 +149,7 @@ class GroupCommitter:
         try:
             with self._begin_write(any(work.durable for work in group)) as conn:
                 nonces = [work.nonce for work in group if work.nonce is not None]
-                tx = GroupTransaction(conn, self._clock, nonces)
+                tx = GroupTransaction(conn, self._clock, nonces, raw=self._raw)
                 for work in group:
                     mark = tx.mark()
                     try:

@@ -37,6 +37,7 @@ from sealtorch.keyserver.store import _rows
 from sealtorch.keyserver.store import _schema as t
 from sealtorch.keyserver.store import _statements as q
 from sealtorch.keyserver.store._engine import first_line
+from sealtorch.keyserver.store._raw import RawStatements
 from sealtorch.protocol.admin import AdminScope
 from sealtorch.protocol.audit import AuditEntry, AuditRecord
 
@@ -355,19 +356,25 @@ class GroupTransaction(Transaction):
     Reads and the nonce deletion run at once; new nonces, sessions and audit records are
     buffered and written by :meth:`flush` just before the commit, the audit records last and
     under the chain lock (one lock order for every writer). :meth:`mark` / :meth:`undo` drop
-    what one unit of work buffered when it fails.
+    what one unit of work buffered when it fails. The statements of every group (nonces,
+    release material, audit) run on the DBAPI connection (:mod:`._raw`).
     """
 
     def __init__(
-        self, conn: sa.Connection, clock: Callable[[], datetime], nonces: Sequence[bytes] = ()
+        self,
+        conn: sa.Connection,
+        clock: Callable[[], datetime],
+        nonces: Sequence[bytes] = (),
+        *,
+        raw: RawStatements,
     ) -> None:
         super().__init__(conn, clock)
+        self._raw = raw
         # The nonces the group's work declared: consumed up front, in one statement.
         self._declared = frozenset(bytes(n) for n in nonces)
         self._consumed: dict[bytes, datetime] = {}
         if self._declared:
-            rows = conn.execute(q.CONSUME_NONCES, {"nonce_values": sorted(self._declared)})
-            self._consumed = {bytes(row.nonce): row.expires_at for row in rows}
+            self._consumed = raw.consume_nonces(conn, list(self._declared))
         self._nonces: list[dict[str, Any]] = []
         self._sessions: list[dict[str, Any]] = []
         self._entries: list[tuple[AuditEntry, dict[str, str | None]]] = []
@@ -394,7 +401,7 @@ class GroupTransaction(Transaction):
         key = None if model_ids is None else tuple(model_ids)
         material = self._material.get(key)
         if material is None:
-            material = q.read_release_material(self._conn, model_ids, locked=True)
+            material = self._raw.release_material(self._conn, model_ids)
             self._material[key] = material
         return material
 
@@ -417,7 +424,7 @@ class GroupTransaction(Transaction):
         """Write what was buffered; the audit records last, under the chain lock."""
         if self._nonces:
             try:
-                self._conn.execute(q.ADD_NONCE, self._nonces)
+                self._raw.add_nonces(self._conn, self._nonces)
             except sa_exc.IntegrityError as exc:  # pragma: no cover - 256-bit random nonces
                 raise ConflictError("a nonce was issued twice; retry") from exc
         if self._sessions:
@@ -425,7 +432,7 @@ class GroupTransaction(Transaction):
         if not self._entries:
             return
         try:
-            self.records = q.write_audit(self._conn, self._entries, at=self._now())
+            self.records = self._raw.write_audit(self._conn, self._entries, at=self._now())
         except sa_exc.SQLAlchemyError as exc:
             raise AuditError(
                 f"the audit records could not be written ({first_line(exc)}); nothing was committed"
