@@ -1,6 +1,7 @@
 """The SQL statements of the store, built once (constructing SQLAlchemy statements costs more
 than executing them on SQLite), and the two multi-statement reads/writes the transactions share:
-:func:`read_release_material` and :func:`write_audit`.
+:func:`read_release_material` and :func:`write_audit`. The group commit runs its own copies of
+the hot ones on the database driver (:mod:`._raw`; a test checks they agree with these).
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ __all__ = [
     "ADD_NONCE",
     "ADMIN_COLUMNS",
     "CONSUME_NONCE",
-    "CONSUME_NONCES",
     "CURRENT_POLICIES",
     "CURRENT_POLICY",
     "INSERT_SESSION",
@@ -67,20 +67,6 @@ CONSUME_NONCE = (
     sa.delete(t.nonces)
     .where(t.nonces.c.nonce == sa.bindparam("nonce_value"))
     .returning(t.nonces.c.expires_at)
-)
-# A group's nonces, consumed in one statement. The rows are locked in nonce order first
-# (PostgreSQL), so two replicas consuming overlapping sets (a replayed nonce) cannot deadlock.
-_DOOMED_NONCES = (
-    sa.select(t.nonces.c.nonce)
-    .where(t.nonces.c.nonce.in_(sa.bindparam("nonce_values", expanding=True)))
-    .order_by(t.nonces.c.nonce)
-    .with_for_update()
-    .cte("doomed")
-)
-CONSUME_NONCES = (
-    sa.delete(t.nonces)
-    .where(t.nonces.c.nonce.in_(sa.select(_DOOMED_NONCES.c.nonce)))
-    .returning(t.nonces.c.nonce, t.nonces.c.expires_at)
 )
 ACTIVE_WRAPPED_KEYS = (
     active_keys(*KEY_COLUMNS, t.key_versions.c.wrapped_dek)
