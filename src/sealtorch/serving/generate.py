@@ -340,5 +340,10 @@ def generate(
     new_tokens = output[0, length:]
     decoded = text.tokenizer.decode(new_tokens, skip_special_tokens=True)
     result, stopped = cut_at_stop(decoded, request.stop)
-    finish = "stop" if stopped or len(new_tokens) < request.max_tokens else "length"
+    eos = text.model.generation_config.eos_token_id
+    eos_ids = set(eos) if isinstance(eos, list) else {eos}
+    ended = len(new_tokens) < request.max_tokens or (
+        len(new_tokens) > 0 and int(new_tokens[-1]) in eos_ids
+    )
+    finish = "stop" if stopped or ended else "length"
     return GenerateResult(text=result, finish_reason=finish, tokens=len(new_tokens))

@@ -160,8 +160,13 @@ def add_generate_routes(app: FastAPI, state: ServerState, limits: AppLimits) -> 
             finally:
                 loop.call_soon_threadsafe(queue.put_nowait, _END)
 
+        def finished(done: asyncio.Future[GenerateResult]) -> None:
+            admission.close()
+            if not done.cancelled():
+                done.exception()  # retrieved, also when the client left before reading it
+
         future = loop.run_in_executor(state.executor, run)
-        future.add_done_callback(lambda _: admission.close())
+        future.add_done_callback(finished)
 
         async def events() -> AsyncIterator[bytes]:
             status = 500

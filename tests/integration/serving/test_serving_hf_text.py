@@ -121,6 +121,12 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     gpt2.save_pretrained(gpt2_dir)
     sealtorch.encrypt_model(gpt2_dir, root / "gpt2.sealed", model_id="gpt2", key=key)
     sources.append(SealedModelSource(root / "gpt2.sealed", key=key))
+    sharded = root / "gpt2-sharded"
+    gpt2.save_pretrained(sharded, max_shard_size="20KB")
+    _gpt2_tokenizer(sharded)
+    assert len(list(sharded.glob("model-*.safetensors"))) > 1
+    sealtorch.encrypt_model(sharded, root / "gpt2-sharded.sealed", model_id="gpt2-sharded", key=key)
+    sources.append(SealedModelSource(root / "gpt2-sharded.sealed", key=key))
 
     settings = ServerSettings(port=0, grpc_port=0, max_tokens=MAX_TOKENS, max_body_bytes=64 * 1024)
     with running_server(sources, settings) as server:
@@ -168,19 +174,23 @@ def _plain_generate(served: Served, prompt: str, **kwargs: Any) -> str:
     return text
 
 
-def _generate(client: httpx.Client, prompt: str, **parameters: Any) -> dict[str, Any]:
+def _generate(
+    client: httpx.Client, prompt: str, model: str = "gpt2", **parameters: Any
+) -> dict[str, Any]:
     response = client.post(
-        "/v2/models/gpt2/generate", json={"text_input": prompt, "parameters": parameters}
+        f"/v2/models/{model}/generate", json={"text_input": prompt, "parameters": parameters}
     )
     assert response.status_code == 200, response.text
     document: dict[str, Any] = response.json()
     return document
 
 
-def _stream(client: httpx.Client, prompt: str, **parameters: Any) -> list[dict[str, Any]]:
+def _stream(
+    client: httpx.Client, prompt: str, model: str = "gpt2", **parameters: Any
+) -> list[dict[str, Any]]:
     events = []
     body = {"text_input": prompt, "parameters": parameters}
-    with client.stream("POST", "/v2/models/gpt2/generate_stream", json=body) as response:
+    with client.stream("POST", f"/v2/models/{model}/generate_stream", json=body) as response:
         assert response.status_code == 200, response.read()
         assert response.headers["content-type"].startswith("text/event-stream")
         for line in response.iter_lines():
@@ -392,19 +402,20 @@ def test_text_over_grpc_with_the_triton_client(served: Served) -> None:
 # -- generate ------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("model", ["gpt2", "gpt2-sharded"])
 @pytest.mark.parametrize("prompt", PROMPTS)
 def test_greedy_generation_equals_plain_generate(
-    client: httpx.Client, served: Served, prompt: str
+    client: httpx.Client, served: Served, prompt: str, model: str
 ) -> None:
-    document = _generate(client, prompt, max_tokens=20)
+    document = _generate(client, prompt, model, max_tokens=20)
     assert set(document) == {"model_name", "model_version", "text_output", "finish_reason"}
-    assert document["model_name"] == "gpt2"
+    assert document["model_name"] == model
     expected = _plain_generate(served, prompt, max_new_tokens=20, do_sample=False)
     assert expected
     assert document["text_output"] == expected
     # the stream's pieces make the same text; its last event says why it ended
-    events = _stream(client, prompt, max_tokens=20)
-    assert all(e["model_name"] == "gpt2" for e in events)
+    events = _stream(client, prompt, model, max_tokens=20)
+    assert all(e["model_name"] == model for e in events)
     assert "".join(e["text_output"] for e in events) == expected
     assert events[-1]["text_output"] == ""
     assert events[-1]["finish_reason"] == document["finish_reason"]
