@@ -220,11 +220,17 @@ def start_serve(
 def _wait_ready(served: ServeProcess, ca: Path) -> None:
     deadline = time.monotonic() + 30
     verify = client_ssl_context(ca_path=ca)
+    unix = served.url.startswith("unix://")
     while time.monotonic() < deadline:
         if served.process.poll() is not None:
             raise RuntimeError(f"keyserver serve exited:\n{served.logs()}")
         try:
-            httpx.get(f"{served.url}/readyz", verify=verify, timeout=2).raise_for_status()
+            if unix:  # --unix-socket: plain HTTP on the socket
+                transport = httpx.HTTPTransport(uds=served.url[len("unix://") :])
+                with httpx.Client(transport=transport, timeout=2) as client:
+                    client.get("http://keyserver/readyz").raise_for_status()
+            else:
+                httpx.get(f"{served.url}/readyz", verify=verify, timeout=2).raise_for_status()
             return
         except httpx.TransportError:
             time.sleep(0.05)

@@ -9,6 +9,7 @@ requests); the answers are read as bytes.
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import ssl
 from pathlib import Path
@@ -21,6 +22,7 @@ import pytest
 from _fixtures.keyserver import init_dir, start_serve
 from sealtorch._crypto.tls import client_ssl_context
 from sealtorch.attestation import SimAttester
+from sealtorch.client import AdminClient, KeyReleaseClient, read_token
 
 pytestmark = pytest.mark.e2e
 
@@ -111,3 +113,30 @@ def test_one_port_serves_releases_and_the_app_with_the_same_limits(tmp_path: Pat
             assert 'route="/v1/attestation/challenge"' in metrics  # fast path requests counted
     finally:
         server.stop()
+
+
+def test_workers_share_a_unix_socket_and_release_over_it(tmp_path: Path) -> None:
+    """``--unix-socket`` with two workers: plain HTTP on one shared socket, releases and the app
+    both answered, a graceful stop of both workers, the socket file removed."""
+    attester = SimAttester(role="app", key_path=tmp_path / "sim.key")
+    data, token_file = init_dir(tmp_path, attester)
+    path = tmp_path / "ks.sock"
+    server = start_serve(
+        data, "--unix-socket", str(path), "--workers", "2", log_dir=tmp_path / "logs"
+    )
+    try:
+        assert server.url == f"unix://{path}"
+        with AdminClient(server.url, token=read_token(token_file=token_file)) as admin:
+            admin.create_model("m")
+            admin.set_policy(
+                "m", {"allowed_tees": ["sim"], "sim": {"mrenclave": [attester.mrenclave]}}
+            )
+        for _ in range(4):
+            with KeyReleaseClient(
+                server.url, attester=attester, trusted_release_keys=[server.release_key]
+            ) as client:
+                assert [k.model_id for k in client.release(["m"]).keys] == ["m"]
+    finally:
+        assert server.stop() in (0, -signal.SIGTERM)
+    assert server.logs().count("shutdown complete") == 2
+    assert not path.exists()
