@@ -16,6 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 
 pytest.importorskip("transformers")
@@ -23,12 +24,11 @@ pytest.importorskip("transformers")
 DOCS = Path(__file__).resolve().parents[3] / "docs" / "huggingface.md"
 
 
-def _serving_block() -> str:
+def _serving_blocks() -> list[str]:
     text = DOCS.read_text(encoding="utf-8")
     section = text[text.index("## Serving: text in, text out") :]
-    match = re.search(r"```sh\n(.*?)```", section, re.DOTALL)
-    assert match is not None
-    return match.group(1)
+    section = section[: section.index("\n## ", 1)]
+    return re.findall(r"```sh\n(.*?)```", section, re.DOTALL)
 
 
 def _free_port() -> int:
@@ -41,7 +41,8 @@ def _free_port() -> int:
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl")
 def test_the_serving_walkthrough_runs_as_written(tmp_path: Path) -> None:
-    script = _serving_block()
+    walkthrough, override = _serving_blocks()
+    script = walkthrough
     assert "sealtorch serve chat.sealed" in script
     assert "/generate_stream" in script
     port = _free_port()
@@ -67,3 +68,29 @@ def test_the_serving_walkthrough_runs_as_written(tmp_path: Path) -> None:
     assert '"text_output"' in output
     assert '"finish_reason": "length"' in output or '"finish_reason": "stop"' in output
     assert "data: {" in output
+
+    # the --inputs example, on the files the walkthrough made: its server takes a "prompt"
+    command = " ".join(override.replace("\\\n", " ").split()) + f" --port {port}"
+    assert command.startswith("sealtorch serve chat.sealed")
+    server = subprocess.Popen(
+        ["bash", "-c", "exec " + command],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert server.stdout is not None
+        for line in server.stdout:
+            if line.startswith("ready on"):
+                break
+        else:
+            raise AssertionError("the --inputs example did not start")
+        metadata = httpx.get(f"http://127.0.0.1:{port}/v2/models/chat", timeout=30).json()
+        assert [i["name"] for i in metadata["inputs"]] == ["input_ids", "prompt"]
+    finally:
+        server.terminate()
+        server.wait(30)
+        if server.stdout is not None:
+            server.stdout.close()
