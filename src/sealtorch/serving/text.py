@@ -15,7 +15,7 @@ outputs, never a cache:
 ``tokenizer.json`` (``tokenizers.Tokenizer.from_str``) and the class transformers' own table
 maps the config's ``model_type`` (or the sealed ``tokenizer_config.json``) to; nothing named by
 the files is imported from anywhere else, and remote code is never run. A tokenizer without
-``tokenizer.json`` (vocabulary files only) is built by ``AutoTokenizer.from_pretrained`` from a
+``tokenizer.json`` (vocabulary files only) is built by that class's ``from_pretrained`` from a
 private temporary directory (mode 0700, removed at once; inside an enclave the temporary
 directory is the enclave's own encrypted or in-memory mount).
 """
@@ -239,7 +239,7 @@ def build_tokenizer(files: Mapping[str, bytes], model_type: str) -> Any | None:
             for key, value in _json_file(files, "special_tokens_map.json").items():
                 kwargs.setdefault(key, value)
             return cls(tokenizer_object=Tokenizer.from_str(data.decode("utf-8")), **kwargs)
-        return _tokenizer_from_directory(files)
+        return _tokenizer_from_directory(cls, files)
     except PayloadError:
         raise
     except (ValueError, TypeError, KeyError, OSError, RuntimeError, UnicodeDecodeError) as exc:
@@ -248,11 +248,10 @@ def build_tokenizer(files: Mapping[str, bytes], model_type: str) -> Any | None:
         ) from exc
 
 
-def _tokenizer_from_directory(files: Mapping[str, bytes]) -> Any:
-    """A vocabulary-file tokenizer through ``AutoTokenizer.from_pretrained`` of a private
-    temporary directory (0700, removed before returning)."""
-    from transformers import AutoTokenizer
-
+def _tokenizer_from_directory(cls: Any, files: Mapping[str, bytes]) -> Any:
+    """A vocabulary-file tokenizer through ``cls.from_pretrained`` (the class
+    ``AutoTokenizer`` would choose from transformers' table) of a private temporary
+    directory (0700, removed before returning)."""
     directory = Path(tempfile.mkdtemp(prefix="sealtorch-tokenizer-"))  # mode 0700
     try:
         for name, data in files.items():
@@ -263,9 +262,7 @@ def _tokenizer_from_directory(files: Mapping[str, bytes]) -> Any:
                 with path.open("xb") as out:
                     path.chmod(0o600)
                     out.write(data)
-        return AutoTokenizer.from_pretrained(
-            str(directory), local_files_only=True, trust_remote_code=False
-        )
+        return cls.from_pretrained(str(directory), local_files_only=True, trust_remote_code=False)
     finally:
         shutil.rmtree(directory, ignore_errors=True)
 

@@ -351,6 +351,14 @@ def test_vocabulary_only_tokenizers_are_built_as_transformers_builds_them(
     remote["tokenizer_config.json"] = json.dumps({"auto_map": {"AutoTokenizer": "x.Y"}}).encode()
     with pytest.raises(PayloadError, match="auto_map"):
         build_tokenizer(remote, "bert")
+    # a class name from the file is only looked up in transformers' own table
+    config = json.loads(files["tokenizer_config.json"])
+    for named in ("subprocess.Popen", "os:system", "AutoTokenizer"):
+        hostile = dict(files)
+        hostile["tokenizer_config.json"] = json.dumps({**config, "tokenizer_class": named}).encode()
+        built = build_tokenizer(hostile, "bert")
+        assert type(built).__name__ == "BertTokenizer"
+        assert built("hello sealed")["input_ids"] == [2, 5, 6, 3]
     # no tokenizer files: no tokenizer (token ids only)
     assert build_tokenizer({"config.json": b"{}"}, "bert") is None
 
