@@ -315,6 +315,7 @@ def generate(
     assert text is not None  # noqa: S101 - encode_prompt checked it
     assert text.tokenizer is not None  # noqa: S101 - encode_prompt checked it
     length = prompt["input_ids"].shape[-1]
+    on_device = {name: tensor.to(text.model.device) for name, tensor in prompt.items()}
     kwargs = generation_kwargs(model, request)
     kwargs["stopping_criteria"] = _criteria(cancelled or threading.Event())
     stop_filter = None
@@ -328,16 +329,16 @@ def generate(
                     torch.manual_seed(
                         request.seed if request.seed is not None else secrets.randbits(63)
                     )
-                    output = text.model.generate(**prompt, **kwargs)
+                    output = text.model.generate(**on_device, **kwargs)
             else:
-                output = text.model.generate(**prompt, **kwargs)
+                output = text.model.generate(**on_device, **kwargs)
     except (ValueError, TypeError, IndexError) as exc:
         raise RequestError(
             f"model {model.name!r} cannot generate for this request ({type(exc).__name__})"
         ) from exc
     if stop_filter is not None:
         stop_filter.close()
-    new_tokens = output[0, length:]
+    new_tokens = output[0, length:].cpu()
     decoded = text.tokenizer.decode(new_tokens, skip_special_tokens=True)
     result, stopped = cut_at_stop(decoded, request.stop)
     eos = text.model.generation_config.eos_token_id

@@ -155,19 +155,23 @@ class TransformersAdapter(nn.Module):
         self._no_cache = "use_cache" in parameters
 
     def forward(self, *tensors: torch.Tensor) -> dict[str, torch.Tensor]:
-        kwargs: dict[str, Any] = dict(zip(self.input_names, tensors, strict=True))
+        """The named outputs, on the CPU (the model may sit on a GPU: the inputs go there)."""
+        device: Any = self.model.device
+        kwargs: dict[str, Any] = {
+            name: tensor.to(device) for name, tensor in zip(self.input_names, tensors, strict=True)
+        }
         if self._no_cache:
             kwargs["use_cache"] = False
         out = self.model(**kwargs, return_dict=True)
         if self.kind != ENCODER:
-            return {"logits": out.logits}
+            return {"logits": out.logits.cpu()}
         hidden = out.last_hidden_state
         result = {"last_hidden_state": hidden}
         pooled = getattr(out, "pooler_output", None)
         if isinstance(pooled, torch.Tensor):
             result["pooler_output"] = pooled
         result["embeddings"] = mean_pool(hidden, kwargs.get("attention_mask"))
-        return result
+        return {name: tensor.cpu() for name, tensor in result.items()}
 
 
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
