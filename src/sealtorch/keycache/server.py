@@ -30,10 +30,10 @@ from typing import Any
 
 import httpx
 
+from sealtorch._http_fast import HttpServer
 from sealtorch._listen import host_port, listen_tcp, listen_unix, socket_url, tls_context
 from sealtorch.attestation import EvidenceProvider, attester_for, make_verifiers
 from sealtorch.errors import ConfigError
-from sealtorch._http_fast import HttpServer
 from sealtorch.keycache.app import KeyCacheApp
 from sealtorch.keycache.cache import KeyCache
 from sealtorch.keycache.clock import MonotonicClock
