@@ -37,6 +37,7 @@ import sealtorch
 from benchmarks._harness import Context, Result, result
 from sealtorch._crypto.stream import TAG_SIZE, BodyCipher
 from sealtorch.keys import DataKey
+from sealtorch.sealed.parallel import decrypt_threads
 from sealtorch.sealed.reader import SealedReader, allocate_plaintext
 
 KEY = DataKey(bytes(range(32)))
@@ -202,9 +203,10 @@ def _timed(fn: Callable[[], Any], *, repeat: int) -> float:
     return best
 
 
-def _decrypt_readinto(path: Path, into: mmap.mmap | None) -> mmap.mmap:
+def _decrypt_readinto(path: Path, into: mmap.mmap | None, threads: int | None = 1) -> mmap.mmap:
+    """Decrypt on ``threads`` threads (None: the default, one per core)."""
     with SealedReader(path) as reader:
-        return reader.decrypt(reader.content_key(KEY), into=into)
+        return reader.decrypt(reader.content_key(KEY), into=into, threads=threads)
 
 
 def _decrypt_mmap(path: Path, into: mmap.mmap | None) -> mmap.mmap:
@@ -300,6 +302,8 @@ def _synthetic(ctx: Context) -> list[Result]:
     best: dict[str, float] = {}
     variants: dict[str, Callable[[], Any]] = {
         "readinto_reuse": lambda: _decrypt_readinto(path, reuse),
+        "parallel_reuse": lambda: _decrypt_readinto(path, reuse, threads=None),
+        "parallel_fresh": lambda: _decrypt_readinto(path, None, threads=None),
         "mmap_reuse": lambda: _decrypt_mmap(path, reuse),
         "readinto_fresh": lambda: _decrypt_readinto(path, None),
         "mmap_fresh": lambda: _decrypt_mmap(path, None),
@@ -320,6 +324,15 @@ def _synthetic(ctx: Context) -> list[Result]:
             "GB/s",
             ">= 3",
             mmap_gbps=round(plaintext / mmap_reuse / GB, 2),
+        ),
+        result(
+            "sealed/synthetic-decrypt",
+            f"authenticate + decrypt on every core ({decrypt_threads()} threads), file -> buffer",
+            plaintext / best["parallel_reuse"] / GB,
+            "GB/s",
+            None,
+            speedup_vs_one_core=round(readinto_reuse / best["parallel_reuse"], 2),
+            fresh_memory_gbps=round(plaintext / best["parallel_fresh"] / GB, 2),
         ),
         result(
             "sealed/synthetic-decrypt",
