@@ -13,9 +13,9 @@ and response schemas and error shape, plus health, status and Prometheus metrics
 ========================================  ==========================================
 
 :class:`KeyCacheApp` is framework-free: :meth:`KeyCacheApp.dispatch` turns a
-:class:`~sealtorch.keycache._http.Request` into a :class:`~sealtorch.keycache._http.Response`.
+:class:`~sealtorch._http_fast.Request` into a :class:`~sealtorch._http_fast.Response`.
 ``sealtorch keycache serve`` runs it on the small HTTP server in
-:mod:`sealtorch.keycache._http` (the release path is the hot path); the app is also an ASGI
+:mod:`sealtorch._http_fast` (the release path is the hot path); the app is also an ASGI
 application (``await app(scope, receive, send)``) for embedding in any ASGI server. ``sim``
 evidence is verified on the event loop (~0.15 ms); DCAP evidence in a worker thread. A
 ``metrics_only`` app (the ``--metrics`` listener) serves only health, status and metrics.
@@ -33,6 +33,7 @@ from typing import Any, Final
 
 from pydantic import BaseModel, ValidationError
 
+from sealtorch._http_fast import Request, Response
 from sealtorch._release import INLINE_EVIDENCE
 from sealtorch._release_http import (
     BEARER_CHALLENGE,
@@ -41,7 +42,6 @@ from sealtorch._release_http import (
     read_body,
     validation_message,
 )
-from sealtorch.keycache._http import Request, Response
 from sealtorch.keycache.cache import KeyCache
 from sealtorch.keycache.metrics import CONTENT_TYPE, CacheMetrics
 from sealtorch.keycache.service import LocalError, LocalReleaseService

@@ -19,11 +19,11 @@ import httpx
 from _fixtures.clock import FakeClock
 from _fixtures.keyserver import KeyServerUnderTest, new_signing_key, running_keyserver
 from sealtorch._crypto import hpke
+from sealtorch._http_fast import HttpServer
 from sealtorch._listen import listen_unix
 from sealtorch.attestation import SimAttester, report_data_for
 from sealtorch.client import KeyReleaseClient
 from sealtorch.keycache import KeyCache, KeyCacheApp, LocalReleaseService, build_cache
-from sealtorch.keycache._http import HttpServer
 from sealtorch.keycache.settings import KeyCacheSettings
 from sealtorch.keyserver.signingkey import ReleaseSigningKey
 from sealtorch.keyserver.store import Store
@@ -176,7 +176,7 @@ def cache_settings(
 
 
 class CacheServerThread:
-    """The production HTTP server (:mod:`sealtorch.keycache._http`) with ``app`` on a Unix
+    """The production HTTP server (:mod:`sealtorch._http_fast`) with ``app`` on a Unix
     socket, in its own event loop thread."""
 
     def __init__(self, app: KeyCacheApp, socket: Path) -> None:

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from _fixtures import slowclients
+from sealtorch._http_fast import HttpServer, Request, Response
 from sealtorch._listen import ReadTimeouts, listen_tcp, listen_unix
-from sealtorch.keycache._http import HttpServer, Request, Response
 from sealtorch.keycache.app import error_response
 
 
