@@ -7,7 +7,7 @@ import dataclasses
 import hashlib
 import json
 import struct
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -125,6 +125,71 @@ def test_claims_round_trip_through_json(sgx_verifier: DcapVerifier, sgx_evidence
     assert data["report_data"] == SGX_REPORT_DATA.hex()
     assert data["verified_at"] == "2025-06-19T11:56:11Z"
     assert Claims.from_dict(data) == claims
+
+
+def _to_dict_by_fields(claims: Claims) -> dict[str, object]:
+    """Claims.to_dict as it was before its fast path (each field through isinstance)."""
+    out: dict[str, object] = {}
+    for field in dataclasses.fields(claims):
+        value = getattr(claims, field.name)
+        if isinstance(value, bytes):
+            value = value.hex()
+        elif isinstance(value, datetime):
+            value = value.astimezone(UTC).isoformat().replace("+00:00", "Z")
+        elif isinstance(value, tuple):
+            value = list(value)
+        out[field.name] = value
+    return out
+
+
+def test_claims_to_dict_writes_what_the_field_by_field_conversion_wrote(
+    sgx_verifier: DcapVerifier,
+    sgx_evidence: Evidence,
+    tdx_verifier: DcapVerifier,
+    tdx_evidence: Evidence,
+) -> None:
+    """The audit record hashes these dicts: same keys, same order, same values, same JSON."""
+    sgx = sgx_verifier.verify(sgx_evidence, now=SGX_TIME)
+    tdx = tdx_verifier.verify(tdx_evidence, now=TDX_TIME)
+    plus_two = timezone(timedelta(hours=2))
+    variants = [
+        sgx,
+        tdx,
+        dataclasses.replace(sgx, advisory_ids=("INTEL-SA-00001", "INTEL-SA-00615"), debug=True),
+        dataclasses.replace(
+            tdx,
+            verified_at=datetime(2025, 6, 19, 13, 16, 3, 120, tzinfo=plus_two),
+            collateral_issued_at=None,
+            collateral_next_update=datetime(2030, 1, 1, tzinfo=UTC),
+        ),
+        dataclasses.replace(
+            sgx,
+            tee="snp",
+            evidence_type="sev-snp",
+            mrenclave=None,
+            mrsigner=None,
+            launch_measurement="ab" * 48,
+            author_key_enabled=False,
+            guest_policy=2**64 - 1,
+            vmpl=0,
+            tcb_fmc=7,
+            snp_product="Genoa",
+        ),
+        dataclasses.replace(
+            sgx,
+            tee="sim",
+            evidence_type="sim",
+            simulated=True,
+            sim_role="app",
+            attestation_key="ed25519:" + "cd" * 32,
+            tcb_status="UpToDate",
+        ),
+    ]
+    for claims in variants:
+        fast, reference = claims.to_dict(), _to_dict_by_fields(claims)
+        assert list(fast.items()) == list(reference.items())
+        assert json.dumps(fast) == json.dumps(reference)
+        assert Claims.from_dict(json.loads(json.dumps(fast))) == claims
 
 
 def test_claims_from_dict_refuses_malformed_records(
