@@ -12,6 +12,7 @@ from safetensors.torch import load as st_load
 from sealtorch.errors import PayloadError
 from sealtorch.payloads.tensors import (
     SafetensorsPlan,
+    device_tensors,
     parse_header,
     read_safetensors,
     tensors_from_buffer,
@@ -280,3 +281,33 @@ def test_tensor_changing_size_while_streaming_is_caught() -> None:
     tensor.resize_(8)
     with pytest.raises(PayloadError, match="changed while"):
         _serialise(plan)
+
+
+def _on_device(payload: bytes, align: int | None) -> dict[str, torch.Tensor]:
+    """The device path: the header read from a host copy, the tensors views of a uint8 tensor
+    (on the CPU here; a GPU buffer in use)."""
+    host = _to_buffer(payload)
+    data = torch.empty(len(host), dtype=torch.uint8)  # aligned, as a device allocation is
+    data.copy_(torch.frombuffer(bytearray(bytes(host)), dtype=torch.uint8))
+    return device_tensors(host, data, offset=64, size=len(payload), align=align)
+
+
+@pytest.mark.parametrize("align", [None, 64])
+def test_device_tensors_match_the_host_path(align: int | None) -> None:
+    payload = _serialise(SafetensorsPlan(_sample(), align=align))
+    expected = tensors_from_buffer(_to_buffer(payload), offset=64, size=len(payload), align=align)
+    found = _on_device(payload, align)
+    _assert_same(found, expected)
+    assert all(t.data_ptr() % 64 == 0 for t in found.values() if t.numel())
+
+
+def test_device_tensors_check_the_padding_and_bools_on_the_device() -> None:
+    padded = _aligned(
+        {"a": _entry("U8", [1], 0, 1), "b": _entry("U8", [1], 64, 65)},
+        b"\x01" + b"\x00" * 10 + b"\x07" + bytes(52) + b"\x01",
+    )
+    with pytest.raises(PayloadError, match="padding between"):
+        _on_device(padded, 64)
+    flags = _payload({"flags": _entry("BOOL", [3], 0, 3)}, b"\x00\x01\x02")
+    with pytest.raises(PayloadError, match="other than 0 and 1"):
+        _on_device(flags, None)
