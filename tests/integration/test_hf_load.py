@@ -11,6 +11,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -275,3 +276,48 @@ def test_serve_refuses_cuda_without_cuda(sealed: tuple[Path, Path, type], tmp_pa
             "(torch.cuda.is_available() is False)"
         )
     ]
+
+
+def test_serve_start_reports_progress_per_model(
+    sealed: tuple[Path, Path, type], caplog: pytest.LogCaptureFixture
+) -> None:
+    """What `sealtorch serve` sets up: each model load reports its decryption (log lines when
+    stderr is not a terminal), without the server's code passing anything."""
+    from sealtorch.cli import _progress
+    from sealtorch.payloads.defaults import set_default_progress
+
+    _, path, _ = sealed
+    made: list[_progress._Progress] = []
+
+    def factory(name: str) -> _progress._Progress:
+        made.append(_progress._Progress(f"decrypting {name}", quiet=False, terminal=False))
+        return made[-1]
+
+    set_default_progress(factory)
+    try:
+        with (
+            mock.patch.object(_progress, "_PROGRESS_THRESHOLD", 0),
+            caplog.at_level("INFO", logger="sealtorch.progress"),
+        ):
+            sealtorch.load_model(path, key=KEY)
+    finally:
+        set_default_progress(None)
+    records = [r for r in caplog.records if r.name == "sealtorch.progress"]
+    assert records
+    assert records[-1].percent == 100  # type: ignore[attr-defined]
+    assert records[-1].op == "decrypting model.sealed"  # type: ignore[attr-defined]
+    sealtorch.load_model(path, key=KEY)  # reset: nothing more reported
+    assert len([r for r in caplog.records if r.name == "sealtorch.progress"]) == len(records)
+
+
+def test_a_finished_progress_bar_closes_itself() -> None:
+    from sealtorch.cli._progress import _Progress
+
+    bar = _Progress("decrypting m", quiet=False, terminal=True)
+    bar(1 << 29, 1 << 30)
+    assert bar.bar_shown
+    bar(1 << 30, 1 << 30)  # done: the bar stops without stop()
+    assert bar._bar is None
+    bar(1 << 30, 1 << 30)  # nothing drawn again
+    assert bar._bar is None
+    bar.stop()

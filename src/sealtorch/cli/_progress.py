@@ -6,9 +6,10 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
-__all__ = ["_Progress"]
+__all__ = ["_Progress", "model_progress"]
 
 #: Inputs at least this large get a progress bar.
 _PROGRESS_THRESHOLD = 64 * 1024 * 1024
@@ -36,13 +37,15 @@ class _Progress:
         self._start: float | None = None
         self._end: float | None = None
         self._logged = -1
+        self._shown = False
+        self._stopped = False
         #: Whether stderr is a terminal (None: ask it when the first progress comes).
         self._terminal = terminal
 
     def __call__(self, done: int, total: int) -> None:
         if self._start is None:
             self._start = time.perf_counter()
-        if self._quiet or total < _PROGRESS_THRESHOLD:
+        if self._quiet or self._stopped or total < _PROGRESS_THRESHOLD:
             return
         if self._terminal is None:
             self._terminal = sys.stderr.isatty()
@@ -69,8 +72,11 @@ class _Progress:
                 transient=True,
             )
             self._bar.start()
+            self._shown = True
             self._task = self._bar.add_task(self._description, total=total)
         self._bar.update(self._task, completed=done)
+        if done >= total:  # a reporter handed to a loader that never calls stop()
+            self.stop()
 
     def _log(self, done: int, total: int) -> None:
         tenth = done * 10 // max(total, 1)
@@ -98,17 +104,29 @@ class _Progress:
         )
 
     def stop(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
         self._end = time.perf_counter()
         if self._bar is not None:
             self._bar.stop()
+            self._bar = None
 
     @property
     def bar_shown(self) -> bool:
         """Whether a progress bar has been drawn (a large input on a terminal, not ``-q``)."""
-        return self._bar is not None
+        return self._shown
 
     @property
     def elapsed(self) -> float:
         if self._start is None or self._end is None:
             return 0.0
         return self._end - self._start
+
+
+def model_progress(ctx: Any) -> Callable[[str], _Progress]:
+    """For ``sealtorch serve``: a progress reporter per model it loads (``decrypting NAME``),
+    silent under the root command's ``-q``."""
+    root = ctx.find_root()
+    quiet = bool(root.obj and root.obj.get("quiet"))
+    return lambda name: _Progress(f"decrypting {name}", quiet=quiet)

@@ -33,9 +33,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DevicePlaintext",
     "decrypt_to_device",
-    "default_device",
     "resolve_device",
-    "set_default_device",
     "tensors_on_device",
 ]
 
@@ -43,19 +41,6 @@ _U32 = struct.Struct(">I")  # the manifest length (docs/format.md)
 _U64 = struct.Struct("<Q")  # the safetensors header length
 #: What a device may be named, for messages.
 DEVICES: Final = "cpu, cuda or cuda:N"
-
-
-_default: list[torch.device | None] = [None]
-
-
-def set_default_device(device: torch.device | None) -> None:
-    """The device this process loads models onto when a caller names none (``sealtorch serve
-    --device``); ``None``: host memory."""
-    _default[0] = device
-
-
-def default_device() -> torch.device | None:
-    return _default[0]
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device | None:
