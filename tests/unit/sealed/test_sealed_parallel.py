@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from pathlib import Path
 from unittest import mock
 
@@ -93,6 +94,8 @@ def test_a_failure_stops_the_other_threads(tmp_path: Path) -> None:
 
     def counting(self: object, index: int, **kwargs: object) -> None:
         opened.append(index)
+        if index:
+            time.sleep(0.01)  # the good chunks are slow: the failure comes first
         real(self, index, **kwargs)  # type: ignore[arg-type]
 
     with (
