@@ -38,6 +38,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sealtorch import __version__
+from sealtorch._metrics import LabelCache
 from sealtorch._release_http import (
     BEARER_CHALLENGE,
     error_body,
@@ -293,8 +294,10 @@ def create_app(
         if keys:
             metrics.keys_released.inc(keys)
 
+    simulated_children = LabelCache(metrics.simulated_tee_releases)
+
     def observe_simulated(decision: str) -> None:
-        metrics.simulated_tee_releases.labels(decision).inc()
+        simulated_children(decision).inc()
 
     def build(s: Store, m: MasterKey, k: ReleaseSigningKey, v: VerifierSet) -> KeyService:
         service = KeyService(

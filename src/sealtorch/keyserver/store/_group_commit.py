@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import queue
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -69,74 +70,87 @@ class GroupCommitter:
         self._clock = clock
         self._backend = backend
         self._raw = RawStatements(backend)
-        self._pending: list[_Work] = []
-        self._condition = threading.Condition()
+        # Units of work in submission order; None: the close marker.
+        self._queue: queue.SimpleQueue[_Work | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._closed = False
+        self._stopping = False  # the committer took the close marker
 
     def submit(
         self, function: Callable[[Any], _T], *, durable: bool, nonce: bytes | None
     ) -> Future[_T]:
         future: Future[_T] = Future()
-        with self._condition:
+        with self._lock:  # against close(): a unit is either before the close marker or refused
             if self._closed:
                 raise StorageError("the key store is closed")
-            self._pending.append(_Work(function, durable, future, nonce))
             if self._thread is None:
                 self._thread = threading.Thread(
                     target=self._run, name="sealtorch-keystore-commit", daemon=True
                 )
                 self._thread.start()
-            self._condition.notify()
+            # A C call that wakes a committer waiting in get() (no condition variable: the
+            # committer never waits for this lock); a busy committer finds the unit when it
+            # takes its next group.
+            self._queue.put(_Work(function, durable, future, nonce))
         return future
 
-    def _take(self) -> list[_Work]:
-        """Up to ``MAX_GROUP`` waiting units; those whose caller gave up are dropped (a taken
-        unit can no longer be cancelled: its caller waits for the outcome)."""
-        with self._condition:
-            waiting = self._pending[:MAX_GROUP]
-            del self._pending[:MAX_GROUP]
+    def _take(self, first: _Work) -> list[_Work]:
+        """``first`` and the units waiting behind it, up to ``MAX_GROUP``; those whose caller
+        gave up are dropped (a taken unit can no longer be cancelled: its caller waits for the
+        outcome). The close marker ends the committer after this group."""
+        waiting = [first]
+        while len(waiting) < MAX_GROUP:
+            try:
+                work = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if work is None:
+                self._stopping = True
+                break
+            waiting.append(work)
         return [work for work in waiting if work.future.set_running_or_notify_cancel()]
 
     def _run(self) -> None:
-        while True:
-            with self._condition:
-                while not self._pending and not self._closed:
-                    self._condition.wait()
-                if not self._pending:
-                    return
-            self._commit_group()
+        while not self._stopping:
+            first = self._queue.get()
+            if first is None:
+                return
+            self._commit_group(first)
 
     def close(self, timeout: float = 30.0) -> None:
-        with self._condition:
+        """Commit what was submitted before, then stop; later units are refused."""
+        with self._lock:
             self._closed = True
-            self._condition.notify()
             thread = self._thread
+            self._queue.put(None)
         if thread is not None:
             thread.join(timeout)
-        with self._condition:
-            left, self._pending = self._pending, []
-        for work in left:
-            if work.future.set_running_or_notify_cancel():
+        while True:
+            try:
+                work = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if work is not None and work.future.set_running_or_notify_cancel():
                 work.future.set_exception(StorageError("the key store was closed"))
 
-    def _commit_group(self) -> None:
-        """Commit one group (the committer thread's body)."""
-        group: list[_Work] = []
+    def _commit_group(self, first: _Work) -> None:
+        """Commit ``first`` and the units behind it (the committer thread's body)."""
+        group: list[_Work] | None = None
         outcomes: list[tuple[_Work, bool, Any]] = []
         lock = self._sqlite_lock
         try:
             # SQLite: the write lock before taking the group, so that it grows meanwhile.
             with lock.patient() if lock else contextlib.nullcontext():
-                group = self._take()
+                group = self._take(first)
                 if group:
                     self._run_group(group, outcomes)
         except (sa_exc.SQLAlchemyError, StorageError) as exc:
-            self._fail_group(group or self._take(), exc)
+            self._fail_group(self._take(first) if group is None else group, exc)
             return
         except Exception as exc:  # noqa: BLE001 - the committer must survive; callers learn it
             _log.error("group commit failed unexpectedly: %s", type(exc).__name__)
-            self._fail_group(group or self._take(), exc)
+            self._fail_group(self._take(first) if group is None else group, exc)
             return
         for work, ok, value in outcomes:
             if ok:
