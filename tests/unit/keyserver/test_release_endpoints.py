@@ -72,6 +72,22 @@ _REQUESTS: list[tuple[str, dict[str, Any]]] = [
     ("no body", {}),
     ("not JSON", {"content": b"{nonce", "headers": {"content-type": "application/json"}}),
     ("text/plain", {"content": b"{}", "headers": {"content-type": "text/plain"}}),
+    ("text/plain again", {"content": b"{}", "headers": {"content-type": "text/plain"}}),
+    ("json+ suffix only", {"content": b"{}", "headers": {"content-type": "text/x+json"}}),
+    (
+        "json with charset",
+        {
+            "content": json.dumps(_WELL_FORMED),
+            "headers": {"content-type": "application/json; charset=utf-8"},
+        },
+    ),
+    (
+        "vendor +json",
+        {
+            "content": json.dumps(_WELL_FORMED),
+            "headers": {"content-type": "Application/Vnd.Sealtorch+JSON"},
+        },
+    ),
     ("empty object", {"json": {}}),
     ("wrong types", {"json": {**_WELL_FORMED, "nonce": 7, "session": "yes"}}),
     ("unknown field", {"json": {**_WELL_FORMED, "extra": 1}}),
@@ -139,3 +155,28 @@ def test_the_http_front_answers_like_the_app(
     assert answer.status == expected.status_code, what
     assert json.loads(answer.body) == expected.json(), what
     assert (b"content-type", b"application/json") in answer.headers
+
+
+@pytest.mark.parametrize(
+    ("media_type", "status"),
+    [
+        ("application/json", 403),
+        ("application/json; charset=utf-8", 403),
+        ("Application/Vnd.Sealtorch+JSON", 403),
+        ("text/plain", 400),
+        ("text/x+json", 400),
+        ("application/xml", 400),
+    ],
+)
+def test_json_media_types_are_judged_like_fastapi_every_time(
+    apps: tuple[TestClient, TestClient], media_type: str, status: int
+) -> None:
+    """A JSON body reaches the release checks (an unissued nonce: 403); any other media type
+    is a 400, the second time as the first (the short path remembers its verdicts)."""
+    for client in (*apps, *apps):
+        answer = client.post(
+            "/v1/keys/release",
+            content=json.dumps(_WELL_FORMED),
+            headers={"content-type": media_type},
+        )
+        assert answer.status_code == status, (media_type, answer.text)

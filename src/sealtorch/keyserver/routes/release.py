@@ -85,12 +85,7 @@ def _json_body(scope: Scope, body: bytes) -> bytes:
         )
     for name, value in scope["headers"]:
         if name == b"content-type":
-            message = Message()
-            message["content-type"] = value.decode("latin-1")
-            subtype = message.get_content_subtype()
-            if message.get_content_maintype() != "application" or not (
-                subtype == "json" or subtype.endswith("+json")
-            ):
+            if not _is_json_type(value):
                 raise RequestValidationError(
                     [
                         {
@@ -103,6 +98,28 @@ def _json_body(scope: Scope, body: bytes) -> bytes:
                 )
             break
     return body
+
+
+#: Content-Type values already judged by :func:`_is_json_type` (clients send one or two).
+_JSON_TYPES: dict[bytes, bool] = {}
+_JSON_TYPES_LIMIT = 64
+
+
+def _is_json_type(value: bytes) -> bool:
+    """Whether a Content-Type is JSON as FastAPI reads it (``application/json`` or
+    ``application/*+json``, parameters ignored); remembered for the first 64 values."""
+    known = _JSON_TYPES.get(value)
+    if known is not None:
+        return known
+    message = Message()
+    message["content-type"] = value.decode("latin-1")
+    subtype = message.get_content_subtype()
+    verdict = message.get_content_maintype() == "application" and (
+        subtype == "json" or subtype.endswith("+json")
+    )
+    if len(_JSON_TYPES) < _JSON_TYPES_LIMIT:
+        _JSON_TYPES[value] = verdict
+    return verdict
 
 
 #: ``(method, path) -> endpoint`` of the requests the app answers on its short path.
