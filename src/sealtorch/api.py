@@ -407,7 +407,6 @@ def load_sealed_model(
 ) -> SealedModel:
     """Like :func:`load_model`, but also return the manifest (inputs, outputs, labels...)."""
     from sealtorch.payloads.arch import check_allowed_archs, check_arch_allowed, load_into_module
-    from sealtorch.payloads.defaults import default_device, default_progress
     from sealtorch.payloads.device import resolve_device, tensors_on_device
     from sealtorch.payloads.programs import load_program
     from sealtorch.payloads.tensors import tensors_from_buffer
@@ -416,10 +415,7 @@ def load_sealed_model(
     if arch is not None:
         validate_arch_ref(arch)
         allowed |= {arch}  # the caller's own choice, not the file's
-    target = resolve_device(device) if device is not None else default_device()
-    if progress is None:
-        label = Path(source).name if isinstance(source, str | os.PathLike) else "model"
-        progress = default_progress(label)
+    target = resolve_device(device)
     start = time.perf_counter()
     placed = None if target is None else _decrypt_to_device(source, key, target, progress)
     if placed is None:

@@ -281,10 +281,10 @@ def test_serve_refuses_cuda_without_cuda(sealed: tuple[Path, Path, type], tmp_pa
 def test_serve_start_reports_progress_per_model(
     sealed: tuple[Path, Path, type], caplog: pytest.LogCaptureFixture
 ) -> None:
-    """What `sealtorch serve` sets up: each model load reports its decryption (log lines when
-    stderr is not a terminal), without the server's code passing anything."""
+    """What `sealtorch serve` sets up: each model source loads with its own progress reporter
+    (log lines when stderr is not a terminal), named after the model."""
     from sealtorch.cli import _progress
-    from sealtorch.payloads.defaults import set_default_progress
+    from sealtorch.serving.server import SealedModelSource
 
     _, path, _ = sealed
     made: list[_progress._Progress] = []
@@ -293,20 +293,18 @@ def test_serve_start_reports_progress_per_model(
         made.append(_progress._Progress(f"decrypting {name}", quiet=False, terminal=False))
         return made[-1]
 
-    set_default_progress(factory)
-    try:
-        with (
-            mock.patch.object(_progress, "_PROGRESS_THRESHOLD", 0),
-            caplog.at_level("INFO", logger="sealtorch.progress"),
-        ):
-            sealtorch.load_model(path, key=KEY)
-    finally:
-        set_default_progress(None)
+    source = SealedModelSource(path, key=KEY, name="tiny", progress=factory)
+    with (
+        mock.patch.object(_progress, "_PROGRESS_THRESHOLD", 0),
+        caplog.at_level("INFO", logger="sealtorch.progress"),
+    ):
+        source.load(max_images=1)
     records = [r for r in caplog.records if r.name == "sealtorch.progress"]
+    assert len(made) == 1
     assert records
     assert records[-1].percent == 100  # type: ignore[attr-defined]
-    assert records[-1].op == "decrypting model.sealed"  # type: ignore[attr-defined]
-    sealtorch.load_model(path, key=KEY)  # reset: nothing more reported
+    assert records[-1].op == "decrypting tiny"  # type: ignore[attr-defined]
+    sealtorch.load_model(path, key=KEY)  # nothing set process-wide: nothing more reported
     assert len([r for r in caplog.records if r.name == "sealtorch.progress"]) == len(records)
 
 

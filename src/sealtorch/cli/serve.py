@@ -348,11 +348,10 @@ def serve(
     if (keys_url is None) == (key_file is None):
         raise click.UsageError("give exactly one key source: --keys URL or --key-file FILE")
     from sealtorch.cli._progress import model_progress
-    from sealtorch.payloads.defaults import set_default_device, set_default_progress
     from sealtorch.payloads.device import resolve_device
 
-    set_default_device(resolve_device(device))  # refused here, before any key is asked for
-    set_default_progress(model_progress(click.get_current_context()))
+    target = resolve_device(device)  # refused here, before any key is asked for
+    progress = model_progress(click.get_current_context())
     if names and len(names) != len(models):
         raise click.UsageError(
             f"--name was given {len(names)} times for {len(models)} models; give one per model "
@@ -405,6 +404,8 @@ def serve(
             allowed_archs=allow_archs,
             inputs=inputs[index],
             outputs=outputs[index],
+            device=target,
+            progress=progress,
         )
         for index, path in enumerate(models)
     ]

@@ -44,9 +44,10 @@ from sealtorch.serving.model import DEFAULT_MAX_IMAGES, ServedModel, check_model
 from sealtorch.serving.state import ServerState
 
 if TYPE_CHECKING:
+    import torch
     from fastapi import FastAPI
 
-    from sealtorch.api import KeyLike
+    from sealtorch.api import KeyLike, ProgressCallback
     from sealtorch.payloads.manifest import TensorSpec
     from sealtorch.serving.grpc_service import GrpcServer
 
@@ -129,6 +130,8 @@ class SealedModelSource:
     ``allowed_archs`` lists the ``package.module:factory`` architectures the file may name
     (``--allow-arch``; torchvision and timm models are always allowed). ``inputs`` /
     ``outputs`` replace the interface declared at sealing (``--inputs/--outputs``).
+    ``device`` is where the weights are decrypted to (``--device``; None: host memory);
+    ``progress(name)`` makes the decryption progress reporter of the model named ``name``.
     """
 
     def __init__(
@@ -140,6 +143,8 @@ class SealedModelSource:
         allowed_archs: Iterable[str] = (),
         inputs: Iterable[TensorSpec] | None = None,
         outputs: Iterable[TensorSpec] | None = None,
+        device: str | torch.device | None = None,
+        progress: Callable[[str], ProgressCallback] | None = None,
     ):
         from sealtorch.api import inspect_sealed
         from sealtorch.payloads.arch import check_allowed_archs
@@ -149,6 +154,8 @@ class SealedModelSource:
         self._allowed_archs = check_allowed_archs(allowed_archs)
         self._inputs = tuple(inputs) if inputs is not None else None
         self._outputs = tuple(outputs) if outputs is not None else None
+        self._device = device
+        self._progress = progress
         try:
             info = inspect_sealed(self.path)
         except FileNotFoundError as exc:
@@ -173,7 +180,13 @@ class SealedModelSource:
 
         timed = _TimedKeyProvider(as_key_provider(self._key))
         start = time.perf_counter()
-        sealed = load_sealed_model(self.path, key=timed, allowed_archs=self._allowed_archs)
+        sealed = load_sealed_model(
+            self.path,
+            key=timed,
+            allowed_archs=self._allowed_archs,
+            device=self._device,
+            progress=None if self._progress is None else self._progress(self._name),
+        )
         decrypted = time.perf_counter()
         model = ServedModel.from_sealed(
             sealed,
