@@ -34,6 +34,7 @@ classifier's labels from ``id2label`` unless labels were given at sealing.
 from __future__ import annotations
 
 import io
+import itertools
 import logging
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -263,6 +264,8 @@ class ServedModel:
         self.name = name
         self.version = version
         self.module = module
+        #: Where the weights are (``serve --device``), None for host memory.
+        self.device = _device_of(module)
         self.inputs = inputs
         self.public_inputs = public_inputs
         self.outputs = outputs
@@ -431,8 +434,7 @@ class ServedModel:
         """The model's outputs for ``tensors`` (its :attr:`inputs`, in order), without the
         derived probabilities (:meth:`output` computes them). Call from a worker thread."""
         try:
-            with torch.inference_mode():
-                produced = _flatten_outputs(self.module(*tensors))
+            produced = _run(self.module, tensors, self.device)
         except _MODEL_ERRORS as exc:
             # The model's own message may describe its private layers (weight shapes...):
             # never pass it on, and log only its type.
@@ -555,12 +557,32 @@ def _resolve_inputs(
     return tensor_inputs, tensor_inputs, image
 
 
+def _device_of(module: nn.Module) -> torch.device | None:
+    """The accelerator the module's weights are on (``serve --device``), None for host memory."""
+    for tensor in itertools.chain(module.parameters(), module.buffers()):
+        return None if tensor.device.type == "cpu" else tensor.device
+    return None
+
+
+def _run(
+    module: nn.Module, tensors: Sequence[torch.Tensor], device: torch.device | None
+) -> list[tuple[str | None, torch.Tensor]]:
+    """The module's flattened outputs: inputs go to ``device``, outputs come back to the host
+    (neither happens for a model in host memory)."""
+    if device is not None:
+        tensors = [tensor.to(device) for tensor in tensors]
+    with torch.inference_mode():
+        produced = _flatten_outputs(module(*tensors))
+    if device is None:
+        return produced
+    return [(name, tensor.cpu()) for name, tensor in produced]
+
+
 def _warm_up(
     module: nn.Module, name: str, tensors: list[torch.Tensor]
 ) -> list[tuple[str | None, torch.Tensor]]:
     try:
-        with torch.inference_mode():
-            return _flatten_outputs(module(*tensors))
+        return _run(module, tensors, _device_of(module))
     except _MODEL_ERRORS as exc:
         shapes = ", ".join(f"{datatype_of(t.dtype)} {shape_text(list(t.shape))}" for t in tensors)
         raise PayloadError(

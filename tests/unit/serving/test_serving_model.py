@@ -341,3 +341,29 @@ def test_good_model_names() -> None:
         assert check_model_name(name) == name
     model = ServedModel.build(nn.Linear(2, 2), name="m", version="2024.1", sealed=False)
     assert repr(model) == "ServedModel(name='m', version='2024.1', sealed=False)"
+
+
+def test_a_model_in_host_memory_has_no_device() -> None:
+    model = ServedModel.build(
+        torch.nn.Linear(3, 2), name="m", inputs=[TensorSpec("x", "FP32", (-1, 3))], sealed=False
+    )
+    assert model.device is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_model_on_the_gpu_takes_host_tensors_and_answers_on_the_host() -> None:
+    """`serve --device cuda`: requests are decoded on the host, so inputs go to the model's
+    device and outputs come back, for every kind of model (not only transformers)."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(3, 2)
+    x = torch.randn(4, 3)
+    with torch.inference_mode():
+        expected = layer.cuda()(x.cuda()).cpu()
+    model = ServedModel.build(
+        layer, name="m", inputs=[TensorSpec("x", "FP32", (-1, 3))], sealed=False
+    )
+    assert model.device is not None
+    assert model.device.type == "cuda"
+    (produced,) = model.forward([x])
+    assert produced.device.type == "cpu"
+    assert torch.equal(produced, expected)
