@@ -680,11 +680,6 @@ def rewrap(
         )
     with SealedReader(source_path) as reader:
         old = reader.header
-        if key is None and old.body.set is not None:
-            raise ConfigError(
-                "a sealed set is rewrapped with its current key (key=..., --key-file); the key "
-                "server's remote rewrap takes single files"
-            )
         if key is None:
             key_block = remote(old)  # type: ignore[misc]
             if not isinstance(key_block, KeyBlock):

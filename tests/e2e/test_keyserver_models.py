@@ -119,3 +119,54 @@ def test_keyserver_and_key_file_are_exclusive(server: KeyServerUnderTest, tmp_pa
         cli, ["encrypt", str(weights), "-o", str(tmp_path / "y.sealed"), "--model-id", "y"]
     )
     assert result.exit_code == 2
+
+
+def test_a_sealed_set_is_rotated_by_the_key_server(
+    server: KeyServerUnderTest, tmp_path: Path
+) -> None:
+    """`rewrap --keyserver` of a sealed set: the server authenticates the first file's header,
+    set block included, and rewraps its key; the other files are not touched. An edited set
+    block does not authenticate: refused, and the file stays as it was."""
+    import dataclasses
+
+    from sealtorch.client import AdminError
+    from sealtorch.sealed.header import SetBlock
+    from sealtorch.sealed.reader import read_header
+    from sealtorch.sealed.sets import set_paths
+
+    server.add_model("big")
+    token_file = tmp_path / "admin.token"
+    token_file.write_text(server.admin_token + "\n")
+    model = _model()
+    sealed = tmp_path / "big.sealed"
+    with AdminClient(server.url, token=server.admin_token, ca=server.ca) as admin:
+        info = sealtorch.encrypt_model(
+            model.state_dict(), sealed, model_id="big", key=KeyServerWrapper(admin),
+            max_file_size=128, chunk_size=64,
+        )  # fmt: skip
+        assert info.file_count >= 2
+        others = [p.read_bytes() for p in set_paths(sealed, info.file_count)[1:]]
+
+        header = read_header(sealed)
+        assert header.body.set is not None
+        edited = SetBlock(
+            set_id=header.body.set.set_id,
+            index=0,
+            count=header.body.set.count,
+            digests=(bytes(32), *header.body.set.digests[1:]),
+        )
+        forged = dataclasses.replace(header, body=dataclasses.replace(header.body, set=edited))
+        before = sealed.read_bytes()
+        with pytest.raises(AdminError) as refused:
+            admin.rewrap(forged)
+        assert refused.value.code == "header_invalid"
+        assert sealed.read_bytes() == before
+
+        admin.rotate_key("big")
+    result = CliRunner().invoke(cli, ["rewrap", str(sealed), *_keyserver_args(server, token_file)])
+    assert result.exit_code == 0, result.output
+    assert sealtorch.inspect_sealed(sealed).key_version == 2
+    assert [p.read_bytes() for p in set_paths(sealed, info.file_count)[1:]] == others
+    with server.client() as client:
+        loaded = sealtorch.load_state_dict(sealed, key=client)
+    assert all(torch.equal(loaded[k], v) for k, v in model.state_dict().items())

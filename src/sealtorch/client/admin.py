@@ -305,6 +305,14 @@ class AdminClient:
                     "nonce": header.key.nonce,
                     "wrapped_cek": header.key.wrapped_cek,
                 },
+                "set": None
+                if header.body.set is None
+                else {
+                    "id": header.body.set.set_id,
+                    "index": header.body.set.index,
+                    "count": header.body.set.count,
+                    "digests": list(header.body.set.digests),
+                },
             }
         )
         wire: KeyBlockWire = self._as(KeyBlockWire, self._call("POST", "/rewrap", body))

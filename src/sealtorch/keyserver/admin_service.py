@@ -575,7 +575,7 @@ class AdminService:
     def rewrap(self, actor: Actor, request: RewrapRequest) -> KeyBlock:
         """Unwrap a file's content key with its (possibly revoked) version and wrap it again
         under the current version; the content key never leaves the server."""
-        from sealtorch.sealed.header import BodyHeader, Header
+        from sealtorch.sealed.header import BodyHeader, Header, SetBlock
         from sealtorch.sealed.keywrap import unwrap_content_key, wrap_content_key
 
         model_id = request.body.model_id
@@ -590,6 +590,14 @@ class AdminService:
                         chunk_size=request.body.chunk_size,
                         salt=request.body.salt,
                         suite=request.body.suite,
+                        set=None
+                        if request.set is None
+                        else SetBlock(
+                            set_id=request.set.id,
+                            index=request.set.index,
+                            count=request.set.count,
+                            digests=tuple(request.set.digests),
+                        ),
                     ),
                     key=KeyBlock(
                         key_version=request.key.key_version,

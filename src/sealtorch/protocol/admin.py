@@ -211,9 +211,29 @@ class BodyHeaderWire(WireModel):
     suite: Annotated[str, Field(max_length=64)]
 
 
+#: The most files a sealed set may have (``docs/format.md``; the server checks every rule of
+#: the set block when it rebuilds the header).
+_SET_FILES: Final = 512
+
+
+class SetBlockWire(WireModel):
+    """Where a file sits in a sealed set (``docs/format.md``): the first file of a set, the
+    one that holds the key, lists the body digests of the others."""
+
+    id: Annotated[B64Bytes, Field(min_length=16, max_length=16)]
+    index: Annotated[int, Field(ge=0, lt=_SET_FILES)]
+    count: Annotated[int, Field(ge=2, le=_SET_FILES)]
+    digests: Annotated[
+        list[Annotated[B64Bytes, Field(min_length=32, max_length=32)]],
+        Field(max_length=_SET_FILES - 1),
+    ] = Field(default_factory=list)
+
+
 class RewrapRequest(WireModel):
     """A sealed file's public header; the server rewraps its content key to the current
-    data key version without the content key ever leaving the server."""
+    data key version without the content key ever leaving the server. ``set`` is there for
+    the first file of a sealed set (it is bound into the body digest)."""
 
     body: BodyHeaderWire
+    set: SetBlockWire | None = None
     key: KeyBlockWire

@@ -19,6 +19,7 @@ from sealtorch.keys import DataKey, KeyProvider
 from sealtorch.sealed.header import (
     SET_FORMAT_VERSION,
     Header,
+    KeyBlock,
     SetBlock,
     ShardHeader,
     parse_preamble_version,
@@ -273,12 +274,22 @@ def test_rewrap_a_set(sealed_set: list[Path], tmp_path: Path) -> None:
     assert open_set(copy) == PLAINTEXT
     assert [p.read_bytes() for p in set_paths(copy, 3)[1:]] == others
 
-    class RemoteRewrap:
-        def rewrap(self, header: Header) -> None:
-            raise AssertionError("not called for a set")
+    class RemoteRewrap:  # the key server's rewrap sees the first file's header, set included
+        def __init__(self) -> None:
+            self.seen: list[Header] = []
 
-    with pytest.raises(ConfigError, match="remote rewrap takes single files"):
-        sealtorch.rewrap(first, key=None, new_key=RemoteRewrap())  # type: ignore[arg-type]
+        def rewrap(self, header: Header) -> KeyBlock:
+            self.seen.append(header)
+            with SealedReader(copy) as reader:
+                cek = reader.content_key(KEY)
+            return LocalKeyWrapper(DataKey(bytes(range(5, 37))), key_version=9).wrap(
+                model_id=header.model_id, body_digest=header.body.digest, cek=cek
+            )
+
+    remote = RemoteRewrap()
+    sealtorch.rewrap(copy, key=None, new_key=remote)  # type: ignore[arg-type]
+    assert [h.body.set.index for h in remote.seen if h.body.set] == [0]
+    assert open_set(copy, DataKey(bytes(range(5, 37)))) == PLAINTEXT
 
 
 _JSON = st.recursive(
