@@ -111,3 +111,8 @@ def run_in_processes(
                 process.join()
         out.close()
     return results
+
+
+def serve_nothing(sock: Any) -> None:
+    """A key server worker that cannot start (its serve function fails at once)."""
+    raise OSError(f"cannot serve {sock!r}: broken on purpose")

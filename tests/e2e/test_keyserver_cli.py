@@ -348,6 +348,7 @@ def test_workers_stop_when_the_supervisor_is_killed(tmp_path: Path, attester: Si
 
 
 def test_a_worker_that_cannot_start_stops_the_server(tmp_path: Path) -> None:
+    from _fixtures.workers import serve_nothing
     from sealtorch._listen import listen_tcp
     from sealtorch.errors import ConfigError
     from sealtorch.keyserver._workers import WorkerSpec, run_workers
@@ -355,7 +356,7 @@ def test_a_worker_that_cannot_start_stops_the_server(tmp_path: Path) -> None:
     holder = listen_tcp("127.0.0.1", 0, reuse_port=True, listen=False)
     try:
         spec = WorkerSpec(
-            serve="sealtorch_no_such_module:serve",
+            serve=serve_nothing,
             address=holder.getsockname()[:2],
         )
         with pytest.raises(ConfigError, match="could not start"):

@@ -17,7 +17,6 @@ orphan keeps serving on the port with what may be an old configuration.
 
 from __future__ import annotations
 
-import importlib
 import logging
 import multiprocessing
 import os
@@ -47,9 +46,9 @@ _PARENT_CHECK_SECONDS: Final = 0.5
 class WorkerSpec:
     """What a worker needs (pickled to the spawned process)."""
 
-    #: What the worker runs, ``"module:function"``: called with the listening socket, it
-    #: serves until SIGTERM; an exception out of it means the worker could not start.
-    serve: str
+    #: What the worker runs (a module-level function: picklable): called with the listening
+    #: socket, it serves until SIGTERM; an exception out of it means the worker could not start.
+    serve: Callable[[socket.socket], None]
     #: TCP ``(host, port)`` to listen on with ``SO_REUSEPORT``...
     address: tuple[str, int] | None = None
     #: ... or an already listening socket to share (a Unix socket).
@@ -84,9 +83,7 @@ def _worker(spec: WorkerSpec) -> None:  # pragma: no cover - runs in the spawned
             sock = spec.shared
         else:
             raise ConfigError("a worker needs an address or a socket")
-        module, _, function = spec.serve.partition(":")
-        serve = getattr(importlib.import_module(module), function)  # our own constant
-        serve(sock)
+        spec.serve(sock)
     except Exception as exc:  # the supervisor learns it from the exit status
         _log.error("worker process [%d] could not start or failed: %s", os.getpid(), exc)
         raise SystemExit(_STARTUP_FAILURE) from exc

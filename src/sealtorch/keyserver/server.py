@@ -111,7 +111,7 @@ def run(
                         name = f"SEALTORCH_KEYSERVER_{section.upper()}_{key.upper()}"
                         os.environ[name] = str(value).lower() if value is True else str(value)
             spec = WorkerSpec(
-                serve=f"{__name__}:serve_worker",
+                serve=serve_worker,
                 address=None if unix_socket else sock.getsockname()[:2],
                 shared=sock if unix_socket else None,
                 setup=worker_setup,
