@@ -34,6 +34,7 @@ from sealtorch.keyserver.records import (
 )
 from sealtorch.keyserver.store import _rows
 from sealtorch.keyserver.store._schema import from_micros, to_micros
+from sealtorch.keyserver.store._statements import assemble_release_material
 from sealtorch.protocol.audit import AuditEntry, AuditRecord, build_record
 
 __all__ = ["RawStatements"]
@@ -201,16 +202,7 @@ class RawStatements:
                     blob=bytes(blob),
                 )
             )
-        order = wanted if wanted is not None else sorted(models)
-        return [
-            ReleaseMaterial(
-                model_id=model_id,
-                model=models.get(model_id),
-                policy=policies.get(model_id) if model_id in models else None,
-                keys=tuple(keys.get(model_id, ())),
-            )
-            for model_id in order
-        ]
+        return assemble_release_material(wanted, models, policies, keys)
 
     def add_nonces(self, conn: sa.Connection, rows: Sequence[Mapping[str, Any]]) -> None:
         """Insert nonce rows (:func:`._rows.nonce_row`)."""

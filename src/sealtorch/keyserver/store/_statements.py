@@ -12,7 +12,13 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from sealtorch.keyserver.records import KeyState, ReleaseMaterial, WrappedKey
+from sealtorch.keyserver.records import (
+    KeyState,
+    ModelRecord,
+    PolicyRecord,
+    ReleaseMaterial,
+    WrappedKey,
+)
 from sealtorch.keyserver.store import _rows
 from sealtorch.keyserver.store import _schema as t
 from sealtorch.protocol.audit import AuditEntry, AuditRecord, build_record
@@ -164,6 +170,17 @@ def read_release_material(
     keys: dict[str, list[WrappedKey]] = {}
     for row in conn.execute(keys_query, params):
         keys.setdefault(row.model_id, []).append(_rows.WRAPPED_KEY.record(row))
+    return assemble_release_material(wanted, models, policies, keys)
+
+
+def assemble_release_material(
+    wanted: Sequence[str] | None,
+    models: Mapping[str, ModelRecord],
+    policies: Mapping[str, PolicyRecord],
+    keys: Mapping[str, Sequence[WrappedKey]],
+) -> list[ReleaseMaterial]:
+    """The release material of ``wanted`` (in that order; None: every model, by id) from the
+    rows read for it - shared by the SQLAlchemy and the driver paths (:mod:`._raw`)."""
     order = wanted if wanted is not None else sorted(models)
     return [
         ReleaseMaterial(
