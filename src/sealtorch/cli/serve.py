@@ -20,7 +20,7 @@ _SECONDS = click.FloatRange(min=0, min_open=True, max=3600)
 def _interfaces(values: tuple[str, ...], option: str, count: int) -> list[Any]:
     """``--inputs`` / ``--outputs``: one JSON list of tensor specs (or null: as sealed) per
     model, inline or @FILE."""
-    from sealtorch.payloads.manifest import TensorSpec
+    from sealtorch.payloads.manifest import parse_tensor_specs
 
     if not values:
         return [None] * count
@@ -40,14 +40,9 @@ def _interfaces(values: tuple[str, ...], option: str, count: int) -> list[Any]:
                 "must be a non-empty JSON list of tensor specs", param_hint=option
             )
         try:
-            specs = tuple(
-                TensorSpec.from_json(item, f"{option}[{i}]") for i, item in enumerate(document)
-            )
+            result.append(parse_tensor_specs(document, option))
         except ConfigError as exc:
             raise click.BadParameter(str(exc), param_hint=option) from exc
-        if len({spec.name for spec in specs}) != len(specs):
-            raise click.BadParameter("tensor names must be distinct", param_hint=option)
-        result.append(specs)
     return result
 
 

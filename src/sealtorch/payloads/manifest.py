@@ -37,6 +37,7 @@ __all__ = [
     "TensorSpec",
     "encode_prefix",
     "parse_prefix",
+    "parse_tensor_specs",
     "validate_arch_ref",
 ]
 
@@ -142,6 +143,16 @@ def _list(value: object, name: str, *, max_items: int, min_items: int = 0) -> Se
     if not isinstance(value, list | tuple) or not min_items <= len(value) <= max_items:
         raise _bad(f"{name} must be a list of {min_items} to {max_items} items")
     return value
+
+
+def parse_tensor_specs(value: object, name: str) -> tuple[TensorSpec, ...]:
+    """A JSON list of 1 to ``MAX_TENSOR_SPECS`` tensor specs with distinct names (the
+    manifest's ``inputs``/``outputs``, ``serve --inputs/--outputs``); ConfigError otherwise."""
+    items = _list(value, name, min_items=1, max_items=MAX_TENSOR_SPECS)
+    result = tuple(TensorSpec.from_json(item, f"{name}[{i}]") for i, item in enumerate(items))
+    if len({spec.name for spec in result}) != len(result):
+        raise _bad(f"{name} names must be unique")
+    return result
 
 
 def _json_value(value: object, name: str, depth: int = 0) -> Any:
@@ -375,15 +386,7 @@ class Manifest:
                 raise _bad(f"metadata value of {key!r} must be a string (at most 64 KiB)")
 
         def specs(name: str) -> tuple[TensorSpec, ...] | None:
-            if name not in obj:
-                return None
-            items = _list(obj[name], name, min_items=1, max_items=MAX_TENSOR_SPECS)
-            result = tuple(
-                TensorSpec.from_json(item, f"{name}[{i}]") for i, item in enumerate(items)
-            )
-            if len({spec.name for spec in result}) != len(result):
-                raise _bad(f"{name} names must be unique")
-            return result
+            return parse_tensor_specs(obj[name], name) if name in obj else None
 
         labels: tuple[str, ...] | None = None
         if "labels" in obj:
