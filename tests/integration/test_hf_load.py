@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from unittest import mock
 
@@ -17,6 +18,7 @@ import pytest
 import torch
 
 import sealtorch
+from _fixtures.hf import tiny_bert, tiny_gpt2
 from sealtorch.errors import ConfigError, IntegrityError
 from sealtorch.keys import DataKey, encode_key
 from sealtorch.payloads.device import decrypt_to_device, resolve_device, tensors_on_device
@@ -29,29 +31,14 @@ KEY = DataKey(bytes(range(32)))
 CUDA = torch.cuda.is_available()
 
 
-def _gpt2(directory: Path) -> None:
-    torch.manual_seed(3)
-    config = transformers.GPT2Config(vocab_size=96, n_positions=48, n_embd=32, n_layer=2, n_head=2)
-    transformers.GPT2LMHeadModel(config).save_pretrained(directory, max_shard_size="40KB")
+_gpt2 = partial(tiny_gpt2, seed=3, vocab_size=96, n_positions=48, max_shard_size="40KB")
 
-
-def _bert(directory: Path) -> None:
-    torch.manual_seed(4)
-    config = transformers.BertConfig(
-        vocab_size=64,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=40,
-        num_labels=3,
-    )
-    transformers.BertForSequenceClassification(config).save_pretrained(directory)
-
-
-MODELS: dict[str, tuple[Callable[[Path], None], type]] = {
+MODELS: dict[str, tuple[Callable[[Path], object], type]] = {
     "gpt2": (_gpt2, transformers.AutoModelForCausalLM),
-    "bert": (_bert, transformers.AutoModelForSequenceClassification),
+    "bert": (
+        partial(tiny_bert, seed=4, max_position_embeddings=40),
+        transformers.AutoModelForSequenceClassification,
+    ),
 }
 
 

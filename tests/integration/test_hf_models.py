@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ import torch
 from click.testing import CliRunner
 
 import sealtorch
+from _fixtures.hf import tiny_bert, tiny_gpt2
 from sealtorch.cli import cli
 from sealtorch.errors import ConfigError, IntegrityError, PayloadError
 
@@ -40,46 +42,14 @@ def key_file(tmp_path: Path) -> Path:
     return path
 
 
-def _bert_tokenizer(directory: Path) -> None:
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "hello", "sealed", "world", "model"]
-    (directory / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    tokenizer = transformers.BertTokenizerFast(vocab_file=str(directory / "vocab.txt"))
-    tokenizer.save_pretrained(directory)
-
-
-def bert(directory: Path, *, shard: str | None = None) -> torch.nn.Module:
-    torch.manual_seed(1)
-    config = transformers.BertConfig(
-        vocab_size=64,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        num_labels=3,
-    )
-    model = transformers.BertForSequenceClassification(config).eval()
-    model.save_pretrained(directory, **({"max_shard_size": shard} if shard else {}))
-    _bert_tokenizer(directory)
-    return model
-
-
-def gpt2(directory: Path, *, shard: str | None = None) -> torch.nn.Module:
-    torch.manual_seed(2)
-    config = transformers.GPT2Config(
-        vocab_size=128,
-        n_positions=64,
-        n_embd=32,
-        n_layer=2,
-        n_head=2,
-        bos_token_id=0,
-        eos_token_id=0,
-    )
-    model = transformers.GPT2LMHeadModel(config).eval()
-    model.generation_config.max_new_tokens = 6
-    model.generation_config.repetition_penalty = 1.3
-    model.save_pretrained(directory, **({"max_shard_size": shard} if shard else {}))
-    return model
+bert = partial(tiny_bert, seed=1, tokenizer=True)
+gpt2 = partial(
+    tiny_gpt2,
+    seed=2,
+    bos_token_id=0,
+    eos_token_id=0,
+    generation={"max_new_tokens": 6, "repetition_penalty": 1.3},
+)
 
 
 def assert_same_model(sealed: torch.nn.Module, plain: torch.nn.Module, vocab: int) -> None:
@@ -102,7 +72,7 @@ def assert_same_model(sealed: torch.nn.Module, plain: torch.nn.Module, vocab: in
 @pytest.mark.parametrize("shard", [None, "40KB"], ids=["one-file", "sharded"])
 def test_gpt2_seal_and_load(tmp_path: Path, key_file: Path, shard: str | None) -> None:
     directory = tmp_path / "gpt2"
-    gpt2(directory, shard=shard)
+    gpt2(directory, max_shard_size=shard)
     assert "lm_head.weight" not in json.dumps(
         json.loads((directory / "model.safetensors.index.json").read_text())
         if shard
@@ -140,7 +110,7 @@ def test_gpt2_seal_and_load(tmp_path: Path, key_file: Path, shard: str | None) -
 @pytest.mark.parametrize("shard", [None, "20KB"], ids=["one-file", "sharded"])
 def test_bert_classifier_seal_and_load(tmp_path: Path, key_file: Path, shard: str | None) -> None:
     directory = tmp_path / "bert"
-    bert(directory, shard=shard)
+    bert(directory, max_shard_size=shard)
     run(
         "encrypt", directory, "-o", tmp_path / "bert.sealed", "--model-id", "bert",
         "--key-file", key_file, "--max-file-size", "64KiB",
@@ -253,7 +223,7 @@ def test_pickle_only_checkpoints_are_refused(tmp_path: Path, key_file: Path) -> 
 @pytest.fixture
 def sealed_gpt2(tmp_path: Path, key_file: Path) -> list[Path]:
     directory = tmp_path / "gpt2"
-    gpt2(directory, shard="40KB")
+    gpt2(directory, max_shard_size="40KB")
     run(
         "encrypt", directory, "-o", tmp_path / "gpt2.sealed", "--model-id", "gpt2",
         "--key-file", key_file,

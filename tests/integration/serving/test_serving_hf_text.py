@@ -22,18 +22,15 @@ import torch
 from serving_helpers import assert_protocol_error, by_name, output_tensor, running_server
 
 import sealtorch
+from _fixtures.hf import bert_tokenizer, gpt2_tokenizer, save_tiny, tiny_bert, tiny_gpt2
 from sealtorch.keys import write_key_file
 from sealtorch.payloads.manifest import TensorSpec
 from sealtorch.serving.generate import StopFilter
 from sealtorch.serving.server import SealedModelSource, ServerSettings
 
 transformers = pytest.importorskip("transformers")
-from tokenizers.pre_tokenizers import ByteLevel  # noqa: E402 - after the importorskip
 
 LABELS = {0: "negative", 1: "neutral", 2: "positive"}
-BERT_WORDS = ["hello", "sealed", "world", "model", "the", "secret", "weights", "##s", "text"]
-#: Printable ASCII as GPT-2's byte-level alphabet writes it (space is "Ġ"), a few merges.
-GPT2_MERGES = [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("Ġ", "a"), ("i", "n"), ("o", "n")]
 MAX_TOKENS = 40
 PROMPTS = ["the cat sat on", "Once upon a time", "in the hat"]
 
@@ -50,34 +47,8 @@ class Served:
     gpt2_tokenizer: Any
 
 
-def _bert_config() -> Any:
-    return transformers.BertConfig(
-        vocab_size=32,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=24,
-        num_labels=3,
-        id2label=LABELS,
-        label2id={v: k for k, v in LABELS.items()},
-    )
-
-
-def _bert_tokenizer(directory: Path) -> None:
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *BERT_WORDS]
-    transformers.BertTokenizer(vocab={t: i for i, t in enumerate(vocab)}).save_pretrained(directory)
-
-
-def _gpt2_tokenizer(directory: Path) -> int:
-    alphabet = [chr(b) for b in range(33, 127)] + ["Ġ"]
-    assert set(alphabet) <= set(ByteLevel.alphabet())
-    vocab = {c: i for i, c in enumerate(alphabet)}
-    for a, b in GPT2_MERGES:
-        vocab[a + b] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    transformers.GPT2Tokenizer(vocab=vocab, merges=GPT2_MERGES).save_pretrained(directory)
-    return len(vocab)
+#: The BERTs' shape: 24 positions (long texts are truncated), named labels.
+BERT = {"vocab_size": 32, "max_position_embeddings": 24, "labels": LABELS, "tokenizer": True}
 
 
 @pytest.fixture(scope="module")
@@ -85,48 +56,28 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     root = tmp_path_factory.mktemp("hf-text")
     key = root / "models.key"
     write_key_file(key)
-    sources = []
 
-    torch.manual_seed(11)
-    bert = transformers.BertForSequenceClassification(_bert_config()).eval()
-    for name, shard in (("bert", None), ("bert-sharded", "20KB")):
-        directory = root / name
-        bert.save_pretrained(directory, **({"max_shard_size": shard} if shard else {}))
-        _bert_tokenizer(directory)
-        sealtorch.encrypt_model(directory, root / f"{name}.sealed", model_id=name, key=key)
-        sources.append(SealedModelSource(root / f"{name}.sealed", key=key))
+    bert = tiny_bert(root / "bert", seed=11, **BERT)
+    save_tiny(bert, root / "bert-sharded", max_shard_size="20KB", tokenizer=bert_tokenizer)
     assert len(list((root / "bert-sharded").glob("model-*.safetensors"))) > 1
+    tiny_bert(root / "encoder", seed=12, base=True, **BERT)
 
-    torch.manual_seed(12)
-    encoder = transformers.BertModel(_bert_config()).eval()
-    encoder.save_pretrained(root / "encoder")
-    _bert_tokenizer(root / "encoder")
-    sealtorch.encrypt_model(root / "encoder", root / "encoder.sealed", model_id="encoder", key=key)
-    sources.append(SealedModelSource(root / "encoder.sealed", key=key))
-
-    torch.manual_seed(13)
     gpt2_dir = root / "gpt2"
-    vocab = _gpt2_tokenizer(gpt2_dir)
-    config = transformers.GPT2Config(
-        vocab_size=vocab,
+    gpt2 = tiny_gpt2(
+        gpt2_dir,
+        seed=13,
+        tokenizer=True,
         n_positions=128,  # a warm-up of 224 tokens could not run
-        n_embd=32,
-        n_layer=2,
-        n_head=2,
-        bos_token_id=vocab - 1,
-        eos_token_id=vocab - 1,
+        generation={"repetition_penalty": 1.2},  # sealed generation defaults apply
     )
-    gpt2 = transformers.GPT2LMHeadModel(config).eval()
-    gpt2.generation_config.repetition_penalty = 1.2  # sealed generation defaults apply
-    gpt2.save_pretrained(gpt2_dir)
-    sealtorch.encrypt_model(gpt2_dir, root / "gpt2.sealed", model_id="gpt2", key=key)
-    sources.append(SealedModelSource(root / "gpt2.sealed", key=key))
     sharded = root / "gpt2-sharded"
-    gpt2.save_pretrained(sharded, max_shard_size="20KB")
-    _gpt2_tokenizer(sharded)
+    save_tiny(gpt2, sharded, max_shard_size="20KB", tokenizer=gpt2_tokenizer)
     assert len(list(sharded.glob("model-*.safetensors"))) > 1
-    sealtorch.encrypt_model(sharded, root / "gpt2-sharded.sealed", model_id="gpt2-sharded", key=key)
-    sources.append(SealedModelSource(root / "gpt2-sharded.sealed", key=key))
+
+    names = ("bert", "bert-sharded", "encoder", "gpt2", "gpt2-sharded")
+    for name in names:
+        sealtorch.encrypt_model(root / name, root / f"{name}.sealed", model_id=name, key=key)
+    sources = [SealedModelSource(root / f"{name}.sealed", key=key) for name in names]
 
     settings = ServerSettings(port=0, grpc_port=0, max_tokens=MAX_TOKENS, max_body_bytes=64 * 1024)
     with running_server(sources, settings) as server:
@@ -332,10 +283,8 @@ def test_vocabulary_only_tokenizers_are_built_as_transformers_builds_them(
     from sealtorch.serving.text import build_tokenizer
 
     directory = tmp_path / "bert"
-    _bert_tokenizer(directory)
+    bert_tokenizer(directory)
     (directory / "tokenizer.json").unlink()  # vocab.txt and tokenizer_config.json only
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *BERT_WORDS]
-    (directory / "vocab.txt").write_text("\n".join(vocab) + "\n")
     files = {p.name: p.read_bytes() for p in directory.iterdir()}
     scratch = tmp_path / "scratch"
     scratch.mkdir()
