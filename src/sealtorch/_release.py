@@ -18,10 +18,9 @@ performance-tuned).
 from __future__ import annotations
 
 import logging
-import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any, Final, NoReturn
 
 from sealtorch._crypto import hpke
@@ -105,14 +104,12 @@ _BINDING_MISMATCH: Final = (
 
 
 def new_challenge(
-    *, now: datetime, ttl: timedelta, evidence_types: tuple[str, ...]
+    nonce: bytes, *, expires_at: datetime, evidence_types: tuple[str, ...]
 ) -> ChallengeResponse:
-    """A fresh single-use nonce expiring ``ttl`` after ``now`` (the caller stores it)."""
+    """The challenge for a fresh single-use nonce of :data:`NONCE_SIZE` bytes (made and kept
+    by the caller: the key cache keeps random ones, the key server mints its own)."""
     return ChallengeResponse(
-        nonce=secrets.token_bytes(NONCE_SIZE),
-        expires_at=now + ttl,
-        hpke_suites=HPKE_SUITES,
-        evidence_types=evidence_types,
+        nonce=nonce, expires_at=expires_at, hpke_suites=HPKE_SUITES, evidence_types=evidence_types
     )
 
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 import multiprocessing
 import traceback
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sealtorch.keyserver.records import NonceStatus
+from sealtorch.keyserver.records import SpentNonce
 from sealtorch.keyserver.store import open_store
 from sealtorch.protocol.audit import AuditEntry, AuditKind
 
@@ -27,16 +27,16 @@ def _report(out: Any, work: Callable[[], Any]) -> None:
         out.put(("error", traceback.format_exc()))
 
 
-def consume_nonces(url: str, nonces: list[bytes], start: Any, out: Any) -> None:
-    """Try to consume every nonce; report the ones this process got."""
+def spend_nonces(url: str, nonces: list[bytes], start: Any, out: Any) -> None:
+    """Try to spend every nonce; report the ones this process got."""
 
     def work() -> list[bytes]:
         store = open_store(url, busy_timeout=30.0)
         try:
             store.ping()  # connect before the barrier, so the real work overlaps
             start.wait(START_TIMEOUT)
-            now = datetime.now(UTC)
-            return [n for n in nonces if store.consume_nonce(n, now=now) is NonceStatus.CONSUMED]
+            expires_at = datetime.now(UTC) + timedelta(minutes=5)
+            return [n for n in nonces if store.spend_nonce(SpentNonce(n, expires_at))]
         finally:
             store.close()
 

@@ -36,7 +36,7 @@ from sealtorch._release_http import (
 from sealtorch._settings import Section, file_sources, format_errors, read_toml, resolve_path
 from sealtorch.attestation import Claims
 from sealtorch.errors import ConfigError, Error
-from sealtorch.protocol import DeniedModel, ReleaseRequest
+from sealtorch.protocol import HPKE_SUITES, DeniedModel, ReleaseRequest
 
 NOW = datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC)
 
@@ -101,12 +101,14 @@ def test_asking_for_every_model_does_not_reveal_denied_ids() -> None:
     assert named.denied == (denial,)
 
 
-def test_challenges_are_fresh_and_expire() -> None:
-    first = new_challenge(now=NOW, ttl=timedelta(seconds=30), evidence_types=("sim",))
-    second = new_challenge(now=NOW, ttl=timedelta(seconds=30), evidence_types=("sim",))
-    assert len(first.nonce) == NONCE_SIZE
-    assert first.nonce != second.nonce
-    assert first.expires_at == NOW + timedelta(seconds=30)
+def test_a_challenge_offers_the_protocol_suites() -> None:
+    challenge = new_challenge(
+        b"\x07" * NONCE_SIZE, expires_at=NOW + timedelta(seconds=30), evidence_types=("sim",)
+    )
+    assert challenge.nonce == b"\x07" * NONCE_SIZE
+    assert challenge.expires_at == NOW + timedelta(seconds=30)
+    assert challenge.hpke_suites == HPKE_SUITES
+    assert challenge.evidence_types == ("sim",)
 
 
 # -- outcomes -------------------------------------------------------------------------------------

@@ -225,7 +225,7 @@ def serve(
     unix_socket: Path | None,
     allow_sim: bool | None,
 ) -> None:
-    """Run the key server over HTTPS (uvicorn)."""
+    """Run the key server over HTTPS (one or more worker processes)."""
     from sealtorch.cli._logging import configure_logging
     from sealtorch.keyserver.server import run
 

@@ -41,6 +41,7 @@ from sealtorch._release import (
     MAX_DENIAL_MESSAGE,
     NONCE_EXPIRED,
     NONCE_INVALID,
+    NONCE_SIZE,
     DecisionObserver,
     ErrorKind,
     OutcomeReporter,
@@ -158,7 +159,9 @@ class LocalReleaseService:
 
     def challenge(self) -> ChallengeResponse:
         challenge = new_challenge(
-            now=self.now(), ttl=self._nonce_ttl, evidence_types=self._evidence_types
+            secrets.token_bytes(NONCE_SIZE),
+            expires_at=self.now() + self._nonce_ttl,
+            evidence_types=self._evidence_types,
         )
         with self._lock:
             if len(self._nonces) >= self._max_nonces:

@@ -29,11 +29,11 @@ __all__ = [
     "KeyState",
     "KeyVersionRecord",
     "ModelRecord",
-    "NonceStatus",
     "NotFoundError",
     "PolicyRecord",
     "ReleaseMaterial",
     "SessionRecord",
+    "SpentNonce",
     "WrapFunction",
     "WrappedDek",
     "WrappedKey",
@@ -83,12 +83,13 @@ class KeyState(StrEnum):
     DESTROYED = "destroyed"
 
 
-class NonceStatus(StrEnum):
-    """Outcome of consuming a challenge nonce (it is gone afterwards in every case)."""
+@dataclass(frozen=True, slots=True)
+class SpentNonce:
+    """A challenge nonce a release spends: one the key server issued (its MAC checked, see
+    :mod:`sealtorch.keyserver.nonces`), with its expiry (its row may go after that)."""
 
-    CONSUMED = "consumed"
-    EXPIRED = "expired"
-    UNKNOWN = "unknown"  # never issued, or already used
+    value: bytes
+    expires_at: datetime
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,9 +10,10 @@ The release path (``docs/protocol.md``), in order, stopping at the first failure
 
 1. check the request on its own: the HPKE public key, the evidence (→ claims; ``sim`` evidence
    on the event loop, others in a worker thread) and its report_data binding — no database;
-2. in **one** commit (shared with concurrent requests): consume the challenge nonce (exactly
-   once across replicas; an unknown or expired nonce refuses the request whatever step 1
-   found, as if it had been checked first), read each requested model's current policy and
+2. in **one** commit (shared with concurrent requests): spend the challenge nonce (its MAC
+   and expiry checked first, :mod:`sealtorch.keyserver.nonces`; spent exactly once across
+   replicas; a forged, expired or spent nonce refuses the request whatever step 1 found, as if
+   it had been checked first), read each requested model's current policy and
    active keys (share-locked until the commit, so a revocation committed before it wins),
    evaluate, create the renewal session if asked, append the audit record — the commit is the
    point of no return, and if it fails nothing is released (fail closed);
@@ -21,7 +22,7 @@ The release path (``docs/protocol.md``), in order, stopping at the first failure
    release statement (:mod:`sealtorch.protocol.statement`) with the release-signing key — so
    nothing is ever signed for a refused key or before its audit record committed.
 
-Refused requests are audited in the same commit (their nonce is consumed as well). The steps
+Refused requests are audited in the same commit (a valid nonce is spent as well). The steps
 and codes shared with the key cache are in :mod:`sealtorch._release`.
 """
 
@@ -73,7 +74,8 @@ from sealtorch.keyserver._service import (
     unavailable,
 )
 from sealtorch.keyserver.masterkey import MasterKey, wrap_aad
-from sealtorch.keyserver.records import NonceStatus, PolicyRecord, ReleaseMaterial, WrappedKey
+from sealtorch.keyserver.nonces import load_nonce_key
+from sealtorch.keyserver.records import PolicyRecord, ReleaseMaterial, SpentNonce, WrappedKey
 from sealtorch.keyserver.settings import KeyServerSettings
 from sealtorch.keyserver.signingkey import ReleaseSigningKey
 from sealtorch.keyserver.store import GroupTransaction, Store
@@ -176,6 +178,7 @@ class ReleaseService:
         self.now: Callable[[], datetime] = clock.now
         self._policies = policies
         self._evidence_types = tuple(sorted(verifiers.evidence_types))
+        self._nonces = load_nonce_key(store.nonce_key, master_key)
 
     @property
     def evidence_types(self) -> tuple[str, ...]:
@@ -185,16 +188,9 @@ class ReleaseService:
     # -- challenge ------------------------------------------------------------------------------
 
     async def challenge(self) -> ChallengeResponse:
-        challenge = new_challenge(
-            now=self.now(), ttl=self._settings.nonce_ttl, evidence_types=self._evidence_types
-        )
-
-        def issue(tx: GroupTransaction) -> None:
-            tx.add_nonce(challenge.nonce, expires_at=challenge.expires_at)
-
-        # Not durable: a nonce lost in a power cut only makes its client ask again.
-        await self._commit(issue, durable=False)
-        return challenge
+        """A fresh nonce; no database work (:mod:`sealtorch.keyserver.nonces`)."""
+        nonce, expires_at = self._nonces.issue(now=self.now(), ttl=self._settings.nonce_ttl)
+        return new_challenge(nonce, expires_at=expires_at, evidence_types=self._evidence_types)
 
     # -- release --------------------------------------------------------------------------------
 
@@ -234,12 +230,16 @@ class ReleaseService:
         else:
             checked = await self._offload(self._check_release, request, now)
 
+        expires_at = self._nonces.expiry(request.nonce)
+        nonce = None if expires_at is None else SpentNonce(request.nonce, expires_at)
+
         def decide(tx: GroupTransaction) -> _Decided | Refusal:
-            status = tx.consume_nonce(request.nonce, now=self.now())
-            if status is NonceStatus.UNKNOWN:
+            if nonce is None:
                 return _refusal(tx, context, NONCE_INVALID)
-            if status is NonceStatus.EXPIRED:
+            if self.now() >= nonce.expires_at:
                 return _refusal(tx, context, NONCE_EXPIRED)
+            if not tx.spend_nonce(nonce):
+                return _refusal(tx, context, NONCE_INVALID)
             if checked.claims_dict is not None:
                 context.claims = checked.claims_dict
             if checked.request.refusal is not None:
@@ -277,7 +277,8 @@ class ReleaseService:
             )
             return _Decided(grants, denials, lease_end, session)
 
-        outcome = await self._commit(decide, nonce=request.nonce)
+        fresh = nonce is not None and now < nonce.expires_at
+        outcome = await self._commit(decide, nonce=nonce if fresh else None)
         if isinstance(outcome, Refusal):
             self._refused(context, outcome)
         recipient, _ = checked.request.accepted()
@@ -408,8 +409,7 @@ class ReleaseService:
         self,
         work: Callable[[GroupTransaction], _T],
         *,
-        durable: bool = True,
-        nonce: bytes | None = None,
+        nonce: SpentNonce | None = None,
     ) -> _T:
         """Run ``work`` in the store's next group commit; storage failures become 503s.
 
@@ -417,7 +417,7 @@ class ReleaseService:
         runs) and the request gets ``store_unavailable``; one already running is waited for.
         """
         try:
-            future = self._store.submit(work, durable=durable, nonce=nonce)
+            future = self._store.submit(work, nonce=nonce)
         except StorageError as exc:
             raise unavailable(exc) from exc
         # One timer instead of wait_for(shield(...)) (three futures and their callbacks per

@@ -10,6 +10,7 @@ import json
 import secrets
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
 from typing import Any
 
 import httpx
@@ -22,6 +23,7 @@ from sealtorch._crypto import hpke
 from sealtorch.attestation import SimAttester, report_data_for
 from sealtorch.errors import IntegrityError, KeyReleaseError
 from sealtorch.keys import generate_key
+from sealtorch.keyserver.nonces import NonceMinter
 from sealtorch.protocol import HPKE_SUITE_MLKEM768_X25519, b64decode, b64encode, key_release_info
 from sealtorch.protocol.audit import AuditEntry, AuditKind
 
@@ -183,21 +185,41 @@ def test_a_never_issued_nonce_is_refused(keyserver: KeyServerUnderTest) -> None:
         assert _error(http.post("/v1/keys/release", json=request), 403) == "nonce_invalid"
 
 
+def test_forged_and_edited_nonces_are_refused_and_audited(
+    keyserver: KeyServerUnderTest, clock: FakeClock
+) -> None:
+    """Nonces carry their own MAC (sealtorch.keyserver.nonces): one from another key server
+    (its own nonce key), a real one with a byte flipped, its expiry pushed later, or cut short
+    — each refused as ``nonce_invalid``, audited, and the real nonce still works after."""
+    keyserver.add_model("m")
+    public = hpke.generate_private_key(SUITE).public_key().encode()
+    with keyserver.http() as http:
+        real = _challenge(http)
+        foreign, _ = NonceMinter(secrets.token_bytes(32)).issue(
+            now=clock.now, ttl=timedelta(seconds=60)
+        )
+        later = (int.from_bytes(real[:8], "big") + 3_600_000_000).to_bytes(8, "big") + real[8:]
+        flipped = real[:20] + bytes([real[20] ^ 1]) + real[21:]
+        for forged in (foreign, flipped, later, real[:16]):
+            request = _request(keyserver.attester, forged, public, models=["m"])
+            assert _error(http.post("/v1/keys/release", json=request), 403) == "nonce_invalid"
+        request = _request(keyserver.attester, real, public, models=["m"])
+        assert http.post("/v1/keys/release", json=request).status_code == 200
+    decisions = [r.decision for r in _audit(keyserver) if r.action == "release"]
+    assert decisions == ["refuse"] * 4 + ["allow"]
+
+
 def test_an_expired_nonce_is_refused(keyserver: KeyServerUnderTest, clock: FakeClock) -> None:
     keyserver.add_model("m")
     with keyserver.http() as http:
         nonce = _challenge(http)
         clock.advance(seconds=61)
         public = hpke.generate_private_key(SUITE).public_key().encode()
-        response = http.post(
-            "/v1/keys/release", json=_request(keyserver.attester, nonce, public, models=["m"])
-        )
-        assert _error(response, 403) == "nonce_expired"
-        # ... and it is gone: a second try is "unknown", not "expired"
-        response = http.post(
-            "/v1/keys/release", json=_request(keyserver.attester, nonce, public, models=["m"])
-        )
-        assert _error(response, 403) == "nonce_invalid"
+        for _ in range(2):  # its expiry is part of it: expired on every try
+            response = http.post(
+                "/v1/keys/release", json=_request(keyserver.attester, nonce, public, models=["m"])
+            )
+            assert _error(response, 403) == "nonce_expired"
 
 
 def test_evidence_bound_to_another_public_key_is_refused(keyserver: KeyServerUnderTest) -> None:
@@ -318,14 +340,12 @@ def test_a_revocation_racing_a_release_wins(keyserver: KeyServerUnderTest) -> No
     store = keyserver.store
     original = store.submit
 
-    def revoke_first(work: Any, *, durable: bool = True, nonce: bytes | None = None) -> Any:
-        if durable:  # the release's decision (the challenge's nonce is not durable)
-            with store.transaction() as tx:
-                tx.revoke_key_version("m", 1)
-                tx.append_audit(
-                    AuditEntry(kind=AuditKind.ADMIN, action="key.revoke", decision="ok")
-                )
-        return original(work, durable=durable, nonce=nonce)
+    def revoke_first(work: Any, *, nonce: Any = None) -> Any:
+        # The release's decision (a challenge does no database work).
+        with store.transaction() as tx:
+            tx.revoke_key_version("m", 1)
+            tx.append_audit(AuditEntry(kind=AuditKind.ADMIN, action="key.revoke", decision="ok"))
+        return original(work, nonce=nonce)
 
     store.submit = revoke_first  # type: ignore[method-assign]
     try:
@@ -446,8 +466,9 @@ def test_nothing_is_released_when_the_audit_record_cannot_be_written(
 def test_a_busy_store_answers_503_and_the_request_leaves_no_trace(
     store: Any, master: Any, sim_attester: SimAttester, tls_files: Any, tmp_path: Any
 ) -> None:
-    """A request whose commit cannot start within the busy timeout is withdrawn (it never
-    runs) and answered 503; the server serves again once the store is free."""
+    """A release whose commit cannot start within the busy timeout is withdrawn (it never
+    runs: its nonce stays unspent, nothing is audited) and answered 503; a challenge needs no
+    database; once the store is free the same request succeeds."""
     from _fixtures.keyserver import running_keyserver
 
     with running_keyserver(
@@ -461,15 +482,19 @@ def test_a_busy_store_answers_503_and_the_request_leaves_no_trace(
             entered.set()
             leave.wait(30)
 
-        blocker = store.submit(block, durable=False)
+        public = hpke.generate_private_key(SUITE).public_key().encode()
+        blocker = store.submit(block)
         assert entered.wait(30)
         try:
             with server.http() as http:
-                busy = http.post("/v1/attestation/challenge", json={})
+                nonce = _challenge(http)  # no database work: served while the store is busy
+                request = _request(sim_attester, nonce, public, models=None)
+                busy = http.post("/v1/keys/release", json=request)
         finally:
             leave.set()
             blocker.result(30)
         assert _error(busy, 503) == "store_unavailable"
+        assert [r.action for r in store.iter_audit()] == ["token.create"]
         with server.http() as http:
-            assert http.post("/v1/attestation/challenge", json={}).status_code == 200
-    assert [r.action for r in store.iter_audit()] == ["token.create"]
+            assert http.post("/v1/keys/release", json=request).status_code == 200
+    assert [r.action for r in store.iter_audit()] == ["token.create", "release"]

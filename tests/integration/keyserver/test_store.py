@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import secrets
 from datetime import timedelta
 
 import pytest
@@ -15,8 +16,8 @@ from sealtorch.keyserver.masterkey import FileMasterKey, wrap_aad
 from sealtorch.keyserver.records import (
     ConflictError,
     KeyState,
-    NonceStatus,
     NotFoundError,
+    SpentNonce,
     WrappedKey,
 )
 from sealtorch.keyserver.store import Store
@@ -317,38 +318,30 @@ def test_application_cannot_update_or_delete_audit_rows(store: Store) -> None:
 # --- nonces -----------------------------------------------------------------------------------
 
 
-def test_nonce_is_consumed_exactly_once(store: Store, clock: FakeClock) -> None:
-    nonce = b"\x01" * 32
-    store.add_nonce(nonce, expires_at=clock.now + timedelta(seconds=30))
-    assert store.consume_nonce(nonce, now=clock.now) is NonceStatus.CONSUMED
-    assert store.consume_nonce(nonce, now=clock.now) is NonceStatus.UNKNOWN
+def test_nonce_is_spent_exactly_once(store: Store, clock: FakeClock) -> None:
+    nonce = SpentNonce(b"\x01" * 32, clock.now + timedelta(seconds=30))
+    assert store.spend_nonce(nonce) is True
+    assert store.spend_nonce(nonce) is False
+    assert store.spend_nonce(SpentNonce(b"\x02" * 32, clock.now)) is True  # another nonce
 
 
-def test_never_issued_nonce_is_unknown(store: Store, clock: FakeClock) -> None:
-    assert store.consume_nonce(b"\x02" * 32, now=clock.now) is NonceStatus.UNKNOWN
+def test_nonce_key_is_made_once_and_kept(store: Store) -> None:
+    made: list[bytes] = []
 
+    def make() -> bytes:
+        made.append(secrets.token_bytes(61))
+        return made[-1]
 
-def test_expired_nonce_is_refused_and_gone(store: Store, clock: FakeClock) -> None:
-    nonce = b"\x03" * 32
-    store.add_nonce(nonce, expires_at=clock.now + timedelta(seconds=30))
-    late = clock.now + timedelta(seconds=30)
-    assert store.consume_nonce(nonce, now=late) is NonceStatus.EXPIRED
-    assert store.consume_nonce(nonce, now=clock.now) is NonceStatus.UNKNOWN
-
-
-def test_nonce_rules(store: Store, clock: FakeClock) -> None:
-    nonce = b"\x04" * 32
-    store.add_nonce(nonce, expires_at=clock.now + timedelta(seconds=30))
-    with pytest.raises(ConflictError):
-        store.add_nonce(nonce, expires_at=clock.now + timedelta(seconds=30))
-    for bad in (b"", b"x" * 8, b"x" * 65):
-        with pytest.raises(ValueError, match="16 to 64"):
-            store.add_nonce(bad, expires_at=clock.now)
+    first = store.nonce_key(make)
+    assert first == made[0]
+    assert store.nonce_key(make) == first  # stored: not made again
+    assert len(made) == 1
 
 
 def test_purge_removes_only_expired_rows(store: Store, clock: FakeClock) -> None:
-    store.add_nonce(b"\x05" * 32, expires_at=clock.now + timedelta(seconds=10))
-    store.add_nonce(b"\x06" * 32, expires_at=clock.now + timedelta(seconds=100))
+    store.spend_nonce(SpentNonce(b"\x05" * 32, clock.now + timedelta(seconds=10)))
+    kept = SpentNonce(b"\x06" * 32, clock.now + timedelta(seconds=100))
+    store.spend_nonce(kept)
     issued = issue_token(TokenKind.SESSION)
     with store.transaction() as tx:
         tx.create_session(
@@ -364,7 +357,7 @@ def test_purge_removes_only_expired_rows(store: Store, clock: FakeClock) -> None
         tx.append_audit(release_entry("m"))
     assert store.purge_expired(now=clock.now + timedelta(seconds=60)) == 2
     assert store.get_session(issued.token_id) is None
-    assert store.consume_nonce(b"\x06" * 32, now=clock.now) is NonceStatus.CONSUMED
+    assert store.spend_nonce(kept) is False  # not yet expired: still spent
 
 
 # --- tokens and sessions --------------------------------------------------------------------

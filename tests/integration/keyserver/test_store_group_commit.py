@@ -2,16 +2,16 @@
 
 Units of work that wait together share one transaction; each still gets exactly its own outcome,
 a failing unit leaves nothing behind, a group that cannot write its audit records commits
-nothing, and a nonce is consumed once however many units present it.
+nothing, and a nonce is spent once however many units present it.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
-from datetime import timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -19,11 +19,11 @@ import pytest
 from _fixtures.clock import FakeClock
 from _fixtures.keystore import refuse_audit_inserts, release_entry
 from sealtorch.errors import AuditError
-from sealtorch.keyserver.records import NonceStatus
+from sealtorch.keyserver.records import SpentNonce
 from sealtorch.keyserver.store import GroupTransaction, Store
 from sealtorch.protocol.audit import verify_chain
 
-NONCE = b"\x11" * 32
+NONCE = SpentNonce(b"\x11" * 32, datetime(2100, 1, 1, tzinfo=UTC))
 
 
 @contextmanager
@@ -36,7 +36,7 @@ def _held(store: Store) -> Iterator[None]:
         entered.set()
         assert leave.wait(30)
 
-    blocker = store.submit(block, durable=False)
+    blocker = store.submit(block)
     assert entered.wait(30)
     try:
         yield
@@ -55,42 +55,30 @@ def _results(futures: list[Future[Any]]) -> list[Any]:
     return out
 
 
-def _consume(clock: FakeClock) -> Callable[[GroupTransaction], NonceStatus]:
-    return lambda tx: tx.consume_nonce(NONCE, now=clock.now)
+def _spend(tx: GroupTransaction) -> bool:
+    return tx.spend_nonce(NONCE)
 
 
-def test_a_nonce_presented_by_many_units_of_one_group_is_consumed_once(
-    store: Store, clock: FakeClock
-) -> None:
-    store.add_nonce(NONCE, expires_at=clock.now + timedelta(seconds=30))
+def test_a_nonce_presented_by_many_units_of_one_group_is_spent_once(store: Store) -> None:
     with _held(store):
-        futures = [store.submit(_consume(clock), nonce=NONCE) for _ in range(5)]
-        futures.append(store.submit(_consume(clock)))  # undeclared: its own statement
-    statuses = _results(futures)
-    assert statuses.count(NonceStatus.CONSUMED) == 1
-    assert statuses.count(NonceStatus.UNKNOWN) == 5
+        futures = [store.submit(_spend, nonce=NONCE) for _ in range(5)]
+        futures.append(store.submit(_spend))  # undeclared: its own statement
+    assert _results(futures) == [True, False, False, False, False, False]
+    assert store.spend_nonce(NONCE) is False
 
 
-def test_expired_and_never_issued_nonces_in_a_group(store: Store, clock: FakeClock) -> None:
-    store.add_nonce(NONCE, expires_at=clock.now + timedelta(seconds=30))
-    late = clock.now + timedelta(seconds=30)
+def test_nonces_spent_before_or_declared_by_others_in_a_group(store: Store) -> None:
+    other = SpentNonce(b"\x12" * 32, NONCE.expires_at)
+    assert store.spend_nonce(NONCE) is True
     with _held(store):
-        expired = store.submit(lambda tx: tx.consume_nonce(NONCE, now=late), nonce=NONCE)
-        unknown = store.submit(
-            lambda tx: tx.consume_nonce(b"\x12" * 32, now=clock.now), nonce=b"\x12" * 32
-        )
-    assert expired.result(30) is NonceStatus.EXPIRED
-    assert unknown.result(30) is NonceStatus.UNKNOWN
-    assert store.consume_nonce(NONCE, now=clock.now) is NonceStatus.UNKNOWN  # gone either way
+        replayed = store.submit(_spend, nonce=NONCE)
+        fresh = store.submit(lambda tx: tx.spend_nonce(other), nonce=other)
+    assert replayed.result(30) is False
+    assert fresh.result(30) is True
 
 
-def test_a_failing_unit_leaves_nothing_and_the_others_commit_in_order(
-    store: Store, clock: FakeClock
-) -> None:
-    issued = b"\x13" * 32
-
+def test_a_failing_unit_leaves_nothing_and_the_others_commit_in_order(store: Store) -> None:
     def failing(tx: GroupTransaction) -> None:
-        tx.add_nonce(issued, expires_at=clock.now + timedelta(seconds=30))
         tx.append_audit(release_entry("m", request_id="failed"))
         raise ValueError("this unit fails")
 
@@ -107,20 +95,18 @@ def test_a_failing_unit_leaves_nothing_and_the_others_commit_in_order(
     records = list(store.iter_audit())
     assert [r.request_id for r in records] == ["first", "third"]
     assert verify_chain(records, head=store.audit_head()).count == 2
-    assert store.consume_nonce(issued, now=clock.now) is NonceStatus.UNKNOWN
 
 
 def test_a_group_whose_audit_records_cannot_be_written_commits_nothing(
     store: Store, clock: FakeClock
 ) -> None:
     """Fail closed for every unit of the group: no unit is told it succeeded."""
-    store.add_nonce(NONCE, expires_at=clock.now + timedelta(seconds=30))
     engine = refuse_audit_inserts(store)
 
-    def decide(tx: GroupTransaction) -> NonceStatus:
-        status = tx.consume_nonce(NONCE, now=clock.now)
+    def decide(tx: GroupTransaction) -> bool:
+        spent = tx.spend_nonce(NONCE)
         tx.append_audit(release_entry("m"))
-        return status
+        return spent
 
     with _held(store):
         futures = [store.submit(decide, nonce=NONCE) for _ in range(3)]
@@ -130,7 +116,7 @@ def test_a_group_whose_audit_records_cannot_be_written_commits_nothing(
         conn.exec_driver_sql(
             "DROP TRIGGER refuse_audit" + ("" if store.backend == "sqlite" else " ON audit_log")
         )
-    assert store.consume_nonce(NONCE, now=clock.now) is NonceStatus.CONSUMED  # rolled back
+    assert store.spend_nonce(NONCE) is True  # rolled back: not spent
     assert list(store.iter_audit()) == []
 
 

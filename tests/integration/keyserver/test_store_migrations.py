@@ -1,16 +1,17 @@
 """Schema migrations on SQLite and PostgreSQL: fresh, older, newer, failing, drift-free; admin
-token scopes (step 2) for tokens from before them."""
+token scopes (step 2) for tokens from before them; stateless nonces (step 4)."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 import sqlalchemy as sa
 
 from _fixtures.keystore import admin_entry, database_before_scopes, make_wrapper
-from sealtorch.errors import StorageError
+from sealtorch.errors import ConfigError, StorageError
 from sealtorch.keyserver.masterkey import FileMasterKey
+from sealtorch.keyserver.nonces import load_nonce_key
 from sealtorch.keyserver.store import Store, open_store
 from sealtorch.keyserver.store import _schema as schema
 from sealtorch.keyserver.store._migrations import MIGRATIONS, Migration, run_migrations
@@ -154,5 +155,38 @@ def test_admin_tokens_from_before_scopes_keep_every_scope(store_url: str) -> Non
         else:
             with pytest.raises(sa.exc.IntegrityError), _write(store) as conn, conn.begin():
                 conn.execute(insert, values)
+    finally:
+        store.close()
+
+
+def test_stateless_nonces_upgrade_drops_issued_nonces(
+    store_url: str, master: FileMasterKey
+) -> None:
+    """Step 4: the table of issued nonces goes (a nonce issued before the upgrade is refused:
+    its client asks again), spent nonces get their table, and the first key server to start
+    stores the nonce key, wrapped by its master key; a second start reads the same key."""
+    engine = sa.create_engine(store_url)
+    try:
+        with engine.begin() as conn:
+            run_migrations(conn, MIGRATIONS[:3])
+            conn.execute(
+                sa.text("INSERT INTO nonces (nonce, created_at, expires_at) VALUES (:n, 0, 1)"),
+                {"n": b"\x01" * 32},
+            )
+    finally:
+        engine.dispose()
+    store = open_store(store_url)
+    try:
+        assert store.schema_version() == 3
+        assert store.migrate() == len(MIGRATIONS)
+        tables = set(sa.inspect(_engine(store)).get_table_names())
+        assert "nonces" not in tables
+        assert "spent_nonces" in tables
+        first = load_nonce_key(store.nonce_key, master)
+        second = load_nonce_key(store.nonce_key, master)
+        nonce, _ = first.issue(now=datetime.now(UTC), ttl=timedelta(seconds=60))
+        assert second.expiry(nonce) is not None  # one key for every replica of the store
+        with pytest.raises(ConfigError, match="another master key"):
+            load_nonce_key(store.nonce_key, FileMasterKey(b"\x02" * 32))
     finally:
         store.close()

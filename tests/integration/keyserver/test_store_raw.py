@@ -1,7 +1,7 @@
 """The group commit's statements on the database driver (store/_raw.py) find and write exactly
 what the SQLAlchemy statements of store/_statements.py do, on SQLite and PostgreSQL: the release
 material of live, deleted, policy-less and unknown models (revoked and destroyed keys left out),
-the consumed nonces with their expiry, and audit records that continue the chain."""
+the spent nonces with their expiry, and audit records that continue the chain."""
 
 from __future__ import annotations
 
@@ -9,10 +9,14 @@ import json
 import os
 from datetime import timedelta
 
+import sqlalchemy as sa
+
 from _fixtures.clock import FakeClock
 from _fixtures.keystore import admin_entry, make_wrapper, release_entry
 from sealtorch.keyserver.masterkey import FileMasterKey
+from sealtorch.keyserver.records import SpentNonce
 from sealtorch.keyserver.store import Store
+from sealtorch.keyserver.store import _schema as t
 from sealtorch.keyserver.store import _statements as q
 from sealtorch.keyserver.store._raw import RawStatements
 from sealtorch.protocol.audit import verify_chain
@@ -53,25 +57,26 @@ def test_release_material_matches_the_sqlalchemy_statements(
     assert raw_material[2].model is None  # unknown
 
 
-def test_consumed_nonces_and_their_expiry(store: Store, clock: FakeClock) -> None:
-    nonces = [os.urandom(32) for _ in range(3)]
-    for index, nonce in enumerate(nonces[:2]):
-        store.add_nonce(nonce, expires_at=clock.now + timedelta(seconds=60 + index))
+def test_spent_nonces_and_their_expiry(store: Store, clock: FakeClock) -> None:
+    """The rows the SQLAlchemy schema reads (expiry to the microsecond); a nonce spent before,
+    here or through the store, is not returned; the purge reads the expiries it wrote."""
+    nonces = [
+        SpentNonce(os.urandom(32), clock.now + timedelta(seconds=60, microseconds=index))
+        for index in range(3)
+    ]
+    assert store.spend_nonce(nonces[2]) is True
     raw = RawStatements(store.backend)
     with store._write_lock, store._begin_write() as conn:  # type: ignore[attr-defined]
-        consumed = raw.consume_nonces(conn, nonces)
-    assert consumed == {
-        nonces[0]: clock.now + timedelta(seconds=60),
-        nonces[1]: clock.now + timedelta(seconds=61),
-    }  # the third was never issued
+        assert raw.spend_nonces(conn, nonces) == {nonces[0].value, nonces[1].value}
     with store._write_lock, store._begin_write() as conn:  # type: ignore[attr-defined]
-        assert raw.consume_nonces(conn, nonces) == {}  # consumed once only
-        raw.add_nonces(
-            conn,
-            [{"nonce": nonces[2], "created_at": clock.now, "expires_at": clock.now}],
-        )
-    with store._write_lock, store._begin_write() as conn:  # type: ignore[attr-defined]
-        assert raw.consume_nonces(conn, [nonces[2]]) == {nonces[2]: clock.now}
+        assert raw.spend_nonces(conn, nonces) == set()  # spent once only
+    with store.engine.connect() as conn:
+        rows = conn.execute(sa.select(t.spent_nonces)).all()
+    assert {(bytes(r.nonce), r.expires_at) for r in rows} == {
+        (n.value, n.expires_at) for n in nonces
+    }
+    assert store.purge_expired(now=nonces[1].expires_at) == 2
+    assert store.spend_nonce(nonces[2]) is False
 
 
 def test_audit_records_continue_the_chain(

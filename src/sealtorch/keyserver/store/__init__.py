@@ -41,10 +41,10 @@ from sealtorch.keyserver.records import (
     AdminTokenRecord,
     KeyVersionRecord,
     ModelRecord,
-    NonceStatus,
     PolicyRecord,
     ReleaseMaterial,
     SessionRecord,
+    SpentNonce,
     WrapFunction,
     WrappedKey,
 )
@@ -159,16 +159,15 @@ class GroupTransaction(_SessionWriter, Protocol):
     """The transaction a unit of work submitted with :meth:`Store.submit` runs on, shared with
     the other units of its group. Models, keys and policies never change within a group.
 
-    ``consume_nonce`` and the reads run at once; new nonces, sessions and audit records are
-    written when the group commits (the audit records last, in submission order, as one piece
-    of the chain). If a unit of work raises, what it buffered is dropped and its caller gets the
-    exception; a nonce it consumed stays consumed (as if consumed in its own transaction).
+    ``spend_nonce`` and the reads run at once; sessions and audit records are written when
+    the group commits (the audit records last, in submission order, as one piece of the chain).
+    If a unit of work raises, what it buffered is dropped and its caller gets the exception; a
+    nonce it spent stays spent (as if spent in its own transaction).
     """
 
-    def add_nonce(self, nonce: bytes, *, expires_at: datetime) -> None: ...
-
-    def consume_nonce(self, nonce: bytes, *, now: datetime) -> NonceStatus:
-        """Delete the nonce atomically (exactly one caller, in any process, gets CONSUMED)."""
+    def spend_nonce(self, nonce: SpentNonce) -> bool:
+        """Record the nonce as spent: ``True`` for exactly one caller in any process (until
+        the purge removes it after its expiry); ``False`` if it was spent before."""
         ...
 
     def release_material(self, model_ids: Sequence[str] | None) -> list[ReleaseMaterial]:
@@ -241,14 +240,12 @@ class Store(Protocol):
         self,
         work: Callable[[GroupTransaction], _T],
         *,
-        durable: bool = True,
-        nonce: bytes | None = None,
+        nonce: SpentNonce | None = None,
     ) -> Future[_T]:
         """Run ``work(tx)`` in the next group commit; the future resolves after the commit.
 
-        ``durable=False`` (issuing challenge nonces) lets a group with no durable work commit
-        without waiting for the disk. ``nonce``: the nonce ``work`` will consume
-        (``tx.consume_nonce``); the group consumes every declared nonce in one statement. The
+        ``nonce``: the nonce ``work`` will spend (``tx.spend_nonce``); the group spends every
+        declared nonce in one statement. The
         future's exception is :class:`StorageError` /
         :class:`AuditError` when the group could not be committed (nothing of it was), or what
         ``work`` raised.
@@ -298,14 +295,17 @@ class Store(Protocol):
 
     # -- challenge nonces --
 
-    def add_nonce(self, nonce: bytes, *, expires_at: datetime) -> None: ...
+    def spend_nonce(self, nonce: SpentNonce) -> bool:
+        """:meth:`GroupTransaction.spend_nonce` in a transaction of its own."""
+        ...
 
-    def consume_nonce(self, nonce: bytes, *, now: datetime) -> NonceStatus:
-        """Delete the nonce atomically (exactly one caller, in any process, gets CONSUMED)."""
+    def nonce_key(self, make: Callable[[], bytes]) -> bytes:
+        """The store's wrapped challenge-nonce key (:mod:`sealtorch.keyserver.nonces`); the
+        first caller stores ``make()`` (replicas starting together: the first write wins)."""
         ...
 
     def purge_expired(self, *, now: datetime) -> int:
-        """Delete expired nonces and sessions; returns how many rows went."""
+        """Delete spent nonces that expired and expired sessions; returns how many rows went."""
         ...
 
     # -- tokens and sessions --

@@ -26,6 +26,7 @@ import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
 
 from sealtorch.errors import AuditError, StorageError
+from sealtorch.keyserver.records import SpentNonce
 from sealtorch.keyserver.store._engine import failure_kind, first_line
 from sealtorch.keyserver.store._raw import RawStatements
 from sealtorch.keyserver.store._sqlite_lock import SqliteWriteLock
@@ -40,16 +41,15 @@ _T = TypeVar("_T")
 #: Most submitted units of work committed together in one group (one transaction).
 MAX_GROUP = 256
 
-#: Opens a write transaction (``durable``: wait for the disk) and yields its connection.
-BeginWrite = Callable[[bool], AbstractContextManager[sa.Connection]]
+#: Opens a write transaction and yields its connection.
+BeginWrite = Callable[[], AbstractContextManager[sa.Connection]]
 
 
 @dataclass(frozen=True, slots=True)
 class _Work:
     function: Callable[[Any], Any]
-    durable: bool
     future: Future[Any]
-    nonce: bytes | None = None
+    nonce: SpentNonce | None = None
 
 
 class GroupCommitter:
@@ -59,6 +59,7 @@ class GroupCommitter:
         self,
         *,
         begin_write: BeginWrite,
+        raw: RawStatements,
         sqlite_lock: SqliteWriteLock | None,
         clock: Callable[[], datetime],
         backend: str,
@@ -69,7 +70,7 @@ class GroupCommitter:
         self._sqlite_lock = sqlite_lock
         self._clock = clock
         self._backend = backend
-        self._raw = RawStatements(backend)
+        self._raw = raw
         # Units of work in submission order; None: the close marker.
         self._queue: queue.SimpleQueue[_Work | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
@@ -77,9 +78,7 @@ class GroupCommitter:
         self._closed = False
         self._stopping = False  # the committer took the close marker
 
-    def submit(
-        self, function: Callable[[Any], _T], *, durable: bool, nonce: bytes | None
-    ) -> Future[_T]:
+    def submit(self, function: Callable[[Any], _T], *, nonce: SpentNonce | None) -> Future[_T]:
         future: Future[_T] = Future()
         with self._lock:  # against close(): a unit is either before the close marker or refused
             if self._closed:
@@ -92,7 +91,7 @@ class GroupCommitter:
             # A C call that wakes a committer waiting in get() (no condition variable: the
             # committer never waits for this lock); a busy committer finds the unit when it
             # takes its next group.
-            self._queue.put(_Work(function, durable, future, nonce))
+            self._queue.put(_Work(function, future, nonce))
         return future
 
     def _take(self, first: _Work) -> list[_Work]:
@@ -161,7 +160,7 @@ class GroupCommitter:
     def _run_group(self, group: list[_Work], outcomes: list[tuple[_Work, bool, Any]]) -> None:
         tx: GroupTransaction | None = None
         try:
-            with self._begin_write(any(work.durable for work in group)) as conn:
+            with self._begin_write() as conn:
                 nonces = [work.nonce for work in group if work.nonce is not None]
                 tx = GroupTransaction(conn, self._clock, nonces, raw=self._raw)
                 for work in group:

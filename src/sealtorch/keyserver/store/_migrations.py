@@ -218,10 +218,30 @@ def _v3_store_identity(conn: sa.Connection) -> None:
     )
 
 
+def _v4_stateless_nonces(conn: sa.Connection) -> None:
+    """Challenge nonces carry their own proof (``sealtorch.keyserver.nonces``): the table of
+    issued nonces goes, a table of spent ones comes, and the store gets a column for its
+    wrapped nonce key (written by the first key server that starts: it needs the master key).
+    Nonces issued before the upgrade are refused (their clients ask again)."""
+    conn.exec_driver_sql("DROP TABLE nonces")
+    md = sa.MetaData()
+    sa.Table(
+        "spent_nonces",
+        md,
+        sa.Column("nonce", sa.LargeBinary, primary_key=True),
+        sa.Column("expires_at", UtcMicros, nullable=False),
+        sa.Index("ix_spent_nonces_expires_at", "expires_at"),
+    )
+    md.create_all(conn)
+    blob = sa.LargeBinary().compile(dialect=conn.dialect)
+    conn.exec_driver_sql(f"ALTER TABLE store_identity ADD COLUMN nonce_key {blob}")
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "initial schema", _v1_initial),
     Migration(2, "admin token scopes", _v2_admin_token_scopes),
     Migration(3, "store identity", _v3_store_identity),
+    Migration(4, "stateless challenge nonces", _v4_stateless_nonces),
 )
 
 

@@ -1,8 +1,8 @@
 """The group commit's hot statements on the DBAPI connection (SQLite's ``sqlite3``, psycopg 3).
 
-Each group of the release path runs the same few statements: consume the group's nonces, read
+Each group of the release path runs the same few statements: spend the group's nonces, read
 the release material (models, current policies, active keys: share-locked on PostgreSQL),
-insert the new nonces, append the audit records under the chain head's lock. Through
+append the audit records under the chain head's lock. Through
 SQLAlchemy Core each costs several times what the database does for it (measured on the
 2-core VM: ~290 µs per execution against ~57 µs for the bare driver), so they run here on the
 transaction's own DBAPI connection, with the same SQL as :mod:`._statements` (a test compares
@@ -30,6 +30,7 @@ from sealtorch.keyserver.records import (
     ModelRecord,
     PolicyRecord,
     ReleaseMaterial,
+    SpentNonce,
     WrappedKey,
 )
 from sealtorch.keyserver.store import _rows
@@ -73,12 +74,13 @@ class RawStatements:
         lock = " FOR UPDATE" if self._postgres else ""
         share = " FOR SHARE OF key_versions" if self._postgres else ""
         ids = _names("i", count)
-        if name == "consume":
-            # Rows locked in nonce order first (PostgreSQL): no deadlock between replicas.
+        if name == "spend":
+            # A nonce already spent (here or by another replica) is not inserted, so not
+            # returned. Values in nonce order (PostgreSQL): no deadlock between replicas.
+            values = ", ".join(f"(:n{index}, :e{index})" for index in range(count))
             return (
-                f"WITH doomed AS (SELECT nonce FROM nonces WHERE nonce IN ({_names('n', count)}) "
-                f"ORDER BY nonce{lock}) DELETE FROM nonces WHERE nonce IN "
-                "(SELECT nonce FROM doomed) RETURNING nonce, expires_at"
+                f"INSERT INTO spent_nonces (nonce, expires_at) VALUES {values} "
+                "ON CONFLICT (nonce) DO NOTHING RETURNING nonce"
             )
         where_ids = f" AND model_id IN ({ids})" if count else ""
         if name == "models":
@@ -102,11 +104,6 @@ class RawStatements:
                 "FROM key_versions JOIN models ON models.model_id = key_versions.model_id "
                 "WHERE key_versions.state = 'active' AND models.deleted_at IS NULL"
                 f"{key_ids} ORDER BY key_versions.model_id, key_versions.version{share}"
-            )
-        if name == "add_nonce":
-            return (
-                "INSERT INTO nonces (nonce, created_at, expires_at) "
-                "VALUES (:nonce, :created_at, :expires_at)"
             )
         if name == "head":
             return f"SELECT seq, hash FROM audit_head WHERE id = 1{lock}"
@@ -152,12 +149,15 @@ class RawStatements:
                 dialect=conn.dialect,
             ) from exc
 
-    def consume_nonces(self, conn: sa.Connection, nonces: Sequence[bytes]) -> dict[bytes, datetime]:
-        """Delete ``nonces``; the expiry of each one that existed."""
-        ordered = sorted(nonces)
-        params = {f"n{index}": nonce for index, nonce in enumerate(ordered)}
-        rows = self._run(conn, self._sql("consume", len(ordered)), params)
-        return {bytes(nonce): from_micros(int(expires)) for nonce, expires in rows}
+    def spend_nonces(self, conn: sa.Connection, nonces: Sequence[SpentNonce]) -> set[bytes]:
+        """Record ``nonces`` (distinct values) as spent; the ones that were not spent before."""
+        ordered = sorted(nonces, key=lambda nonce: nonce.value)
+        params: dict[str, Any] = {}
+        for index, nonce in enumerate(ordered):
+            params[f"n{index}"] = nonce.value
+            params[f"e{index}"] = to_micros(nonce.expires_at)
+        rows = self._run(conn, self._sql("spend", len(ordered)), params)
+        return {bytes(value) for (value,) in rows}
 
     def release_material(
         self, conn: sa.Connection, model_ids: Sequence[str] | None
@@ -203,18 +203,6 @@ class RawStatements:
                 )
             )
         return assemble_release_material(wanted, models, policies, keys)
-
-    def add_nonces(self, conn: sa.Connection, rows: Sequence[Mapping[str, Any]]) -> None:
-        """Insert nonce rows (:func:`._rows.nonce_row`)."""
-        params = [
-            {
-                "nonce": row["nonce"],
-                "created_at": to_micros(row["created_at"]),
-                "expires_at": to_micros(row["expires_at"]),
-            }
-            for row in rows
-        ]
-        self._run(conn, self._sql("add_nonce", 0), params, many=True)
 
     def write_audit(
         self,

@@ -12,7 +12,6 @@ import dataclasses
 import json
 import re
 from collections.abc import Callable, Iterable, Mapping
-from datetime import datetime
 from typing import Any, Generic, TypeVar
 
 from sealtorch.errors import ConfigError
@@ -21,11 +20,9 @@ from sealtorch.keyserver.records import (
     KeyState,
     KeyVersionRecord,
     ModelRecord,
-    NonceStatus,
     PolicyRecord,
     SessionRecord,
     WrappedKey,
-    utc,
 )
 from sealtorch.keyserver.store import _schema as t
 from sealtorch.protocol.admin import AdminScope
@@ -42,8 +39,6 @@ __all__ = [
     "RowMap",
     "check_token_fields",
     "digest",
-    "nonce_row",
-    "nonce_status",
     "scopes_text",
 ]
 
@@ -170,18 +165,3 @@ def check_token_fields(token_id: str, token_digest: bytes) -> None:
         raise ConfigError("a token id is 16 lowercase hex characters")
     if len(token_digest) != 32:
         raise ConfigError("a token digest is 32 bytes (SHA-256)")
-
-
-def nonce_row(nonce: bytes, *, created_at: datetime, expires_at: datetime) -> dict[str, Any]:
-    if not 16 <= len(nonce) <= 64:
-        raise ValueError("a nonce is 16 to 64 bytes")
-    return {"nonce": bytes(nonce), "created_at": utc(created_at), "expires_at": utc(expires_at)}
-
-
-def nonce_status(expires_at: datetime | None, *, now: datetime) -> NonceStatus:
-    """The outcome of consuming a nonce, from the deleted row's expiry (``None``: no row)."""
-    if expires_at is None:
-        return NonceStatus.UNKNOWN
-    if utc(now) >= expires_at:
-        return NonceStatus.EXPIRED
-    return NonceStatus.CONSUMED

@@ -22,10 +22,10 @@ __all__ = [
     "key_versions",
     "metadata",
     "models",
-    "nonces",
     "policies",
     "schema_migrations",
     "sessions",
+    "spent_nonces",
     "store_identity",
 ]
 
@@ -118,13 +118,13 @@ policies = sa.Table(
     sa.CheckConstraint("version >= 1", name="ck_policy_version"),
 )
 
-nonces = sa.Table(
-    "nonces",
+#: Challenge nonces already spent by a release (migration 4), until they expire.
+spent_nonces = sa.Table(
+    "spent_nonces",
     metadata,
     sa.Column("nonce", sa.LargeBinary, primary_key=True),
-    sa.Column("created_at", UtcMicros, nullable=False),
     sa.Column("expires_at", UtcMicros, nullable=False),
-    sa.Index("ix_nonces_expires_at", "expires_at"),
+    sa.Index("ix_spent_nonces_expires_at", "expires_at"),
 )
 
 admin_tokens = sa.Table(
@@ -196,5 +196,7 @@ store_identity = sa.Table(
     sa.Column("instance_id", sa.String(64), nullable=False),
     sa.Column("created_at", sa.BigInteger, nullable=False),
     sa.Column("probed_at", sa.BigInteger, nullable=False),
+    # The challenge-nonce key wrapped by the master key (migration 4; written at first start).
+    sa.Column("nonce_key", sa.LargeBinary, nullable=True),
     sa.CheckConstraint("id = 1", name="ck_store_identity_single_row"),
 )

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -27,14 +26,13 @@ from sqlalchemy import exc as sa_exc
 from sealtorch.errors import AuditError, StorageCorruptError, StorageError, StorageFullError
 from sealtorch.keyserver.records import (
     AdminTokenRecord,
-    ConflictError,
     KeyState,
     KeyVersionRecord,
     ModelRecord,
-    NonceStatus,
     PolicyRecord,
     ReleaseMaterial,
     SessionRecord,
+    SpentNonce,
     WrappedKey,
     utc,
 )
@@ -44,6 +42,7 @@ from sealtorch.keyserver.store import _statements as q
 from sealtorch.keyserver.store._engine import WRITE, failure_kind, first_line, open_database
 from sealtorch.keyserver.store._group_commit import GroupCommitter
 from sealtorch.keyserver.store._migrations import applied_version, latest_version, run_migrations
+from sealtorch.keyserver.store._raw import RawStatements
 from sealtorch.keyserver.store._sqlite_lock import SqliteWriteLock
 from sealtorch.keyserver.store._transactions import SqlTransaction
 from sealtorch.protocol.audit import AuditEntry, AuditHead, AuditRecord
@@ -86,7 +85,7 @@ class SqlStore:
         )
         self._engine = database.engine
         self._backend = database.backend
-        self._synchronous = database.synchronous
+        self._raw = RawStatements(self._backend)
         self._description = database.description
         # SQLite has one writer at a time. Writers (threads, and processes sharing the file)
         # queue on a lock instead of in SQLite's busy handler, whose sleeps (up to 100 ms each)
@@ -104,7 +103,8 @@ class SqlStore:
         self._probe_lock = threading.Lock()
         self._probed: tuple[float, StorageError | None] | None = None
         self._committer = GroupCommitter(
-            begin_write=lambda durable: self._begin_write(durable=durable),
+            begin_write=self._begin_write,
+            raw=self._raw,
             sqlite_lock=self._sqlite_lock,
             clock=self._clock,
             backend=self._backend,
@@ -172,40 +172,16 @@ class SqlStore:
             return [convert(row) for row in conn.execute(query, params)]
 
     @contextmanager
-    def _begin_write(self, *, durable: bool = True) -> Iterator[sa.Connection]:
-        """A connection in a write transaction (the caller holds the write lock).
-
-        ``durable=False`` (challenge nonces only) commits without waiting for the disk: SQLite
-        ``synchronous=NORMAL`` / PostgreSQL ``synchronous_commit = off`` for that transaction.
-        Losing such a commit in a power cut is harmless: an issued nonce is lost (the client
-        asks again), and a consumed nonce is always followed, in the same request, by a durable
-        audit commit that flushes the log up to and including it."""
-        relaxed = not durable and self._backend == "sqlite" and self._synchronous != "NORMAL"
-        with self._engine.connect().execution_options(**{WRITE: True}) as conn:
-            if relaxed:
-                conn.connection.dbapi_connection.execute(  # type: ignore[union-attr]
-                    "PRAGMA synchronous = NORMAL"
-                )
-            try:
-                with conn.begin():
-                    if not durable and self._backend == "postgresql":
-                        conn.exec_driver_sql("SET LOCAL synchronous_commit TO OFF")
-                    yield conn
-            finally:
-                if relaxed:
-                    try:
-                        conn.connection.dbapi_connection.execute(  # type: ignore[union-attr]
-                            f"PRAGMA synchronous = {self._synchronous}"
-                        )
-                    except sqlite3.Error:  # never return a relaxed connection to the pool
-                        conn.invalidate()
-                        raise
+    def _begin_write(self) -> Iterator[sa.Connection]:
+        """A connection in a write transaction (the caller holds the write lock)."""
+        with self._engine.connect().execution_options(**{WRITE: True}) as conn, conn.begin():
+            yield conn
 
     @contextmanager
-    def _write(self, what: str, *, durable: bool = True) -> Iterator[sa.Connection]:
-        """A write transaction of its own (see :meth:`_begin_write` for ``durable``)."""
+    def _write(self, what: str) -> Iterator[sa.Connection]:
+        """A write transaction of its own."""
         try:
-            with self._write_lock, self._begin_write(durable=durable) as conn:
+            with self._write_lock, self._begin_write() as conn:
                 yield conn
         except sa_exc.SQLAlchemyError as exc:
             self._fail(exc, what)
@@ -230,10 +206,8 @@ class SqlStore:
                 ) from exc
             self._fail(exc, "writing")
 
-    def submit(
-        self, work: Callable[[Any], _T], *, durable: bool = True, nonce: bytes | None = None
-    ) -> Future[_T]:
-        return self._committer.submit(work, durable=durable, nonce=nonce)
+    def submit(self, work: Callable[[Any], _T], *, nonce: SpentNonce | None = None) -> Future[_T]:
+        return self._committer.submit(work, nonce=nonce)
 
     # -- lifecycle --
 
@@ -398,25 +372,37 @@ class SqlStore:
 
     # -- nonces --
 
-    def add_nonce(self, nonce: bytes, *, expires_at: datetime) -> None:
-        row = _rows.nonce_row(nonce, created_at=self._clock(), expires_at=expires_at)
-        try:
-            with self._write("storing a nonce", durable=False) as conn:
-                conn.execute(q.ADD_NONCE, row)
-        except StorageError as exc:
-            if isinstance(exc.__cause__, sa_exc.IntegrityError):
-                raise ConflictError("this nonce was already issued") from exc.__cause__
-            raise
+    def spend_nonce(self, nonce: SpentNonce) -> bool:
+        with self._write("spending a nonce") as conn:
+            return bool(self._raw.spend_nonces(conn, [nonce]))
 
-    def consume_nonce(self, nonce: bytes, *, now: datetime) -> NonceStatus:
-        with self._write("consuming a nonce", durable=False) as conn:
-            row = conn.execute(q.CONSUME_NONCE, {"nonce_value": bytes(nonce)}).first()
-        return _rows.nonce_status(None if row is None else row.expires_at, now=now)
+    def nonce_key(self, make: Callable[[], bytes]) -> bytes:
+        identity = t.store_identity
+        with self._read("reading the nonce key") as conn:
+            blob = conn.execute(sa.select(identity.c.nonce_key)).scalar()
+        if blob is not None:
+            return bytes(blob)
+        made = make()
+        # Replicas starting together: the first write wins, every one reads it back.
+        with self._write("storing the nonce key") as conn:
+            conn.execute(
+                sa.update(identity)
+                .where(identity.c.id == 1, identity.c.nonce_key.is_(None))
+                .values(nonce_key=made)
+            )
+            blob = conn.execute(sa.select(identity.c.nonce_key)).scalar()
+        if blob is None:
+            raise StorageError(
+                "the key store has no identity row; run 'sealtorch keyserver init' to make one"
+            )
+        return bytes(blob)
 
     def purge_expired(self, *, now: datetime) -> int:
         moment = utc(now)
         with self._write("purging expired nonces and sessions") as conn:
-            gone = conn.execute(sa.delete(t.nonces).where(t.nonces.c.expires_at <= moment))
+            gone = conn.execute(
+                sa.delete(t.spent_nonces).where(t.spent_nonces.c.expires_at <= moment)
+            )
             ended = conn.execute(sa.delete(t.sessions).where(t.sessions.c.expires_at <= moment))
             return int(gone.rowcount or 0) + int(ended.rowcount or 0)
 

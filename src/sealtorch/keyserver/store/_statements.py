@@ -25,9 +25,7 @@ from sealtorch.protocol.audit import AuditEntry, AuditRecord, build_record
 
 __all__ = [
     "ACTIVE_WRAPPED_KEYS",
-    "ADD_NONCE",
     "ADMIN_COLUMNS",
-    "CONSUME_NONCE",
     "CURRENT_POLICIES",
     "CURRENT_POLICY",
     "INSERT_SESSION",
@@ -66,14 +64,8 @@ def active_keys(*columns: Any) -> sa.Select[Any]:
     )
 
 
-# Hot-path statements (challenge, release, audit) are built once: constructing SQLAlchemy
-# statements costs more than executing them on SQLite.
-ADD_NONCE = sa.insert(t.nonces)
-CONSUME_NONCE = (
-    sa.delete(t.nonces)
-    .where(t.nonces.c.nonce == sa.bindparam("nonce_value"))
-    .returning(t.nonces.c.expires_at)
-)
+# Hot-path statements (release, audit) are built once: constructing SQLAlchemy statements
+# costs more than executing them on SQLite.
 ACTIVE_WRAPPED_KEYS = (
     active_keys(*KEY_COLUMNS, t.key_versions.c.wrapped_dek)
     .where(t.key_versions.c.model_id == sa.bindparam("model"))

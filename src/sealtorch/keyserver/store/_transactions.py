@@ -23,11 +23,11 @@ from sealtorch.keyserver.records import (
     KeyState,
     KeyVersionRecord,
     ModelRecord,
-    NonceStatus,
     NotFoundError,
     PolicyRecord,
     ReleaseMaterial,
     SessionRecord,
+    SpentNonce,
     WrapFunction,
     WrappedDek,
     check_model_id,
@@ -353,29 +353,29 @@ class SqlTransaction(Transaction):
 class GroupTransaction(Transaction):
     """The transaction shared by one group of submitted work (see ``Store.submit``).
 
-    Reads and the nonce deletion run at once; new nonces, sessions and audit records are
-    buffered and written by :meth:`flush` just before the commit, the audit records last and
-    under the chain lock (one lock order for every writer). :meth:`mark` / :meth:`undo` drop
-    what one unit of work buffered when it fails. The statements of every group (nonces,
-    release material, audit) run on the DBAPI connection (:mod:`._raw`).
+    Reads and the spending of nonces run at once; sessions and audit records are buffered and
+    written by :meth:`flush` just before the commit, the audit records last and under the chain
+    lock (one lock order for every writer). :meth:`mark` / :meth:`undo` drop what one unit of
+    work buffered when it fails. The statements of every group (nonces, release material,
+    audit) run on the DBAPI connection (:mod:`._raw`).
     """
 
     def __init__(
         self,
         conn: sa.Connection,
         clock: Callable[[], datetime],
-        nonces: Sequence[bytes] = (),
+        nonces: Sequence[SpentNonce] = (),
         *,
         raw: RawStatements,
     ) -> None:
         super().__init__(conn, clock)
         self._raw = raw
-        # The nonces the group's work declared: consumed up front, in one statement.
-        self._declared = frozenset(bytes(n) for n in nonces)
-        self._consumed: dict[bytes, datetime] = {}
-        if self._declared:
-            self._consumed = raw.consume_nonces(conn, list(self._declared))
-        self._nonces: list[dict[str, Any]] = []
+        # The nonces the group's work declared: spent up front, in one statement.
+        declared = {bytes(n.value): n for n in nonces}
+        self._declared = frozenset(declared)
+        self._fresh: set[bytes] = set()
+        if declared:
+            self._fresh = raw.spend_nonces(conn, list(declared.values()))
         self._sessions: list[dict[str, Any]] = []
         self._entries: list[tuple[AuditEntry, dict[str, str | None]]] = []
         self._material: dict[tuple[str, ...] | None, list[ReleaseMaterial]] = {}
@@ -384,17 +384,14 @@ class GroupTransaction(Transaction):
     def _change(self) -> None:
         """Nothing to check: :meth:`flush` writes the audit records after everything else."""
 
-    def add_nonce(self, nonce: bytes, *, expires_at: datetime) -> None:
-        self._nonces.append(_rows.nonce_row(nonce, created_at=self._clock(), expires_at=expires_at))
-
-    def consume_nonce(self, nonce: bytes, *, now: datetime) -> NonceStatus:
-        nonce = bytes(nonce)
-        if nonce in self._declared:
-            expires_at = self._consumed.pop(nonce, None)  # a second use in the group: unknown
-        else:
-            row = self._conn.execute(q.CONSUME_NONCE, {"nonce_value": nonce}).first()
-            expires_at = None if row is None else row.expires_at
-        return _rows.nonce_status(expires_at, now=now)
+    def spend_nonce(self, nonce: SpentNonce) -> bool:
+        value = bytes(nonce.value)
+        if value in self._declared:
+            if value not in self._fresh:
+                return False  # spent before, or a second use in this group
+            self._fresh.discard(value)
+            return True
+        return bool(self._raw.spend_nonces(self._conn, [nonce]))
 
     def release_material(self, model_ids: Sequence[str] | None) -> list[ReleaseMaterial]:
         # Nothing in a group changes models, keys or policies: one read per distinct request.
@@ -412,21 +409,15 @@ class GroupTransaction(Transaction):
         # Encode now: a malformed entry fails its own unit of work, not the group.
         self._entries.append((entry, entry.encoded()))
 
-    def mark(self) -> tuple[int, int, int]:
-        return len(self._nonces), len(self._sessions), len(self._entries)
+    def mark(self) -> tuple[int, int]:
+        return len(self._sessions), len(self._entries)
 
-    def undo(self, mark: tuple[int, int, int]) -> None:
-        del self._nonces[mark[0] :]
-        del self._sessions[mark[1] :]
-        del self._entries[mark[2] :]
+    def undo(self, mark: tuple[int, int]) -> None:
+        del self._sessions[mark[0] :]
+        del self._entries[mark[1] :]
 
     def flush(self) -> None:
         """Write what was buffered; the audit records last, under the chain lock."""
-        if self._nonces:
-            try:
-                self._raw.add_nonces(self._conn, self._nonces)
-            except sa_exc.IntegrityError as exc:  # pragma: no cover - 256-bit random nonces
-                raise ConflictError("a nonce was issued twice; retry") from exc
         if self._sessions:
             self._conn.execute(q.INSERT_SESSION, self._sessions)
         if not self._entries:
