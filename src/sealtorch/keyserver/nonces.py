@@ -6,8 +6,9 @@ commit on the challenge's path for a value that only has to be *unforgeable*, *f
 
 * its expiry, microseconds since the epoch (8 bytes, big-endian);
 * 8 random bytes, so that two nonces with one expiry differ;
-* the first 16 bytes of HMAC-SHA256 over both (and a domain label) under the store's *nonce
-  key*.
+* a 16-byte MAC over both: keyed BLAKE2b (RFC 7693's keyed mode, a MAC by design; no OpenSSL
+  call, so no GIL hand-off on the event loop) under the store's *nonce key*, personalised for
+  this use.
 
 Unforgeable: without the nonce key nobody can make a nonce the key server accepts, nor learn
 one before the key server issues it (an enclave cannot pre-compute evidence for a future
@@ -23,6 +24,7 @@ nonces of the others, and a reader of the database or of a backup cannot mint an
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import secrets
 import struct
@@ -37,7 +39,7 @@ __all__ = ["NONCE_KEY_AAD", "NonceMinter", "load_nonce_key"]
 
 #: Associated data of the wrapped nonce key (distinct from every model key's ``wrap_aad``).
 NONCE_KEY_AAD: Final = b"sealtorch/v1/challenge-nonce-key\x00"
-_LABEL: Final = b"sealtorch/v1/challenge-nonce\x00"
+_PERSON: Final = b"sealtorch-nonce1"  # BLAKE2b personalisation: 16 bytes
 _KEY_SIZE: Final = 32
 _TAG_SIZE: Final = 16
 _BODY: Final = struct.Struct(">q8s")  # expiry in microseconds, random
@@ -59,7 +61,7 @@ class NonceMinter:
         return "NonceMinter(<secret>)"
 
     def _tag(self, body: bytes) -> bytes:
-        return hmac.digest(self._key, _LABEL + body, "sha256")[:_TAG_SIZE]
+        return hashlib.blake2b(body, key=self._key, digest_size=_TAG_SIZE, person=_PERSON).digest()
 
     def issue(self, *, now: datetime, ttl: timedelta) -> tuple[bytes, datetime]:
         """A fresh nonce and its expiry (``now + ttl``, to the microsecond)."""
