@@ -137,6 +137,8 @@ def test_bert_classifier_seal_and_load(tmp_path: Path, key_file: Path, shard: st
     )
     assert expected[0] == 2
     assert expected[-1] == 3
+    assert 1 not in expected  # every word known: the sealed tokenizer kept its vocabulary
+    assert len(expected) == 5
 
 
 def test_explicit_transformers_arch_and_refusals(tmp_path: Path, key_file: Path) -> None:
