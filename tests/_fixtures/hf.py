@@ -31,8 +31,9 @@ def bert_tokenizer(directory: Path) -> None:
     transformers.BertTokenizer(vocab={t: i for i, t in enumerate(vocab)}).save_pretrained(directory)
 
 
-def gpt2_tokenizer(directory: Path) -> int:
-    """A byte-level BPE tokenizer (``<|endoftext|>`` last); returns its vocabulary size."""
+def gpt2_tokenizer(directory: Path, **options: Any) -> int:
+    """A byte-level BPE tokenizer (``<|endoftext|>`` last); returns its vocabulary size.
+    ``options`` go to ``GPT2Tokenizer`` (``chat_template``, ``add_bos_token``...)."""
     import transformers
     from tokenizers.pre_tokenizers import ByteLevel
 
@@ -43,7 +44,7 @@ def gpt2_tokenizer(directory: Path) -> int:
         vocab[a + b] = len(vocab)
     vocab["<|endoftext|>"] = len(vocab)
     merges = list(GPT2_MERGES)
-    transformers.GPT2Tokenizer(vocab=vocab, merges=merges).save_pretrained(directory)
+    transformers.GPT2Tokenizer(vocab=vocab, merges=merges, **options).save_pretrained(directory)
     return len(vocab)
 
 
@@ -110,13 +111,14 @@ def tiny_gpt2(
     seed: int,
     max_shard_size: str | None = None,
     tokenizer: bool = False,
+    tokenizer_options: Mapping[str, Any] | None = None,
     generation: Mapping[str, Any] | None = None,
     **config: Any,
 ) -> Any:
     """A 2-layer GPT-2 LM saved in ``directory``; returns the model (eval mode). ``tokenizer``
-    saves :func:`gpt2_tokenizer` too and sizes the vocabulary to it (``<|endoftext|>`` as bos
-    and eos); ``generation`` sets the saved generation defaults; ``config`` overrides
-    GPT2Config fields (vocab_size, n_positions, bos/eos_token_id...)."""
+    saves :func:`gpt2_tokenizer` too (given ``tokenizer_options``) and sizes the vocabulary to
+    it (``<|endoftext|>`` as bos and eos); ``generation`` sets the saved generation defaults;
+    ``config`` overrides GPT2Config fields (vocab_size, n_positions, bos/eos_token_id...)."""
     import torch
     import transformers
 
@@ -128,7 +130,7 @@ def tiny_gpt2(
         "n_head": 2,
     }
     if tokenizer:
-        vocab = gpt2_tokenizer(directory)
+        vocab = gpt2_tokenizer(directory, **(tokenizer_options or {}))
         settings.update(vocab_size=vocab, bos_token_id=vocab - 1, eos_token_id=vocab - 1)
     torch.manual_seed(seed)
     model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**{**settings, **config})).eval()

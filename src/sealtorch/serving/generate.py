@@ -14,7 +14,18 @@ A request is the extension's JSON object::
         },
     }
 
-and is answered with ``{"model_name", "model_version", "text_output", "finish_reason"}``:
+or, for a chat model, the conversation instead of ``text_input``::
+
+    {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]}
+
+(exactly one of the two; roles ``system``, ``user``, ``assistant``; at most
+:data:`MAX_MESSAGES` messages). The conversation is rendered by the sealed tokenizer's own chat
+template (``apply_chat_template(..., add_generation_prompt=True)``: transformers' sandboxed
+Jinja environment) and tokenized as transformers does it (no special tokens added: the template
+writes them). No request field supplies or names a template; a model whose sealed tokenizer
+has none refuses ``messages``.
+
+A request is answered with ``{"model_name", "model_version", "text_output", "finish_reason"}``:
 ``text_output`` holds the generated text only (not the prompt), cut before the first stop
 string; ``finish_reason`` is ``"stop"`` (end of sequence token or a stop string) or
 ``"length"`` (``max_tokens`` reached).
@@ -47,13 +58,18 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_MAX_TOKENS",
+    "MAX_MESSAGES",
+    "ROLES",
+    "ChatMessage",
     "GenerateRequest",
     "GenerateResult",
     "StopFilter",
     "can_generate",
     "encode_prompt",
     "generate",
+    "has_chat_template",
     "parse_generate_request",
+    "render_chat",
 ]
 
 #: ``max_tokens`` when a request gives none (the extension's common default).
@@ -61,23 +77,37 @@ DEFAULT_MAX_TOKENS: Final = 16
 #: The most stop strings a request may give, and their longest length (characters).
 MAX_STOP_STRINGS: Final = 16
 MAX_STOP_LENGTH: Final = 256
+#: The most messages a chat request may give.
+MAX_MESSAGES: Final = 256
+#: The roles a chat message may have (what every chat template knows).
+ROLES: Final = ("system", "user", "assistant")
+_MESSAGE_KEYS: Final = frozenset({"role", "content"})
 _PARAMETERS: Final = frozenset(
     {"max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream"}
 )
-_FIELDS: Final = frozenset({"text_input", "parameters", "id"})
+_FIELDS: Final = frozenset({"text_input", "messages", "parameters", "id"})
 #: Sampling requests draw from PyTorch's global generator: one at a time, each seeded.
 _SAMPLING: Final = threading.Lock()
 
 
 @dataclass(frozen=True)
+class ChatMessage:
+    role: str
+    content: str
+
+
+@dataclass(frozen=True)
 class GenerateRequest:
-    text: str
+    #: The raw prompt (``text_input``); None when the request gives :attr:`messages`.
+    text: str | None
     max_tokens: int
     temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = None
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    #: The conversation (``messages``), rendered by the sealed chat template; () for text.
+    messages: tuple[ChatMessage, ...] = ()
 
     @property
     def sampling(self) -> bool:
@@ -96,6 +126,60 @@ def can_generate(model: ServedModel) -> bool:
     """Whether ``model`` is a causal LM with a sealed tokenizer."""
     text = model.text
     return text is not None and text.kind == CAUSAL_LM and text.tokenizer is not None
+
+
+def has_chat_template(model: ServedModel) -> bool:
+    """Whether ``model``'s sealed tokenizer carries a chat template (its own, or a named set
+    with a ``default``: the one ``apply_chat_template`` uses without tools)."""
+    tokenizer = model.text.tokenizer if model.text is not None else None
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, dict):
+        template = template.get("default")
+    return isinstance(template, str) and bool(template)
+
+
+def _string(value: object, name: str, *, empty: bool) -> str:
+    if not isinstance(value, str) or (not value and not empty):
+        raise RequestError(f"{name} must be a {'' if empty else 'non-empty '}string")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:  # a lone surrogate from a JSON escape
+        raise RequestError(f"{name} is not valid Unicode (a lone surrogate)") from exc
+    return value
+
+
+def _messages(value: object) -> tuple[ChatMessage, ...]:
+    if not isinstance(value, list) or not value:
+        raise RequestError('messages must be a non-empty list of {"role", "content"} objects')
+    if len(value) > MAX_MESSAGES:
+        raise RequestError(f"messages holds more than {MAX_MESSAGES} messages")
+    messages = []
+    for i, message in enumerate(value):
+        where = f"messages[{i}]"
+        if not isinstance(message, dict):
+            raise RequestError(f'{where} must be a JSON object {{"role", "content"}}')
+        unknown = sorted(set(message) - _MESSAGE_KEYS)
+        if unknown:
+            raise RequestError(
+                f"{where} has an unknown key {show(unknown[0])}; a message has role and content"
+            )
+        role = message.get("role")
+        if not isinstance(role, str) or role not in ROLES:
+            raise RequestError(f"{where}.role must be one of {', '.join(ROLES)}")
+        content = _string(message.get("content"), f"{where}.content", empty=True)
+        messages.append(ChatMessage(role=role, content=content))
+    return tuple(messages)
+
+
+def _prompt(document: dict[str, Any]) -> tuple[str | None, tuple[ChatMessage, ...]]:
+    """(``text_input``, ``messages``): exactly one of them."""
+    if ("text_input" in document) == ("messages" in document):
+        raise RequestError(
+            "give exactly one of text_input (a prompt) and messages (a chat conversation)"
+        )
+    if "messages" in document:
+        return None, _messages(document["messages"])
+    return _string(document["text_input"], "text_input", empty=False), ()
 
 
 def _number(value: object, name: str) -> float:
@@ -135,11 +219,10 @@ def parse_generate_request(body: bytes | bytearray, *, max_tokens: int) -> Gener
     unknown = sorted(set(document) - _FIELDS)
     if unknown:
         raise RequestError(
-            f"unknown field {show(unknown[0])}; a generate request has text_input and parameters"
+            f"unknown field {show(unknown[0])}; a generate request has text_input or messages, "
+            "and parameters"
         )
-    text = document.get("text_input")
-    if not isinstance(text, str) or not text:
-        raise RequestError("text_input must be a non-empty string")
+    text, messages = _prompt(document)
     parameters = document.get("parameters", {})
     if not isinstance(parameters, dict):
         raise RequestError("parameters must be a JSON object")
@@ -187,6 +270,7 @@ def parse_generate_request(body: bytes | bytearray, *, max_tokens: int) -> Gener
         top_k=top_k,
         seed=seed,
         stop=stop,
+        messages=messages,
     )
 
 
@@ -282,12 +366,53 @@ def generation_kwargs(model: ServedModel, request: GenerateRequest) -> dict[str,
     return kwargs
 
 
+def render_chat(model: ServedModel, messages: Sequence[ChatMessage]) -> str:
+    """The conversation as the sealed tokenizer's chat template writes it, ending with the
+    assistant's turn (``add_generation_prompt=True``): 400 when the model has no template or
+    its template refuses the conversation."""
+    if not has_chat_template(model):
+        raise RequestError(
+            f"model {model.name!r} has no chat template in its sealed tokenizer: send the "
+            "prompt as text_input, or seal the model with a tokenizer that has a chat_template"
+        )
+    tokenizer = model.text.tokenizer if model.text is not None else None
+    assert tokenizer is not None  # noqa: S101 - has_chat_template checked it
+    from jinja2 import TemplateError
+
+    conversation = [{"role": m.role, "content": m.content} for m in messages]
+    try:
+        rendered = tokenizer.apply_chat_template(
+            conversation, add_generation_prompt=True, tokenize=False
+        )
+    except TemplateError as exc:
+        # the template's own raise_exception("...") is a message for the user; other
+        # template errors (syntax, sandbox) say nothing of the template
+        reason = " ".join(str(exc).split()) if type(exc) is TemplateError else type(exc).__name__
+        raise RequestError(
+            f"the chat template of model {model.name!r} refuses these messages: {show(reason, 160)}"
+        ) from exc
+    except (ValueError, TypeError, KeyError, IndexError) as exc:
+        raise RequestError(
+            f"the chat template of model {model.name!r} cannot render these messages "
+            f"({type(exc).__name__})"
+        ) from exc
+    if not isinstance(rendered, str):  # pragma: no cover - tokenize=False gives text
+        raise RequestError(f"the chat template of model {model.name!r} gave no text")
+    return rendered
+
+
 def encode_prompt(model: ServedModel, request: GenerateRequest) -> dict[str, torch.Tensor]:
-    """The prompt's tensors, checked against the model's positions (400 otherwise)."""
+    """The prompt's tensors, checked against the model's positions (400 otherwise): the
+    ``text_input`` as ``tokenizer(text)`` gives it, or the rendered ``messages`` as
+    ``apply_chat_template(..., tokenize=True)`` gives them (no special tokens added)."""
     text = model.text
     if text is None or text.kind != CAUSAL_LM or text.tokenizer is None:
         raise RequestError(f"model {model.name!r} does not generate text")
-    prompt = text.tokenize_prompt(request.text)
+    if request.text is not None:
+        prompt = text.tokenize_prompt(request.text)
+    else:
+        rendered = render_chat(model, request.messages)
+        prompt = text.tokenize_prompt(rendered, special_tokens=False)
     length = prompt["input_ids"].shape[-1]
     positions = text.max_positions
     if positions is not None and length + request.max_tokens > positions:

@@ -66,6 +66,8 @@ _TOKENIZER_FILES: Final = (
     "sentencepiece.bpe.model",
     "tokenizer.model",
 )
+#: The chat template ``save_pretrained`` writes beside tokenizer_config.json (transformers >= 4.50).
+_CHAT_TEMPLATE: Final = "chat_template.jinja"
 #: tokenizer_config.json entries that are not constructor arguments (or name code).
 _NOT_KWARGS: Final = ("tokenizer_class", "backend", "auto_map", "tokenizer_file")
 _KIND_MAPPINGS: Final = (
@@ -242,6 +244,9 @@ def build_tokenizer(files: Mapping[str, bytes], model_type: str) -> Any | None:
             kwargs = {k: v for k, v in settings.items() if k not in _NOT_KWARGS}
             for key, value in _json_file(files, "special_tokens_map.json").items():
                 kwargs.setdefault(key, value)
+            template = files.get(_CHAT_TEMPLATE)
+            if template is not None:  # wins over tokenizer_config.json's, as in transformers
+                kwargs["chat_template"] = template.decode("utf-8")
             return cls(tokenizer_object=Tokenizer.from_str(data.decode("utf-8")), **kwargs)
         return _tokenizer_from_directory(cls, files)
     except PayloadError:
@@ -261,7 +266,7 @@ def _tokenizer_from_directory(cls: Any, files: Mapping[str, bytes]) -> Any:
         for name, data in files.items():
             if "/" in name or name.startswith(".") or name == "config.json":
                 continue
-            if name.endswith((".json", ".txt", ".model", ".tiktoken")):
+            if name.endswith((".json", ".txt", ".model", ".tiktoken")) or name == _CHAT_TEMPLATE:
                 path = directory / name
                 with path.open("xb") as out:
                     path.chmod(0o600)
@@ -342,13 +347,14 @@ class TextModel:
             tensors.append(tensor.to(torch.int64))
         return tensors
 
-    def tokenize_prompt(self, text: str) -> dict[str, torch.Tensor]:
+    def tokenize_prompt(self, text: str, *, special_tokens: bool = True) -> dict[str, torch.Tensor]:
         """A generation prompt's ``input_ids`` and ``attention_mask`` (batch 1, as
-        ``tokenizer(text, return_tensors="pt")`` gives them)."""
+        ``tokenizer(text, return_tensors="pt")`` gives them). ``special_tokens=False``: none
+        added (a chat template's text writes its own, as ``apply_chat_template`` tokenizes)."""
         if self.tokenizer is None:  # pragma: no cover - generation implies a tokenizer
             raise RequestError("this model carries no tokenizer")
         with self._lock:
-            encoded = self.tokenizer(text, return_tensors="pt")
+            encoded = self.tokenizer(text, add_special_tokens=special_tokens, return_tensors="pt")
         if encoded["input_ids"].shape[-1] == 0:
-            raise RequestError("text_input holds no tokens")
+            raise RequestError("the prompt holds no tokens")
         return {name: encoded[name] for name in ("input_ids", "attention_mask") if name in encoded}

@@ -125,22 +125,29 @@ def _plain_generate(served: Served, prompt: str, **kwargs: Any) -> str:
     return text
 
 
+#: A prompt: a text (``text_input``) or a chat conversation (``messages``).
+Prompt = str | list[dict[str, str]]
+
+
+def _request(prompt: Prompt, parameters: dict[str, Any]) -> dict[str, Any]:
+    field = "text_input" if isinstance(prompt, str) else "messages"
+    return {field: prompt, "parameters": parameters}
+
+
 def _generate(
-    client: httpx.Client, prompt: str, model: str = "gpt2", **parameters: Any
+    client: httpx.Client, prompt: Prompt, model: str = "gpt2", **parameters: Any
 ) -> dict[str, Any]:
-    response = client.post(
-        f"/v2/models/{model}/generate", json={"text_input": prompt, "parameters": parameters}
-    )
+    response = client.post(f"/v2/models/{model}/generate", json=_request(prompt, parameters))
     assert response.status_code == 200, response.text
     document: dict[str, Any] = response.json()
     return document
 
 
 def _stream(
-    client: httpx.Client, prompt: str, model: str = "gpt2", **parameters: Any
+    client: httpx.Client, prompt: Prompt, model: str = "gpt2", **parameters: Any
 ) -> list[dict[str, Any]]:
     events = []
-    body = {"text_input": prompt, "parameters": parameters}
+    body = _request(prompt, parameters)
     with client.stream("POST", f"/v2/models/{model}/generate_stream", json=body) as response:
         assert response.status_code == 200, response.read()
         assert response.headers["content-type"].startswith("text/event-stream")
@@ -466,6 +473,17 @@ def test_bad_generate_requests_are_refused_and_change_nothing(
     huge = {"text_input": "a" * 100_000}
     assert_protocol_error(client.post(f"/v2/models/gpt2/{route}", json=huge), 413)
     assert _generate(client, PROMPTS[0], max_tokens=10) == before
+
+
+@pytest.mark.parametrize("route", ["generate", "generate_stream"])
+def test_messages_need_a_sealed_chat_template(client: httpx.Client, route: str) -> None:
+    body = {"messages": [{"role": "user", "content": "the cat"}]}
+    error = assert_protocol_error(client.post(f"/v2/models/gpt2/{route}", json=body), 400)
+    assert "no chat template" in error
+    assert "text_input" in error
+    assert "chat_template" in error
+    assert "\n" not in error
+    assert _generate(client, "the cat", max_tokens=2)["text_output"] is not None
 
 
 def test_a_stream_whose_client_leaves_stops_and_frees_its_place(client: httpx.Client) -> None:
