@@ -255,6 +255,9 @@ def test_pkcs11_master_key_end_to_end(
     with sqlite3.connect(data / "keyserver.db") as db:
         blobs = [bytes(row[0]) for row in db.execute("SELECT wrapped_dek FROM key_versions")]
     assert [blob[0] for blob in blobs] == [0x02, 0x02]  # wrapped inside the token
+    with sqlite3.connect(data / "keyserver.db") as db:
+        [(nonce_key,)] = db.execute("SELECT nonce_key FROM store_identity").fetchall()
+    assert bytes(nonce_key)[0] == 0x02  # the challenge-nonce key too
     _scan({"db": (data / "keyserver.db").read_bytes(), "logs": logs.encode()},
           {"v1": keys[0].key.material, "v2": keys[1].key.material})  # fmt: skip
 
