@@ -159,6 +159,8 @@ def test_kill_9_two_replicas_on_postgresql(tmp_path: Path, postgres: str) -> Non
 
 @pytest.mark.postgres
 def test_a_nonce_is_consumed_once_across_replicas(tmp_path: Path, postgres: str) -> None:
+    """Challenges write nothing (their nonces carry a MAC under the store's nonce key), so a
+    nonce issued by one replica must open at another - once: a replay at either is refused."""
     attester = SimAttester(role="app", key_path=tmp_path / "sim.key")
     data, token_file = init_dir(tmp_path, attester, "--database-url", postgres)
     first, second = (start_serve(data, log_dir=tmp_path / "logs") for _ in range(2))
