@@ -30,7 +30,7 @@ import logging
 import socket
 import ssl
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any, Final, NoReturn
@@ -40,7 +40,7 @@ import httptools
 
 from sealtorch._listen import MAX_HEAD_BYTES, ReadTimeouts, ReadWatch
 
-__all__ = ["Handler", "HttpServer", "Refusal", "Request", "Response", "asgi_handler"]
+__all__ = ["Handler", "HttpServer", "Refusal", "Request", "Response", "asgi_handler", "run_server"]
 
 _log = logging.getLogger("sealtorch.http")
 
@@ -465,3 +465,14 @@ def asgi_handler(app: Any, *, refusal: Refusal, server: tuple[str, int] | None =
         return Response(status, body, headers)
 
     return handle
+
+
+def run_server(main: Coroutine[Any, Any, None]) -> None:
+    """Run a server's ``main`` to completion on a new event loop: uvloop when installed."""
+    factory = None
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(main)

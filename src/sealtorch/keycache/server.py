@@ -21,16 +21,15 @@ import contextlib
 import logging
 import signal
 import socket
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
 
 import httpx
 
-from sealtorch._http_fast import HttpServer
+from sealtorch._http_fast import HttpServer, run_server
 from sealtorch._listen import host_port, listen_tcp, listen_unix, socket_url, tls_context
 from sealtorch.attestation import EvidenceProvider, attester_for, make_verifiers
 from sealtorch.errors import ConfigError
@@ -314,18 +313,8 @@ def run(settings: KeyCacheSettings, *, announce: Callable[[str], None]) -> None:
 
             await serve(settings, cache, service, listeners, on_ready=ready, stop=stop)
 
-        _run_loop(main)
+        run_server(main())
     finally:
         cache.close()
         listeners.close()
     _log.info("key cache stopped")
-
-
-def _run_loop(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
-    factory = None
-    with contextlib.suppress(ImportError):
-        import uvloop
-
-        factory = uvloop.new_event_loop
-    with asyncio.Runner(loop_factory=factory) as runner:
-        runner.run(main())

@@ -17,7 +17,6 @@ progress finish (``graceful_timeout``) and close the lifespan.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import signal
@@ -27,7 +26,7 @@ import time
 from collections.abc import Awaitable
 from typing import Any
 
-from sealtorch._http_fast import HttpServer, Request, Response, asgi_handler
+from sealtorch._http_fast import HttpServer, Request, Response, asgi_handler, run_server
 from sealtorch._release_http import error_body
 from sealtorch.keyserver.app import answer, observe
 from sealtorch.keyserver.runtime import Endpoint, Runtime
@@ -78,13 +77,7 @@ class KeyServerFront:
 def serve(app: Any, sock: socket.socket, *, ssl_context: ssl.SSLContext | None) -> None:
     """Serve ``app`` (:func:`~sealtorch.keyserver.app.create_app`) on the listening ``sock``
     until SIGTERM/SIGINT (see the module docstring); uvloop when installed."""
-    factory = None
-    with contextlib.suppress(ImportError):
-        import uvloop
-
-        factory = uvloop.new_event_loop
-    with asyncio.Runner(loop_factory=factory) as runner:
-        runner.run(_serve(app, sock, ssl_context))
+    run_server(_serve(app, sock, ssl_context))
 
 
 async def _serve(app: Any, sock: socket.socket, ssl_context: ssl.SSLContext | None) -> None:
