@@ -74,8 +74,6 @@ class Database:
     description: str
     #: The SQLite database file (``None`` for PostgreSQL).
     sqlite_path: Path | None
-    #: SQLite's ``synchronous`` mode (upper case).
-    synchronous: str
 
 
 def open_database(
@@ -124,7 +122,6 @@ def open_database(
         backend=backend,
         description=parsed.render_as_string(hide_password=True),
         sqlite_path=sqlite_path,
-        synchronous=synchronous,
     )
 
 
