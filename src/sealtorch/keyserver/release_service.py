@@ -277,8 +277,7 @@ class ReleaseService:
             )
             return _Decided(grants, denials, lease_end, session)
 
-        fresh = nonce is not None and now < nonce.expires_at
-        outcome = await self._commit(decide, nonce=nonce if fresh else None)
+        outcome = await self._commit(decide, nonce=nonce)
         if isinstance(outcome, Refusal):
             self._refused(context, outcome)
         recipient, _ = checked.request.accepted()
